@@ -1,0 +1,11 @@
+//! observer's agent, as a library: the binary in `main.rs` wires these stages together.
+//!
+//! The pipeline reads left to right:
+//! `probes` (kernel programs, rings, decoded events) -> `dns` (wire format) ->
+//! `identity` (cgroup id -> pod, container, workload, resolv.conf) ->
+//! `correlate` (pure: resolution chains joined to connects, classified).
+
+pub mod correlate;
+pub mod dns;
+pub mod identity;
+pub mod probes;

@@ -1,0 +1,97 @@
+//! observer's developer tasks. Every task runs the setup steps it needs first, so a
+//! fresh machine goes from clone to green with one command.
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "observer's developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install every prerequisite (idempotent): nightly rust-src, LLVM 22, bpf-linker,
+    /// and the testbed's programs.
+    Setup,
+    /// Build the kernel programs and the agent.
+    Build {
+        /// Build with optimisations.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run the whole suite: unit tests, then the privileged integration tests (root).
+    Test {
+        /// Extra arguments passed to the test binaries (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::Setup => setup::all(),
+        Task::Build { release } => {
+            setup::build_prerequisites()?;
+            build(release)
+        }
+        Task::Test { args } => {
+            setup::all()?;
+            test(&args)
+        }
+    }
+}
+
+pub(crate) fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed: {status}");
+    }
+    Ok(())
+}
+
+fn build(release: bool) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--package", "observer", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)
+}
+
+fn test(args: &[String]) -> Result<()> {
+    // The integration tests start the agent binary: build it first so they test this tree.
+    build(false)?;
+    if !is_root() {
+        bail!(
+            "the integration tests load eBPF programs and build network namespaces: run `cargo xtask test` as root"
+        );
+    }
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--no-fail-fast", "--"]);
+    cmd.args(args);
+    run(&mut cmd)
+}
+
+fn is_root() -> bool {
+    // The effective uid is what the kernel checks; /proc avoids a libc dependency.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
