@@ -3,9 +3,11 @@
 //! The pipeline reads left to right:
 //! `probes` (kernel programs, rings, decoded events) -> `dns` (wire format) ->
 //! `identity` (cgroup id -> pod, container, workload, resolv.conf) ->
-//! `correlate` (pure: resolution chains joined to connects, classified).
+//! `correlate` (pure: resolution chains joined to connects, classified) -> `record`s.
 
 pub mod correlate;
 pub mod dns;
 pub mod identity;
 pub mod probes;
+pub mod record;
+pub mod scope;

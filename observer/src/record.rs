@@ -1,0 +1,123 @@
+//! What the correlation core produces and the exporters consume: one correlated TCP
+//! connection, with the DNS that led to it. Timestamps are kernel CLOCK_BOOTTIME
+//! nanoseconds (`BootNs`); exporters turn them into wall-clock time.
+use std::net::{IpAddr, SocketAddr};
+
+use crate::scope::ScopeKey;
+
+/// Nanoseconds of CLOCK_BOOTTIME, as stamped by the kernel programs.
+pub type BootNs = u64;
+
+/// How the TCP active open ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Established,
+    /// A RST answered the SYN.
+    Refused,
+    /// Closed before establishment without a RST (timed out, unreachable, abandoned).
+    Timeout,
+    /// Reset after it was established, before observer reported it.
+    Reset,
+}
+
+impl Outcome {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Established => "established",
+            Outcome::Refused => "refused",
+            Outcome::Timeout => "timeout",
+            Outcome::Reset => "reset",
+        }
+    }
+}
+
+/// How the destination's name came to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Resolution {
+    /// The name that answered lies in the cluster domain.
+    InCluster,
+    /// A relative name completed by a search domain outside the cluster domain.
+    SearchEscape,
+    /// The application asked for a name outside the cluster domain itself.
+    External,
+    /// A name in the cluster domain answered with a CNAME that leaves it.
+    CnameEscape,
+    /// No DNS answer of this scope contained the destination (IP literal, or unseen).
+    None,
+}
+
+impl Resolution {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Resolution::InCluster => "in-cluster",
+            Resolution::SearchEscape => "search-escape",
+            Resolution::External => "external",
+            Resolution::CnameEscape => "cname-escape",
+            Resolution::None => "none",
+        }
+    }
+}
+
+/// One DNS query of a resolution chain, with its response when one came.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DnsQueryRecord {
+    /// Fully qualified, without the trailing dot, lower case.
+    pub name: String,
+    /// Record type mnemonic: "A", "AAAA", ...
+    pub qtype: String,
+    /// Response code mnemonic ("NOERROR", "NXDOMAIN", ...), `None` if never answered.
+    pub rcode: Option<String>,
+    /// Addresses and CNAME targets in the answer, in answer order, as text.
+    pub answers: Vec<String>,
+    pub sent_at: BootNs,
+    pub answered_at: Option<BootNs>,
+}
+
+/// A pod's walk through its search list for one name the application asked for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResolutionChain {
+    /// What the application asked for, as it asked: `db`, or `db.another-lab.com.`.
+    pub query_name: String,
+    /// The name whose answer held the destination (before any CNAME): `db.another-lab.com`.
+    pub server_address: String,
+    /// The search domain that completed `query_name`, if one did.
+    pub search_domain: Option<String>,
+    /// CNAME targets followed from `server_address`, in order.
+    pub cname_chain: Vec<String>,
+    /// Names tried before the answer that got no address (A/AAAA pairs count once).
+    pub wasted_queries: u32,
+    /// A name with dots walked the search list because it had fewer than `ndots` dots.
+    pub ndots_walk: bool,
+    /// Every query of the chain in the order sent.
+    pub queries: Vec<DnsQueryRecord>,
+}
+
+/// One TCP active open, joined to the DNS that named its destination, classified.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConnectionRecord {
+    pub scope: ScopeKey,
+    pub cgroup_id: u64,
+    pub pid: u32,
+    pub comm: String,
+    /// The address the application asked for.
+    pub destination: SocketAddr,
+    pub source: Option<SocketAddr>,
+    pub opened_at: BootNs,
+    pub outcome: Outcome,
+    pub outcome_at: BootNs,
+    pub resolution: Resolution,
+    pub chain: Option<ResolutionChain>,
+    /// The destination is outside every configured cluster network.
+    pub egress: bool,
+    /// Egress reached through a search-domain escape or a CNAME out of the cluster domain.
+    pub flagged: bool,
+    /// This scope's workload resolved the same name in-cluster before, and outside now.
+    pub drift: bool,
+}
+
+impl ConnectionRecord {
+    /// The destination's address, for joins and metrics.
+    pub fn peer_ip(&self) -> IpAddr {
+        self.destination.ip()
+    }
+}
