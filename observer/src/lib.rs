@@ -5,6 +5,7 @@
 //! `identity` (cgroup id -> pod, container, workload, resolv.conf) ->
 //! `correlate` (pure: resolution chains joined to connects, classified) -> `record`s.
 
+pub mod agent;
 pub mod correlate;
 pub mod dns;
 pub mod identity;

@@ -1,0 +1,341 @@
+//! `observer run` settings: flags, their environment variables, and an optional TOML file.
+//!
+//! Precedence, highest first: a flag, its environment variable (clap reads both), the
+//! config file, the built-in default. Every value is validated here, so the agent proper
+//! starts from a `Settings` that cannot be wrong.
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use clap::{Args, ValueEnum};
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// Flags of `observer run`. Options are `Option`s so that an absent flag can fall back to
+/// the config file before the default.
+#[derive(Args, Debug, Default)]
+pub struct RunArgs {
+    /// TOML config file (keys as the long flags, with `_` for `-`).
+    #[arg(long, env = "OBSERVER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// A cluster network (pods, services, nodes), IPv4 or IPv6 CIDR. Repeatable; merged
+    /// with what Kubernetes reports.
+    #[arg(
+        long = "cluster-cidr",
+        env = "OBSERVER_CLUSTER_CIDR",
+        value_delimiter = ','
+    )]
+    pub cluster_cidrs: Vec<IpNet>,
+    /// The cluster's DNS domain [default: cluster.local].
+    #[arg(long, env = "OBSERVER_CLUSTER_DOMAIN")]
+    pub cluster_domain: Option<String>,
+    /// The cluster's name, reported as `k8s.cluster.name`.
+    #[arg(long, env = "OBSERVER_CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
+    /// Ports whose traffic is DNS. Repeatable [default: 53].
+    #[arg(long = "dns-port", env = "OBSERVER_DNS_PORTS", value_delimiter = ',')]
+    pub dns_ports: Vec<u16>,
+    /// Enrich with the Kubernetes API (`auto`: when a config is found) or not [default: auto].
+    #[arg(long, env = "OBSERVER_KUBE")]
+    pub kube: Option<KubeSetting>,
+    /// This node's name (the DaemonSet passes spec.nodeName through the downward API).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Where /metrics, /healthz and /readyz listen [default: 0.0.0.0:9464].
+    #[arg(long, env = "OBSERVER_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// What to print on standard output [default: text].
+    #[arg(long, env = "OBSERVER_OUTPUT")]
+    pub output: Option<OutputFormat>,
+    /// Which connections become spans [default: egress]. Flagged ones always do.
+    #[arg(long, env = "OBSERVER_EXPORT")]
+    pub export: Option<ExportPolicySetting>,
+    /// Fraction (0..=1) of the selected, unflagged connections exported as spans [default: 1].
+    #[arg(long, env = "OBSERVER_SAMPLE_RATIO")]
+    pub sample_ratio: Option<f64>,
+    /// Where spans go when no OTLP endpoint is configured (JSON lines) [default: none].
+    #[arg(long, env = "OBSERVER_SPANS_FILE")]
+    pub spans_file: Option<PathBuf>,
+    /// Log format [default: text].
+    #[arg(long, env = "OBSERVER_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Log filter, in `tracing` directive syntax [default: info].
+    #[arg(long, env = "OBSERVER_LOG")]
+    pub log_level: Option<String>,
+    /// Size of each kernel ring buffer in KiB (rounded up to a power of two pages).
+    #[arg(long, env = "OBSERVER_RING_SIZE_KIB")]
+    pub ring_size_kib: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KubeSetting {
+    Auto,
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    Text,
+    Json,
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportPolicySetting {
+    Flagged,
+    Egress,
+    All,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The config file: every key optional, unknown keys rejected (a typo must not be silent).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct FileConfig {
+    pub cluster_cidr: Option<Vec<IpNet>>,
+    pub cluster_domain: Option<String>,
+    pub cluster_name: Option<String>,
+    pub dns_port: Option<Vec<u16>>,
+    pub kube: Option<KubeSetting>,
+    pub node_name: Option<String>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub output: Option<OutputFormat>,
+    pub export: Option<ExportPolicySetting>,
+    pub sample_ratio: Option<f64>,
+    pub spans_file: Option<PathBuf>,
+    pub log_format: Option<LogFormat>,
+    pub log_level: Option<String>,
+    pub ring_size_kib: Option<u32>,
+}
+
+/// Effective, validated settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    pub cluster_cidrs: Vec<IpNet>,
+    pub cluster_domain: String,
+    pub cluster_name: Option<String>,
+    pub dns_ports: Vec<u16>,
+    pub kube: KubeSetting,
+    pub node_name: Option<String>,
+    pub metrics_addr: SocketAddr,
+    pub output: OutputFormat,
+    pub export: ExportPolicySetting,
+    pub sample_ratio: f64,
+    pub spans_file: Option<PathBuf>,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub ring_size_kib: Option<u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid setting {name}: {reason}")]
+    Invalid { name: &'static str, reason: String },
+}
+
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9464";
+
+fn non_empty<T>(v: Vec<T>) -> Option<Vec<T>> {
+    if v.is_empty() { None } else { Some(v) }
+}
+
+impl Settings {
+    /// Merge flags (and their environment variables) over the config file over defaults.
+    pub fn resolve(args: RunArgs) -> Result<Settings, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let settings = Settings {
+            cluster_cidrs: non_empty(args.cluster_cidrs)
+                .or(file.cluster_cidr)
+                .unwrap_or_default(),
+            cluster_domain: args
+                .cluster_domain
+                .or(file.cluster_domain)
+                .unwrap_or_else(|| "cluster.local".into())
+                .trim_end_matches('.')
+                .to_ascii_lowercase(),
+            cluster_name: args.cluster_name.or(file.cluster_name),
+            dns_ports: non_empty(args.dns_ports)
+                .or(file.dns_port)
+                .unwrap_or_else(|| vec![53]),
+            kube: args.kube.or(file.kube).unwrap_or(KubeSetting::Auto),
+            node_name: args.node_name.or(file.node_name),
+            metrics_addr: args.metrics_addr.or(file.metrics_addr).unwrap_or_else(|| {
+                DEFAULT_METRICS_ADDR
+                    .parse()
+                    .expect("the default metrics address is a valid socket address")
+            }),
+            output: args.output.or(file.output).unwrap_or(OutputFormat::Text),
+            export: args
+                .export
+                .or(file.export)
+                .unwrap_or(ExportPolicySetting::Egress),
+            sample_ratio: args.sample_ratio.or(file.sample_ratio).unwrap_or(1.0),
+            spans_file: args.spans_file.or(file.spans_file),
+            log_format: args
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Text),
+            log_level: args
+                .log_level
+                .or(file.log_level)
+                .unwrap_or_else(|| "info".into()),
+            ring_size_kib: args.ring_size_kib.or(file.ring_size_kib),
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |name, reason: &str| {
+            Err(ConfigError::Invalid {
+                name,
+                reason: reason.to_owned(),
+            })
+        };
+        if !(0.0..=1.0).contains(&self.sample_ratio) || self.sample_ratio.is_nan() {
+            return invalid("sample-ratio", "must be between 0 and 1");
+        }
+        if self.dns_ports.contains(&0) {
+            return invalid("dns-port", "port 0 is not a port");
+        }
+        if self.cluster_domain.is_empty()
+            || self.cluster_domain.len() > 253
+            || self
+                .cluster_domain
+                .split('.')
+                .any(|l| l.is_empty() || l.len() > 63)
+        {
+            return invalid("cluster-domain", "must be a DNS name such as cluster.local");
+        }
+        if let Some(kib) = self.ring_size_kib
+            && !(4..=1 << 20).contains(&kib)
+        {
+            return invalid("ring-size-kib", "must be between 4 KiB and 1 GiB");
+        }
+        Ok(())
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_owned(),
+        source: Box::new(source),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<Settings, String> {
+        let cli = Cli::try_parse_from(std::iter::once("observer").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        Settings::resolve(cli.run).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let s = parse(&[]).unwrap();
+        assert_eq!(s.cluster_domain, "cluster.local");
+        assert_eq!(s.dns_ports, vec![53]);
+        assert_eq!(s.kube, KubeSetting::Auto);
+        assert_eq!(s.metrics_addr, DEFAULT_METRICS_ADDR.parse().unwrap());
+        assert_eq!(s.output, OutputFormat::Text);
+        assert_eq!(s.export, ExportPolicySetting::Egress);
+        assert_eq!(s.sample_ratio, 1.0);
+    }
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let dir = std::env::temp_dir().join(format!("observer-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("observer.toml");
+        std::fs::write(
+            &file,
+            "cluster_cidr = [\"10.0.0.0/8\", \"fd00::/48\"]\ncluster_domain = \"corp.local\"\noutput = \"json\"\ndns_port = [53, 5353]\n",
+        )
+        .unwrap();
+        let f = file.to_str().unwrap();
+        let s = parse(&["--config", f]).unwrap();
+        assert_eq!(s.cluster_cidrs.len(), 2);
+        assert_eq!(s.cluster_domain, "corp.local");
+        assert_eq!(s.output, OutputFormat::Json);
+        assert_eq!(s.dns_ports, vec![53, 5353]);
+        let s = parse(&[
+            "--config",
+            f,
+            "--output",
+            "none",
+            "--cluster-cidr",
+            "198.18.0.0/15",
+        ])
+        .unwrap();
+        assert_eq!(s.output, OutputFormat::None);
+        assert_eq!(
+            s.cluster_cidrs,
+            vec!["198.18.0.0/15".parse::<IpNet>().unwrap()]
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn wrong_values_are_clear_errors() {
+        let err = parse(&["--cluster-cidr", "10.0.0.0/33"]).unwrap_err();
+        assert!(err.contains("cluster-cidr"), "{err}");
+        let err = parse(&["--output", "yaml"]).unwrap_err();
+        assert!(err.contains("possible values"), "{err}");
+        let err = parse(&["--sample-ratio", "1.5"]).unwrap_err();
+        assert!(err.contains("sample-ratio"), "{err}");
+        let err = parse(&["--dns-port", "0"]).unwrap_err();
+        assert!(err.contains("dns-port"), "{err}");
+        let err = parse(&["--cluster-domain", "a..b"]).unwrap_err();
+        assert!(err.contains("cluster-domain"), "{err}");
+    }
+
+    #[test]
+    fn unknown_and_malformed_config_keys_are_rejected() {
+        let dir = std::env::temp_dir().join(format!("observer-config-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("observer.toml");
+        std::fs::write(&file, "cluster_domian = \"x\"\n").unwrap();
+        let err = parse(&["--config", file.to_str().unwrap()]).unwrap_err();
+        assert!(err.contains("cluster_domian"), "{err}");
+        let err = parse(&["--config", dir.join("missing.toml").to_str().unwrap()]).unwrap_err();
+        assert!(err.contains("missing.toml"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
