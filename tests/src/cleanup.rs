@@ -28,7 +28,8 @@ pub fn cleanup_leftovers() -> Result<LeftoverReport> {
     let mut report = LeftoverReport::default();
     let listing = exec::ip(None, &["netns", "list"])?.stdout;
     for name in listing.lines().filter_map(|l| l.split_whitespace().next()) {
-        if name.starts_with(NETNS_PREFIX) && dead(pid_of_name(name)) && netns::destroy(name).is_ok() {
+        if name.starts_with(NETNS_PREFIX) && dead(pid_of_name(name)) && netns::destroy(name).is_ok()
+        {
             report.namespaces.push(name.to_owned());
         }
     }
@@ -44,7 +45,7 @@ pub fn cleanup_leftovers() -> Result<LeftoverReport> {
     }
     if let Ok(root) = cgroup::cgroup2_mount() {
         for top in ["kubepods.slice", "kubepods", "system.slice"] {
-            collect_cgroups(&root, &root.join(top), 3, &mut report.cgroups);
+            collect_cgroups(&root.join(top), 3, &mut report.cgroups);
         }
         for dir in &report.cgroups {
             let _ = cgroup::remove_tree(&root, dir);
@@ -57,7 +58,7 @@ pub fn cleanup_leftovers() -> Result<LeftoverReport> {
 }
 
 /// Pod cgroups whose UID, and host cgroups whose name, carry a dead testbed pid.
-fn collect_cgroups(root: &Path, dir: &Path, depth: u8, found: &mut Vec<PathBuf>) {
+fn collect_cgroups(dir: &Path, depth: u8, found: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         if !entry.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
@@ -69,7 +70,7 @@ fn collect_cgroups(root: &Path, dir: &Path, depth: u8, found: &mut Vec<PathBuf>)
             pid_of_name(&name)
         } else {
             if depth > 1 {
-                collect_cgroups(root, &entry.path(), depth - 1, found);
+                collect_cgroups(&entry.path(), depth - 1, found);
             }
             continue;
         };

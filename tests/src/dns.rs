@@ -139,7 +139,8 @@ fn start_dnsmasq(
         "--pid-file".into(),
         "--user=root".into(),
         "--group=root".into(),
-        "--bind-interfaces".into(),
+        // Binds exactly the listen addresses (and watches for them, unlike --bind-interfaces).
+        "--bind-dynamic".into(),
         format!("--listen-address={ipv4}"),
         format!("--listen-address={ipv6}"),
         "--log-queries=extra".into(),
@@ -205,7 +206,8 @@ impl DnsServer {
         SocketAddr::new(self.shared.ipv4.into(), 53)
     }
 
-    /// The server process's pid (it serves UDP and TCP on port 53).
+    /// The server process's pid. It answers UDP itself; each TCP connection is answered by a
+    /// child it forks (another pid, same network namespace).
     pub fn pid(&self) -> u32 {
         self.shared.pid
     }
@@ -343,6 +345,8 @@ pub enum QueryOutcome {
     /// Addresses, after following any CNAMEs.
     Answer(Vec<IpAddr>),
     NxDomain,
+    /// REFUSED: the name is outside every local zone and there is no upstream.
+    Refused,
     /// The name exists but has no record of this type.
     NoData,
     /// A reply the log parser does not classify (the log's words).
@@ -391,8 +395,12 @@ pub fn parse_dnsmasq_log(log: &str) -> Vec<LoggedQuery> {
         else {
             continue;
         };
-        query.outcome = match (std::mem::replace(&mut query.outcome, QueryOutcome::Pending), *value) {
+        query.outcome = match (
+            std::mem::replace(&mut query.outcome, QueryOutcome::Pending),
+            *value,
+        ) {
             (_, "NXDOMAIN") => QueryOutcome::NxDomain,
+            (_, "REFUSED") => QueryOutcome::Refused,
             (_, v) if v.starts_with("NODATA") => QueryOutcome::NoData,
             (previous, "<CNAME>") => previous,
             (previous, v) => match (previous, v.parse::<IpAddr>()) {
@@ -430,9 +438,12 @@ Nov 25 02:40:01 dnsmasq[12]: 3 198.18.1.1/40001 /tmp/x/dns-hosts db.another-lab.
 Nov 25 02:40:01 dnsmasq[12]: 4 198.18.1.1/40001 query[AAAA] db.another-lab.com from 198.18.1.1
 Nov 25 02:40:01 dnsmasq[12]: 4 198.18.1.1/40001 config db.another-lab.com is NODATA-IPv6
 Nov 25 02:40:01 dnsmasq[12]: 5 2001:db8:c::1:1/40002 query[A] web from 2001:db8:c::1:1
+Nov 25 02:40:07 dnsmasq[615]: 109 198.18.1.1/57493 query[A] www.example.org from 198.18.1.1
+Nov 25 02:40:07 dnsmasq[615]: 109 198.18.1.1/57493 config error is REFUSED (EDE: not ready)
 ";
         let q = parse_dnsmasq_log(log);
-        assert_eq!(q.len(), 5);
+        assert_eq!(q.len(), 6);
+        assert_eq!(q[5].outcome, QueryOutcome::Refused);
         assert_eq!(q[0].name, "db.svc.cluster.local");
         assert_eq!(q[0].qtype, "A");
         assert_eq!(q[0].outcome, QueryOutcome::NxDomain);

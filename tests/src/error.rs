@@ -54,7 +54,10 @@ pub enum TestbedError {
 
 pub type Result<T, E = TestbedError> = std::result::Result<T, E>;
 
-pub(crate) fn io_err(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> TestbedError {
+pub(crate) fn io_err(
+    op: &'static str,
+    path: impl Into<PathBuf>,
+) -> impl FnOnce(io::Error) -> TestbedError {
     let path = path.into();
     move |source| TestbedError::Io { op, path, source }
 }

@@ -150,7 +150,10 @@ impl Process {
     /// Waits at most `timeout` for the process to exit; on timeout kills it and fails.
     pub fn wait_output(mut self, timeout: Duration) -> Result<CommandOutput> {
         let deadline = Instant::now() + timeout;
-        let mut child = self.child.take().expect("a Process holds its child until waited");
+        let mut child = self
+            .child
+            .take()
+            .expect("a Process holds its child until waited");
         let pid = child.id();
         let status = loop {
             match child.try_wait() {
@@ -211,9 +214,15 @@ pub(crate) fn show(cmd: &Command) -> String {
 }
 
 /// Runs a command to completion within `timeout`; fails unless it exits 0.
-pub(crate) fn run_checked(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) -> Result<CommandOutput> {
+pub(crate) fn run_checked(
+    cmd: &mut Command,
+    stdin: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<CommandOutput> {
     let shown = show(cmd);
-    Process::spawn(cmd, stdin)?.wait_output(timeout)?.check(&shown)
+    Process::spawn(cmd, stdin)?
+        .wait_output(timeout)?
+        .check(&shown)
 }
 
 /// `ip [-n netns] args...`, checked.

@@ -54,7 +54,11 @@ impl RunId {
         let pid = std::process::id();
         let counter = NEXT_RUN.fetch_add(1, Ordering::Relaxed);
         let random = base36(random_u64() % 36u64.pow(4));
-        let suffix = format!("{}-{random:0>4}{}", base36(pid.into()), base36(counter.into()));
+        let suffix = format!(
+            "{}-{random:0>4}{}",
+            base36(pid.into()),
+            base36(counter.into())
+        );
         Self {
             pid,
             suffix,
@@ -89,7 +93,9 @@ impl RunId {
             (self.pid >> 12) & 0xffff,
             self.pid & 0xfff,
             r & 0xfff,
-            ((u64::from(self.counter) & 0xffff) << 32) | (u64::from(n) << 16) | ((r >> 16) & 0xffff)
+            ((u64::from(self.counter) & 0xffff) << 32)
+                | (u64::from(n) << 16)
+                | ((r >> 16) & 0xffff)
         )
     }
 

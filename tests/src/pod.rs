@@ -30,9 +30,13 @@ impl Default for ResolvConf {
     /// The kubelet's default for a pod in namespace `default`: ndots 5 and the cluster search list.
     fn default() -> Self {
         Self {
-            search: ["default.svc.cluster.local", "svc.cluster.local", "cluster.local"]
-                .map(String::from)
-                .to_vec(),
+            search: [
+                "default.svc.cluster.local",
+                "svc.cluster.local",
+                "cluster.local",
+            ]
+            .map(String::from)
+            .to_vec(),
             nameservers: Vec::new(),
             options: vec!["ndots:5".into()],
         }
@@ -121,11 +125,24 @@ pub enum Family {
     V6,
 }
 
+impl Family {
+    fn as_arg(self) -> &'static str {
+        match self {
+            Family::Any => "any",
+            Family::V4 => "v4",
+            Family::V6 => "v6",
+        }
+    }
+}
+
 /// How a connect attempt from a pod ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ConnectOutcome {
     /// Connected; `peer` is the address connected to, `local` the pod's side.
-    Connected { peer: SocketAddr, local: SocketAddr },
+    Connected {
+        peer: SocketAddr,
+        local: SocketAddr,
+    },
     Refused,
     TimedOut,
     /// getaddrinfo failed (e.g. every search-list name was NXDOMAIN).
@@ -169,6 +186,27 @@ for af, kind, proto, _, addr in infos:
         s.close()
 print(err)
 "#;
+
+// getaddrinfo only: the addresses glibc returned, one per line, after a pid line.
+const RESOLVE_SCRIPT: &str = r#"
+import os, socket, sys
+family = {"any": socket.AF_UNSPEC, "v4": socket.AF_INET, "v6": socket.AF_INET6}[sys.argv[2]]
+print("pid", os.getpid(), flush=True)
+try:
+    infos = socket.getaddrinfo(sys.argv[1], None, family, socket.SOCK_STREAM)
+except socket.gaierror as e:
+    print("resolve-failed", e); sys.exit(0)
+for info in infos:
+    print("addr", info[4][0])
+"#;
+
+/// One name resolution made by glibc in a process of its own inside the pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResolveReport {
+    pub pid: u32,
+    /// Addresses in getaddrinfo's order; Err holds glibc's message when resolution failed.
+    pub addrs: Result<Vec<IpAddr>, String>,
+}
 
 /// A pod (cheap to clone; the testbed removes it).
 #[derive(Clone, Debug)]
@@ -230,11 +268,7 @@ impl Pod {
         family: Family,
         timeout: Duration,
     ) -> Result<ConnectReport> {
-        let fam = match family {
-            Family::Any => "any",
-            Family::V4 => "v4",
-            Family::V6 => "v6",
-        };
+        let fam = family.as_arg();
         let out = self
             .command(PYTHON3.path()?)
             .args(["-c", CONNECT_SCRIPT, host, &port.to_string()])
@@ -275,6 +309,43 @@ impl Pod {
             _ => return Err(unexpected()),
         };
         Ok(ConnectReport { pid, outcome })
+    }
+
+    /// Resolves `host` with glibc's getaddrinfo (search list, ndots, A and AAAA in parallel
+    /// unless resolv.conf says otherwise) in a process of its own in the pod; no connect.
+    pub fn resolve(&self, host: &str, family: Family) -> Result<ResolveReport> {
+        let out = self
+            .command(PYTHON3.path()?)
+            .args(["-c", RESOLVE_SCRIPT, host, family.as_arg()])
+            .output()?;
+        let unexpected = || TestbedError::UnexpectedOutput {
+            what: format!("resolve {host} in pod {}", self.name),
+            output: format!("{}{}", out.stdout, out.stderr),
+        };
+        let mut lines = out.stdout.lines();
+        let pid = lines
+            .next()
+            .and_then(|l| l.strip_prefix("pid "))
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(unexpected)?;
+        let rest: Vec<&str> = lines.collect();
+        let addrs = match rest.first() {
+            Some(l) if l.starts_with("resolve-failed") => {
+                Err(l.trim_start_matches("resolve-failed ").to_owned())
+            }
+            _ => {
+                let mut addrs = Vec::new();
+                for l in rest {
+                    let a = l.strip_prefix("addr ").and_then(|a| a.parse().ok());
+                    let a: IpAddr = a.ok_or_else(unexpected)?;
+                    if !addrs.contains(&a) {
+                        addrs.push(a);
+                    }
+                }
+                Ok(addrs)
+            }
+        };
+        Ok(ResolveReport { pid, addrs })
     }
 
     /// Sends one DNS query from the pod with the `dns-probe-client` binary (path from

@@ -124,7 +124,11 @@ pub fn encode_query(id: u16, name: &str, qtype: u16) -> Result<Vec<u8>> {
     let mut msg = Vec::with_capacity(17 + name.len());
     msg.extend_from_slice(&id.to_be_bytes());
     msg.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.trim_end_matches('.').split('.').filter(|l| !l.is_empty()) {
+    for label in name
+        .trim_end_matches('.')
+        .split('.')
+        .filter(|l| !l.is_empty())
+    {
         let len = u8::try_from(label.len())
             .ok()
             .filter(|l| *l <= 63)

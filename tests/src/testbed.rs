@@ -148,7 +148,9 @@ impl Testbed {
             &[
                 format!("link add {CLUSTER_BRIDGE} type bridge forward_delay 0"),
                 format!("link add {EXTERNAL_BRIDGE} type bridge forward_delay 0"),
-                format!("addr add {CLUSTER_GATEWAY_V4}/{CLUSTER_V4_PREFIX_LEN} dev {CLUSTER_BRIDGE}"),
+                format!(
+                    "addr add {CLUSTER_GATEWAY_V4}/{CLUSTER_V4_PREFIX_LEN} dev {CLUSTER_BRIDGE}"
+                ),
                 format!("addr add {CLUSTER_GATEWAY_V6}/64 dev {CLUSTER_BRIDGE} nodad"),
                 format!("addr add {EXTERNAL_GATEWAY_V4}/24 dev {EXTERNAL_BRIDGE}"),
                 format!("addr add {EXTERNAL_GATEWAY_V6}/64 dev {EXTERNAL_BRIDGE} nodad"),
@@ -191,7 +193,10 @@ impl Testbed {
         exec::ip_batch(
             Some(self.switch.name()),
             &[
-                format!("link add {veth} type veth peer name eth0 netns {}", ns.name()),
+                format!(
+                    "link add {veth} type veth peer name eth0 netns {}",
+                    ns.name()
+                ),
                 format!("link set {veth} master {bridge} up"),
             ],
         )?;
@@ -290,7 +295,8 @@ impl Testbed {
                 detail: "this testbed already runs one".into(),
             });
         }
-        let (server, process) = dns::start(&self.dns_netns, &self.state_dir, DNS_V4, DNS_V6, config)?;
+        let (server, process) =
+            dns::start(&self.dns_netns, &self.state_dir, DNS_V4, DNS_V6, config)?;
         let mut inner = self.lock();
         inner.processes.push(process);
         inner.dns = Some(server.clone());
@@ -309,9 +315,10 @@ impl Testbed {
         let n = {
             let mut inner = self.lock();
             let n = inner.next_pod;
-            inner.next_pod = n.checked_add(1).filter(|n| *n <= 251).ok_or(
-                TestbedError::AddressesExhausted { what: "pod" },
-            )?;
+            inner.next_pod = n
+                .checked_add(1)
+                .filter(|n| *n <= 251)
+                .ok_or(TestbedError::AddressesExhausted { what: "pod" })?;
             n
         };
         let ipv4 = Ipv4Addr::new(198, 18, POD_V4_THIRD_OCTET, n);
@@ -347,11 +354,12 @@ impl Testbed {
         let n = {
             let mut inner = self.lock();
             let n = inner.next_cluster_host;
-            inner.next_cluster_host = n.checked_add(1).filter(|n| *n <= 251).ok_or(
-                TestbedError::AddressesExhausted {
-                    what: "cluster host",
-                },
-            )?;
+            inner.next_cluster_host =
+                n.checked_add(1)
+                    .filter(|n| *n <= 251)
+                    .ok_or(TestbedError::AddressesExhausted {
+                        what: "cluster host",
+                    })?;
             n
         };
         let ipv4 = Ipv4Addr::new(198, 18, CLUSTER_HOST_V4_THIRD_OCTET, n);
@@ -429,7 +437,12 @@ impl Testbed {
         self.kube_cgroup_numbered(driver, qos, n)
     }
 
-    fn kube_cgroup_numbered(&self, driver: CgroupDriver, qos: QosClass, n: u32) -> Result<KubeCgroup> {
+    fn kube_cgroup_numbered(
+        &self,
+        driver: CgroupDriver,
+        qos: QosClass,
+        n: u32,
+    ) -> Result<KubeCgroup> {
         let pod_uid = self.run.pod_uid(n);
         let container_id = self.run.container_id();
         let (pod_rel, container_rel) = cgroup::kubelet_paths(driver, qos, &pod_uid, &container_id);
@@ -467,7 +480,11 @@ impl Testbed {
     /// silently, printing problems to stderr).
     pub fn close(mut self) -> Result<(), Vec<TestbedError>> {
         let errors = self.teardown();
-        if errors.is_empty() { Ok(()) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors)
+        }
     }
 
     fn teardown(&mut self) -> Vec<TestbedError> {
@@ -477,7 +494,8 @@ impl Testbed {
             p.kill();
         }
         for relative in inner.cgroups.iter().rev() {
-            if let Err(e) = cgroup::remove_tree(&self.cgroup_root, &self.cgroup_root.join(relative)) {
+            if let Err(e) = cgroup::remove_tree(&self.cgroup_root, &self.cgroup_root.join(relative))
+            {
                 errors.push(e);
             }
             cgroup::remove_empty_shared_parents(&self.cgroup_root, relative);

@@ -8,7 +8,7 @@ use std::{
 
 use observer_tests::{
     CLOSED_PORT, CgroupDriver, ConnectOutcome, DnsConfig, DnsProbe, Family, LoggedQuery, PodSpec,
-    QosClass, QueryOutcome, Testbed, TestCommand, Transport, cgroup_of_pid, dns_probe_client_bin,
+    QosClass, QueryOutcome, TestCommand, Testbed, Transport, cgroup_of_pid, dns_probe_client_bin,
     plan, probe::qtype,
 };
 
@@ -58,7 +58,10 @@ fn the_search_list_escape_reproduces() {
         .connect_tcp("db", 5432, Family::Any, CONNECT_TIMEOUT)
         .expect("connect helper");
     let ConnectOutcome::Connected { peer, local } = report.outcome else {
-        panic!("the pod did not connect: {report:?}; dns log:\n{}", dns.raw_log().unwrap());
+        panic!(
+            "the pod did not connect: {report:?}; dns log:\n{}",
+            dns.raw_log().unwrap()
+        );
     };
     assert_eq!(peer.ip(), IpAddr::V4(db.ipv4()));
     assert_eq!(local.ip(), IpAddr::V4(pod.ipv4()));
@@ -130,7 +133,11 @@ fn a_record_added_at_run_time_keeps_the_pod_in_the_cluster() {
     cluster_listener
         .wait_for_peer(pod.ipv4().into(), LOG_WAIT)
         .expect("in-cluster host saw the second connect");
-    assert_eq!(external_listener.accepted().len(), 1, "only the first connect left the cluster");
+    assert_eq!(
+        external_listener.accepted().len(),
+        1,
+        "only the first connect left the cluster"
+    );
 
     dns.remove_record("db.simple-web-app.svc.cluster.local")
         .expect("remove record");
@@ -152,9 +159,21 @@ fn processes_land_in_kubelet_shaped_cgroups_of_both_drivers() {
             QosClass::Burstable,
             "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod",
         ),
-        (CgroupDriver::Systemd, QosClass::Guaranteed, "/kubepods.slice/kubepods-pod"),
-        (CgroupDriver::Cgroupfs, QosClass::BestEffort, "/kubepods/besteffort/pod"),
-        (CgroupDriver::Cgroupfs, QosClass::Guaranteed, "/kubepods/pod"),
+        (
+            CgroupDriver::Systemd,
+            QosClass::Guaranteed,
+            "/kubepods.slice/kubepods-pod",
+        ),
+        (
+            CgroupDriver::Cgroupfs,
+            QosClass::BestEffort,
+            "/kubepods/besteffort/pod",
+        ),
+        (
+            CgroupDriver::Cgroupfs,
+            QosClass::Guaranteed,
+            "/kubepods/pod",
+        ),
     ] {
         let pod = tb
             .add_pod(
@@ -178,18 +197,27 @@ fn processes_land_in_kubelet_shaped_cgroups_of_both_drivers() {
         // The process reports its own cgroup and network namespace from inside the pod.
         let out = pod
             .command("sh")
-            .args(["-c", "cat /proc/self/cgroup; readlink /proc/self/ns/net; echo $$"])
+            .args([
+                "-c",
+                "cat /proc/self/cgroup; readlink /proc/self/ns/net; echo $$",
+            ])
             .output()
             .expect("run in pod")
             .check("sh in pod")
             .expect("sh succeeded");
         assert!(
-            out.stdout.lines().any(|l| l == format!("0::{}", cg.container.relative())),
+            out.stdout
+                .lines()
+                .any(|l| l == format!("0::{}", cg.container.relative())),
             "{}",
             out.stdout
         );
         let inode = pod.netns().inode().expect("netns inode");
-        assert!(out.stdout.contains(&format!("net:[{inode}]")), "{}", out.stdout);
+        assert!(
+            out.stdout.contains(&format!("net:[{inode}]")),
+            "{}",
+            out.stdout
+        );
         let pid: u32 = out.stdout.lines().last().unwrap().parse().unwrap();
         assert_eq!(pid, out.pid, "ip netns exec execs the program itself");
 
@@ -235,7 +263,11 @@ fn nothing_of_the_run_remains_after_drop() {
     let etc = pod.resolv_conf_path().parent().unwrap().to_owned();
     let state = tb.state_dir().to_owned();
     let dns_pid = dns.pid();
-    assert_eq!(namespaces.len(), 4, "switch, dns, pod, external: {namespaces:?}");
+    assert_eq!(
+        namespaces.len(),
+        4,
+        "switch, dns, pod, external: {namespaces:?}"
+    );
     assert!(cgroups.iter().all(|c| c.exists()));
     assert!(etc.join("resolv.conf").exists());
 
@@ -255,7 +287,10 @@ fn nothing_of_the_run_remains_after_drop() {
     }
     assert!(!etc.exists());
     assert!(!state.exists());
-    assert!(!Path::new(&format!("/proc/{dns_pid}")).exists(), "dnsmasq still running");
+    assert!(
+        !Path::new(&format!("/proc/{dns_pid}")).exists(),
+        "dnsmasq still running"
+    );
 }
 
 #[test]
@@ -271,7 +306,11 @@ fn ipv6_only_name_connects_over_ipv6() {
         )
         .expect("dnsmasq");
     let pod = tb
-        .add_pod(PodSpec::new("v6").search(["default.svc.cluster.local"]).ndots(1))
+        .add_pod(
+            PodSpec::new("v6")
+                .search(["default.svc.cluster.local"])
+                .ndots(1),
+        )
         .expect("pod");
     assert!(ext.ipv6().segments()[..3] == [0x2001, 0xdb8, 0xe]);
 
@@ -288,7 +327,19 @@ fn ipv6_only_name_connects_over_ipv6() {
     listener
         .wait_for_peer(pod.ipv6().into(), LOG_WAIT)
         .expect("external host saw the pod over IPv6");
+    let resolved = pod
+        .resolve("v6.example.test", Family::Any)
+        .expect("resolve");
+    assert_eq!(resolved.addrs, Ok(vec![IpAddr::V6(ext.ipv6())]));
+    let unknown = pod
+        .resolve("nothing.example.test", Family::Any)
+        .expect("resolve");
+    assert!(unknown.addrs.is_err(), "{unknown:?}");
     let log = dns.queries().unwrap();
+    assert!(
+        log.iter()
+            .any(|q| q.name == "nothing.example.test" && q.outcome == QueryOutcome::NxDomain)
+    );
     assert!(log.iter().any(|q| q.qtype == "AAAA"
         && q.name == "v6.example.test"
         && q.outcome == QueryOutcome::Answer(vec![ext.ipv6().into()])));
@@ -300,7 +351,12 @@ fn refused_and_unanswered_connects_end_differently() {
     let ext = tb.add_external_host("closed").expect("external");
     let pod = tb.add_pod(PodSpec::new("client")).expect("pod");
     let refused = pod
-        .connect_tcp(&ext.ipv4().to_string(), CLOSED_PORT, Family::V4, CONNECT_TIMEOUT)
+        .connect_tcp(
+            &ext.ipv4().to_string(),
+            CLOSED_PORT,
+            Family::V4,
+            CONNECT_TIMEOUT,
+        )
         .expect("connect");
     assert_eq!(refused.outcome, ConnectOutcome::Refused);
     for addr in [
@@ -309,7 +365,12 @@ fn refused_and_unanswered_connects_end_differently() {
         IpAddr::V6(plan::UNANSWERED_EXTERNAL_V6),
     ] {
         let silent = pod
-            .connect_tcp(&addr.to_string(), 80, Family::Any, Duration::from_millis(500))
+            .connect_tcp(
+                &addr.to_string(),
+                80,
+                Family::Any,
+                Duration::from_millis(500),
+            )
             .expect("connect");
         assert_eq!(silent.outcome, ConnectOutcome::TimedOut, "{addr}");
     }
@@ -319,13 +380,25 @@ fn refused_and_unanswered_connects_end_differently() {
 fn probe_client_reports_the_exact_bytes_over_udp_and_tcp() {
     let tb = testbed();
     let dns = tb
-        .start_dns(DnsConfig::dnsmasq().record("api.default.svc.cluster.local", Ipv4Addr::new(198, 18, 2, 7)))
+        .start_dns(DnsConfig::dnsmasq().record(
+            "api.default.svc.cluster.local",
+            Ipv4Addr::new(198, 18, 2, 7),
+        ))
         .expect("dnsmasq");
-    let pod = tb.add_pod(PodSpec::new("probe").driver(CgroupDriver::Cgroupfs)).expect("pod");
+    let pod = tb
+        .add_pod(PodSpec::new("probe").driver(CgroupDriver::Cgroupfs))
+        .expect("pod");
     for transport in [Transport::Udp, Transport::Tcp] {
-        let mut probe = DnsProbe::new(dns.socket_addr(), "api.default.svc.cluster.local", qtype::A, transport);
+        let mut probe = DnsProbe::new(
+            dns.socket_addr(),
+            "api.default.svc.cluster.local",
+            qtype::A,
+            transport,
+        );
         probe.id = Some(0xbeef);
-        let r = pod.dns_probe(dns_probe_client_bin!(), &probe).expect("probe");
+        let r = pod
+            .dns_probe(dns_probe_client_bin!(), &probe)
+            .expect("probe");
         assert_eq!(r.error, None);
         assert_eq!(r.cgroup, pod.cgroup().container.relative());
         assert_eq!(r.cgroup_id, Some(pod.cgroup().container.id()));
@@ -334,14 +407,79 @@ fn probe_client_reports_the_exact_bytes_over_udp_and_tcp() {
         let resp = r.response.expect("response");
         assert_eq!(&resp[..2], &[0xbe, 0xef], "same id");
         assert_eq!(resp[3] & 0x0f, 0, "rcode NOERROR");
-        assert_eq!(&resp[resp.len() - 4..], &[198, 18, 2, 7], "the A record's address ends the answer");
+        assert_eq!(
+            &resp[resp.len() - 4..],
+            &[198, 18, 2, 7],
+            "the A record's address ends the answer"
+        );
         dns.wait_for_queries(LOG_WAIT, |q| {
-            q.iter().any(|q| q.client == r.local && q.name == "api.default.svc.cluster.local")
+            q.iter()
+                .any(|q| q.client == r.local && q.name == "api.default.svc.cluster.local")
         })
         .expect("the server logged the probe from its source port");
     }
-    let mut nx = DnsProbe::new(dns.socket_addr(), "nope.cluster.local", qtype::AAAA, Transport::Udp);
+    let mut nx = DnsProbe::new(
+        dns.socket_addr(),
+        "nope.cluster.local",
+        qtype::AAAA,
+        Transport::Udp,
+    );
     nx.id = Some(7);
     let r = pod.dns_probe(dns_probe_client_bin!(), &nx).expect("probe");
     assert_eq!(r.response.expect("response")[3] & 0x0f, 3, "NXDOMAIN");
+}
+
+#[test]
+fn leftovers_of_a_killed_run_are_removed_and_live_runs_are_not() {
+    use std::io::{BufRead, BufReader};
+    let live = testbed();
+    let live_pod = live.add_pod(PodSpec::new("live")).expect("pod");
+
+    let mut holder = std::process::Command::new(env!("CARGO_BIN_EXE_testbed-hold"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start testbed-hold");
+    let mut line = String::new();
+    BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut line)
+        .expect("testbed-hold report");
+    let report: serde_json::Value = serde_json::from_str(&line)
+        .unwrap_or_else(|e| panic!("testbed-hold printed {line:?}: {e}"));
+    holder.kill().unwrap(); // SIGKILL: no teardown runs
+    holder.wait().unwrap();
+
+    let strings = |key: &str| -> Vec<String> {
+        report[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let namespaces = strings("namespaces");
+    let cgroups = strings("cgroups");
+    let etc = report["etc_netns"].as_str().unwrap().to_owned();
+    let state = report["state_dir"].as_str().unwrap().to_owned();
+    assert!(Path::new(&format!("/run/netns/{}", namespaces[0])).exists());
+    assert!(cgroups.iter().all(|c| Path::new(c).exists()));
+
+    let removed = observer_tests::cleanup_leftovers().expect("cleanup");
+    for ns in &namespaces {
+        assert!(
+            !Path::new(&format!("/run/netns/{ns}")).exists(),
+            "{ns} left"
+        );
+        assert!(removed.namespaces.contains(ns), "{removed:?}");
+    }
+    for c in &cgroups {
+        assert!(!Path::new(c).exists(), "{c} left");
+    }
+    assert!(!Path::new(&etc).exists());
+    assert!(!Path::new(&state).exists());
+
+    // This process's testbed is alive: untouched.
+    assert!(live_pod.netns().path().exists());
+    assert!(live_pod.cgroup().container.path().exists());
+    assert!(live_pod.resolv_conf_path().exists());
 }

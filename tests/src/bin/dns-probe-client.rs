@@ -41,7 +41,9 @@ fn parse_args() -> Result<Args, String> {
                 }
             }
             "--timeout-ms" => {
-                timeout = Duration::from_millis(value()?.parse().map_err(|e| format!("--timeout-ms: {e}"))?)
+                timeout = Duration::from_millis(
+                    value()?.parse().map_err(|e| format!("--timeout-ms: {e}"))?,
+                )
             }
             "--name" => name = Some(value()?),
             "--qtype" => qtype = value()?.parse().map_err(|e| format!("--qtype: {e}"))?,
@@ -86,9 +88,11 @@ fn exchange(args: &Args) -> (SocketAddr, Result<Vec<u8>, String>) {
     let result = (|| match args.transport {
         Transport::Udp => {
             let sock = UdpSocket::bind(local).map_err(|e| format!("bind: {e}"))?;
-            sock.connect(args.server).map_err(|e| format!("connect: {e}"))?;
+            sock.connect(args.server)
+                .map_err(|e| format!("connect: {e}"))?;
             local = sock.local_addr().map_err(|e| e.to_string())?;
-            sock.set_read_timeout(Some(args.timeout)).map_err(|e| e.to_string())?;
+            sock.set_read_timeout(Some(args.timeout))
+                .map_err(|e| e.to_string())?;
             sock.send(&args.query).map_err(|e| format!("send: {e}"))?;
             let mut buf = vec![0u8; 65535];
             let n = sock.recv(&mut buf).map_err(|e| format!("recv: {e}"))?;
@@ -99,15 +103,24 @@ fn exchange(args: &Args) -> (SocketAddr, Result<Vec<u8>, String>) {
             let mut stream = TcpStream::connect_timeout(&args.server, args.timeout)
                 .map_err(|e| format!("connect: {e}"))?;
             local = stream.local_addr().map_err(|e| e.to_string())?;
-            stream.set_read_timeout(Some(args.timeout)).map_err(|e| e.to_string())?;
-            let len = u16::try_from(args.query.len()).map_err(|_| "query longer than 65535 bytes")?;
+            stream
+                .set_read_timeout(Some(args.timeout))
+                .map_err(|e| e.to_string())?;
+            let len =
+                u16::try_from(args.query.len()).map_err(|_| "query longer than 65535 bytes")?;
             let mut framed = len.to_be_bytes().to_vec();
             framed.extend_from_slice(&args.query);
-            stream.write_all(&framed).map_err(|e| format!("send: {e}"))?;
+            stream
+                .write_all(&framed)
+                .map_err(|e| format!("send: {e}"))?;
             let mut len = [0u8; 2];
-            stream.read_exact(&mut len).map_err(|e| format!("recv length: {e}"))?;
+            stream
+                .read_exact(&mut len)
+                .map_err(|e| format!("recv length: {e}"))?;
             let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
-            stream.read_exact(&mut buf).map_err(|e| format!("recv: {e}"))?;
+            stream
+                .read_exact(&mut buf)
+                .map_err(|e| format!("recv: {e}"))?;
             Ok(buf)
         }
     })();
