@@ -1,7 +1,7 @@
 //! The testbed's one error type: every variant says what was being done and on what.
 use std::{io, path::PathBuf, process::ExitStatus, time::Duration};
 
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 pub enum TestbedError {
     #[error(
         "the testbed builds network namespaces and cgroups and must run as root (effective uid {euid}); run the privileged tests as root, e.g. `sudo cargo xtask test`"
@@ -50,6 +50,13 @@ pub enum TestbedError {
     Invalid { what: &'static str, detail: String },
     #[error("{what}: unexpected output {output:?}")]
     UnexpectedOutput { what: String, output: String },
+}
+
+/// Tests `.expect()` testbed results, which prints Debug: make that the readable message.
+impl std::fmt::Debug for TestbedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 pub type Result<T, E = TestbedError> = std::result::Result<T, E>;

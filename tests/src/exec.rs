@@ -258,3 +258,32 @@ pub(crate) fn ip_batch(netns: Option<&str>, lines: &[String]) -> Result<()> {
         })
         .map(drop)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_program_names_its_package() {
+        let missing = Program {
+            name: "observer-no-such-program",
+            package: "observer-no-such-package",
+        };
+        let message = missing.path().unwrap_err().to_string();
+        assert!(message.contains("`observer-no-such-package`"), "{message}");
+        assert!(IP.path().is_ok(), "ip is part of the base system here");
+    }
+
+    #[test]
+    fn a_command_that_hangs_is_killed_at_its_timeout() {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30");
+        let started = Instant::now();
+        let err = Process::spawn(&mut cmd, None)
+            .unwrap()
+            .wait_output(Duration::from_millis(100))
+            .unwrap_err();
+        assert!(matches!(err, TestbedError::Timeout { .. }), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}
