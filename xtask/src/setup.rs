@@ -18,7 +18,7 @@ const BUILD_PACKAGES: &[&str] = &[
 ];
 
 /// Debian packages the testbed uses: namespaces and a real DNS server.
-const TESTBED_PACKAGES: &[&str] = &["iproute2", "dnsmasq-base"];
+const TESTBED_PACKAGES: &[&str] = &["iproute2", "dnsmasq-base", "python3"];
 
 /// Everything: what building needs and what the test suite needs.
 pub fn all() -> Result<()> {
