@@ -11,9 +11,9 @@ use std::{
 
 use observer::{
     identity::{
-        CgroupCache, CgroupCacheConfig, CgroupDriver, ContainerRuntime, Identity, PodMember,
-        QosClass, ResolvCache, ResolvCacheConfig, cgroup::find_cgroup2_mount, parse_cgroup_path,
-        CgroupOwner,
+        CgroupCache, CgroupCacheConfig, CgroupDriver, CgroupOwner, ContainerRuntime, Identity,
+        PodMember, QosClass, ResolvCache, ResolvCacheConfig, cgroup::find_cgroup2_mount,
+        parse_cgroup_path,
     },
     scope::ScopeKey,
 };
@@ -58,7 +58,10 @@ impl CgroupTree {
 
     /// Starts a process that sleeps inside cgroup `rel`.
     fn spawn_in(&mut self, rel: &str) -> u32 {
-        let child = Command::new("sleep").arg("60").spawn().expect("spawn sleep");
+        let child = Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("spawn sleep");
         let pid = child.id();
         self.children.push(child);
         let procs = self
@@ -135,7 +138,13 @@ fn kernel_cgroup_id(path: &Path) -> u64 {
             0,
         )
     };
-    assert_eq!(rc, 0, "name_to_handle_at {}: {}", path.display(), std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "name_to_handle_at {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
     u64::from_ne_bytes(handle.id)
 }
 
@@ -159,17 +168,29 @@ fn kubelet_shaped_cgroups_resolve_to_pod_and_container() {
     let id_host = tree.create(&host_cgroup);
 
     // The id the cache keys on (the inode number) is the kernel's cgroup id.
-    assert_eq!(kernel_cgroup_id(&tree.mount.join(&systemd_container[1..])), id_a);
+    assert_eq!(
+        kernel_cgroup_id(&tree.mount.join(&systemd_container[1..])),
+        id_a
+    );
 
     let cache = CgroupCache::new(&tree.mount, CgroupCacheConfig::default());
-    assert_eq!(cache.path_of(id_a).as_deref(), Some(systemd_container.as_str()));
-    assert_eq!(cache.path_of(id_b).as_deref(), Some(cgroupfs_container.as_str()));
+    assert_eq!(
+        cache.path_of(id_a).as_deref(),
+        Some(systemd_container.as_str())
+    );
+    assert_eq!(
+        cache.path_of(id_b).as_deref(),
+        Some(cgroupfs_container.as_str())
+    );
 
     let Ok(CgroupOwner::Pod(a)) = parse_cgroup_path(&cache.path_of(id_a).unwrap()) else {
         panic!("systemd path not a pod");
     };
     assert_eq!(a.uid.as_str(), uid_a);
-    assert_eq!((a.qos, a.driver), (QosClass::Burstable, CgroupDriver::Systemd));
+    assert_eq!(
+        (a.qos, a.driver),
+        (QosClass::Burstable, CgroupDriver::Systemd)
+    );
     assert_eq!(
         a.member,
         PodMember::Container {
@@ -180,7 +201,10 @@ fn kubelet_shaped_cgroups_resolve_to_pod_and_container() {
     let Ok(CgroupOwner::Pod(b)) = parse_cgroup_path(&cache.path_of(id_b).unwrap()) else {
         panic!("cgroupfs path not a pod");
     };
-    assert_eq!((b.uid.as_str(), b.qos), (uid_b.as_str(), QosClass::BestEffort));
+    assert_eq!(
+        (b.uid.as_str(), b.qos),
+        (uid_b.as_str(), QosClass::BestEffort)
+    );
     assert_eq!(b.container_id().unwrap().as_str(), cid_b);
 
     // Through the facade, in host mode: pods are keyed by uid, anything else by cgroup id.
@@ -191,7 +215,10 @@ fn kubelet_shaped_cgroups_resolve_to_pod_and_container() {
     let resolved = identity.resolve(id_a, None);
     assert_eq!(resolved.scope, ScopeKey::Pod(Arc::from(uid_a.as_str())));
     assert_eq!(resolved.container_id().unwrap().as_str(), cid_a);
-    assert_eq!(identity.resolve(id_host, None).scope, ScopeKey::Host(id_host));
+    assert_eq!(
+        identity.resolve(id_host, None).scope,
+        ScopeKey::Host(id_host)
+    );
     assert_eq!(
         identity.status(),
         observer::identity::EnrichmentStatus::Disabled
@@ -265,10 +292,14 @@ fn resolv_conf_is_read_through_a_process_in_the_pod() {
     );
     let resolved = identity.resolve(id, Some(pid));
     assert_eq!(resolved.scope, ScopeKey::Pod(Arc::from(uid.as_str())));
-    let expected =
-        observer::identity::parse_resolv_conf(&std::fs::read(format!("/proc/{pid}/root/etc/resolv.conf")).unwrap())
-            .unwrap();
+    let expected = observer::identity::parse_resolv_conf(
+        &std::fs::read(format!("/proc/{pid}/root/etc/resolv.conf")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(resolved.resolver.as_deref(), Some(&expected));
     // Later events without a pid still get the pod's resolver configuration.
-    assert_eq!(identity.resolve(id, None).resolver.as_deref(), Some(&expected));
+    assert_eq!(
+        identity.resolve(id, None).resolver.as_deref(),
+        Some(&expected)
+    );
 }

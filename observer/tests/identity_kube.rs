@@ -121,11 +121,7 @@ impl ApiState {
     /// Ends every open watch of `collection` with an ERROR event carrying 410 Gone, as the
     /// API server does when the watch's resourceVersion fell out of its window.
     fn expire_watches(&mut self, collection: &'static str) {
-        let gone = status_body(
-            410,
-            "Expired",
-            "too old resource version: 12 (4711)",
-        );
+        let gone = status_body(410, "Expired", "too old resource version: 12 (4711)");
         let line = Bytes::from(format!("{}\n", json!({"type": "ERROR", "object": gone})));
         self.watchers.retain(|(c, _, tx)| {
             if *c == collection {
@@ -156,10 +152,14 @@ fn json_response(code: StatusCode, value: &Value) -> Response<Body> {
         .unwrap()
 }
 
-fn handle(state: &Arc<Mutex<ApiState>>, request: &Request<hyper::body::Incoming>) -> Response<Body> {
+fn handle(
+    state: &Arc<Mutex<ApiState>>,
+    request: &Request<hyper::body::Incoming>,
+) -> Response<Body> {
     let mut api = state.lock().unwrap();
     let path = request.uri().path().to_owned();
-    api.requests.push(format!("{} {}", request.method(), request.uri()));
+    api.requests
+        .push(format!("{} {}", request.method(), request.uri()));
     let query: BTreeMap<String, String> = request
         .uri()
         .query()
@@ -176,7 +176,11 @@ fn handle(state: &Arc<Mutex<ApiState>>, request: &Request<hyper::body::Incoming>
         if collection == SERVICE_CIDRS && !api.service_cidr_api {
             return json_response(
                 StatusCode::NOT_FOUND,
-                &status_body(404, "NotFound", "the server could not find the requested resource"),
+                &status_body(
+                    404,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                ),
             );
         }
         let selector = query.get("fieldSelector").cloned();
@@ -228,7 +232,11 @@ fn handle(state: &Arc<Mutex<ApiState>>, request: &Request<hyper::body::Incoming>
     }
     json_response(
         StatusCode::NOT_FOUND,
-        &status_body(404, "NotFound", "the server could not find the requested resource"),
+        &status_body(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        ),
     )
 }
 
@@ -271,7 +279,9 @@ struct StandIn {
 
 impl StandIn {
     async fn start(state: Arc<Mutex<ApiState>>, addr: SocketAddr) -> StandIn {
-        let listener = TcpListener::bind(addr).await.expect("bind stand-in API server");
+        let listener = TcpListener::bind(addr)
+            .await
+            .expect("bind stand-in API server");
         let addr = listener.local_addr().unwrap();
         let serving = Arc::clone(&state);
         let connections = tokio::spawn(async move {
@@ -354,7 +364,9 @@ fn pod(
         .collect();
     let specs: Vec<Value> = containers
         .iter()
-        .map(|(cname, _)| json!({"name": cname, "image": format!("registry.example/{cname}:1.4.2")}))
+        .map(
+            |(cname, _)| json!({"name": cname, "image": format!("registry.example/{cname}:1.4.2")}),
+        )
         .collect();
     json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -448,7 +460,11 @@ fn cluster_state(service_cidr_api: bool) -> Arc<Mutex<ApiState>> {
     api.upsert(
         PODS,
         pod(
-            "web-7d4b9c8f6d-x2x7k", "shop", WEB_UID, NODE, "198.18.1.7",
+            "web-7d4b9c8f6d-x2x7k",
+            "shop",
+            WEB_UID,
+            NODE,
+            "198.18.1.7",
             Some(("apps/v1", "ReplicaSet", "web-7d4b9c8f6d")),
             &[("app", WEB_CID), ("proxy", SIDECAR_CID)],
         ),
@@ -457,7 +473,11 @@ fn cluster_state(service_cidr_api: bool) -> Arc<Mutex<ApiState>> {
     api.upsert(
         PODS,
         pod(
-            "report-28391520-q8w2z", "batch", JOB_UID, NODE, "198.18.1.9",
+            "report-28391520-q8w2z",
+            "batch",
+            JOB_UID,
+            NODE,
+            "198.18.1.9",
             Some(("batch/v1", "Job", "report-28391520")),
             &[("report", JOB_CID)],
         ),
@@ -466,7 +486,11 @@ fn cluster_state(service_cidr_api: bool) -> Arc<Mutex<ApiState>> {
     api.upsert(
         PODS,
         pod(
-            "web-7d4b9c8f6d-zzzzz", "shop", OTHER_NODE_UID, "node-b", "198.18.2.7",
+            "web-7d4b9c8f6d-zzzzz",
+            "shop",
+            OTHER_NODE_UID,
+            "node-b",
+            "198.18.2.7",
             Some(("apps/v1", "ReplicaSet", "web-7d4b9c8f6d")),
             &[("app", LATE_CID)],
         ),
@@ -474,13 +498,29 @@ fn cluster_state(service_cidr_api: bool) -> Arc<Mutex<ApiState>> {
     );
     api.replicasets.insert(
         "shop/web-7d4b9c8f6d".into(),
-        owned("ReplicaSet", "apps/v1", "web-7d4b9c8f6d", "shop", ("Deployment", "web")),
+        owned(
+            "ReplicaSet",
+            "apps/v1",
+            "web-7d4b9c8f6d",
+            "shop",
+            ("Deployment", "web"),
+        ),
     );
     api.jobs.insert(
         "batch/report-28391520".into(),
-        owned("Job", "batch/v1", "report-28391520", "batch", ("CronJob", "report")),
+        owned(
+            "Job",
+            "batch/v1",
+            "report-28391520",
+            "batch",
+            ("CronJob", "report"),
+        ),
     );
-    api.upsert(SERVICES, service("kubernetes", "default", "198.18.128.1"), false);
+    api.upsert(
+        SERVICES,
+        service("kubernetes", "default", "198.18.128.1"),
+        false,
+    );
     api.upsert(SERVICES, service("web", "shop", "198.18.128.20"), false);
     api.upsert(NODES, node(NODE, "198.18.1.0/24", "198.18.0.2"), false);
     api.upsert(NODES, node("node-b", "198.18.2.0/24", "198.18.0.3"), false);
@@ -579,14 +619,20 @@ async fn pods_of_this_node_resolve_to_workloads_and_deleted_pods_disappear() {
     .await;
     assert_eq!(web.scope, ScopeKey::Pod(Arc::from(WEB_UID)));
     let meta = web.pod.as_ref().unwrap();
-    assert_eq!((&*meta.namespace, &*meta.name), ("shop", "web-7d4b9c8f6d-x2x7k"));
+    assert_eq!(
+        (&*meta.namespace, &*meta.name),
+        ("shop", "web-7d4b9c8f6d-x2x7k")
+    );
     assert_eq!(meta.node.as_deref(), Some(NODE));
     assert_eq!(meta.labels.get("app").map(String::as_str), Some("web"));
     assert_eq!(meta.ips, ["198.18.1.7".parse::<IpAddr>().unwrap()]);
     assert_eq!(&*web.workload.as_ref().unwrap().name, "web");
     assert_eq!(web.container_name.as_deref(), Some("app"));
     assert_eq!(
-        identity.resolve(sidecar_cgroup, None).container_name.as_deref(),
+        identity
+            .resolve(sidecar_cgroup, None)
+            .container_name
+            .as_deref(),
         Some("proxy")
     );
 
@@ -602,8 +648,14 @@ async fn pods_of_this_node_resolve_to_workloads_and_deleted_pods_disappear() {
     let kube = identity.kube().unwrap();
     assert!(kube.pod_by_uid(OTHER_NODE_UID).is_none());
     let pod_requests = state.lock().unwrap().requests_to(PODS);
-    assert!(pod_requests.iter().any(|r| !r.contains("watch=true")), "{pod_requests:?}");
-    assert!(pod_requests.iter().any(|r| r.contains("watch=true")), "{pod_requests:?}");
+    assert!(
+        pod_requests.iter().any(|r| !r.contains("watch=true")),
+        "{pod_requests:?}"
+    );
+    assert!(
+        pod_requests.iter().any(|r| r.contains("watch=true")),
+        "{pod_requests:?}"
+    );
     for request in &pod_requests {
         assert!(
             request.contains("fieldSelector=spec.nodeName%3Dnode-a"),
@@ -616,11 +668,19 @@ async fn pods_of_this_node_resolve_to_workloads_and_deleted_pods_disappear() {
         .service_for_ip("198.18.128.20".parse().unwrap())
         .unwrap();
     assert_eq!((&*svc.namespace, &*svc.name), ("shop", "web"));
-    assert_eq!(identity.service_for_ip("203.0.113.10".parse().unwrap()), None);
+    assert_eq!(
+        identity.service_for_ip("203.0.113.10".parse().unwrap()),
+        None
+    );
     assert_eq!(identity.service_exists("shop", "web"), Some(true));
     assert_eq!(identity.service_exists("shop", "db"), Some(false));
     let networks = identity.cluster_networks();
-    for expected in ["198.18.1.0/24", "198.18.2.0/24", "198.18.128.0/20", "198.18.0.2/32"] {
+    for expected in [
+        "198.18.1.0/24",
+        "198.18.2.0/24",
+        "198.18.128.0/20",
+        "198.18.0.2/32",
+    ] {
         let net: ipnet::IpNet = expected.parse().unwrap();
         assert!(
             networks.iter().any(|n| n.contains(&net)),
@@ -648,7 +708,15 @@ async fn pods_of_this_node_resolve_to_workloads_and_deleted_pods_disappear() {
     let late_cgroup = cgroups.container(LATE_UID, LATE_CID);
     state.lock().unwrap().upsert(
         PODS,
-        pod("solo", "shop", LATE_UID, NODE, "198.18.1.11", None, &[("solo", LATE_CID)]),
+        pod(
+            "solo",
+            "shop",
+            LATE_UID,
+            NODE,
+            "198.18.1.11",
+            None,
+            &[("solo", LATE_CID)],
+        ),
         true,
     );
     let late = eventually("new pod", || {
@@ -657,7 +725,10 @@ async fn pods_of_this_node_resolve_to_workloads_and_deleted_pods_disappear() {
     })
     .await;
     let workload = late.workload.clone().unwrap();
-    assert_eq!((workload.kind, &*workload.name), (WorkloadKind::Pod, "solo"));
+    assert_eq!(
+        (workload.kind, &*workload.name),
+        (WorkloadKind::Pod, "solo")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -681,7 +752,15 @@ async fn a_410_gone_watch_error_rebuilds_the_store_from_a_relist() {
         api.delete(PODS, WEB_UID, false);
         api.upsert(
             PODS,
-            pod("solo", "shop", LATE_UID, NODE, "198.18.1.11", None, &[("solo", LATE_CID)]),
+            pod(
+                "solo",
+                "shop",
+                LATE_UID,
+                NODE,
+                "198.18.1.11",
+                None,
+                &[("solo", LATE_CID)],
+            ),
             false,
         );
         api.expire_watches(PODS);
@@ -771,7 +850,10 @@ async fn an_api_without_service_cidr_is_not_an_error() {
     // Service networks come from the cluster IPs instead.
     let networks = identity.cluster_networks();
     let cluster_ip: IpAddr = "198.18.128.20".parse().unwrap();
-    assert!(networks.iter().any(|n| n.contains(&cluster_ip)), "{networks:?}");
+    assert!(
+        networks.iter().any(|n| n.contains(&cluster_ip)),
+        "{networks:?}"
+    );
     assert!(
         !networks
             .iter()

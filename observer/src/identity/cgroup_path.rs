@@ -91,7 +91,13 @@ impl PodUid {
     pub fn parse(text: &str) -> Result<Self, CgroupPathError> {
         let dashed: String = text
             .chars()
-            .map(|c| if c == '_' { '-' } else { c.to_ascii_lowercase() })
+            .map(|c| {
+                if c == '_' {
+                    '-'
+                } else {
+                    c.to_ascii_lowercase()
+                }
+            })
             .collect();
         let bytes = dashed.as_bytes();
         let is_hex = |b: &u8| b.is_ascii_hexdigit();
@@ -499,7 +505,8 @@ mod tests {
     #[test]
     fn malformed_uids() {
         for path in [
-            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-podnot_a_uid.slice".to_string(),
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-podnot_a_uid.slice"
+                .to_string(),
             "/kubepods.slice/kubepods-pod3f6a2b1c_9d4e_4f5a_8b7c.slice".to_string(),
             format!("/kubepods/burstable/pod{}x/{CID}", &UID[..35]),
             "/kubepods/podzzzzzzzz-9d4e-4f5a-8b7c-0d1e2f3a4b5c".to_string(),

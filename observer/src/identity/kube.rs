@@ -372,12 +372,24 @@ impl KubeIdentity {
     }
 
     pub fn service_for_ip(&self, ip: IpAddr) -> Option<ServiceRef> {
-        let services = Arc::clone(&self.shared.services.read().unwrap_or_else(|p| p.into_inner()));
+        let services = Arc::clone(
+            &self
+                .shared
+                .services
+                .read()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
         services.by_ip.get(&ip).cloned()
     }
 
     pub fn service_exists(&self, namespace: &str, name: &str) -> bool {
-        let services = Arc::clone(&self.shared.services.read().unwrap_or_else(|p| p.into_inner()));
+        let services = Arc::clone(
+            &self
+                .shared
+                .services
+                .read()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
         services
             .names
             .contains(&(Arc::from(namespace), Arc::from(name)))
@@ -404,7 +416,11 @@ impl KubeIdentity {
 
     pub fn status(&self) -> EnrichmentStatus {
         self.shared.refresh_recovered();
-        let watches = self.shared.watches.lock().unwrap_or_else(|p| p.into_inner());
+        let watches = self
+            .shared
+            .watches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let active = || watches.values().filter(|w| !w.unsupported);
         let failures: Vec<&WatchFailure> = active().filter_map(|w| w.failing.as_ref()).collect();
         if let Some(latest) = failures.iter().max_by_key(|f| f.last_at) {
@@ -795,7 +811,10 @@ fn project_node(node: &Node) -> Option<(String, Vec<IpNet>)> {
 }
 
 fn commit_nodes(shared: &Shared, items: &HashMap<String, Arc<Vec<IpNet>>>) {
-    *shared.node_networks.write().unwrap_or_else(|p| p.into_inner()) = items
+    *shared
+        .node_networks
+        .write()
+        .unwrap_or_else(|p| p.into_inner()) = items
         .iter()
         .map(|(k, v)| (k.clone(), v.as_ref().clone()))
         .collect();
@@ -816,7 +835,10 @@ fn project_service_cidr(cidr: &ServiceCIDR) -> Option<(String, Vec<IpNet>)> {
 }
 
 fn commit_service_cidrs(shared: &Shared, items: &HashMap<String, Arc<Vec<IpNet>>>) {
-    *shared.service_cidrs.write().unwrap_or_else(|p| p.into_inner()) = items
+    *shared
+        .service_cidrs
+        .write()
+        .unwrap_or_else(|p| p.into_inner()) = items
         .iter()
         .map(|(k, v)| (k.clone(), v.as_ref().clone()))
         .collect();
@@ -913,7 +935,10 @@ mod tests {
             Watched::of_path("/apis/apps/v1/namespaces/a/replicasets/x"),
             None
         );
-        assert_eq!(Watched::of_path("/api/v1/namespaces/a/pods/pods"), Some(Watched::Pods));
+        assert_eq!(
+            Watched::of_path("/api/v1/namespaces/a/pods/pods"),
+            Some(Watched::Pods)
+        );
     }
 
     #[test]

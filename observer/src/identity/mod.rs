@@ -26,12 +26,9 @@ pub use cgroup_path::{
     PodMember, PodUid, QosClass, parse_cgroup_path, parse_container_status_id,
 };
 pub use kube::{KubeIdentity, KubeWatchConfig};
-pub use model::{
-    ContainerMeta, EnrichmentStatus, PodMeta, ServiceRef, WorkloadKind, WorkloadRef,
-};
+pub use model::{ContainerMeta, EnrichmentStatus, PodMeta, ServiceRef, WorkloadKind, WorkloadRef};
 pub use resolv::{
-    ResolvCache, ResolvCacheConfig, ResolvConf, ResolvConfError, ResolvConfIssue,
-    parse_resolv_conf,
+    ResolvCache, ResolvCacheConfig, ResolvConf, ResolvConfError, ResolvConfIssue, parse_resolv_conf,
 };
 
 use crate::scope::ScopeKey;

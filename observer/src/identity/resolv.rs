@@ -58,9 +58,15 @@ impl Default for ResolvConf {
 /// A line glibc tolerates but that did not mean what its author likely intended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ResolvConfIssue {
-    BadNameserver { line: usize, value: String },
+    BadNameserver {
+        line: usize,
+        value: String,
+    },
     /// More than [`MAX_NAMESERVERS`]: glibc uses only the first three.
-    ExtraNameserver { line: usize, value: IpAddr },
+    ExtraNameserver {
+        line: usize,
+        value: IpAddr,
+    },
     /// A numeric option whose value glibc reads with `atoi` (non-numeric means 0) or clamps.
     OptionValueAdjusted {
         line: usize,
@@ -68,9 +74,15 @@ pub enum ResolvConfIssue {
         written: String,
         used: u8,
     },
-    BadSearchDomain { line: usize, value: String },
+    BadSearchDomain {
+        line: usize,
+        value: String,
+    },
     /// The search list passed [`MAX_SEARCH_TOTAL_BYTES`]; later domains were dropped.
-    SearchListTruncated { line: usize, dropped: usize },
+    SearchListTruncated {
+        line: usize,
+        dropped: usize,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -166,7 +178,9 @@ fn parse_search(issues: &mut Vec<ResolvConfIssue>, line: usize, rest: &str) -> V
         let domain = word.trim_end_matches('.').to_ascii_lowercase();
         if domain.is_empty()
             || domain.len() > MAX_DOMAIN_BYTES
-            || domain.split('.').any(|label| label.is_empty() || label.len() > 63)
+            || domain
+                .split('.')
+                .any(|label| label.is_empty() || label.len() > 63)
         {
             issues.push(ResolvConfIssue::BadSearchDomain {
                 line,
@@ -452,10 +466,7 @@ nameserver fe80::1%eth0
 ";
         let conf = parse_resolv_conf(text.as_bytes()).unwrap();
         assert_eq!(conf.search, ["only.example"]);
-        assert_eq!(
-            (conf.ndots, conf.timeout_secs, conf.attempts),
-            (2, 3, 4)
-        );
+        assert_eq!((conf.ndots, conf.timeout_secs, conf.attempts), (2, 3, 4));
         assert_eq!(conf.flags, ["rotate"]);
         assert_eq!(conf.nameservers.len(), 2);
         let text2 = "domain x.example\nsearch Y.Example z.example\n";
@@ -597,7 +608,11 @@ nameserver 198.18.0.53 # trailing words are ignored
             200,
             "search other.svc.cluster.local\noptions ndots:2\n",
         );
-        assert_eq!(cache.get(&scope, None).unwrap().ndots, 5, "cached until refresh");
+        assert_eq!(
+            cache.get(&scope, None).unwrap().ndots,
+            5,
+            "cached until refresh"
+        );
         std::thread::sleep(Duration::from_millis(60));
         let conf = cache.get(&scope, None).unwrap();
         assert_eq!(conf.ndots, 2);
