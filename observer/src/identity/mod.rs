@@ -1,1 +1,276 @@
-//! (in progress)
+//! Whose traffic is it: cgroup id -> pod, container and workload, plus the pod's resolver
+//! configuration.
+//!
+//! Two sources, layered:
+//! - the node itself (`cgroup`, `cgroup_path`, `resolv`): the cgroup path names the pod UID,
+//!   QoS class, container id and runtime; `/proc/<pid>/root/etc/resolv.conf` gives the search
+//!   list. Always available, no Kubernetes needed.
+//! - the Kubernetes API (`kube`): names, labels, workloads, Services and cluster networks,
+//!   watched into local stores. Optional; lookups never wait on it.
+pub mod cgroup;
+pub mod cgroup_path;
+pub mod kube;
+pub mod model;
+pub mod resolv;
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+pub use cgroup::{CgroupCache, CgroupCacheConfig, CgroupCacheStats, CgroupError};
+pub use cgroup_path::{
+    CgroupDriver, CgroupOwner, CgroupPathError, ContainerId, ContainerRuntime, PodCgroup,
+    PodMember, PodUid, QosClass, parse_cgroup_path, parse_container_status_id,
+};
+pub use kube::{KubeIdentity, KubeWatchConfig};
+pub use model::{ContainerMeta, EnrichmentStatus, PodMeta, ServiceRef, WorkloadKind, WorkloadRef};
+pub use resolv::{
+    ResolvCache, ResolvCacheConfig, ResolvConf, ResolvConfError, ResolvConfIssue, parse_resolv_conf,
+};
+
+use crate::scope::ScopeKey;
+
+/// Whether to enrich identity from the Kubernetes API.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum KubeMode {
+    /// Use the API when `kube::Config::infer()` finds one (in-cluster or kubeconfig);
+    /// otherwise run in host mode.
+    #[default]
+    Auto,
+    /// Host mode: identity from the node only.
+    Off,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct IdentityConfig {
+    pub kube_mode: KubeMode,
+    /// This node's name (`--node-name`, `NODE_NAME` from the downward API). Needed with the
+    /// API: only this node's pods are watched.
+    pub node_name: Option<String>,
+    /// The cgroup2 mount; `None` finds it in `/proc/self/mountinfo`.
+    pub cgroup_root: Option<PathBuf>,
+    pub cgroup: CgroupCacheConfig,
+    pub resolv: ResolvCacheConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error(
+        "a Kubernetes API was found but no node name was given (--node-name or NODE_NAME): \
+         without it every pod of the cluster would be watched"
+    )]
+    NodeNameRequired,
+    #[error("building the Kubernetes client: {0}")]
+    KubeClient(#[source] ::kube::Error),
+}
+
+/// Everything known about the owner of one cgroup.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkloadIdentity {
+    pub scope: ScopeKey,
+    pub cgroup_id: u64,
+    /// Relative to the cgroup2 mount; `None` when the id is unknown (cgroup gone, or too new
+    /// and the rescan budget spent).
+    pub cgroup_path: Option<Arc<str>>,
+    /// What the cgroup path says (node-derived, always present for pods).
+    pub pod_cgroup: Option<PodCgroup>,
+    /// The path lay in the kubelet's hierarchy but broke its naming: scoped as a host process.
+    pub cgroup_error: Option<CgroupPathError>,
+    /// From the API, when enrichment is on and the pod is known.
+    pub pod: Option<Arc<PodMeta>>,
+    pub container_name: Option<Arc<str>>,
+    /// The pod's controller, walked up ReplicaSet -> Deployment and Job -> CronJob.
+    pub workload: Option<WorkloadRef>,
+    pub resolver: Option<Arc<ResolvConf>>,
+}
+
+impl WorkloadIdentity {
+    pub fn container_id(&self) -> Option<&ContainerId> {
+        self.pod_cgroup.as_ref().and_then(PodCgroup::container_id)
+    }
+}
+
+/// Cheap to clone; all state is shared.
+#[derive(Clone)]
+pub struct Identity {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cgroups: CgroupCache,
+    resolv: ResolvCache,
+    kube: Option<KubeIdentity>,
+    memo: Mutex<HashMap<u64, Memo>>,
+}
+
+struct Memo {
+    kube_generation: u64,
+    identity: Arc<WorkloadIdentity>,
+}
+
+/// Memoised identities at most; beyond that the memo starts over (it is only a cache).
+const MEMO_MAX: usize = 65_536;
+
+impl Identity {
+    /// Starts identity per `config`: in `Auto` mode, tries `kube::Config::infer()` and falls
+    /// back to host mode with one log line; in `Off` mode, host mode.
+    pub async fn start(config: IdentityConfig) -> Result<Identity, IdentityError> {
+        let root = match &config.cgroup_root {
+            Some(root) => root.clone(),
+            None => cgroup::find_cgroup2_mount()?,
+        };
+        let cgroups = CgroupCache::new(root, config.cgroup.clone());
+        let resolv = ResolvCache::new(config.resolv.clone());
+        if config.kube_mode == KubeMode::Off {
+            tracing::info!("kubernetes enrichment off: identity from the node only (host mode)");
+            return Ok(Identity::host_only(cgroups, resolv));
+        }
+        let kube_config = match ::kube::Config::infer().await {
+            Ok(kube_config) => kube_config,
+            Err(e) => {
+                tracing::info!(
+                    reason = %e,
+                    "no Kubernetes API configuration (in-cluster or kubeconfig): host mode, identity from the node only"
+                );
+                return Ok(Identity::host_only(cgroups, resolv));
+            }
+        };
+        let node_name = config
+            .node_name
+            .clone()
+            .ok_or(IdentityError::NodeNameRequired)?;
+        let kube = KubeIdentity::start(kube_config, KubeWatchConfig::new(node_name))
+            .map_err(IdentityError::KubeClient)?;
+        Ok(Identity::with_kube(cgroups, resolv, Some(kube)))
+    }
+
+    pub fn host_only(cgroups: CgroupCache, resolv: ResolvCache) -> Identity {
+        Identity::with_kube(cgroups, resolv, None)
+    }
+
+    pub fn with_kube(
+        cgroups: CgroupCache,
+        resolv: ResolvCache,
+        kube: Option<KubeIdentity>,
+    ) -> Identity {
+        cgroups.refresh();
+        Identity {
+            inner: Arc::new(Inner {
+                cgroups,
+                resolv,
+                kube,
+                memo: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Who owns cgroup `cgroup_id`. Never waits on the network: the cgroup cache may walk the
+    /// local cgroup tree (rate-limited) and the resolver cache may read one small file.
+    /// `pid`, when known, is remembered to read the pod's resolv.conf through.
+    pub fn resolve(&self, cgroup_id: u64, pid: Option<u32>) -> Arc<WorkloadIdentity> {
+        let inner = &self.inner;
+        let cgroup_path = inner.cgroups.path_of(cgroup_id);
+        let (pod_cgroup, cgroup_error) = match cgroup_path.as_deref().map(parse_cgroup_path) {
+            Some(Ok(CgroupOwner::Pod(pod))) => (Some(pod), None),
+            Some(Err(e)) => (None, Some(e)),
+            Some(Ok(CgroupOwner::Host)) | None => (None, None),
+        };
+        let scope = match &pod_cgroup {
+            Some(pod) => ScopeKey::Pod(pod.uid.as_arc()),
+            None => ScopeKey::Host(cgroup_id),
+        };
+        let resolver = inner.resolv.get(&scope, pid);
+        let kube_generation = inner.kube.as_ref().map_or(0, KubeIdentity::generation);
+        let mut memo = inner.memo.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(hit) = memo.get(&cgroup_id) {
+            let same_resolver = match (&hit.identity.resolver, &resolver) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if hit.kube_generation == kube_generation
+                && same_resolver
+                && hit.identity.cgroup_path == cgroup_path
+            {
+                return Arc::clone(&hit.identity);
+            }
+        }
+        let (pod, container_name, workload) = match (&inner.kube, &pod_cgroup) {
+            (Some(kube), Some(pc)) => match kube.pod_by_uid(pc.uid.as_str()) {
+                Some(meta) => {
+                    let container_name = pc.container_id().and_then(|id| meta.container_name(id));
+                    let workload = kube.workload_of(&meta);
+                    (Some(meta), container_name, Some(workload))
+                }
+                None => (None, None, None),
+            },
+            _ => (None, None, None),
+        };
+        let identity = Arc::new(WorkloadIdentity {
+            scope,
+            cgroup_id,
+            cgroup_path,
+            pod_cgroup,
+            cgroup_error,
+            pod,
+            container_name,
+            workload,
+            resolver,
+        });
+        if memo.len() >= MEMO_MAX {
+            memo.clear();
+        }
+        memo.insert(
+            cgroup_id,
+            Memo {
+                kube_generation,
+                identity: Arc::clone(&identity),
+            },
+        );
+        identity
+    }
+
+    /// Networks that belong to the cluster: pod CIDRs and addresses of nodes, Service CIDRs
+    /// (or Service cluster IPs where the API has no ServiceCIDR). Empty in host mode.
+    pub fn cluster_networks(&self) -> Vec<ipnet::IpNet> {
+        self.inner
+            .kube
+            .as_ref()
+            .map_or_else(Vec::new, KubeIdentity::cluster_networks)
+    }
+
+    pub fn service_for_ip(&self, ip: IpAddr) -> Option<ServiceRef> {
+        self.inner.kube.as_ref()?.service_for_ip(ip)
+    }
+
+    /// Whether Service `name` exists in namespace `namespace`. `None` when unknown (host mode),
+    /// so "no such Service" is only reported when the API said so.
+    pub fn service_exists(&self, namespace: &str, name: &str) -> Option<bool> {
+        Some(self.inner.kube.as_ref()?.service_exists(namespace, name))
+    }
+
+    pub fn status(&self) -> EnrichmentStatus {
+        self.inner
+            .kube
+            .as_ref()
+            .map_or(EnrichmentStatus::Disabled, KubeIdentity::status)
+    }
+
+    pub fn kube(&self) -> Option<&KubeIdentity> {
+        self.inner.kube.as_ref()
+    }
+
+    pub fn cgroup_stats(&self) -> CgroupCacheStats {
+        self.inner.cgroups.stats()
+    }
+
+    /// Re-walks the cgroup tree now (periodic housekeeping: forgets removed cgroups).
+    pub fn refresh_cgroups(&self) {
+        self.inner.cgroups.refresh();
+    }
+}

@@ -1,0 +1,291 @@
+//! cgroup id -> cgroup v2 path. The kernel stamps events with a cgroup id, which is the inode
+//! number of the cgroup's directory on the cgroup2 mount; walking that tree maps ids to paths.
+use std::{
+    collections::HashMap,
+    io,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no cgroup2 mount in {path}")]
+    NoCgroup2Mount { path: PathBuf },
+}
+
+/// Finds the cgroup2 mount point in the text of `/proc/self/mountinfo`: `/sys/fs/cgroup` on
+/// pure cgroup v2 nodes, `/sys/fs/cgroup/unified` on hybrid ones.
+pub fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // `<id> <parent> <maj:min> <root> <mount point> <options> [optional...] - <fstype> ...`
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        let mount_point = left.split_whitespace().nth(4)?;
+        Some(PathBuf::from(unescape_mountinfo(mount_point)))
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let value = (bytes[i + 1] - b'0') as u32 * 64
+                + (bytes[i + 2] - b'0') as u32 * 8
+                + (bytes[i + 3] - b'0') as u32;
+            if let Ok(byte) = u8::try_from(value) {
+                out.push(byte);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The cgroup2 mount of this process's mount namespace, from `/proc/self/mountinfo`.
+pub fn find_cgroup2_mount() -> Result<PathBuf, CgroupError> {
+    let path = PathBuf::from("/proc/self/mountinfo");
+    let text = std::fs::read_to_string(&path).map_err(|source| CgroupError::Io {
+        op: "read",
+        path: path.clone(),
+        source,
+    })?;
+    cgroup2_mount_in(&text).ok_or(CgroupError::NoCgroup2Mount { path })
+}
+
+/// Bounds on one walk of the cgroup tree, so a pathological tree cannot stall the agent.
+#[derive(Clone, Debug)]
+pub struct CgroupCacheConfig {
+    /// At most one rescan per this interval, however many unknown ids arrive.
+    pub min_rescan_interval: Duration,
+    pub max_depth: usize,
+    pub max_entries: usize,
+}
+
+impl Default for CgroupCacheConfig {
+    fn default() -> Self {
+        CgroupCacheConfig {
+            min_rescan_interval: Duration::from_secs(1),
+            max_depth: 32,
+            max_entries: 200_000,
+        }
+    }
+}
+
+/// Counters for the health endpoint and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupCacheStats {
+    pub rescans: u64,
+    /// Misses that found the rescan budget spent and were answered "unknown" at once.
+    pub rate_limited_misses: u64,
+    /// Walks that hit `max_depth` / `max_entries` or an unreadable directory.
+    pub truncated_scans: u64,
+    pub known: usize,
+}
+
+/// cgroup id -> path relative to the cgroup2 mount (`/kubepods.slice/...`, `/` for the root).
+/// A miss triggers a rescan of the whole tree, at most once per `min_rescan_interval`; each
+/// rescan replaces the map, so removed cgroups are forgotten.
+pub struct CgroupCache {
+    root: PathBuf,
+    config: CgroupCacheConfig,
+    paths: RwLock<HashMap<u64, Arc<str>>>,
+    scan: Mutex<ScanState>,
+}
+
+#[derive(Default)]
+struct ScanState {
+    last_scan: Option<Instant>,
+    stats: CgroupCacheStats,
+}
+
+impl CgroupCache {
+    /// `root` is the cgroup2 mount (see [`find_cgroup2_mount`]); tests pass their own tree.
+    pub fn new(root: impl Into<PathBuf>, config: CgroupCacheConfig) -> Self {
+        CgroupCache {
+            root: root.into(),
+            config,
+            paths: RwLock::new(HashMap::new()),
+            scan: Mutex::new(ScanState::default()),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The path of cgroup `id`, rescanning on a miss unless a rescan ran too recently.
+    pub fn path_of(&self, id: u64) -> Option<Arc<str>> {
+        if let Some(path) = self.read_map().get(&id) {
+            return Some(Arc::clone(path));
+        }
+        let mut scan = self.scan.lock().unwrap_or_else(|p| p.into_inner());
+        // Another caller may have rescanned while this one waited for the lock.
+        if let Some(path) = self.read_map().get(&id) {
+            return Some(Arc::clone(path));
+        }
+        let now = Instant::now();
+        if scan
+            .last_scan
+            .is_some_and(|last| now.duration_since(last) < self.config.min_rescan_interval)
+        {
+            scan.stats.rate_limited_misses += 1;
+            return None;
+        }
+        self.rescan_locked(&mut scan, now);
+        self.read_map().get(&id).cloned()
+    }
+
+    /// Walks the tree now, regardless of the rate limit (periodic housekeeping, startup).
+    pub fn refresh(&self) {
+        let mut scan = self.scan.lock().unwrap_or_else(|p| p.into_inner());
+        self.rescan_locked(&mut scan, Instant::now());
+    }
+
+    pub fn stats(&self) -> CgroupCacheStats {
+        let scan = self.scan.lock().unwrap_or_else(|p| p.into_inner());
+        CgroupCacheStats {
+            known: self.read_map().len(),
+            ..scan.stats
+        }
+    }
+
+    fn read_map(&self) -> std::sync::RwLockReadGuard<'_, HashMap<u64, Arc<str>>> {
+        self.paths.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn rescan_locked(&self, scan: &mut ScanState, now: Instant) {
+        let (map, truncated) = walk_cgroup_tree(&self.root, &self.config);
+        scan.last_scan = Some(now);
+        scan.stats.rescans += 1;
+        if truncated {
+            scan.stats.truncated_scans += 1;
+            tracing::warn!(root = %self.root.display(), "cgroup tree walk truncated");
+        }
+        *self.paths.write().unwrap_or_else(|p| p.into_inner()) = map;
+    }
+}
+
+/// Returns the id -> relative path map and whether the walk was cut short.
+fn walk_cgroup_tree(root: &Path, config: &CgroupCacheConfig) -> (HashMap<u64, Arc<str>>, bool) {
+    let mut map = HashMap::new();
+    let mut truncated = false;
+    let Ok(root_meta) = std::fs::metadata(root) else {
+        return (map, true);
+    };
+    map.insert(root_meta.ino(), Arc::from("/"));
+    // Depth-first with an explicit stack: (absolute dir, relative path, depth).
+    let mut stack = vec![(root.to_path_buf(), String::new(), 0usize)];
+    while let Some((dir, rel, depth)) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            // A cgroup removed mid-walk is normal; anything else marks the scan partial.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(_) => {
+                truncated = true;
+                continue;
+            }
+        };
+        for entry in entries.flatten() {
+            let Ok(file_type) = entry.file_type() else {
+                continue;
+            };
+            if !file_type.is_dir() {
+                continue;
+            }
+            if map.len() >= config.max_entries {
+                return (map, true);
+            }
+            let Ok(meta) = entry.metadata() else {
+                continue;
+            };
+            let name = entry.file_name();
+            let child_rel = format!("{rel}/{}", name.to_string_lossy());
+            map.insert(meta.ino(), Arc::from(child_rel.as_str()));
+            if depth + 1 < config.max_depth {
+                stack.push((entry.path(), child_rel, depth + 1));
+            } else {
+                truncated = true;
+            }
+        }
+    }
+    (map, truncated)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_in_hybrid_and_pure_layouts() {
+        let hybrid = "\
+25 30 0:23 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
+31 25 0:26 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+32 31 0:27 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
+33 31 0:28 / /sys/fs/cgroup/systemd rw,nosuid,nodev,noexec,relatime shared:11 - cgroup cgroup rw,xattr,name=systemd
+";
+        assert_eq!(
+            cgroup2_mount_in(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let pure = "\
+35 24 0:30 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot
+";
+        assert_eq!(
+            cgroup2_mount_in(pure),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        // Optional fields of variable count, and an escaped space in the mount point.
+        let odd = "40 24 0:31 / /mnt/my\\040cg rw shared:1 master:2 - cgroup2 none rw\n";
+        assert_eq!(cgroup2_mount_in(odd), Some(PathBuf::from("/mnt/my cg")));
+        assert_eq!(cgroup2_mount_in("garbage\n\n- -\n"), None);
+        assert_eq!(cgroup2_mount_in(""), None);
+    }
+
+    #[test]
+    fn this_machine_has_a_cgroup2_mount() {
+        let mount = find_cgroup2_mount().expect("cgroup2 mount");
+        assert!(mount.join("cgroup.controllers").exists(), "{mount:?}");
+    }
+
+    #[test]
+    fn walks_a_plain_directory_tree_with_bounds() {
+        // The walk itself only needs directories and inode numbers: a temp tree shows the
+        // bounds work without touching the real cgroup hierarchy.
+        let base = std::env::temp_dir().join(format!("observer-cgwalk-{}", std::process::id()));
+        let deep = base.join("a/b/c/d");
+        std::fs::create_dir_all(&deep).unwrap();
+        let cache = CgroupCache::new(&base, CgroupCacheConfig::default());
+        let d_ino = std::fs::metadata(&deep).unwrap().ino();
+        assert_eq!(cache.path_of(d_ino).as_deref(), Some("/a/b/c/d"));
+        let limited = CgroupCacheConfig {
+            max_depth: 2,
+            ..CgroupCacheConfig::default()
+        };
+        let (map, truncated) = walk_cgroup_tree(&base, &limited);
+        assert!(truncated);
+        assert!(!map.contains_key(&d_ino));
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+}

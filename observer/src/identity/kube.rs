@@ -1,0 +1,1002 @@
+//! Identity from the Kubernetes API: watches of this node's Pods, and of Services, Nodes and
+//! ServiceCIDRs, kept in local stores that lookups read without waiting. The API being slow,
+//! down or forbidding a watch never blocks a lookup; it shows in [`EnrichmentStatus`].
+//!
+//! Owners: a pod names its ReplicaSet or Job, not the Deployment or CronJob above it. Those
+//! are fetched with one `get` per distinct owner of a local pod, cached. A node runs tens of
+//! pods, so this is tens of small requests at start and a few as pods come and go; watching
+//! ReplicaSets instead would stream every ReplicaSet of the cluster (Deployments keep ten old
+//! ones each by default) to every node, and would need `list`/`watch` rights on them.
+use std::{
+    collections::{HashMap, HashSet},
+    fmt::Debug,
+    net::IpAddr,
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant, SystemTime},
+};
+
+use futures::{StreamExt, future::BoxFuture};
+use ipnet::IpNet;
+use k8s_openapi::{
+    api::{
+        apps::v1::ReplicaSet,
+        batch::v1::Job,
+        core::v1::{Node, Pod, Service},
+        networking::v1::ServiceCIDR,
+    },
+    apimachinery::pkg::apis::meta::v1::OwnerReference,
+};
+use kube::{
+    Api, Client, Config, Resource,
+    client::ClientBuilder,
+    runtime::{
+        WatchStreamExt,
+        watcher::{self, Event},
+    },
+};
+use serde::de::DeserializeOwned;
+use tokio::{sync::mpsc, task::JoinHandle};
+
+use super::{
+    cgroup_path::parse_container_status_id,
+    model::{ContainerMeta, EnrichmentStatus, PodMeta, ServiceRef, WorkloadKind, WorkloadRef},
+};
+
+const STATIC_POD_MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+#[derive(Clone, Debug)]
+pub struct KubeWatchConfig {
+    /// Only pods with `spec.nodeName` equal to this are watched.
+    pub node_name: String,
+    /// How long an owner's owner (ReplicaSet -> Deployment) is trusted before it is re-fetched.
+    pub owner_ttl: Duration,
+    /// Wait before re-fetching an owner after a failed request.
+    pub owner_retry: Duration,
+    /// Owner fetches queued at most; more are dropped (and retried on the pod's next event).
+    pub owner_queue: usize,
+    /// Time allowed for one owner fetch.
+    pub owner_request_timeout: Duration,
+}
+
+impl KubeWatchConfig {
+    pub fn new(node_name: impl Into<String>) -> Self {
+        KubeWatchConfig {
+            node_name: node_name.into(),
+            owner_ttl: Duration::from_secs(600),
+            owner_retry: Duration::from_secs(5),
+            owner_queue: 1024,
+            owner_request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The watched resources, by the plural the API path uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Watched {
+    Pods,
+    Services,
+    Nodes,
+    ServiceCidrs,
+}
+
+impl Watched {
+    const ALL: [Watched; 4] = [
+        Watched::Pods,
+        Watched::Services,
+        Watched::Nodes,
+        Watched::ServiceCidrs,
+    ];
+
+    const fn plural(self) -> &'static str {
+        match self {
+            Watched::Pods => "pods",
+            Watched::Services => "services",
+            Watched::Nodes => "nodes",
+            Watched::ServiceCidrs => "servicecidrs",
+        }
+    }
+
+    /// The resource a list or watch request is for: the last segment of a collection path.
+    fn of_path(path: &str) -> Option<Watched> {
+        let last = path.trim_end_matches('/').rsplit('/').next()?;
+        Watched::ALL.into_iter().find(|w| w.plural() == last)
+    }
+}
+
+#[derive(Default)]
+struct WatchHealth {
+    synced: bool,
+    /// The API has no such resource (ServiceCIDR before Kubernetes 1.33): not watched.
+    unsupported: bool,
+    failing: Option<WatchFailure>,
+}
+
+#[derive(Clone)]
+struct WatchFailure {
+    since: SystemTime,
+    last_at: Instant,
+    last_error: Arc<str>,
+}
+
+/// When each watched resource last got a 2xx from the API server. A watch that resumes
+/// after an outage produces no event until something changes; the successful response to
+/// its request is the evidence that it is back.
+#[derive(Clone, Default)]
+struct ApiSuccesses(Arc<Mutex<HashMap<Watched, Instant>>>);
+
+impl ApiSuccesses {
+    fn record(&self, watched: Watched) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(watched, Instant::now());
+    }
+
+    fn last(&self, watched: Watched) -> Option<Instant> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&watched).copied()
+    }
+}
+
+struct SuccessLayer(ApiSuccesses);
+
+impl<S> tower_layer::Layer<S> for SuccessLayer {
+    type Service = SuccessService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        SuccessService {
+            inner,
+            successes: self.0.clone(),
+        }
+    }
+}
+
+struct SuccessService<S> {
+    inner: S,
+    successes: ApiSuccesses,
+}
+
+impl<S, ReqBody, ResBody> tower_service::Service<http::Request<ReqBody>> for SuccessService<S>
+where
+    S: tower_service::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let watched = Watched::of_path(request.uri().path());
+        let successes = self.successes.clone();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await;
+            if let (Some(watched), Ok(ok)) = (watched, &response)
+                && ok.status().is_success()
+            {
+                successes.record(watched);
+            }
+            response
+        })
+    }
+}
+
+#[derive(Default)]
+struct PodIndex {
+    by_uid: HashMap<Arc<str>, Arc<PodMeta>>,
+}
+
+#[derive(Default)]
+struct ServiceIndex {
+    by_ip: HashMap<IpAddr, ServiceRef>,
+    names: HashSet<(Arc<str>, Arc<str>)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct OwnerKey {
+    namespace: Arc<str>,
+    kind: WorkloadKind,
+    name: Arc<str>,
+}
+
+enum OwnerEntry {
+    Pending,
+    /// The owner's own controller (`None`: it has none, or is gone).
+    Resolved {
+        parent: Option<WorkloadRef>,
+        at: Instant,
+    },
+    Failed {
+        retry_at: Instant,
+    },
+}
+
+struct Shared {
+    config: KubeWatchConfig,
+    pods: RwLock<Arc<PodIndex>>,
+    services: RwLock<Arc<ServiceIndex>>,
+    /// Per node: pod CIDRs and internal addresses.
+    node_networks: RwLock<HashMap<String, Vec<IpNet>>>,
+    service_cidrs: RwLock<HashMap<String, Vec<IpNet>>>,
+    networks: RwLock<Arc<Vec<IpNet>>>,
+    owners: Mutex<HashMap<OwnerKey, OwnerEntry>>,
+    owner_queue: mpsc::Sender<OwnerKey>,
+    owner_drops: AtomicU64,
+    generation: AtomicU64,
+    watches: Mutex<HashMap<Watched, WatchHealth>>,
+    successes: ApiSuccesses,
+}
+
+/// Aborts the background tasks when the last handle goes.
+struct Tasks(Vec<JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// Handle to the API-backed stores. Cheap to clone; dropping the last clone stops the watches.
+#[derive(Clone)]
+pub struct KubeIdentity {
+    shared: Arc<Shared>,
+    _tasks: Arc<Tasks>,
+}
+
+impl KubeIdentity {
+    /// Builds a client from `config` and starts the watches on the current tokio runtime.
+    /// Returns at once: nothing waits for the API.
+    pub fn start(config: Config, watch: KubeWatchConfig) -> Result<KubeIdentity, kube::Error> {
+        let successes = ApiSuccesses::default();
+        let client = ClientBuilder::try_from(config)?
+            .with_layer(&SuccessLayer(successes.clone()))
+            .build();
+        let (owner_tx, owner_rx) = mpsc::channel(watch.owner_queue.max(1));
+        let shared = Arc::new(Shared {
+            config: watch,
+            pods: RwLock::default(),
+            services: RwLock::default(),
+            node_networks: RwLock::default(),
+            service_cidrs: RwLock::default(),
+            networks: RwLock::default(),
+            owners: Mutex::default(),
+            owner_queue: owner_tx,
+            owner_drops: AtomicU64::new(0),
+            generation: AtomicU64::new(1),
+            watches: Mutex::new(
+                Watched::ALL
+                    .into_iter()
+                    .map(|w| (w, WatchHealth::default()))
+                    .collect(),
+            ),
+            successes,
+        });
+        let pod_selector = format!("spec.nodeName={}", shared.config.node_name);
+        let tasks = vec![
+            tokio::spawn(run_watch(
+                Arc::clone(&shared),
+                Api::<Pod>::all(client.clone()),
+                watcher::Config::default().fields(&pod_selector),
+                Watched::Pods,
+                project_pod,
+                commit_pods,
+            )),
+            tokio::spawn(run_watch(
+                Arc::clone(&shared),
+                Api::<Service>::all(client.clone()),
+                watcher::Config::default(),
+                Watched::Services,
+                project_service,
+                commit_services,
+            )),
+            tokio::spawn(run_watch(
+                Arc::clone(&shared),
+                Api::<Node>::all(client.clone()),
+                watcher::Config::default(),
+                Watched::Nodes,
+                project_node,
+                commit_nodes,
+            )),
+            tokio::spawn(run_watch(
+                Arc::clone(&shared),
+                Api::<ServiceCIDR>::all(client.clone()),
+                watcher::Config::default(),
+                Watched::ServiceCidrs,
+                project_service_cidr,
+                commit_service_cidrs,
+            )),
+            tokio::spawn(run_owner_fetcher(Arc::clone(&shared), client, owner_rx)),
+        ];
+        Ok(KubeIdentity {
+            shared,
+            _tasks: Arc::new(Tasks(tasks)),
+        })
+    }
+
+    /// A pod of this node by API UID, or by a static pod's config hash (which is what its
+    /// cgroup path carries).
+    pub fn pod_by_uid(&self, uid: &str) -> Option<Arc<PodMeta>> {
+        let pods = Arc::clone(&self.shared.pods.read().unwrap_or_else(|p| p.into_inner()));
+        pods.by_uid.get(uid).cloned()
+    }
+
+    /// Every pod of this node currently known.
+    pub fn pods(&self) -> Vec<Arc<PodMeta>> {
+        let pods = Arc::clone(&self.shared.pods.read().unwrap_or_else(|p| p.into_inner()));
+        let mut seen = HashSet::new();
+        pods.by_uid
+            .values()
+            .filter(|p| seen.insert(Arc::clone(&p.uid)))
+            .cloned()
+            .collect()
+    }
+
+    /// The pod's workload: its controller, walked up ReplicaSet -> Deployment and
+    /// Job -> CronJob where the owner's owner is known. Until it is, the direct owner.
+    pub fn workload_of(&self, pod: &PodMeta) -> WorkloadRef {
+        let Some(owner) = &pod.owner else {
+            return WorkloadRef {
+                kind: WorkloadKind::Pod,
+                name: Arc::clone(&pod.name),
+            };
+        };
+        if !matches!(owner.kind, WorkloadKind::ReplicaSet | WorkloadKind::Job) {
+            return owner.clone();
+        }
+        let key = OwnerKey {
+            namespace: Arc::clone(&pod.namespace),
+            kind: owner.kind.clone(),
+            name: Arc::clone(&owner.name),
+        };
+        let owners = self.shared.owners.lock().unwrap_or_else(|p| p.into_inner());
+        match owners.get(&key) {
+            Some(OwnerEntry::Resolved {
+                parent: Some(parent),
+                ..
+            }) => parent.clone(),
+            Some(_) => owner.clone(),
+            None => {
+                drop(owners);
+                self.shared.request_owner(key);
+                owner.clone()
+            }
+        }
+    }
+
+    pub fn service_for_ip(&self, ip: IpAddr) -> Option<ServiceRef> {
+        let services = Arc::clone(
+            &self
+                .shared
+                .services
+                .read()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        services.by_ip.get(&ip).cloned()
+    }
+
+    pub fn service_exists(&self, namespace: &str, name: &str) -> bool {
+        let services = Arc::clone(
+            &self
+                .shared
+                .services
+                .read()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        services
+            .names
+            .contains(&(Arc::from(namespace), Arc::from(name)))
+    }
+
+    pub fn cluster_networks(&self) -> Vec<IpNet> {
+        self.shared
+            .networks
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .clone()
+    }
+
+    /// Changes whenever what `pod_by_uid` or `workload_of` would answer changes.
+    pub fn generation(&self) -> u64 {
+        self.shared.generation.load(Ordering::Acquire)
+    }
+
+    /// Owner fetches dropped because the queue was full.
+    pub fn owner_fetches_dropped(&self) -> u64 {
+        self.shared.owner_drops.load(Ordering::Relaxed)
+    }
+
+    pub fn status(&self) -> EnrichmentStatus {
+        self.shared.refresh_recovered();
+        let watches = self
+            .shared
+            .watches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let active = || watches.values().filter(|w| !w.unsupported);
+        let failures: Vec<&WatchFailure> = active().filter_map(|w| w.failing.as_ref()).collect();
+        if let Some(latest) = failures.iter().max_by_key(|f| f.last_at) {
+            let since = failures
+                .iter()
+                .map(|f| f.since)
+                .min()
+                .unwrap_or(latest.since);
+            return EnrichmentStatus::Degraded {
+                since,
+                last_error: Arc::clone(&latest.last_error),
+            };
+        }
+        if active().all(|w| w.synced) {
+            EnrichmentStatus::Ready
+        } else {
+            EnrichmentStatus::Syncing
+        }
+    }
+}
+
+impl Shared {
+    fn bump(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn request_owner(&self, key: OwnerKey) {
+        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        let due = match owners.get(&key) {
+            None => true,
+            Some(OwnerEntry::Pending) => false,
+            Some(OwnerEntry::Resolved { at, .. }) => at.elapsed() >= self.config.owner_ttl,
+            Some(OwnerEntry::Failed { retry_at }) => Instant::now() >= *retry_at,
+        };
+        if !due {
+            return;
+        }
+        match self.owner_queue.try_send(key.clone()) {
+            Ok(()) => {
+                // A stale answer keeps serving until the fresh one lands.
+                if !matches!(owners.get(&key), Some(OwnerEntry::Resolved { .. })) {
+                    owners.insert(key, OwnerEntry::Pending);
+                }
+            }
+            Err(_) => {
+                self.owner_drops.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn watch_event(&self, watched: Watched, synced: bool) {
+        let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        let health = watches.entry(watched).or_default();
+        health.failing = None;
+        health.synced |= synced;
+    }
+
+    fn watch_error(&self, watched: Watched, error: &watcher::Error) {
+        let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        let health = watches.entry(watched).or_default();
+        let since = health
+            .failing
+            .as_ref()
+            .map_or_else(SystemTime::now, |f| f.since);
+        health.failing = Some(WatchFailure {
+            since,
+            last_at: Instant::now(),
+            last_error: Arc::from(format!("{}: {error}", watched.plural())),
+        });
+    }
+
+    fn mark_unsupported(&self, watched: Watched) {
+        let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        let health = watches.entry(watched).or_default();
+        health.unsupported = true;
+        health.failing = None;
+    }
+
+    /// A failing watch whose resource got a successful response after its last error is
+    /// working again (a resumed watch sends nothing until something changes).
+    fn refresh_recovered(&self) {
+        let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        for (watched, health) in watches.iter_mut() {
+            if let Some(failure) = &health.failing
+                && self
+                    .successes
+                    .last(*watched)
+                    .is_some_and(|ok| ok > failure.last_at)
+            {
+                health.failing = None;
+            }
+        }
+    }
+
+    fn recompute_networks(&self) {
+        let mut nets: Vec<IpNet> = Vec::new();
+        nets.extend(
+            self.node_networks
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .flatten(),
+        );
+        let service_cidrs = self.service_cidrs.read().unwrap_or_else(|p| p.into_inner());
+        if service_cidrs.is_empty() {
+            // No ServiceCIDR objects (older API): each Service's cluster IP stands for itself.
+            let services = Arc::clone(&self.services.read().unwrap_or_else(|p| p.into_inner()));
+            nets.extend(services.by_ip.keys().map(|ip| IpNet::from(*ip)));
+        } else {
+            nets.extend(service_cidrs.values().flatten());
+        }
+        drop(service_cidrs);
+        let aggregated = IpNet::aggregate(&nets);
+        *self.networks.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(aggregated);
+    }
+}
+
+/// One watch: events are reduced to `T` on arrival (only what identity needs is kept), the
+/// full set is kept here, and `commit` publishes it to the readers after each change. An
+/// initial list (or a relist after 410 Gone) is buffered and swapped in whole at `InitDone`,
+/// so objects deleted while the watch was broken disappear.
+async fn run_watch<K, T>(
+    shared: Arc<Shared>,
+    api: Api<K>,
+    config: watcher::Config,
+    watched: Watched,
+    project: fn(&K) -> Option<(String, T)>,
+    commit: fn(&Shared, &HashMap<String, Arc<T>>),
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    T: Send + Sync + 'static,
+{
+    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
+    let mut items: HashMap<String, Arc<T>> = HashMap::new();
+    let mut relist: Option<HashMap<String, Arc<T>>> = None;
+    while let Some(event) = stream.next().await {
+        let event = match event {
+            Ok(event) => event,
+            Err(error) => {
+                if watched == Watched::ServiceCidrs && is_not_found(&error) {
+                    tracing::info!(
+                        "the API server has no networking.k8s.io/v1 ServiceCIDR: \
+                         Service networks come from Service cluster IPs"
+                    );
+                    shared.mark_unsupported(watched);
+                    return;
+                }
+                tracing::warn!(resource = watched.plural(), %error, "kubernetes watch failing");
+                shared.watch_error(watched, &error);
+                continue;
+            }
+        };
+        match event {
+            Event::Init => {
+                relist = Some(HashMap::new());
+            }
+            Event::InitApply(object) => {
+                shared.watch_event(watched, false);
+                if let (Some(buffer), Some((key, value))) = (relist.as_mut(), project(&object)) {
+                    buffer.insert(key, Arc::new(value));
+                }
+            }
+            Event::InitDone => {
+                if let Some(buffer) = relist.take() {
+                    items = buffer;
+                }
+                commit(&shared, &items);
+                shared.watch_event(watched, true);
+            }
+            Event::Apply(object) => {
+                shared.watch_event(watched, false);
+                match project(&object) {
+                    Some((key, value)) => {
+                        items.insert(key, Arc::new(value));
+                    }
+                    None => {
+                        if let Some(key) = object_key(&object) {
+                            items.remove(&key);
+                        }
+                    }
+                }
+                commit(&shared, &items);
+            }
+            Event::Delete(object) => {
+                shared.watch_event(watched, false);
+                if let Some(key) = object_key(&object) {
+                    items.remove(&key);
+                }
+                commit(&shared, &items);
+            }
+        }
+    }
+}
+
+fn is_not_found(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::InitialListFailed(e) | watcher::Error::WatchStartFailed(e) => {
+            matches!(e, kube::Error::Api(status) if status.code == 404)
+        }
+        _ => false,
+    }
+}
+
+/// Objects are keyed by UID: names can be reused by a new object, UIDs cannot.
+fn object_key<K: Resource>(object: &K) -> Option<String> {
+    object.meta().uid.clone()
+}
+
+fn project_pod(pod: &Pod) -> Option<(String, PodMeta)> {
+    let meta = &pod.metadata;
+    let uid = meta.uid.clone()?;
+    let status = pod.status.as_ref();
+    let mut ips: Vec<IpAddr> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.ip.parse().ok())
+        .collect();
+    if ips.is_empty()
+        && let Some(ip) = status
+            .and_then(|s| s.pod_ip.as_deref())
+            .and_then(|ip| ip.parse().ok())
+    {
+        ips.push(ip);
+    }
+    let containers = status
+        .into_iter()
+        .flat_map(|s| {
+            [
+                &s.container_statuses,
+                &s.init_container_statuses,
+                &s.ephemeral_container_statuses,
+            ]
+        })
+        .flatten()
+        .flatten()
+        .filter_map(|c| {
+            let (_, id) = parse_container_status_id(c.container_id.as_deref()?).ok()?;
+            Some(ContainerMeta {
+                id,
+                name: Arc::from(c.name.as_str()),
+            })
+        })
+        .collect();
+    let owner = controller_of(meta.owner_references.as_deref());
+    let static_pod_hash = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(STATIC_POD_MIRROR_ANNOTATION))
+        .map(|h| Arc::from(h.to_ascii_lowercase()));
+    let value = PodMeta {
+        uid: Arc::from(uid.as_str()),
+        namespace: Arc::from(meta.namespace.as_deref().unwrap_or("default")),
+        name: Arc::from(meta.name.as_deref().unwrap_or("")),
+        node: pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref())
+            .map(Arc::from),
+        labels: meta.labels.clone().unwrap_or_default(),
+        ips,
+        containers,
+        owner,
+        static_pod_hash,
+    };
+    Some((uid, value))
+}
+
+fn controller_of(references: Option<&[OwnerReference]>) -> Option<WorkloadRef> {
+    references?
+        .iter()
+        .find(|r| r.controller == Some(true))
+        .map(|r| WorkloadRef {
+            kind: WorkloadKind::from_kind(&r.kind),
+            name: Arc::from(r.name.as_str()),
+        })
+}
+
+fn commit_pods(shared: &Shared, items: &HashMap<String, Arc<PodMeta>>) {
+    let mut index = PodIndex::default();
+    for pod in items.values() {
+        index.by_uid.insert(Arc::clone(&pod.uid), Arc::clone(pod));
+        if let Some(hash) = &pod.static_pod_hash {
+            index.by_uid.insert(Arc::clone(hash), Arc::clone(pod));
+        }
+    }
+    // Forget owners no local pod refers to any more; ask for the ones new pods name.
+    let wanted: Vec<OwnerKey> = items
+        .values()
+        .filter_map(|pod| {
+            let owner = pod.owner.as_ref()?;
+            matches!(owner.kind, WorkloadKind::ReplicaSet | WorkloadKind::Job).then(|| OwnerKey {
+                namespace: Arc::clone(&pod.namespace),
+                kind: owner.kind.clone(),
+                name: Arc::clone(&owner.name),
+            })
+        })
+        .collect();
+    {
+        let wanted_set: HashSet<&OwnerKey> = wanted.iter().collect();
+        let mut owners = shared.owners.lock().unwrap_or_else(|p| p.into_inner());
+        owners.retain(|key, _| wanted_set.contains(key));
+    }
+    for key in wanted {
+        shared.request_owner(key);
+    }
+    *shared.pods.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(index);
+    shared.bump();
+}
+
+struct ServiceMeta {
+    namespace: Arc<str>,
+    name: Arc<str>,
+    cluster_ips: Vec<IpAddr>,
+}
+
+fn project_service(service: &Service) -> Option<(String, ServiceMeta)> {
+    let meta = &service.metadata;
+    let uid = meta.uid.clone()?;
+    let spec = service.spec.as_ref();
+    let mut texts: Vec<&str> = spec
+        .and_then(|s| s.cluster_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    if texts.is_empty()
+        && let Some(ip) = spec.and_then(|s| s.cluster_ip.as_deref())
+    {
+        texts.push(ip);
+    }
+    // Headless Services say "None"; ExternalName ones have no cluster IP.
+    let cluster_ips = texts.into_iter().filter_map(|t| t.parse().ok()).collect();
+    Some((
+        uid,
+        ServiceMeta {
+            namespace: Arc::from(meta.namespace.as_deref().unwrap_or("default")),
+            name: Arc::from(meta.name.as_deref().unwrap_or("")),
+            cluster_ips,
+        },
+    ))
+}
+
+fn commit_services(shared: &Shared, items: &HashMap<String, Arc<ServiceMeta>>) {
+    let mut index = ServiceIndex::default();
+    for service in items.values() {
+        let service_ref = ServiceRef {
+            namespace: Arc::clone(&service.namespace),
+            name: Arc::clone(&service.name),
+        };
+        for ip in &service.cluster_ips {
+            index.by_ip.insert(*ip, service_ref.clone());
+        }
+        index
+            .names
+            .insert((Arc::clone(&service.namespace), Arc::clone(&service.name)));
+    }
+    *shared.services.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(index);
+    shared.recompute_networks();
+}
+
+fn project_node(node: &Node) -> Option<(String, Vec<IpNet>)> {
+    let uid = node.metadata.uid.clone()?;
+    let spec = node.spec.as_ref();
+    let mut cidrs: Vec<&str> = spec
+        .and_then(|s| s.pod_cidrs.as_ref())
+        .into_iter()
+        .flatten()
+        .map(String::as_str)
+        .collect();
+    if cidrs.is_empty()
+        && let Some(cidr) = spec.and_then(|s| s.pod_cidr.as_deref())
+    {
+        cidrs.push(cidr);
+    }
+    let mut nets: Vec<IpNet> = cidrs.into_iter().filter_map(|c| c.parse().ok()).collect();
+    nets.extend(
+        node.status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|a| a.type_ == "InternalIP")
+            .filter_map(|a| a.address.parse::<IpAddr>().ok())
+            .map(IpNet::from),
+    );
+    Some((uid, nets))
+}
+
+fn commit_nodes(shared: &Shared, items: &HashMap<String, Arc<Vec<IpNet>>>) {
+    *shared
+        .node_networks
+        .write()
+        .unwrap_or_else(|p| p.into_inner()) = items
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_ref().clone()))
+        .collect();
+    shared.recompute_networks();
+}
+
+fn project_service_cidr(cidr: &ServiceCIDR) -> Option<(String, Vec<IpNet>)> {
+    let uid = cidr.metadata.uid.clone()?;
+    let nets = cidr
+        .spec
+        .as_ref()
+        .and_then(|s| s.cidrs.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.parse().ok())
+        .collect();
+    Some((uid, nets))
+}
+
+fn commit_service_cidrs(shared: &Shared, items: &HashMap<String, Arc<Vec<IpNet>>>) {
+    *shared
+        .service_cidrs
+        .write()
+        .unwrap_or_else(|p| p.into_inner()) = items
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_ref().clone()))
+        .collect();
+    shared.recompute_networks();
+}
+
+/// Fetches owners' owners one at a time (a handful per node), retrying failures later.
+async fn run_owner_fetcher(
+    shared: Arc<Shared>,
+    client: Client,
+    mut queue: mpsc::Receiver<OwnerKey>,
+) {
+    while let Some(key) = queue.recv().await {
+        let fetched = tokio::time::timeout(
+            shared.config.owner_request_timeout,
+            fetch_owner_parent(&client, &key),
+        )
+        .await;
+        let entry = match fetched {
+            Ok(Ok(parent)) => OwnerEntry::Resolved {
+                parent,
+                at: Instant::now(),
+            },
+            Ok(Err(error)) => {
+                tracing::debug!(?key, %error, "owner lookup failed");
+                OwnerEntry::Failed {
+                    retry_at: Instant::now() + shared.config.owner_retry,
+                }
+            }
+            Err(_) => OwnerEntry::Failed {
+                retry_at: Instant::now() + shared.config.owner_retry,
+            },
+        };
+        let retry = matches!(entry, OwnerEntry::Failed { .. });
+        {
+            let mut owners = shared.owners.lock().unwrap_or_else(|p| p.into_inner());
+            // Only owners some local pod still names are kept.
+            if let Some(slot) = owners.get_mut(&key) {
+                let keep_stale = retry && matches!(slot, OwnerEntry::Resolved { .. });
+                if !keep_stale {
+                    *slot = entry;
+                }
+            }
+        }
+        shared.bump();
+        if retry {
+            let shared = Arc::clone(&shared);
+            let delay = shared.config.owner_retry;
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let still_wanted = shared
+                    .owners
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains_key(&key);
+                if still_wanted {
+                    shared.request_owner(key);
+                }
+            });
+        }
+    }
+}
+
+async fn fetch_owner_parent(
+    client: &Client,
+    key: &OwnerKey,
+) -> Result<Option<WorkloadRef>, kube::Error> {
+    let references = match key.kind {
+        WorkloadKind::ReplicaSet => Api::<ReplicaSet>::namespaced(client.clone(), &key.namespace)
+            .get_opt(&key.name)
+            .await?
+            .and_then(|rs| rs.metadata.owner_references),
+        WorkloadKind::Job => Api::<Job>::namespaced(client.clone(), &key.namespace)
+            .get_opt(&key.name)
+            .await?
+            .and_then(|job| job.metadata.owner_references),
+        _ => None,
+    };
+    Ok(controller_of(references.as_deref()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_paths_map_to_watched_resources() {
+        assert_eq!(Watched::of_path("/api/v1/pods"), Some(Watched::Pods));
+        assert_eq!(
+            Watched::of_path("/apis/networking.k8s.io/v1/servicecidrs"),
+            Some(Watched::ServiceCidrs)
+        );
+        assert_eq!(
+            Watched::of_path("/apis/apps/v1/namespaces/a/replicasets/x"),
+            None
+        );
+        assert_eq!(
+            Watched::of_path("/api/v1/namespaces/a/pods/pods"),
+            Some(Watched::Pods)
+        );
+    }
+
+    #[test]
+    fn pod_projection_reads_real_shapes() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "web-7d4b9c8f6d-x2x7k",
+                "namespace": "shop",
+                "uid": "3f6a2b1c-9d4e-4f5a-8b7c-0d1e2f3a4b5c",
+                "labels": {"app": "web", "pod-template-hash": "7d4b9c8f6d"},
+                "ownerReferences": [{
+                    "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-7d4b9c8f6d",
+                    "uid": "8e2c1c3a-0000-4000-8000-000000000001",
+                    "controller": true, "blockOwnerDeletion": true
+                }]
+            },
+            "spec": {"nodeName": "node-a", "containers": [{"name": "app", "image": "web:1"}]},
+            "status": {
+                "phase": "Running",
+                "podIP": "198.18.1.7",
+                "podIPs": [{"ip": "198.18.1.7"}],
+                "containerStatuses": [{
+                    "name": "app", "image": "web:1", "imageID": "sha256:00", "ready": true,
+                    "restartCount": 0,
+                    "containerID": "containerd://a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90"
+                }, {
+                    "name": "waiting", "image": "x", "imageID": "", "ready": false, "restartCount": 0
+                }]
+            }
+        }))
+        .unwrap();
+        let (key, meta) = project_pod(&pod).unwrap();
+        assert_eq!(key, "3f6a2b1c-9d4e-4f5a-8b7c-0d1e2f3a4b5c");
+        assert_eq!(&*meta.namespace, "shop");
+        assert_eq!(meta.ips, ["198.18.1.7".parse::<IpAddr>().unwrap()]);
+        assert_eq!(meta.containers.len(), 1);
+        assert_eq!(&*meta.containers[0].name, "app");
+        assert_eq!(
+            meta.owner,
+            Some(WorkloadRef {
+                kind: WorkloadKind::ReplicaSet,
+                name: Arc::from("web-7d4b9c8f6d")
+            })
+        );
+    }
+
+    #[test]
+    fn non_controller_owner_is_not_the_workload() {
+        let refs = [OwnerReference {
+            api_version: "v1".into(),
+            kind: "ConfigMap".into(),
+            name: "x".into(),
+            uid: "u".into(),
+            controller: None,
+            block_owner_deletion: None,
+        }];
+        assert_eq!(controller_of(Some(&refs)), None);
+    }
+}
