@@ -163,21 +163,39 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// A 16-byte tracepoint array, read as two scalars: the verifier only accepts context
+/// loads at constant offsets from the context pointer itself, not byte-wise copies.
+#[inline(always)]
+fn field16(ctx: &TracePointContext, offset: usize) -> [u8; 16] {
+    let lo: u64 = field(ctx, offset);
+    let hi: u64 = field(ctx, offset + 8);
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&lo.to_ne_bytes());
+    out[8..].copy_from_slice(&hi.to_ne_bytes());
+    out
+}
+
+#[inline(always)]
+fn field4(ctx: &TracePointContext, offset: usize) -> [u8; 16] {
+    let v: u32 = field(ctx, offset);
+    let mut out = [0u8; 16];
+    out[..4].copy_from_slice(&v.to_ne_bytes());
+    out
+}
+
 /// Family, ports and addresses as the tracepoint reports them now.
 #[inline(always)]
 fn fill_tuple(ctx: &TracePointContext, event: &mut ConnectEvent) -> bool {
     match field::<u16>(ctx, state_tp::FAMILY) {
         AF_INET => {
             event.family = FAMILY_IPV4;
-            event.src_addr = [0; 16];
-            event.dst_addr = [0; 16];
-            event.src_addr[..4].copy_from_slice(&field::<[u8; 4]>(ctx, state_tp::SADDR));
-            event.dst_addr[..4].copy_from_slice(&field::<[u8; 4]>(ctx, state_tp::DADDR));
+            event.src_addr = field4(ctx, state_tp::SADDR);
+            event.dst_addr = field4(ctx, state_tp::DADDR);
         }
         AF_INET6 => {
             event.family = FAMILY_IPV6;
-            event.src_addr = field(ctx, state_tp::SADDR_V6);
-            event.dst_addr = field(ctx, state_tp::DADDR_V6);
+            event.src_addr = field16(ctx, state_tp::SADDR_V6);
+            event.dst_addr = field16(ctx, state_tp::DADDR_V6);
         }
         _ => return false,
     }

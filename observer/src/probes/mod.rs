@@ -257,7 +257,7 @@ fn valid_ring_size(bytes: u32) -> bool {
 }
 
 fn is_permission(error: &io::Error) -> bool {
-    matches!(error.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+    error.raw_os_error() == Some(libc::EPERM)
 }
 
 fn load_error(program: &'static str, source: ProgramError) -> ProbeError {
