@@ -19,10 +19,12 @@ use aya_log_ebpf::warn;
 use observer_common::{
     CONNECT_FLAG_REQUESTED, CONNECT_OPEN, CONNECT_OUTCOME, ConnectEvent, FAMILY_IPV4, FAMILY_IPV6,
     LossCounter, OUTCOME_ESTABLISHED, OUTCOME_NONE, OUTCOME_REFUSED, OUTCOME_TIMEOUT,
-    tracepoints::{inet_sock_set_state as state_tp, sys_enter_connect, tcp_receive_reset as rst_tp},
+    tracepoints::{
+        inet_sock_set_state as state_tp, sys_enter_connect, tcp_receive_reset as rst_tp,
+    },
 };
 
-use crate::loss::count;
+use crate::{loss::count, ring::submit_flags};
 
 /// Resized by the agent at load time.
 #[map]
@@ -244,7 +246,13 @@ fn open(ctx: &TracePointContext, skaddr: u64) {
         count(LossCounter::ConnectTrackFull);
         warn!(ctx, "connect tracking insert failed: {}", err);
     }
-    if CONNECT_EVENTS.output::<ConnectEvent>(&tracked.open, 0).is_err() {
+    if CONNECT_EVENTS
+        .output::<ConnectEvent>(
+            &tracked.open,
+            submit_flags(&CONNECT_EVENTS, size_of::<ConnectEvent>()),
+        )
+        .is_err()
+    {
         count(LossCounter::ConnectRingFull);
     }
 }
@@ -271,7 +279,13 @@ fn outcome(ctx: &TracePointContext, skaddr: u64, established: bool) {
     if fill_tuple(ctx, &mut now) {
         event = now;
     }
-    if CONNECT_EVENTS.output::<ConnectEvent>(&event, 0).is_err() {
+    if CONNECT_EVENTS
+        .output::<ConnectEvent>(
+            &event,
+            submit_flags(&CONNECT_EVENTS, size_of::<ConnectEvent>()),
+        )
+        .is_err()
+    {
         count(LossCounter::ConnectRingFull);
     }
 }

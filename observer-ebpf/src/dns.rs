@@ -20,7 +20,7 @@ use observer_common::{
     DnsEvent, FAMILY_IPV4, FAMILY_IPV6, LossCounter, PROTO_TCP, PROTO_UDP,
 };
 
-use crate::loss::count;
+use crate::{loss::count, ring::submit_flags};
 
 /// Resized by the agent at load time.
 #[map]
@@ -73,14 +73,30 @@ fn load<T>(skb: *mut __sk_buff, offset: u32) -> Option<T> {
 
 #[inline(always)]
 fn is_dns_port(port: u16) -> bool {
-    DNS_PORTS.get(u32::from(port)).is_some_and(|slot| *slot != 0)
+    DNS_PORTS
+        .get(u32::from(port))
+        .is_some_and(|slot| *slot != 0)
+}
+
+/// Reads packet bytes directly when they sit in the linear part of the skb (the usual case
+/// for headers), through the helper otherwise.
+#[inline(always)]
+fn read<T: Copy>(skb: *mut __sk_buff, offset: u32) -> Option<T> {
+    let data = unsafe { (*skb).data } as usize;
+    let end = unsafe { (*skb).data_end } as usize;
+    let at = data + offset as usize;
+    if at + size_of::<T>() <= end {
+        Some(unsafe { (at as *const T).read_unaligned() })
+    } else {
+        load(skb, offset)
+    }
 }
 
 /// The fast path: decide with as few reads as possible whether this is a DNS packet.
 #[inline(always)]
 fn observe(skb: *mut __sk_buff, direction: u8) {
     // Enough for the IPv4 protocol byte and the IPv6 next header.
-    let Some(head) = load::<[u8; 12]>(skb, 0) else {
+    let Some(head) = read::<[u8; 12]>(skb, 0) else {
         return;
     };
     let (family, protocol, l4_offset) = match head[0] >> 4 {
@@ -106,7 +122,7 @@ fn observe(skb: *mut __sk_buff, direction: u8) {
         }
         _ => return,
     };
-    let Some(ports) = load::<[u8; 4]>(skb, l4_offset) else {
+    let Some(ports) = read::<[u8; 4]>(skb, l4_offset) else {
         return;
     };
     let src_port = u16::from_be_bytes([ports[0], ports[1]]);
@@ -135,12 +151,12 @@ fn skip_ipv6_extensions(skb: *mut __sk_buff, first: u8) -> Option<(u8, u32)> {
         match next {
             PROTO_UDP | PROTO_TCP => return Some((next, offset)),
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
-                let ext = load::<[u8; 2]>(skb, offset)?;
+                let ext = read::<[u8; 2]>(skb, offset)?;
                 next = ext[0];
                 offset += (u32::from(ext[1]) + 1) * 8;
             }
             IPV6_FRAGMENT => {
-                let ext = load::<[u8; 4]>(skb, offset)?;
+                let ext = read::<[u8; 4]>(skb, offset)?;
                 if u16::from_be_bytes([ext[2], ext[3]]) & 0xfff8 != 0 {
                     return None;
                 }
@@ -148,7 +164,7 @@ fn skip_ipv6_extensions(skb: *mut __sk_buff, first: u8) -> Option<(u8, u32)> {
                 offset += 8;
             }
             IPV6_AUTH => {
-                let ext = load::<[u8; 2]>(skb, offset)?;
+                let ext = read::<[u8; 2]>(skb, offset)?;
                 next = ext[0];
                 offset += (u32::from(ext[1]) + 2) * 4;
             }
@@ -172,7 +188,7 @@ struct Packet {
 fn capture(skb: *mut __sk_buff, packet: Packet) {
     let skb_len = unsafe { (*skb).len };
     let (header_len, tcp_seq) = if packet.protocol == PROTO_TCP {
-        let Some(tcp) = load::<[u8; 13]>(skb, packet.l4_offset) else {
+        let Some(tcp) = read::<[u8; 13]>(skb, packet.l4_offset) else {
             count(LossCounter::DnsReadError);
             return;
         };
@@ -199,7 +215,7 @@ fn capture(skb: *mut __sk_buff, packet: Packet) {
     let event = entry.as_mut_ptr();
     let addresses_read = unsafe {
         if packet.family == FAMILY_IPV4 {
-            match load::<[u8; 8]>(skb, 12) {
+            match read::<[u8; 8]>(skb, 12) {
                 Some(a) => {
                     let mut src = [0u8; 16];
                     let mut dst = [0u8; 16];
@@ -264,5 +280,5 @@ fn capture(skb: *mut __sk_buff, packet: Packet) {
         (*event).flags = if cut { DNS_FLAG_TRUNCATED } else { 0 };
         (*event)._pad = [0; 4];
     }
-    entry.submit(0);
+    entry.submit(submit_flags(&DNS_EVENTS, size_of::<DnsEvent>()));
 }

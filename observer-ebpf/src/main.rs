@@ -16,6 +16,8 @@ mod connect;
 mod dns;
 #[cfg(target_arch = "bpf")]
 mod loss;
+#[cfg(target_arch = "bpf")]
+mod ring;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -73,10 +73,7 @@ mod tests {
             clock.to_system_time(5_000_000_000),
             UNIX_EPOCH + Duration::from_secs(1_700_000_005)
         );
-        assert_eq!(
-            BootClock::with_offset_ns(-10).to_system_time(3),
-            UNIX_EPOCH
-        );
+        assert_eq!(BootClock::with_offset_ns(-10).to_system_time(3), UNIX_EPOCH);
     }
 
     #[test]
@@ -85,9 +82,7 @@ mod tests {
         let stamp = boot_now_ns().unwrap();
         let now = SystemTime::now();
         let mapped = clock.to_system_time(stamp);
-        let skew = now
-            .duration_since(mapped)
-            .unwrap_or_else(|e| e.duration());
+        let skew = now.duration_since(mapped).unwrap_or_else(|e| e.duration());
         assert!(skew < Duration::from_millis(50), "skew {skew:?}");
     }
 }

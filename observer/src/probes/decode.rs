@@ -167,7 +167,9 @@ pub enum DecodeError {
     UnknownProtocol(u8),
     #[error("DNS record has unknown direction {0}")]
     UnknownDirection(u8),
-    #[error("DNS record claims {captured} captured bytes of a {payload} byte payload (limit {limit})")]
+    #[error(
+        "DNS record claims {captured} captured bytes of a {payload} byte payload (limit {limit})"
+    )]
     BadCaptureLength {
         captured: u32,
         payload: u32,
@@ -517,7 +519,10 @@ mod tests {
         long.push(0);
         assert!(matches!(
             decode_connect(&long),
-            Err(DecodeError::WrongSize { record: "connect", .. })
+            Err(DecodeError::WrongSize {
+                record: "connect",
+                ..
+            })
         ));
         assert_eq!(
             decode_connect(&as_bytes(&connect_event(9, OUTCOME_NONE))),

@@ -36,7 +36,11 @@ fn dns_header(payload: &[u8]) -> String {
     match payload {
         [hi, lo, flags, ..] => {
             let id = u16::from_be_bytes([*hi, *lo]);
-            let kind = if flags & 0x80 != 0 { "response" } else { "query" };
+            let kind = if flags & 0x80 != 0 {
+                "response"
+            } else {
+                "query"
+            };
             format!(" id=0x{id:04x} {kind}")
         }
         _ => String::new(),

@@ -25,14 +25,13 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{Array, MapData, MapError, PerCpuArray, RingBuf},
-    programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError, TracePoint,
-    },
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError, TracePoint},
 };
 use observer_common::{LossCounter, names, tracepoints};
 use tokio::{
@@ -92,6 +91,9 @@ pub struct ProbeOptions {
     /// Decoded events buffered between the ring readers and the consumer. When full, the
     /// readers wait, the rings fill, and the kernel counts what it drops.
     pub channel_capacity: usize,
+    /// Longest a lone event waits in its ring before the reader picks it up (the kernel
+    /// wakes the reader early once a backlog builds).
+    pub poll_interval: Duration,
     pub kernel_log: KernelLogLevel,
     /// cgroup2 directory to attach the DNS programs to; `None`: the cgroup2 root found in
     /// /proc/self/mountinfo (sees every socket on the node).
@@ -105,6 +107,7 @@ impl Default for ProbeOptions {
             dns_ring_bytes: 4 << 20,
             connect_ring_bytes: 512 << 10,
             channel_capacity: 4096,
+            poll_interval: Duration::from_millis(20),
             kernel_log: KernelLogLevel::default(),
             cgroup: None,
         }
@@ -119,7 +122,9 @@ pub enum ProbeError {
         missing.join(", ")
     )]
     MissingCapabilities { missing: Vec<&'static str> },
-    #[error("permission denied while {op}: run as root or grant CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN")]
+    #[error(
+        "permission denied while {op}: run as root or grant CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN"
+    )]
     PermissionDenied {
         op: &'static str,
         #[source]
@@ -235,6 +240,7 @@ pub struct Probes {
     ebpf: Ebpf,
     cgroup: PathBuf,
     channel_capacity: usize,
+    poll_interval: Duration,
     kernel_log: KernelLogLevel,
     decode_errors: Arc<AtomicU64>,
 }
@@ -253,7 +259,7 @@ fn valid_ring_size(bytes: u32) -> bool {
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     let page = u32::try_from(page).unwrap_or(4096);
-    bytes.is_power_of_two() && bytes >= page && bytes % page == 0
+    bytes.is_power_of_two() && bytes >= page && bytes.is_multiple_of(page)
 }
 
 fn is_permission(error: &io::Error) -> bool {
@@ -396,6 +402,7 @@ impl Probes {
             ebpf,
             cgroup,
             channel_capacity: options.channel_capacity.max(1),
+            poll_interval: options.poll_interval.max(Duration::from_millis(1)),
             kernel_log: options.kernel_log,
             decode_errors: Arc::new(AtomicU64::new(0)),
         })
@@ -415,12 +422,14 @@ impl Probes {
         self.readers.push(tokio::spawn(read_ring(
             dns,
             Ring::Dns,
+            self.poll_interval,
             tx.clone(),
             self.decode_errors.clone(),
         )));
         self.readers.push(tokio::spawn(read_ring(
             connect,
             Ring::Connect,
+            self.poll_interval,
             tx,
             self.decode_errors.clone(),
         )));
@@ -468,13 +477,15 @@ impl Probes {
     /// Kernel-side losses so far, summed over CPUs.
     pub fn loss_counters(&self) -> Result<LossCounts, ProbeError> {
         let name = names::LOSS_COUNTERS;
-        let map = self.ebpf.map(name).ok_or(ProbeError::Missing { kind: "map", name })?;
-        let counters =
-            PerCpuArray::<_, u64>::try_from(map).map_err(|source| ProbeError::Map {
-                op: "opening",
-                map: name,
-                source,
-            })?;
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or(ProbeError::Missing { kind: "map", name })?;
+        let counters = PerCpuArray::<_, u64>::try_from(map).map_err(|source| ProbeError::Map {
+            op: "opening",
+            map: name,
+            source,
+        })?;
         let mut totals = LossCounts::default();
         for counter in LossCounter::ALL {
             let per_cpu = counters
@@ -543,39 +554,52 @@ fn configure_dns_ports(ebpf: &mut Ebpf, ports: &[u16]) -> Result<(), ProbeError>
     Ok(())
 }
 
-/// Drains the ring on every wakeup; decoding happens before any await so that ring items
-/// never outlive the wakeup. Backpressure from a full channel leaves records in the ring,
-/// where the kernel counts what no longer fits.
+/// Drains the ring on every wakeup and every `poll` interval: the kernel programs wake the
+/// reader only once a backlog builds (waking per event costs more than the event), so the
+/// interval bounds the latency of a lone event. Decoding happens before any await so ring
+/// items never outlive a drain. Backpressure from a full channel leaves records in the
+/// ring, where the kernel counts what no longer fits.
 async fn read_ring(
     mut fd: AsyncFd<RingBuf<MapData>>,
     ring: Ring,
+    poll: Duration,
     tx: mpsc::Sender<Event>,
     decode_errors: Arc<AtomicU64>,
 ) {
     let mut batch = Vec::new();
     loop {
-        let mut guard = match fd.readable_mut().await {
-            Ok(guard) => guard,
-            Err(error) => {
+        match tokio::time::timeout(poll, fd.readable_mut()).await {
+            Ok(Ok(mut guard)) => {
+                drain(guard.get_inner_mut(), ring, &mut batch, &decode_errors);
+                guard.clear_ready();
+            }
+            Ok(Err(error)) => {
                 tracing::error!(ring = ring.name(), %error, "ring reader stopped");
                 return;
             }
-        };
-        let ring_buf = guard.get_inner_mut();
-        while let Some(item) = ring_buf.next() {
-            match ring.decode(&item) {
-                Ok(event) => batch.push(event),
-                Err(error) => {
-                    if decode_errors.fetch_add(1, Ordering::Relaxed) == 0 {
-                        tracing::warn!(ring = ring.name(), %error, "undecodable ring record");
-                    }
-                }
-            }
+            Err(_elapsed) => drain(fd.get_mut(), ring, &mut batch, &decode_errors),
         }
-        guard.clear_ready();
         for event in batch.drain(..) {
             if tx.send(event).await.is_err() {
                 return;
+            }
+        }
+    }
+}
+
+fn drain(
+    ring_buf: &mut RingBuf<MapData>,
+    ring: Ring,
+    batch: &mut Vec<Event>,
+    decode_errors: &AtomicU64,
+) {
+    while let Some(item) = ring_buf.next() {
+        match ring.decode(&item) {
+            Ok(event) => batch.push(event),
+            Err(error) => {
+                if decode_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!(ring = ring.name(), %error, "undecodable ring record");
+                }
             }
         }
     }

@@ -34,7 +34,9 @@ fn unescape(field: &str) -> PathBuf {
     while i < bytes.len() {
         if bytes[i] == b'\\'
             && i + 3 < bytes.len()
-            && bytes[i + 1..=i + 3].iter().all(|b| (b'0'..=b'7').contains(b))
+            && bytes[i + 1..=i + 3]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
         {
             let value = bytes[i + 1..=i + 3]
                 .iter()
@@ -345,7 +347,10 @@ mod tests {
     fn a_moved_field_is_reported_with_both_layouts() {
         let moved = SET_STATE.replace("offset:20;", "offset:22;");
         let err = check_layout(
-            ASSUMED.iter().find(|t| t.name == "inet_sock_set_state").unwrap(),
+            ASSUMED
+                .iter()
+                .find(|t| t.name == "inet_sock_set_state")
+                .unwrap(),
             &moved,
         )
         .unwrap_err();
@@ -382,7 +387,10 @@ mod tests {
     #[test]
     fn malformed_format_files_are_errors_not_panics() {
         assert_eq!(parse_format(""), Err(FormatError::NoFields));
-        assert_eq!(parse_format("name: x\nformat:\n"), Err(FormatError::NoFields));
+        assert_eq!(
+            parse_format("name: x\nformat:\n"),
+            Err(FormatError::NoFields)
+        );
         assert!(matches!(
             parse_format("\tfield:int x;\toffset:abc;\tsize:4;"),
             Err(FormatError::BadField { line: 1, .. })
