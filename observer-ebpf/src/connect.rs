@@ -235,12 +235,12 @@ fn open(ctx: &TracePointContext, skaddr: u64) {
     if !fill_tuple(ctx, &mut tracked.open) {
         return;
     }
-    if let Some(requested) = unsafe { CONNECT_ARGS.get(pid_tgid) } {
-        if requested.family == tracked.open.family {
-            tracked.open.requested_addr = requested.addr;
-            tracked.open.requested_port = requested.port;
-            tracked.open.flags |= CONNECT_FLAG_REQUESTED;
-        }
+    if let Some(requested) = unsafe { CONNECT_ARGS.get(pid_tgid) }
+        && requested.family == tracked.open.family
+    {
+        tracked.open.requested_addr = requested.addr;
+        tracked.open.requested_port = requested.port;
+        tracked.open.flags |= CONNECT_FLAG_REQUESTED;
     }
     if let Err(err) = CONNECT_TRACK.insert(skaddr, tracked, 0) {
         count(LossCounter::ConnectTrackFull);
