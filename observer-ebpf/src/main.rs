@@ -1,5 +1,23 @@
+//! observer's kernel programs.
+//!
+//! - `dns`: cgroup_skb ingress/egress on the cgroup2 root, copies DNS-port UDP datagrams and
+//!   TCP segments into the `DNS_EVENTS` ring.
+//! - `connect`: tracepoints that follow each TCP active open from connect(2) to its outcome
+//!   and report both into the `CONNECT_EVENTS` ring.
+//!
+//! Every program fails open: packets always pass, and whatever cannot be delivered is
+//! counted in `LOSS_COUNTERS`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod connect;
+#[cfg(target_arch = "bpf")]
+mod dns;
+#[cfg(target_arch = "bpf")]
+mod loss;
+#[cfg(target_arch = "bpf")]
+mod ring;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

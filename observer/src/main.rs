@@ -1,4 +1,9 @@
+use std::collections::HashSet;
+
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use observer::probes::{self, BootClock, ProbeOptions, Probes};
+use tokio::signal::unix::{SignalKind, signal};
 
 /// eBPF network flow observer for Kubernetes.
 #[derive(Parser)]
@@ -11,12 +16,87 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Print decoded kernel events live, one line each (debugging).
-    Events,
+    Events(EventsArgs),
+}
+
+#[derive(clap::Args)]
+struct EventsArgs {
+    /// Port carrying DNS (UDP and TCP, either end); repeat for several.
+    #[arg(long = "dns-port", default_values_t = [53])]
+    dns_ports: Vec<u16>,
+    /// Only print events of this cgroup v2 id; repeat for several.
+    #[arg(long = "cgroup-id")]
+    cgroup_ids: Vec<u64>,
+    /// Size of each kernel ring (DNS and connect) in KiB: a power of two, at least a page.
+    #[arg(long = "ring-size-kib")]
+    ring_size_kib: Option<u32>,
 }
 
 fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Events => Ok(()),
+        Command::Events(args) => run_events(args),
     }
+}
+
+fn run_events(args: EventsArgs) -> anyhow::Result<()> {
+    let mut options = ProbeOptions {
+        dns_ports: args.dns_ports,
+        ..ProbeOptions::default()
+    };
+    if let Some(kib) = args.ring_size_kib {
+        let bytes = kib
+            .checked_mul(1024)
+            .context("--ring-size-kib is too large")?;
+        options.dns_ring_bytes = bytes;
+        options.connect_ring_bytes = bytes;
+    }
+    let filter: HashSet<u64> = args.cgroup_ids.into_iter().collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(async move {
+        let mut probes = Probes::load(&options).context("loading the kernel programs")?;
+        let mut events = probes.events().context("reading the kernel rings")?;
+        let clock = BootClock::new().context("reading the clocks")?;
+        let mut terminate = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("handling SIGINT")?;
+        eprintln!(
+            "observer: DNS programs attached to {}, connect tracepoints attached; Ctrl-C to stop",
+            probes.cgroup().display()
+        );
+        loop {
+            tokio::select! {
+                _ = terminate.recv() => break,
+                _ = interrupt.recv() => break,
+                event = events.recv() => {
+                    let Some(event) = event else { break };
+                    if filter.is_empty() || filter.contains(&event.cgroup_id()) {
+                        println!("{}", probes::describe(&event, &clock));
+                    }
+                }
+            }
+        }
+        let losses = probes.loss_counters().context("reading loss counters")?;
+        let summary: Vec<String> = losses
+            .iter()
+            .map(|(counter, n)| format!("{}={n}", counter.name()))
+            .collect();
+        eprintln!(
+            "observer: loss counters: {} decode_errors={}",
+            summary.join(" "),
+            probes.decode_errors()
+        );
+        drop(probes);
+        Ok(())
+    })
 }

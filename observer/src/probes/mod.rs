@@ -1,1 +1,606 @@
-//! (in progress)
+//! The kernel side of observer, seen from the agent: load and attach the kernel programs,
+//! read their rings, decode records into typed [`Event`]s, report what was lost.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), observer::probes::ProbeError> {
+//! use observer::probes::{ProbeOptions, Probes};
+//! let mut probes = Probes::load(&ProbeOptions::default())?;
+//! let mut events = probes.events()?;
+//! while let Some(event) = events.recv().await {
+//!     println!("{event:?}");
+//! }
+//! # Ok(()) }
+//! ```
+//! Dropping [`Probes`] detaches every program and stops the readers.
+mod clock;
+mod decode;
+mod display;
+mod system;
+
+use std::{
+    fs::File,
+    io,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{Array, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError, TracePoint},
+};
+use observer_common::{LossCounter, names, tracepoints};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::mpsc,
+    task::JoinHandle,
+};
+
+pub use clock::{BootClock, boot_now_ns};
+pub use decode::{
+    Connect, ConnectOutcome, ConnectResult, DecodeError, Direction, DnsPacket, Event, Protocol,
+    Ring, decode_connect, decode_dns,
+};
+pub use display::{describe, format_utc};
+pub use system::{FormatError, FormatField, LayoutError, Mount, cgroup2_root, parse_mountinfo};
+
+/// The kernel programs, built by build.rs for bpfel-unknown-none.
+static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
+
+/// Verbosity of the kernel programs' own diagnostics (aya-log), forwarded to `log`/`tracing`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KernelLogLevel {
+    /// Log statements compiled in but disabled at load time; no log reader runs.
+    Off,
+    Error,
+    #[default]
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl KernelLogLevel {
+    /// The value of aya-log's `AYA_LOG_LEVEL` global (aya_log_common::Level, 0 = off).
+    const fn aya_level(self) -> u8 {
+        match self {
+            KernelLogLevel::Off => 0,
+            KernelLogLevel::Error => 1,
+            KernelLogLevel::Warn => 2,
+            KernelLogLevel::Info => 3,
+            KernelLogLevel::Debug => 4,
+            KernelLogLevel::Trace => 5,
+        }
+    }
+}
+
+/// How to load the probes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeOptions {
+    /// Ports whose UDP datagrams and TCP segments (either direction, either end) are DNS.
+    pub dns_ports: Vec<u16>,
+    /// Size of the DNS ring in bytes: a power of two, multiple of the page size. Each DNS
+    /// record takes a fixed 2 KiB + 88 bytes whatever the message size.
+    pub dns_ring_bytes: u32,
+    /// Size of the connect ring in bytes (same rules); records are 120 bytes.
+    pub connect_ring_bytes: u32,
+    /// Decoded events buffered between the ring readers and the consumer. When full, the
+    /// readers wait, the rings fill, and the kernel counts what it drops.
+    pub channel_capacity: usize,
+    /// Longest a lone event waits in its ring before the reader picks it up (the kernel
+    /// wakes the reader early once a backlog builds).
+    pub poll_interval: Duration,
+    pub kernel_log: KernelLogLevel,
+    /// cgroup2 directory to attach the DNS programs to; `None`: the cgroup2 root found in
+    /// /proc/self/mountinfo (sees every socket on the node).
+    pub cgroup: Option<PathBuf>,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        Self {
+            dns_ports: vec![53],
+            dns_ring_bytes: 4 << 20,
+            connect_ring_bytes: 512 << 10,
+            channel_capacity: 4096,
+            poll_interval: Duration::from_millis(20),
+            kernel_log: KernelLogLevel::default(),
+            cgroup: None,
+        }
+    }
+}
+
+/// Why the probes could not be loaded, attached or read.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(
+        "missing capabilities {}: run as root, or grant them (e.g. setcap or a privileged pod)",
+        missing.join(", ")
+    )]
+    MissingCapabilities { missing: Vec<&'static str> },
+    #[error(
+        "permission denied while {op}: run as root or grant CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN"
+    )]
+    PermissionDenied {
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("reading {path}")]
+    ReadSystemFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no cgroup2 filesystem is mounted (looked in /proc/self/mountinfo)")]
+    NoCgroup2Mount,
+    #[error("opening cgroup {path}")]
+    OpenCgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("tracefs is not mounted and mounting it at {path} failed")]
+    TracefsUnavailable {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("this kernel's tracepoints differ from what the kernel programs read")]
+    TracepointLayout(#[from] LayoutError),
+    #[error("{ring} ring size {bytes} is not a power of two multiple of the page size")]
+    InvalidRingSize { ring: &'static str, bytes: u32 },
+    #[error("loading the kernel object")]
+    LoadObject(#[source] EbpfError),
+    #[error("the kernel object has no {kind} named {name}")]
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
+    #[error("the verifier rejected {program}: {source}\nverifier log:\n{log}")]
+    Verifier {
+        program: &'static str,
+        source: io::Error,
+        log: String,
+    },
+    #[error("{op} {program}")]
+    Program {
+        op: &'static str,
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("{op} map {map}")]
+    Map {
+        op: &'static str,
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("registering the {ring} ring with the tokio reactor (is a runtime running?)")]
+    Register {
+        ring: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the event stream was already taken")]
+    EventsTaken,
+}
+
+/// Kernel-side losses, summed over CPUs, by [`LossCounter`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LossCounts([u64; LossCounter::COUNT as usize]);
+
+impl LossCounts {
+    pub fn get(&self, counter: LossCounter) -> u64 {
+        self.0[counter as usize]
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (LossCounter, u64)> + '_ {
+        LossCounter::ALL.iter().map(|&c| (c, self.get(c)))
+    }
+
+    /// Everything that was dropped (a capture cut is delivered, so it is not counted).
+    pub fn dropped(&self) -> u64 {
+        self.iter()
+            .filter(|(c, _)| *c != LossCounter::DnsCaptureCut)
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+/// In-kernel run statistics of one program (only while `kernel.bpf_stats_enabled=1`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub program: &'static str,
+    pub run_time_ns: u64,
+    pub run_count: u64,
+}
+
+const CGROUP_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
+    (names::PROG_DNS_INGRESS, CgroupSkbAttachType::Ingress),
+    (names::PROG_DNS_EGRESS, CgroupSkbAttachType::Egress),
+];
+
+const TRACEPOINT_PROGRAMS: [(&str, &str, &str); 4] = [
+    (names::PROG_CONNECT_ENTER, "syscalls", "sys_enter_connect"),
+    (names::PROG_CONNECT_EXIT, "syscalls", "sys_exit_connect"),
+    (names::PROG_SOCK_SET_STATE, "sock", "inet_sock_set_state"),
+    (names::PROG_TCP_RECEIVE_RESET, "tcp", "tcp_receive_reset"),
+];
+
+/// Loaded and attached kernel programs. Dropping it detaches them and stops the readers.
+pub struct Probes {
+    // Readers first: they are aborted before the programs and maps go away.
+    readers: Vec<JoinHandle<()>>,
+    ebpf: Ebpf,
+    cgroup: PathBuf,
+    channel_capacity: usize,
+    poll_interval: Duration,
+    kernel_log: KernelLogLevel,
+    decode_errors: Arc<AtomicU64>,
+}
+
+impl Drop for Probes {
+    fn drop(&mut self) {
+        for reader in &self.readers {
+            reader.abort();
+        }
+        // `ebpf` drops next: each program's links are detached, then programs and maps
+        // are closed.
+    }
+}
+
+fn valid_ring_size(bytes: u32) -> bool {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    let page = u32::try_from(page).unwrap_or(4096);
+    bytes.is_power_of_two() && bytes >= page && bytes.is_multiple_of(page)
+}
+
+fn is_permission(error: &io::Error) -> bool {
+    error.raw_os_error() == Some(libc::EPERM)
+}
+
+fn load_error(program: &'static str, source: ProgramError) -> ProbeError {
+    match source {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            if is_permission(&io_error) {
+                ProbeError::PermissionDenied {
+                    op: "loading a program",
+                    source: io_error,
+                }
+            } else {
+                ProbeError::Verifier {
+                    program,
+                    source: io_error,
+                    log: verifier_log.to_string(),
+                }
+            }
+        }
+        source => ProbeError::Program {
+            op: "loading",
+            program,
+            source,
+        },
+    }
+}
+
+fn attach_error(program: &'static str, source: ProgramError) -> ProbeError {
+    if let ProgramError::SyscallError(aya::sys::SyscallError { io_error, .. }) = &source
+        && is_permission(io_error)
+    {
+        let ProgramError::SyscallError(aya::sys::SyscallError { io_error, .. }) = source else {
+            unreachable!("matched just above")
+        };
+        return ProbeError::PermissionDenied {
+            op: "attaching a program",
+            source: io_error,
+        };
+    }
+    ProbeError::Program {
+        op: "attaching",
+        program,
+        source,
+    }
+}
+
+impl Probes {
+    /// Loads the kernel programs and attaches them: DNS on the cgroup2 root (or
+    /// `options.cgroup`), connects on tracepoints. No runtime needed; see [`Probes::events`].
+    pub fn load(options: &ProbeOptions) -> Result<Self, ProbeError> {
+        for (ring, bytes) in [
+            (names::DNS_EVENTS, options.dns_ring_bytes),
+            (names::CONNECT_EVENTS, options.connect_ring_bytes),
+        ] {
+            if !valid_ring_size(bytes) {
+                return Err(ProbeError::InvalidRingSize { ring, bytes });
+            }
+        }
+        let mounts = system::read_mounts()?;
+        let tracefs_mounted = mounts.iter().any(|m| m.fs_type == "tracefs");
+        system::check_capabilities(!tracefs_mounted)?;
+        let cgroup = match &options.cgroup {
+            Some(path) => path.clone(),
+            None => cgroup2_root(&mounts).ok_or(ProbeError::NoCgroup2Mount)?,
+        };
+        let tracefs = system::ensure_tracefs(&mounts)?;
+        system::verify_tracepoints(&tracefs, tracepoints::ASSUMED)?;
+
+        let log_level = options.kernel_log.aya_level();
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::DNS_EVENTS, options.dns_ring_bytes)
+            .map_max_entries(names::CONNECT_EVENTS, options.connect_ring_bytes)
+            .override_global(aya_log::LEVEL, &log_level, false)
+            .load(KERNEL_OBJECT)
+            .map_err(|e| match e {
+                EbpfError::MapError(MapError::CreateError { io_error, .. })
+                    if is_permission(&io_error) =>
+                {
+                    ProbeError::PermissionDenied {
+                        op: "creating maps",
+                        source: io_error,
+                    }
+                }
+                e => ProbeError::LoadObject(e),
+            })?;
+
+        configure_dns_ports(&mut ebpf, &options.dns_ports)?;
+
+        let cgroup_dir = File::open(&cgroup).map_err(|source| ProbeError::OpenCgroup {
+            path: cgroup.clone(),
+            source,
+        })?;
+        for (name, attach_type) in CGROUP_PROGRAMS {
+            let program: &mut CgroupSkb = ebpf
+                .program_mut(name)
+                .ok_or(ProbeError::Missing {
+                    kind: "program",
+                    name,
+                })?
+                .try_into()
+                .map_err(|source| ProbeError::Program {
+                    op: "typing",
+                    program: name,
+                    source,
+                })?;
+            program.load().map_err(|e| load_error(name, e))?;
+            // Single: a bpf_link per program. Several agents (or tests) can still attach
+            // their own links to the same cgroup at once.
+            program
+                .attach(&cgroup_dir, attach_type, CgroupAttachMode::Single)
+                .map_err(|e| attach_error(name, e))?;
+        }
+        for (name, category, tracepoint) in TRACEPOINT_PROGRAMS {
+            let program: &mut TracePoint = ebpf
+                .program_mut(name)
+                .ok_or(ProbeError::Missing {
+                    kind: "program",
+                    name,
+                })?
+                .try_into()
+                .map_err(|source| ProbeError::Program {
+                    op: "typing",
+                    program: name,
+                    source,
+                })?;
+            program.load().map_err(|e| load_error(name, e))?;
+            program
+                .attach(category, tracepoint)
+                .map_err(|e| attach_error(name, e))?;
+        }
+
+        Ok(Self {
+            readers: Vec::new(),
+            ebpf,
+            cgroup,
+            channel_capacity: options.channel_capacity.max(1),
+            poll_interval: options.poll_interval.max(Duration::from_millis(1)),
+            kernel_log: options.kernel_log,
+            decode_errors: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// The cgroup the DNS programs are attached to.
+    pub fn cgroup(&self) -> &std::path::Path {
+        &self.cgroup
+    }
+
+    /// Starts the ring readers and returns the decoded events, oldest first per ring.
+    /// Must be called within a tokio runtime, once. The stream ends when [`Probes`] drops.
+    pub fn events(&mut self) -> Result<mpsc::Receiver<Event>, ProbeError> {
+        let dns = self.take_ring(Ring::Dns)?;
+        let connect = self.take_ring(Ring::Connect)?;
+        let (tx, rx) = mpsc::channel(self.channel_capacity);
+        self.readers.push(tokio::spawn(read_ring(
+            dns,
+            Ring::Dns,
+            self.poll_interval,
+            tx.clone(),
+            self.decode_errors.clone(),
+        )));
+        self.readers.push(tokio::spawn(read_ring(
+            connect,
+            Ring::Connect,
+            self.poll_interval,
+            tx,
+            self.decode_errors.clone(),
+        )));
+        if self.kernel_log != KernelLogLevel::Off {
+            self.start_kernel_log();
+        }
+        Ok(rx)
+    }
+
+    fn take_ring(&mut self, ring: Ring) -> Result<AsyncFd<RingBuf<MapData>>, ProbeError> {
+        let name = ring.name();
+        let map = self.ebpf.take_map(name).ok_or(ProbeError::EventsTaken)?;
+        let ring_buf = RingBuf::try_from(map).map_err(|source| ProbeError::Map {
+            op: "opening",
+            map: name,
+            source,
+        })?;
+        // SAFETY: the ring owns its map fd and keeps it open, unchanged, for as long as the
+        // AsyncFd (which owns the ring) lives.
+        unsafe { AsyncFd::register_with_interest(ring_buf, Interest::READABLE) }.map_err(|e| {
+            let (_, source) = e.into_parts();
+            ProbeError::Register { ring: name, source }
+        })
+    }
+
+    fn start_kernel_log(&mut self) {
+        // The object has no log map when no program logs: nothing to read then.
+        let Ok(logger) = aya_log::EbpfLogger::init(&mut self.ebpf) else {
+            return;
+        };
+        // SAFETY: the logger owns its ring's fd for its whole life.
+        let Ok(mut logger) =
+            (unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) })
+        else {
+            return;
+        };
+        self.readers.push(tokio::spawn(async move {
+            while let Ok(mut guard) = logger.readable_mut().await {
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+        }));
+    }
+
+    /// Kernel-side losses so far, summed over CPUs.
+    pub fn loss_counters(&self) -> Result<LossCounts, ProbeError> {
+        let name = names::LOSS_COUNTERS;
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or(ProbeError::Missing { kind: "map", name })?;
+        let counters = PerCpuArray::<_, u64>::try_from(map).map_err(|source| ProbeError::Map {
+            op: "opening",
+            map: name,
+            source,
+        })?;
+        let mut totals = LossCounts::default();
+        for counter in LossCounter::ALL {
+            let per_cpu = counters
+                .get(&(counter as u32), 0)
+                .map_err(|source| ProbeError::Map {
+                    op: "reading",
+                    map: name,
+                    source,
+                })?;
+            totals.0[counter as usize] = per_cpu.iter().sum();
+        }
+        Ok(totals)
+    }
+
+    /// Ring records the agent could not decode (a kernel/agent mismatch; should stay 0).
+    pub fn decode_errors(&self) -> u64 {
+        self.decode_errors.load(Ordering::Relaxed)
+    }
+
+    /// Run time and count of every program; the kernel fills them only while
+    /// `kernel.bpf_stats_enabled` is 1.
+    pub fn program_stats(&self) -> Result<Vec<ProgramStats>, ProbeError> {
+        CGROUP_PROGRAMS
+            .iter()
+            .map(|(name, _)| *name)
+            .chain(TRACEPOINT_PROGRAMS.iter().map(|(name, _, _)| *name))
+            .map(|name| {
+                let program = self.ebpf.program(name).ok_or(ProbeError::Missing {
+                    kind: "program",
+                    name,
+                })?;
+                let info = program.info().map_err(|source| ProbeError::Program {
+                    op: "querying",
+                    program: name,
+                    source,
+                })?;
+                Ok(ProgramStats {
+                    program: name,
+                    run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+                    run_count: info.run_count(),
+                })
+            })
+            .collect()
+    }
+}
+
+fn configure_dns_ports(ebpf: &mut Ebpf, ports: &[u16]) -> Result<(), ProbeError> {
+    let name = names::DNS_PORTS;
+    let map = ebpf
+        .map_mut(name)
+        .ok_or(ProbeError::Missing { kind: "map", name })?;
+    let mut slots = Array::<_, u8>::try_from(map).map_err(|source| ProbeError::Map {
+        op: "opening",
+        map: name,
+        source,
+    })?;
+    for &port in ports {
+        slots
+            .set(u32::from(port), 1, 0)
+            .map_err(|source| ProbeError::Map {
+                op: "writing",
+                map: name,
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// Drains the ring on every wakeup and every `poll` interval: the kernel programs wake the
+/// reader only once a backlog builds (waking per event costs more than the event), so the
+/// interval bounds the latency of a lone event. Decoding happens before any await so ring
+/// items never outlive a drain. Backpressure from a full channel leaves records in the
+/// ring, where the kernel counts what no longer fits.
+async fn read_ring(
+    mut fd: AsyncFd<RingBuf<MapData>>,
+    ring: Ring,
+    poll: Duration,
+    tx: mpsc::Sender<Event>,
+    decode_errors: Arc<AtomicU64>,
+) {
+    let mut batch = Vec::new();
+    loop {
+        match tokio::time::timeout(poll, fd.readable_mut()).await {
+            Ok(Ok(mut guard)) => {
+                drain(guard.get_inner_mut(), ring, &mut batch, &decode_errors);
+                guard.clear_ready();
+            }
+            Ok(Err(error)) => {
+                tracing::error!(ring = ring.name(), %error, "ring reader stopped");
+                return;
+            }
+            Err(_elapsed) => drain(fd.get_mut(), ring, &mut batch, &decode_errors),
+        }
+        for event in batch.drain(..) {
+            if tx.send(event).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn drain(
+    ring_buf: &mut RingBuf<MapData>,
+    ring: Ring,
+    batch: &mut Vec<Event>,
+    decode_errors: &AtomicU64,
+) {
+    while let Some(item) = ring_buf.next() {
+        match ring.decode(&item) {
+            Ok(event) => batch.push(event),
+            Err(error) => {
+                if decode_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!(ring = ring.name(), %error, "undecodable ring record");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! TCP active opens, followed from connect(2) to their outcome with tracepoints only.
+//!
+//! `sys_enter_connect` remembers the address the application asked for (per thread, until
+//! `sys_exit_connect`). `inet_sock_set_state` CLOSE -> SYN_SENT runs inside connect(2), in
+//! the caller's context: that is the open, tracked by socket address. Later transitions run
+//! in softirq context, where the current task is unrelated: they are joined to the open by
+//! socket address only, and copy its identity from the tracking map.
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_probe_read_user,
+        generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns},
+    },
+    macros::{map, tracepoint},
+    maps::{LruHashMap, RingBuf},
+    programs::TracePointContext,
+};
+use aya_log_ebpf::warn;
+use observer_common::{
+    CONNECT_FLAG_REQUESTED, CONNECT_OPEN, CONNECT_OUTCOME, ConnectEvent, FAMILY_IPV4, FAMILY_IPV6,
+    LossCounter, OUTCOME_ESTABLISHED, OUTCOME_NONE, OUTCOME_REFUSED, OUTCOME_TIMEOUT,
+    tracepoints::{
+        inet_sock_set_state as state_tp, sys_enter_connect, tcp_receive_reset as rst_tp,
+    },
+};
+
+use crate::{loss::count, ring::submit_flags};
+
+/// Resized by the agent at load time.
+#[map]
+static CONNECT_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 19, 0);
+
+/// Address passed to an in-flight connect(2), by pid_tgid. LRU so that a missed exit can
+/// never fill it for good.
+#[map]
+static CONNECT_ARGS: LruHashMap<u64, Requested> = LruHashMap::with_max_entries(8192, 0);
+
+/// Opens awaiting their outcome, by socket address.
+#[map]
+static CONNECT_TRACK: LruHashMap<u64, Tracked> = LruHashMap::with_max_entries(16384, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Requested {
+    addr: [u8; 16],
+    port: u16,
+    family: u8,
+    _pad: [u8; 5],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Tracked {
+    open: ConnectEvent,
+    reset_seen: u8,
+    _pad: [u8; 7],
+}
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const IPPROTO_TCP: u16 = 6;
+const SOCKADDR_IN_LEN: u64 = 16;
+const SOCKADDR_IN6_LEN: u64 = 24;
+
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_SENT: i32 = 2;
+const TCP_SYN_RECV: i32 = 3;
+const TCP_CLOSE: i32 = 7;
+
+/// Tracepoint records are plain memory the program may read directly, at the offsets
+/// the agent verified against the kernel's format files before attaching.
+#[inline(always)]
+fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
+    unsafe { ctx.as_ptr().cast::<u8>().add(offset).cast::<T>().read() }
+}
+
+#[tracepoint]
+pub fn connect_enter(ctx: TracePointContext) -> u32 {
+    remember_requested(&ctx);
+    0
+}
+
+#[inline(always)]
+fn remember_requested(ctx: &TracePointContext) {
+    let uservaddr: u64 = field(ctx, sys_enter_connect::USERVADDR);
+    let addrlen: u64 = field(ctx, sys_enter_connect::ADDRLEN);
+    if uservaddr == 0 || addrlen < 2 {
+        return;
+    }
+    let Ok(family) = (unsafe { bpf_probe_read_user(uservaddr as *const u16) }) else {
+        count(LossCounter::ConnectReadError);
+        return;
+    };
+    let mut requested = Requested {
+        addr: [0; 16],
+        port: 0,
+        family: 0,
+        _pad: [0; 5],
+    };
+    match family {
+        AF_INET if addrlen >= SOCKADDR_IN_LEN => {
+            // sockaddr_in: family, port (big endian), address.
+            let Ok(raw) = (unsafe { bpf_probe_read_user(uservaddr as *const [u8; 8]) }) else {
+                count(LossCounter::ConnectReadError);
+                return;
+            };
+            requested.port = u16::from_be_bytes([raw[2], raw[3]]);
+            requested.addr[..4].copy_from_slice(&raw[4..8]);
+            requested.family = FAMILY_IPV4;
+        }
+        AF_INET6 if addrlen >= SOCKADDR_IN6_LEN => {
+            // sockaddr_in6: family, port, flowinfo, address.
+            let Ok(raw) = (unsafe { bpf_probe_read_user(uservaddr as *const [u8; 24]) }) else {
+                count(LossCounter::ConnectReadError);
+                return;
+            };
+            requested.port = u16::from_be_bytes([raw[2], raw[3]]);
+            requested.addr.copy_from_slice(&raw[8..24]);
+            requested.family = FAMILY_IPV6;
+        }
+        _ => return,
+    }
+    if CONNECT_ARGS
+        .insert(bpf_get_current_pid_tgid(), requested, 0)
+        .is_err()
+    {
+        count(LossCounter::ConnectTrackFull);
+    }
+}
+
+#[tracepoint]
+pub fn connect_exit(_ctx: TracePointContext) -> u32 {
+    // Absent for non-inet connects: nothing to do then.
+    let _ = CONNECT_ARGS.remove(bpf_get_current_pid_tgid());
+    0
+}
+
+#[tracepoint]
+pub fn sock_set_state(ctx: TracePointContext) -> u32 {
+    if field::<u16>(&ctx, state_tp::PROTOCOL) != IPPROTO_TCP {
+        return 0;
+    }
+    let old: i32 = field(&ctx, state_tp::OLDSTATE);
+    let new: i32 = field(&ctx, state_tp::NEWSTATE);
+    let skaddr: u64 = field(&ctx, state_tp::SKADDR);
+    if old == TCP_CLOSE && new == TCP_SYN_SENT {
+        open(&ctx, skaddr);
+    } else if old == TCP_SYN_SENT || old == TCP_SYN_RECV {
+        // SYN_SENT -> SYN_RECV (simultaneous open) keeps waiting.
+        if new == TCP_ESTABLISHED || new == TCP_CLOSE {
+            outcome(&ctx, skaddr, new == TCP_ESTABLISHED);
+        }
+    }
+    0
+}
+
+#[tracepoint]
+pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
+    let skaddr: u64 = field(&ctx, rst_tp::SKADDR);
+    // Only tracked sockets, i.e. opens still awaiting their outcome, are marked; the
+    // CLOSE that follows the reset reports the refusal.
+    if let Some(tracked) = CONNECT_TRACK.get_ptr_mut(skaddr) {
+        unsafe { (*tracked).reset_seen = 1 };
+    }
+    0
+}
+
+/// A 16-byte tracepoint array, read as two scalars: the verifier only accepts context
+/// loads at constant offsets from the context pointer itself, not byte-wise copies.
+#[inline(always)]
+fn field16(ctx: &TracePointContext, offset: usize) -> [u8; 16] {
+    let lo: u64 = field(ctx, offset);
+    let hi: u64 = field(ctx, offset + 8);
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&lo.to_ne_bytes());
+    out[8..].copy_from_slice(&hi.to_ne_bytes());
+    out
+}
+
+#[inline(always)]
+fn field4(ctx: &TracePointContext, offset: usize) -> [u8; 16] {
+    let v: u32 = field(ctx, offset);
+    let mut out = [0u8; 16];
+    out[..4].copy_from_slice(&v.to_ne_bytes());
+    out
+}
+
+/// Family, ports and addresses as the tracepoint reports them now.
+#[inline(always)]
+fn fill_tuple(ctx: &TracePointContext, event: &mut ConnectEvent) -> bool {
+    match field::<u16>(ctx, state_tp::FAMILY) {
+        AF_INET => {
+            event.family = FAMILY_IPV4;
+            event.src_addr = field4(ctx, state_tp::SADDR);
+            event.dst_addr = field4(ctx, state_tp::DADDR);
+        }
+        AF_INET6 => {
+            event.family = FAMILY_IPV6;
+            event.src_addr = field16(ctx, state_tp::SADDR_V6);
+            event.dst_addr = field16(ctx, state_tp::DADDR_V6);
+        }
+        _ => return false,
+    }
+    // The tracepoint already converted the ports to host order.
+    event.src_port = field(ctx, state_tp::SPORT);
+    event.dst_port = field(ctx, state_tp::DPORT);
+    true
+}
+
+#[inline(always)]
+fn open(ctx: &TracePointContext, skaddr: u64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let mut tracked = Tracked {
+        open: ConnectEvent {
+            timestamp_ns: unsafe { bpf_ktime_get_boot_ns() },
+            sock_id: skaddr,
+            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+            pid_tgid,
+            src_addr: [0; 16],
+            dst_addr: [0; 16],
+            requested_addr: [0; 16],
+            comm: bpf_get_current_comm().unwrap_or([0; 16]),
+            src_port: 0,
+            dst_port: 0,
+            requested_port: 0,
+            family: 0,
+            kind: CONNECT_OPEN,
+            outcome: OUTCOME_NONE,
+            flags: 0,
+            _pad: [0; 6],
+        },
+        reset_seen: 0,
+        _pad: [0; 7],
+    };
+    if !fill_tuple(ctx, &mut tracked.open) {
+        return;
+    }
+    if let Some(requested) = unsafe { CONNECT_ARGS.get(pid_tgid) }
+        && requested.family == tracked.open.family
+    {
+        tracked.open.requested_addr = requested.addr;
+        tracked.open.requested_port = requested.port;
+        tracked.open.flags |= CONNECT_FLAG_REQUESTED;
+    }
+    if let Err(err) = CONNECT_TRACK.insert(skaddr, tracked, 0) {
+        count(LossCounter::ConnectTrackFull);
+        warn!(ctx, "connect tracking insert failed: {}", err);
+    }
+    if CONNECT_EVENTS
+        .output::<ConnectEvent>(
+            &tracked.open,
+            submit_flags(&CONNECT_EVENTS, size_of::<ConnectEvent>()),
+        )
+        .is_err()
+    {
+        count(LossCounter::ConnectRingFull);
+    }
+}
+
+/// Softirq context possible: everything about the caller comes from the tracked open.
+#[inline(always)]
+fn outcome(ctx: &TracePointContext, skaddr: u64, established: bool) {
+    let Some(tracked) = CONNECT_TRACK.get_ptr(skaddr) else {
+        return;
+    };
+    let (mut event, reset_seen) = unsafe { ((*tracked).open, (*tracked).reset_seen) };
+    let _ = CONNECT_TRACK.remove(skaddr);
+    event.timestamp_ns = unsafe { bpf_ktime_get_boot_ns() };
+    event.kind = CONNECT_OUTCOME;
+    event.outcome = if established {
+        OUTCOME_ESTABLISHED
+    } else if reset_seen != 0 {
+        OUTCOME_REFUSED
+    } else {
+        OUTCOME_TIMEOUT
+    };
+    // The source port is known by now; keep the open's tuple if the family looks wrong.
+    let mut now = event;
+    if fill_tuple(ctx, &mut now) {
+        event = now;
+    }
+    if CONNECT_EVENTS
+        .output::<ConnectEvent>(
+            &event,
+            submit_flags(&CONNECT_EVENTS, size_of::<ConnectEvent>()),
+        )
+        .is_err()
+    {
+        count(LossCounter::ConnectRingFull);
+    }
+}
