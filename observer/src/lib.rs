@@ -7,6 +7,7 @@
 
 pub mod correlate;
 pub mod dns;
+pub mod export;
 pub mod identity;
 pub mod probes;
 pub mod record;
