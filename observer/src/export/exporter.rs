@@ -421,7 +421,7 @@ impl Transport {
                 }
                 let req = req
                     .body(Full::new(Bytes::from(request.encode_to_vec())))
-                    .map_err(|_| Failure::Permanent("invalid_request"))?;
+                    .map_err(|_| Failure::Permanent("rejected"))?;
                 let response = match client {
                     HttpClient::Plain(c) => c.request(req).await,
                     HttpClient::Tls(c) => c.request(req).await,

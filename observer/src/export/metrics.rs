@@ -20,6 +20,12 @@ pub const OVERFLOW: &str = "_other";
 const HOST_NAMESPACE: &str = "_host";
 const UNKNOWN: &str = "_unknown";
 
+/// Why spans are dropped (label `reason` of `observer_spans_dropped_total`).
+pub(crate) const DROP_REASONS: [&str; 4] = ["queue_full", "export_failed", "rejected", "stopped"];
+/// Why an export attempt failed (label `reason` of `observer_span_export_failures_total`).
+pub(crate) const FAILURE_REASONS: [&str; 6] =
+    ["unavailable", "timeout", "throttled", "transient", "rejected", "io"];
+
 /// Upper bounds in seconds, after OpenTelemetry's advice for short network calls.
 const LOOKUP_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 5.0,
@@ -277,6 +283,18 @@ impl Metrics {
             evictions,
             caps: Mutex::new(Caps::new(limits)),
         };
+        // Export health series exist from the start, so `rate()` and alert rules see zeros.
+        for reason in DROP_REASONS {
+            metrics.spans_dropped(reason, 0);
+        }
+        for reason in FAILURE_REASONS {
+            metrics
+                .export_failures
+                .get_or_create(&ReasonLabels {
+                    reason: reason.to_owned(),
+                })
+                .inc_by(0);
+        }
         // Every state is present from the start, so alert rules never see a missing series.
         for state in EnrichmentState::ALL {
             metrics
