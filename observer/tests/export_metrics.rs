@@ -18,14 +18,24 @@ use tokio::{
 async fn get(addr: SocketAddr, path: &str) -> (u16, String, String) {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: observer\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: observer\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
         .await
         .expect("send");
     let mut raw = String::new();
     stream.read_to_string(&mut raw).await.expect("read");
     let (head, body) = raw.split_once("\r\n\r\n").expect("header end");
     let mut lines = head.lines();
-    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     let content_type = lines
         .filter_map(|l| l.split_once(": "))
         .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
@@ -46,9 +56,8 @@ struct Sample {
 fn parse_exposition(text: &str) -> (HashMap<String, String>, Vec<Sample>) {
     let mut types = HashMap::new();
     let mut samples = Vec::new();
-    let mut lines = text.lines().peekable();
     let mut saw_eof = false;
-    while let Some(line) = lines.next() {
+    for line in text.lines() {
         assert!(!saw_eof, "content after # EOF");
         if line == "# EOF" {
             saw_eof = true;
@@ -96,7 +105,10 @@ fn parse_exposition(text: &str) -> (HashMap<String, String>, Vec<Sample>) {
             })
             .unwrap_or_else(|| panic!("sample {name} outside any declared family"));
         if types[family] == "counter" {
-            assert!(name.ends_with("_total"), "counter sample {name} lacks _total");
+            assert!(
+                name.ends_with("_total"),
+                "counter sample {name} lacks _total"
+            );
         }
         samples.push(Sample {
             name,
@@ -153,7 +165,11 @@ fn find<'a>(samples: &'a [Sample], name: &str, labels: &[(&str, &str)]) -> Vec<&
 
 fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
     let found = find(samples, name, labels);
-    assert_eq!(found.len(), 1, "one {name} series with {labels:?}: {found:?}");
+    assert_eq!(
+        found.len(),
+        1,
+        "one {name} series with {labels:?}: {found:?}"
+    );
     found[0].value
 }
 
@@ -194,7 +210,10 @@ async fn metrics_scraped_over_http() {
 
     let (status, content_type, body) = get(addr, "/metrics").await;
     assert_eq!(status, 200);
-    assert!(content_type.starts_with("application/openmetrics-text"), "{content_type}");
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
     let (types, samples) = parse_exposition(&body);
     for (family, kind) in [
         ("observer_connections", "counter"),
@@ -212,7 +231,11 @@ async fn metrics_scraped_over_http() {
         ("observer_dns_parse_errors", "counter"),
         ("observer_core_evictions", "counter"),
     ] {
-        assert_eq!(types.get(family).map(String::as_str), Some(kind), "{family}");
+        assert_eq!(
+            types.get(family).map(String::as_str),
+            Some(kind),
+            "{family}"
+        );
     }
 
     let seed_labels = [
@@ -223,19 +246,34 @@ async fn metrics_scraped_over_http() {
         ("flagged", "true"),
         ("server_address", "db.another-lab.com"),
     ];
-    assert_eq!(value(&samples, "observer_connections_total", &seed_labels), 3.0);
+    assert_eq!(
+        value(&samples, "observer_connections_total", &seed_labels),
+        3.0
+    );
     let seed_series = find(&samples, "observer_connections_total", &seed_labels);
     let label_names: BTreeSet<&str> = seed_series[0].labels.keys().map(String::as_str).collect();
     assert_eq!(
         label_names,
-        BTreeSet::from(["namespace", "workload", "resolution", "egress", "flagged", "server_address"]),
+        BTreeSet::from([
+            "namespace",
+            "workload",
+            "resolution",
+            "egress",
+            "flagged",
+            "server_address"
+        ]),
         "no pod names, no IPs"
     );
     assert_eq!(
         value(
             &samples,
             "observer_connections_total",
-            &[("namespace", "data"), ("workload", "api"), ("resolution", "in-cluster"), ("egress", "false")]
+            &[
+                ("namespace", "data"),
+                ("workload", "api"),
+                ("resolution", "in-cluster"),
+                ("egress", "false")
+            ]
         ),
         1.0
     );
@@ -243,7 +281,12 @@ async fn metrics_scraped_over_http() {
         value(
             &samples,
             "observer_connections_total",
-            &[("namespace", "_host"), ("workload", "curl"), ("resolution", "none"), ("server_address", "")]
+            &[
+                ("namespace", "_host"),
+                ("workload", "curl"),
+                ("resolution", "none"),
+                ("server_address", "")
+            ]
         ),
         1.0
     );
@@ -263,20 +306,36 @@ async fn metrics_scraped_over_http() {
         3.0
     );
     assert_eq!(
-        value(&samples, "observer_drift_connections_total", &[("workload", "web")]),
+        value(
+            &samples,
+            "observer_drift_connections_total",
+            &[("workload", "web")]
+        ),
         1.0
     );
     // Two distinct chains (the original, seen twice, and the drifted one): 3 wasted each.
     assert_eq!(
-        value(&samples, "observer_dns_wasted_queries_total", &[("workload", "web")]),
+        value(
+            &samples,
+            "observer_dns_wasted_queries_total",
+            &[("workload", "web")]
+        ),
         6.0
     );
     assert_eq!(
-        value(&samples, "observer_dns_lookup_duration_seconds_count", &[("workload", "web")]),
+        value(
+            &samples,
+            "observer_dns_lookup_duration_seconds_count",
+            &[("workload", "web")]
+        ),
         2.0
     );
     // The seed chain took 7.2 ms from the first query to the last answer.
-    let sum = value(&samples, "observer_dns_lookup_duration_seconds_sum", &[("workload", "web")]);
+    let sum = value(
+        &samples,
+        "observer_dns_lookup_duration_seconds_sum",
+        &[("workload", "web")],
+    );
     assert!((sum - (0.0072 + 0.0072 - 1e-9)).abs() < 1e-9, "{sum}");
     assert_eq!(
         value(
@@ -295,15 +354,27 @@ async fn metrics_scraped_over_http() {
         0.0
     );
     assert_eq!(
-        value(&samples, "observer_dns_responses_total", &[("workload", "web"), ("rcode", "NXDOMAIN")]),
+        value(
+            &samples,
+            "observer_dns_responses_total",
+            &[("workload", "web"), ("rcode", "NXDOMAIN")]
+        ),
         6.0
     );
     assert_eq!(
-        value(&samples, "observer_dns_unanswered_queries_total", &[("namespace", "data"), ("workload", "api")]),
+        value(
+            &samples,
+            "observer_dns_unanswered_queries_total",
+            &[("namespace", "data"), ("workload", "api")]
+        ),
         1.0
     );
     assert_eq!(
-        value(&samples, "observer_dns_parse_errors_total", &[("kind", "truncated")]),
+        value(
+            &samples,
+            "observer_dns_parse_errors_total",
+            &[("kind", "truncated")]
+        ),
         1.0
     );
     assert_eq!(
@@ -315,7 +386,11 @@ async fn metrics_scraped_over_http() {
         17.0
     );
     assert_eq!(
-        value(&samples, "observer_core_evictions_total", &[("kind", "pending_query")]),
+        value(
+            &samples,
+            "observer_core_evictions_total",
+            &[("kind", "pending_query")]
+        ),
         42.0
     );
     for (state, expected) in [("kube", 0.0), ("cgroup-only", 1.0), ("degraded", 0.0)] {
@@ -330,9 +405,13 @@ async fn metrics_scraped_over_http() {
 #[tokio::test]
 async fn server_address_cardinality_is_capped() {
     let metrics = Arc::new(Metrics::new());
-    let (addr, server) = serve_http("127.0.0.1:0".parse().unwrap(), metrics.clone(), Readiness::new())
-        .await
-        .expect("serve");
+    let (addr, server) = serve_http(
+        "127.0.0.1:0".parse().unwrap(),
+        metrics.clone(),
+        Readiness::new(),
+    )
+    .await
+    .expect("serve");
     for i in 0..1000 {
         let mut e = seed_story();
         let chain = e.record.chain.as_mut().unwrap();
@@ -342,7 +421,10 @@ async fn server_address_cardinality_is_capped() {
     }
     let (_, _, body) = get(addr, "/metrics").await;
     let (_, samples) = parse_exposition(&body);
-    for family in ["observer_connections_total", "observer_flagged_connections_total"] {
+    for family in [
+        "observer_connections_total",
+        "observer_flagged_connections_total",
+    ] {
         let series = find(&samples, family, &[("workload", "web")]);
         let addresses: BTreeSet<&str> = series
             .iter()
@@ -353,7 +435,11 @@ async fn server_address_cardinality_is_capped() {
         let total: f64 = series.iter().map(|s| s.value).sum();
         assert_eq!(total, 1000.0, "{family}: capping loses no count");
         assert_eq!(
-            value(&samples, family, &[("workload", "web"), ("server_address", "_other")]),
+            value(
+                &samples,
+                family,
+                &[("workload", "web"), ("server_address", "_other")]
+            ),
             900.0
         );
     }
@@ -376,7 +462,10 @@ async fn health_and_readiness() {
     assert_eq!(body, "not ready: probes not attached, export not running\n");
     readiness.set_probes_attached(true);
     let (status, _, body) = get(addr, "/readyz").await;
-    assert_eq!((status, body.as_str()), (503, "not ready: export not running\n"));
+    assert_eq!(
+        (status, body.as_str()),
+        (503, "not ready: export not running\n")
+    );
     readiness.set_export_running(true);
     assert_eq!(get(addr, "/readyz").await.0, 200);
     assert_eq!(get(addr, "/nope").await.0, 404);

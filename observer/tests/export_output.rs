@@ -54,10 +54,17 @@ fn json_seed_story_field_by_field() {
     ];
     assert_eq!(
         keys,
-        required.iter().chain(&additions).copied().collect::<BTreeSet<_>>()
+        required
+            .iter()
+            .chain(&additions)
+            .copied()
+            .collect::<BTreeSet<_>>()
     );
 
-    assert_eq!(v["time"], "2025-06-15T15:06:40.008900000Z", "RFC 3339 of the outcome");
+    assert_eq!(
+        v["time"], "2025-06-15T15:06:40.008900000Z",
+        "RFC 3339 of the outcome"
+    );
     assert_eq!(
         v["pod"],
         json!({"namespace": "simple-web-app", "name": "web-7d9f8-abc12", "uid": SEED_POD_UID})
@@ -66,14 +73,21 @@ fn json_seed_story_field_by_field() {
     assert_eq!(v["cgroup_id"], 12345);
     assert_eq!(v["pid"], 4242);
     assert_eq!(v["comm"], "web");
-    assert_eq!(v["destination"], json!({"address": "203.0.113.10", "port": 5432}));
+    assert_eq!(
+        v["destination"],
+        json!({"address": "203.0.113.10", "port": 5432})
+    );
     assert_eq!(v["outcome"], "established");
     assert_eq!(v["query_name"], "db");
     assert_eq!(v["server_address"], "db.another-lab.com");
     assert_eq!(v["resolution"], "search-escape");
     let mut chain = Vec::new();
     for domain in SEARCH_LIST {
-        let rcode = if domain == "another-lab.com" { "NOERROR" } else { "NXDOMAIN" };
+        let rcode = if domain == "another-lab.com" {
+            "NOERROR"
+        } else {
+            "NXDOMAIN"
+        };
         for qtype in ["A", "AAAA"] {
             chain.push(json!({"name": format!("db.{domain}"), "type": qtype, "rcode": rcode}));
         }
@@ -104,7 +118,11 @@ fn json_every_connection_including_partial_identity() {
     });
     uid_only.identity.container = None;
     let lines = json_lines(&[healthy_in_cluster(), uid_only, host_ip_literal()]);
-    assert_eq!(lines.len(), 3, "JSON has a line for every connection, egress or not");
+    assert_eq!(
+        lines.len(),
+        3,
+        "JSON has a line for every connection, egress or not"
+    );
 
     let healthy = &lines[0];
     assert_eq!(healthy["resolution"], "in-cluster");
@@ -133,7 +151,10 @@ fn json_every_connection_including_partial_identity() {
     assert_eq!(host["query_name"], Value::Null);
     assert_eq!(host["server_address"], Value::Null);
     assert_eq!(host["search_chain"], json!([]));
-    assert_eq!(host["destination"], json!({"address": "203.0.113.77", "port": 443}));
+    assert_eq!(
+        host["destination"],
+        json!({"address": "203.0.113.77", "port": 443})
+    );
 }
 
 fn text(records: &[Enriched], color: bool) -> (String, Vec<bool>) {
@@ -151,7 +172,11 @@ fn text_lines_for_egress_and_flagged_only() {
         &[seed_story(), healthy_in_cluster(), host_ip_literal()],
         false,
     );
-    assert_eq!(written, [true, false, true], "in-cluster connections are not printed");
+    assert_eq!(
+        written,
+        [true, false, true],
+        "in-cluster connections are not printed"
+    );
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(
         lines,

@@ -1,7 +1,7 @@
 //! Spans through the real exporter to a real OTLP receiver, over gRPC and over HTTP.
+mod export_support;
 #[path = "../../tests/src/otlp.rs"]
 mod otlp;
-mod export_support;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -46,7 +46,9 @@ fn all_spans(requests: &[ExportTraceServiceRequest]) -> Vec<(BTreeMap<String, V>
             rs.scope_spans.iter().flat_map(move |ss| {
                 assert_eq!(ss.scope.as_ref().map(|s| s.name.as_str()), Some("observer"));
                 let resource = resource.clone();
-                ss.spans.iter().map(move |sp| (resource.clone(), sp.clone()))
+                ss.spans
+                    .iter()
+                    .map(move |sp| (resource.clone(), sp.clone()))
             })
         })
         .collect()
@@ -57,10 +59,7 @@ fn trace(
     spans: &[(BTreeMap<String, V>, Span)],
     root_name: &str,
 ) -> (BTreeMap<String, V>, Span, Vec<Span>) {
-    let roots: Vec<_> = spans
-        .iter()
-        .filter(|(_, s)| s.name == root_name)
-        .collect();
+    let roots: Vec<_> = spans.iter().filter(|(_, s)| s.name == root_name).collect();
     assert_eq!(roots.len(), 1, "exactly one root named {root_name}");
     let (resource, root) = roots[0].clone();
     assert!(root.parent_span_id.is_empty(), "a root has no parent");
@@ -75,7 +74,11 @@ fn trace(
         .filter(|(_, s)| s.span_id != root.span_id)
         .map(|(r, s)| {
             assert_eq!(r, &resource, "children share the root's resource");
-            assert_eq!(s.parent_span_id, root.span_id, "{} is a child of the root", s.name);
+            assert_eq!(
+                s.parent_span_id, root.span_id,
+                "{} is a child of the root",
+                s.name
+            );
             assert_eq!(s.span_id.len(), 8);
             s.clone()
         })
@@ -104,7 +107,10 @@ fn assert_seed_trace(spans: &[(BTreeMap<String, V>, Span)]) {
     assert_eq!(resource, expected_resource);
 
     assert_eq!(root.kind, SpanKind::Client as i32);
-    assert_eq!(root.start_time_unix_nano, T0_UNIX_NS, "root starts at the first query");
+    assert_eq!(
+        root.start_time_unix_nano, T0_UNIX_NS,
+        "root starts at the first query"
+    );
     assert_eq!(
         root.end_time_unix_nano,
         unix(seed.record.outcome_at),
@@ -166,7 +172,12 @@ fn assert_seed_trace(spans: &[(BTreeMap<String, V>, Span)]) {
     );
     for (child, query) in children.iter().zip(queries) {
         assert_eq!(child.kind, SpanKind::Client as i32);
-        assert_eq!(child.start_time_unix_nano, unix(query.sent_at), "{}", child.name);
+        assert_eq!(
+            child.start_time_unix_nano,
+            unix(query.sent_at),
+            "{}",
+            child.name
+        );
         assert_eq!(
             child.end_time_unix_nano,
             unix(query.answered_at.unwrap()),
@@ -310,7 +321,10 @@ async fn export_both_and_check(protocol: OtlpProtocol) {
     }
     exporter.shutdown(WAIT).await;
     let text = metrics.encode();
-    assert!(text.contains("observer_spans_exported_total 12\n"), "{text}");
+    assert!(
+        text.contains("observer_spans_exported_total 12\n"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -364,7 +378,10 @@ async fn collector_down_then_back() {
     let dropped = outcomes.iter().filter(|o| **o == Submit::Dropped).count();
     assert_eq!((queued, dropped), (8, 92), "bounded queue, newest dropped");
     assert_eq!(
-        counter(&metrics, "observer_spans_dropped_total{reason=\"queue_full\"}"),
+        counter(
+            &metrics,
+            "observer_spans_dropped_total{reason=\"queue_full\"}"
+        ),
         92 * 9
     );
 
@@ -378,7 +395,10 @@ async fn collector_down_then_back() {
     assert_eq!(failed, 8 * 9);
     assert_eq!(receiver.refused(), 6, "2 batches x 3 attempts");
     assert_eq!(
-        counter(&metrics, "observer_span_export_failures_total{reason=\"unavailable\"}"),
+        counter(
+            &metrics,
+            "observer_span_export_failures_total{reason=\"unavailable\"}"
+        ),
         6
     );
     assert_eq!(receiver.span_count(), 0);
@@ -421,7 +441,10 @@ async fn slow_collector_hits_the_timeout() {
     .await;
     assert_eq!(dropped, 3);
     assert_eq!(
-        counter(&metrics, "observer_span_export_failures_total{reason=\"timeout\"}"),
+        counter(
+            &metrics,
+            "observer_span_export_failures_total{reason=\"timeout\"}"
+        ),
         2
     );
 }

@@ -306,7 +306,7 @@ enum Transport {
         metadata: Vec<(AsciiMetadataKey, AsciiMetadataValue)>,
     },
     Http {
-        client: HttpClient,
+        client: Box<HttpClient>,
         uri: http::Uri,
         headers: Vec<(http::HeaderName, http::HeaderValue)>,
     },
@@ -382,7 +382,7 @@ impl Transport {
                     })
                     .collect::<Result<_, ExportError>>()?;
                 Ok(Transport::Http {
-                    client,
+                    client: Box::new(client),
                     uri,
                     headers,
                 })
@@ -422,7 +422,7 @@ impl Transport {
                 let req = req
                     .body(Full::new(Bytes::from(request.encode_to_vec())))
                     .map_err(|_| Failure::Permanent("rejected"))?;
-                let response = match client {
+                let response = match client.as_ref() {
                     HttpClient::Plain(c) => c.request(req).await,
                     HttpClient::Tls(c) => c.request(req).await,
                 }

@@ -23,8 +23,14 @@ const UNKNOWN: &str = "_unknown";
 /// Why spans are dropped (label `reason` of `observer_spans_dropped_total`).
 pub(crate) const DROP_REASONS: [&str; 4] = ["queue_full", "export_failed", "rejected", "stopped"];
 /// Why an export attempt failed (label `reason` of `observer_span_export_failures_total`).
-pub(crate) const FAILURE_REASONS: [&str; 6] =
-    ["unavailable", "timeout", "throttled", "transient", "rejected", "io"];
+pub(crate) const FAILURE_REASONS: [&str; 6] = [
+    "unavailable",
+    "timeout",
+    "throttled",
+    "transient",
+    "rejected",
+    "io",
+];
 
 /// Upper bounds in seconds, after OpenTelemetry's advice for short network calls.
 const LOOKUP_BUCKETS: [f64; 14] = [

@@ -18,6 +18,9 @@ use crate::record::{ConnectionRecord, DnsQueryRecord, Outcome, Resolution};
 
 const SCOPE_NAME: &str = "observer";
 
+/// Resource attributes (all strings), hashable to group a batch's spans by resource.
+type ResourcePairs = Vec<(&'static str, String)>;
+
 /// Turns enriched connections into OTLP requests.
 #[derive(Clone, Debug)]
 pub struct SpanBuilder {
@@ -39,8 +42,8 @@ impl SpanBuilder {
         &self,
         batch: impl IntoIterator<Item = &'a Enriched>,
     ) -> ExportTraceServiceRequest {
-        let mut index: HashMap<Vec<(&'static str, String)>, usize> = HashMap::new();
-        let mut groups: Vec<(Vec<(&'static str, String)>, Vec<Span>)> = Vec::new();
+        let mut index: HashMap<ResourcePairs, usize> = HashMap::new();
+        let mut groups: Vec<(ResourcePairs, Vec<Span>)> = Vec::new();
         for enriched in batch {
             let resource = self.resource_pairs(enriched);
             let spans = self.spans(enriched);
@@ -84,7 +87,7 @@ impl SpanBuilder {
             .collect()
     }
 
-    fn resource_pairs(&self, enriched: &Enriched) -> Vec<(&'static str, String)> {
+    fn resource_pairs(&self, enriched: &Enriched) -> ResourcePairs {
         let id = &enriched.identity;
         let service = enriched
             .service_name()

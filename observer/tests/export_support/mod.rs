@@ -5,8 +5,7 @@ use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
 
 use observer::{
     export::{
-        ContainerIdentity, Enriched, ExportIdentity, PodIdentity, WallClock, Workload,
-        WorkloadKind,
+        ContainerIdentity, Enriched, ExportIdentity, PodIdentity, WallClock, Workload, WorkloadKind,
     },
     record::{ConnectionRecord, DnsQueryRecord, Outcome, Resolution, ResolutionChain},
     scope::ScopeKey,
