@@ -434,16 +434,16 @@ impl Metrics {
         }
     }
 
-    pub fn spans_exported(&self, traces: u64) {
-        self.spans_exported.inc_by(traces);
+    pub fn spans_exported(&self, spans: u64) {
+        self.spans_exported.inc_by(spans);
     }
 
-    pub fn spans_dropped(&self, reason: &'static str, traces: u64) {
+    pub fn spans_dropped(&self, reason: &'static str, spans: u64) {
         self.spans_dropped
             .get_or_create(&ReasonLabels {
                 reason: reason.to_owned(),
             })
-            .inc_by(traces);
+            .inc_by(spans);
     }
 
     pub fn span_export_failure(&self, reason: &'static str) {
