@@ -3,11 +3,13 @@
 //! The pipeline reads left to right:
 //! `probes` (kernel programs, rings, decoded events) -> `dns` (wire format) ->
 //! `identity` (cgroup id -> pod, container, workload, resolv.conf) ->
-//! `correlate` (pure: resolution chains joined to connects, classified) -> `record`s.
+//! `correlate` (pure: resolution chains joined to connects, classified) -> `record`s ->
+//! `export` (OTLP spans, Prometheus metrics, text and JSON lines); `agent` runs them all.
 
 pub mod agent;
 pub mod correlate;
 pub mod dns;
+pub mod export;
 pub mod identity;
 pub mod probes;
 pub mod record;
