@@ -14,6 +14,7 @@ pub mod exec;
 pub mod host;
 pub mod names;
 pub mod netns;
+pub mod otlp;
 pub mod pod;
 pub mod probe;
 pub mod testbed;
