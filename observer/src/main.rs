@@ -2,7 +2,10 @@ use std::collections::HashSet;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use observer::probes::{self, BootClock, ProbeOptions, Probes};
+use observer::{
+    agent::config::{LogFormat, RunArgs, Settings},
+    probes::{self, BootClock, ProbeOptions, Probes},
+};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// eBPF network flow observer for Kubernetes.
@@ -15,6 +18,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the agent: observe DNS and connects, correlate, print, export spans and metrics.
+    Run(RunArgs),
     /// Print decoded kernel events live, one line each (debugging).
     Events(EventsArgs),
 }
@@ -33,17 +38,38 @@ struct EventsArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Events(args) => run_events(args),
+        Command::Run(args) => run_agent(args),
+        Command::Events(args) => {
+            init_logging(LogFormat::Text, "warn");
+            run_events(args)
+        }
     }
+}
+
+/// Logs go to standard error: standard output carries the connections.
+fn init_logging(format: LogFormat, default_filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run_agent(args: RunArgs) -> anyhow::Result<()> {
+    let settings = Settings::resolve(args)?;
+    init_logging(settings.log_format, &settings.log_level);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(observer::agent::run(settings))
 }
 
 fn run_events(args: EventsArgs) -> anyhow::Result<()> {

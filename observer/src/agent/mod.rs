@@ -1,2 +1,462 @@
 //! `observer run`: the agent that wires probes, identity, correlation and export.
+//!
+//! One task owns the correlation core and every per-event decision, so the core stays a
+//! plain single-threaded value; the exporters and the HTTP server run beside it.
 pub mod config;
+pub mod enrich;
+
+use std::{
+    collections::HashSet,
+    io::Write,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use tokio::sync::mpsc;
+
+use crate::{
+    correlate::{self, Correlator, CorrelatorConfig, ResolverConfig},
+    dns::{
+        self,
+        tcp::{StreamDirection, StreamKey, TcpLimits, TcpReassembler, TcpSegment},
+    },
+    export::{
+        EnrichmentState, Enriched, ExportConfig, ExportIdentity, JsonWriter, Metrics, PodIdentity, Readiness,
+        SpanExporter, SpanSelection, SpanSink, TextWriter, WallClock, color_for_stdout,
+        serve_http,
+    },
+    identity::{EnrichmentStatus, Identity, IdentityConfig, KubeMode, WorkloadIdentity},
+    probes::{self, BootClock, DnsPacket, Event, ProbeOptions, Probes, Protocol},
+    record::{BootNs, ConnectionRecord},
+    scope::ScopeKey,
+};
+use config::{ExportPolicySetting, KubeSetting, OutputFormat, Settings};
+use enrich::NodeFacts;
+
+/// How often counters are published, unanswered queries collected, caches refreshed.
+const TICK: Duration = Duration::from_secs(1);
+/// How long the exporter may take to flush on shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How often the cgroup cache and the cluster networks are refreshed.
+const REFRESH: Duration = Duration::from_secs(30);
+
+/// Run the agent until SIGINT or SIGTERM.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let mut probes = tokio::task::block_in_place(|| {
+        Probes::load(&ProbeOptions {
+            dns_ports: settings.dns_ports.clone(),
+            dns_ring_bytes: settings
+                .ring_size_kib
+                .map_or(ProbeOptions::default().dns_ring_bytes, |k| {
+                    k.next_power_of_two().max(4) * 1024
+                }),
+            ..ProbeOptions::default()
+        })
+    })
+    .context("loading the kernel programs")?;
+    let events = probes.events().context("reading the kernel rings")?;
+
+    let identity = Identity::start(IdentityConfig {
+        kube_mode: match settings.kube {
+            KubeSetting::Auto => KubeMode::Auto,
+            KubeSetting::Off => KubeMode::Off,
+        },
+        node_name: settings.node_name.clone(),
+        ..IdentityConfig::default()
+    })
+    .await
+    .context("starting pod identity")?;
+
+    let boot = BootClock::new().context("reading the system clocks")?;
+    let wall = WallClock::new(boot.offset_ns());
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Readiness::new();
+    let (metrics_addr, _server) = serve_http(settings.metrics_addr, metrics.clone(), readiness.clone())
+        .await
+        .with_context(|| format!("serving metrics on {}", settings.metrics_addr))?;
+    tracing::info!(%metrics_addr, "serving /metrics, /healthz and /readyz");
+
+    let export_config = export_config(&settings)?;
+    let exporter = match SpanSink::from_config(&export_config).context("configuring span export")? {
+        Some(sink) => {
+            tracing::info!(sink = %sink_name(&sink), "exporting spans");
+            Some(SpanExporter::start(&export_config, sink, wall, metrics.clone())?)
+        }
+        None => {
+            tracing::info!(
+                "no OTLP endpoint (OTEL_EXPORTER_OTLP_ENDPOINT) and no --spans-file: spans are not exported"
+            );
+            None
+        }
+    };
+
+    let mut agent = Agent {
+        core: Correlator::new(CorrelatorConfig {
+            cluster_domain: settings.cluster_domain.clone(),
+            cluster_networks: cluster_networks(&settings, &identity),
+            ..CorrelatorConfig::default()
+        }),
+        tcp: TcpReassembler::new(TcpLimits::default()),
+        identity,
+        node: NodeFacts {
+            cluster: settings.cluster_name.clone(),
+            node: settings.node_name.clone(),
+        },
+        configured: HashSet::new(),
+        metrics: metrics.clone(),
+        exporter,
+        output: Output::new(settings.output, wall),
+        settings,
+        messages: Vec::new(),
+    };
+    readiness.set_probes_attached(true);
+    readiness.set_export_running(true);
+    tracing::info!(cgroup = %probes.cgroup().display(), "observing");
+
+    let result = agent.event_loop(events, &probes, &boot).await;
+
+    // Detach first: nothing new arrives while the last spans are flushed.
+    readiness.set_probes_attached(false);
+    let losses = probes.loss_counters().ok();
+    drop(probes);
+    if let Some(exporter) = agent.exporter.take() {
+        exporter.shutdown(SHUTDOWN_GRACE).await;
+    }
+    agent.output.flush();
+    if let Some(losses) = losses {
+        for (counter, n) in losses.iter().filter(|(_, n)| *n > 0) {
+            tracing::warn!(counter = counter.name(), lost = n, "kernel events not delivered");
+        }
+    }
+    result
+}
+
+fn export_config(settings: &Settings) -> anyhow::Result<ExportConfig> {
+    let mut config = ExportConfig::from_env().context("reading the OTEL_EXPORTER_OTLP_* variables")?;
+    config.selection = match settings.export {
+        ExportPolicySetting::Flagged => SpanSelection::Flagged,
+        ExportPolicySetting::Egress => SpanSelection::Egress,
+        ExportPolicySetting::All => SpanSelection::All,
+    };
+    config.sample_ratio = settings.sample_ratio;
+    if settings.spans_file.is_some() {
+        config.json_path = settings.spans_file.clone();
+    }
+    Ok(config)
+}
+
+fn sink_name(sink: &SpanSink) -> String {
+    match sink {
+        SpanSink::Grpc(url) => format!("OTLP gRPC {url}"),
+        SpanSink::Http(url) => format!("OTLP HTTP {url}"),
+        SpanSink::JsonLines(_) => "JSON lines file".into(),
+    }
+}
+
+/// Configured networks merged with those Kubernetes reports; the core's defaults (the
+/// private ranges) when neither says anything.
+fn cluster_networks(settings: &Settings, identity: &Identity) -> Vec<ipnet::IpNet> {
+    let mut nets = settings.cluster_cidrs.clone();
+    nets.extend(identity.cluster_networks());
+    nets.sort();
+    nets.dedup();
+    if nets.is_empty() {
+        CorrelatorConfig::default().cluster_networks
+    } else {
+        nets
+    }
+}
+
+/// Where correlated connections are printed.
+enum Output {
+    Text(TextWriter<std::io::Stdout>),
+    Json(JsonWriter<std::io::Stdout>),
+    None,
+}
+
+impl Output {
+    fn new(format: OutputFormat, wall: WallClock) -> Output {
+        match format {
+            OutputFormat::Text => Output::Text(TextWriter::new(std::io::stdout(), wall, color_for_stdout())),
+            OutputFormat::Json => Output::Json(JsonWriter::new(std::io::stdout(), wall)),
+            OutputFormat::None => Output::None,
+        }
+    }
+
+    fn write(&mut self, record: &Enriched) {
+        let written = match self {
+            Output::Text(w) => w.write(record).map(|_| ()),
+            Output::Json(w) => w.write(record),
+            Output::None => Ok(()),
+        };
+        if let Err(e) = written {
+            // A closed stdout (a pipe whose reader left) must not stop observation.
+            tracing::debug!(error = %e, "writing a connection to standard output");
+        }
+    }
+
+    fn flush(&mut self) {
+        let _ = std::io::stdout().flush();
+    }
+}
+
+struct Agent {
+    core: Correlator,
+    tcp: TcpReassembler,
+    identity: Identity,
+    node: NodeFacts,
+    /// Scopes whose resolver config and drift key were handed to the core.
+    configured: HashSet<ScopeKey>,
+    metrics: Arc<Metrics>,
+    exporter: Option<SpanExporter>,
+    output: Output,
+    settings: Settings,
+    /// Reused buffer for messages reassembled from TCP.
+    messages: Vec<Vec<u8>>,
+}
+
+impl Agent {
+    async fn event_loop(
+        &mut self,
+        mut events: mpsc::Receiver<Event>,
+        probes: &Probes,
+    ) -> anyhow::Result<()> {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_refresh = Instant::now();
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(event) => self.handle(event),
+                    None => anyhow::bail!("the kernel ring readers stopped"),
+                },
+                _ = tick.tick() => {
+                    let now = probes::boot_now_ns().context("reading CLOCK_BOOTTIME")?;
+                    self.tick(now, probes);
+                    if last_refresh.elapsed() >= REFRESH {
+                        last_refresh = Instant::now();
+                        self.refresh();
+                    }
+                }
+                _ = tokio::signal::ctrl_c() => {
+                    tracing::info!("interrupted: detaching");
+                    return Ok(());
+                }
+                _ = terminate.recv() => {
+                    tracing::info!("terminated: detaching");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Dns(packet) => self.dns(packet),
+            Event::ConnectOpen(open) => {
+                let who = self.who(open.cgroup_id, Some(open.pid));
+                self.core.connect_open(correlate::ConnectOpen {
+                    scope: who.scope.clone(),
+                    sock_id: open.sock_id,
+                    at: open.timestamp,
+                    cgroup_id: open.cgroup_id,
+                    pid: open.pid,
+                    comm: open.comm,
+                    // What the application asked for is what a DNS answer named.
+                    destination: open.requested.unwrap_or(open.destination),
+                    source: (open.source.port() != 0).then_some(open.source),
+                });
+            }
+            Event::ConnectOutcome(outcome) => {
+                let record = self.core.connect_outcome(correlate::ConnectOutcome {
+                    sock_id: outcome.connect.sock_id,
+                    at: outcome.connect.timestamp,
+                    outcome: outcome.result.into(),
+                    source: (outcome.connect.source.port() != 0).then_some(outcome.connect.source),
+                });
+                if let Some(record) = record {
+                    self.emit(record);
+                }
+            }
+        }
+    }
+
+    /// Identity of a cgroup, handing the core the pod's resolv.conf and drift key the first
+    /// time the scope is seen with them.
+    fn who(&mut self, cgroup_id: u64, pid: Option<u32>) -> Arc<WorkloadIdentity> {
+        let who = self.identity.resolve(cgroup_id, pid);
+        if !self.configured.contains(&who.scope)
+            && let Some(resolver) = &who.resolver
+        {
+            let config = ResolverConfig {
+                search: resolver.search.clone(),
+                ndots: resolver.ndots,
+            };
+            let drift = enrich::drift_key(&who);
+            let accepted = self.core.set_resolver_config(&who.scope, &config).is_ok()
+                && drift.is_none_or(|key| self.core.set_drift_key(&who.scope, &key).is_ok());
+            if accepted {
+                self.configured.insert(who.scope.clone());
+            }
+        }
+        who
+    }
+
+    fn dns(&mut self, packet: DnsPacket) {
+        let who = self.who(packet.cgroup_id, None);
+        let direction = match packet.direction {
+            probes::Direction::Egress => correlate::Direction::Egress,
+            probes::Direction::Ingress => correlate::Direction::Ingress,
+        };
+        match packet.protocol {
+            Protocol::Udp => {
+                if packet.truncated {
+                    // A cut UDP message would parse as malformed: count it for what it is.
+                    self.metrics.observe_dns_parse_error("capture_cut");
+                    return;
+                }
+                let payload = packet.payload.clone();
+                self.dns_message(&who, &packet, direction, &payload);
+            }
+            Protocol::Tcp => {
+                let Some(seq) = packet.tcp_seq else { return };
+                let mut messages = std::mem::take(&mut self.messages);
+                self.tcp.push(
+                    TcpSegment {
+                        key: StreamKey {
+                            socket_cookie: packet.socket_cookie,
+                            direction: match direction {
+                                correlate::Direction::Egress => StreamDirection::Egress,
+                                correlate::Direction::Ingress => StreamDirection::Ingress,
+                            },
+                        },
+                        at: packet.timestamp,
+                        seq,
+                        wire_len: packet.payload_len,
+                        payload: &packet.payload,
+                    },
+                    &mut messages,
+                );
+                for message in messages.drain(..) {
+                    self.dns_message(&who, &packet, direction, &message);
+                }
+                self.messages = messages;
+            }
+        }
+    }
+
+    fn dns_message(
+        &mut self,
+        who: &WorkloadIdentity,
+        packet: &DnsPacket,
+        direction: correlate::Direction,
+        bytes: &[u8],
+    ) {
+        let message = match dns::parse(bytes) {
+            Ok(message) => message,
+            Err(e) => {
+                self.core.count_parse_error(e.kind);
+                self.metrics.observe_dns_parse_error(e.kind.as_str());
+                return;
+            }
+        };
+        if message.is_response && direction == correlate::Direction::Ingress {
+            let identity = enrich::export_identity(who, &self.node);
+            self.metrics
+                .observe_dns_response(&identity, "", &message.rcode.mnemonic());
+        }
+        self.core.observe_dns(correlate::DnsObservation {
+            scope: who.scope.clone(),
+            at: packet.timestamp,
+            direction,
+            src: packet.source,
+            dst: packet.destination,
+            message,
+        });
+    }
+
+    fn emit(&mut self, record: ConnectionRecord) {
+        let who = self.identity.resolve(record.cgroup_id, Some(record.pid));
+        let enriched = Enriched {
+            identity: enrich::export_identity(&who, &self.node),
+            record,
+        };
+        self.metrics.observe_connection(&enriched);
+        if let Some(exporter) = &self.exporter {
+            exporter.submit(&enriched);
+        }
+        self.output.write(&enriched);
+    }
+
+    fn tick(&mut self, now: BootNs, probes: &Probes) {
+        for unanswered in self.core.tick(now) {
+            let identity = self.scope_identity(&unanswered.scope);
+            self.metrics.observe_unanswered_query(&identity, "");
+            tracing::debug!(name = %unanswered.name, qtype = %unanswered.qtype, scope = %unanswered.scope, "DNS query never answered");
+        }
+        self.tcp.evict_idle(now);
+        match probes.loss_counters() {
+            Ok(losses) => {
+                for (counter, total) in losses.iter() {
+                    self.metrics
+                        .set_kernel_events_lost(counter.program(), counter.name(), total);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the kernel loss counters"),
+        }
+        publish_core_counters(&self.metrics, self.core.counters());
+        self.metrics.set_enrichment_state(match self.identity.status() {
+            EnrichmentStatus::Disabled => EnrichmentState::CgroupOnly,
+            EnrichmentStatus::Ready => EnrichmentState::Kube,
+            EnrichmentStatus::Syncing | EnrichmentStatus::Degraded { .. } => {
+                EnrichmentState::Degraded
+            }
+        });
+    }
+
+    /// Export identity of a whole scope (no single container): for per-scope metrics.
+    fn scope_identity(&self, scope: &ScopeKey) -> ExportIdentity {
+        match scope {
+            ScopeKey::Host(cgroup) => {
+                enrich::export_identity(&self.identity.resolve(*cgroup, None), &self.node)
+            }
+            ScopeKey::Pod(uid) => ExportIdentity {
+                cluster: self.node.cluster.clone(),
+                node: self.node.node.clone(),
+                pod: Some(PodIdentity {
+                    uid: uid.to_string(),
+                    ..PodIdentity::default()
+                }),
+                container: None,
+            },
+        }
+    }
+
+    fn refresh(&mut self) {
+        self.identity.refresh_cgroups();
+        let networks = cluster_networks(&self.settings, &self.identity);
+        if networks != self.core.config().cluster_networks {
+            tracing::info!(?networks, "cluster networks changed");
+            self.core.set_cluster_networks(networks);
+        }
+    }
+}
+
+fn publish_core_counters(metrics: &Metrics, c: &correlate::CoreCounters) {
+    for (kind, total) in [
+        ("queries_evicted_cap", c.queries_evicted_cap),
+        ("queries_dropped_cap", c.queries_dropped_cap),
+        ("chains_evicted_cap", c.chains_evicted_cap),
+        ("answers_evicted_scope_cap", c.answers_evicted_scope_cap),
+        ("answers_evicted_total_cap", c.answers_evicted_total_cap),
+        ("answers_dropped_cap", c.answers_dropped_cap),
+        ("connects_evicted_cap", c.connects_evicted_cap),
+        ("connects_dropped_cap", c.connects_dropped_cap),
+        ("connects_expired", c.connects_expired),
+    ] {
+        metrics.set_core_evictions(kind, total);
+    }
+}

@@ -54,6 +54,11 @@ impl BootClock {
         Self { realtime_offset_ns }
     }
 
+    /// CLOCK_REALTIME - CLOCK_BOOTTIME in nanoseconds: what exporters add to kernel stamps.
+    pub const fn offset_ns(&self) -> i128 {
+        self.realtime_offset_ns
+    }
+
     /// Wall-clock time of a kernel stamp (clamped to the epoch, never panics).
     pub fn to_system_time(&self, boot_ns: BootNs) -> SystemTime {
         let unix_ns = i128::from(boot_ns) + self.realtime_offset_ns;
