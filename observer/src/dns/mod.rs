@@ -17,7 +17,7 @@ use std::{
 };
 
 use hickory_proto::{
-    op::{Header, MessageType, OpCode, ResponseCode},
+    op::{Header, MessageType, OpCode},
     rr::{Name, RecordType},
     serialize::binary::{BinDecodable, BinDecoder, DecodeError},
 };
