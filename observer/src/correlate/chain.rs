@@ -299,7 +299,12 @@ pub(super) fn start_chain(
     });
     let (base, kind, asked_absolute) = match first {
         Some((base, s0)) => (base, StepKind::Search(s0), false),
-        None => (name.clone(), StepKind::AsIs, dots(name) < ndots),
+        // With no search list, as-is first says nothing about how the name was written.
+        None => (
+            name.clone(),
+            StepKind::AsIs,
+            !resolver.search.is_empty() && dots(name) < ndots,
+        ),
     };
     Chain {
         base,
