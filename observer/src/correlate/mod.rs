@@ -703,7 +703,7 @@ impl Correlator {
                 self.scopes.remove(&key);
                 self.counters.scopes_idle_evicted += 1;
             } else {
-                self.reschedule(&key);
+                self.reschedule_after(&key, now);
             }
         }
         while let Some((deadline, id)) = self.connect_order.front().copied() {
@@ -722,6 +722,14 @@ impl Correlator {
 
     /// Makes sure `tick` visits the scope no later than its earliest deadline.
     fn reschedule(&mut self, key: &ScopeKey) {
+        self.reschedule_after(key, 0);
+    }
+
+    /// As `reschedule`, from within `tick(now)`: everything due by `now` was handled, so
+    /// only the idle check can be due; a scope kept alive (open connects) is looked at
+    /// again one idle period later rather than on every tick.
+    fn reschedule_after(&mut self, key: &ScopeKey, now: BootNs) {
+        let scope_idle = self.config.scope_idle_ns;
         let Some(scope) = self.scopes.get_mut(key) else {
             return;
         };
@@ -729,8 +737,11 @@ impl Correlator {
         if let Some(Reverse((d, _, _))) = scope.chain_expiry.peek() {
             next = Some(next.map_or(*d, |n| n.min(*d)));
         }
-        let idle_at = scope.last_activity + self.config.scope_idle_ns;
-        let next = next.unwrap_or(idle_at);
+        let idle_at = scope.last_activity + scope_idle;
+        let mut next = next.unwrap_or(idle_at);
+        if next <= now {
+            next = now + scope_idle;
+        }
         match scope.scheduled {
             // A later wakeup than the one booked is found when the booked one fires.
             Some(booked) if booked <= next => {}

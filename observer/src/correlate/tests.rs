@@ -597,3 +597,45 @@ fn concurrent_lookups_of_one_pod_keep_their_own_chains() {
     assert_eq!(cache.resolution, Resolution::InCluster);
     assert_eq!(cache.chain.unwrap().query_name, "cache");
 }
+
+#[test]
+fn idle_scope_with_an_open_connect_is_kept_and_tick_terminates() {
+    let mut c = Correlator::new(config());
+    let client = Client::new("pod-a", "198.18.1.5");
+    c.connect_open(ConnectOpen {
+        scope: client.scope.clone(),
+        sock_id: 1,
+        at: client.now,
+        cgroup_id: 7,
+        pid: 1,
+        comm: "app".into(),
+        destination: "203.0.113.10:80".parse().unwrap(),
+        source: None,
+    });
+    let idle = c.config().scope_idle_ns;
+    let mut cfg_timeout = c.config().connect_timeout_ns;
+    cfg_timeout = cfg_timeout.max(idle);
+    // Past the idle time but before the connect expires: the scope stays.
+    let mut short = config();
+    short.connect_timeout_ns = 10 * idle;
+    let mut c2 = Correlator::new(short);
+    c2.connect_open(ConnectOpen {
+        scope: client.scope.clone(),
+        sock_id: 1,
+        at: client.now,
+        cgroup_id: 7,
+        pid: 1,
+        comm: "app".into(),
+        destination: "203.0.113.10:80".parse().unwrap(),
+        source: None,
+    });
+    c2.tick(client.now + 2 * idle);
+    assert_eq!(c2.scope_count(), 1);
+    assert_eq!(c2.open_connects(), 1);
+    c2.tick(client.now + 11 * idle);
+    assert_eq!(c2.open_connects(), 0);
+    c2.tick(client.now + 13 * idle);
+    assert_eq!(c2.scope_count(), 0);
+    c.tick(client.now + cfg_timeout + 1);
+    assert_eq!(c.open_connects(), 0);
+}
