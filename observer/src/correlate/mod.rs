@@ -507,7 +507,6 @@ impl Correlator {
         let mut resolution = Resolution::None;
         let mut chain_record = None;
         let mut drift = false;
-        let mut counted_scope = false;
         if self.ensure_scope(&open.scope, open.at).is_ok() {
             let scope = self.scopes.get_mut(&open.scope).expect("ensured");
             scope.last_activity = open.at;
@@ -516,7 +515,6 @@ impl Correlator {
                 return;
             }
             scope.open_connects += 1;
-            counted_scope = true;
             if let Some(answer) = scope.index.get(&ip).copied() {
                 let chain = scope
                     .slots
@@ -587,7 +585,6 @@ impl Correlator {
             self.counters.connects_replaced += 1;
             self.release_connect_slot(&prev.record.scope);
         }
-        let _ = counted_scope;
         self.connect_order.push_back((deadline, open.sock_id));
         if self.connect_order.len() > 2 * limits.max_open_connects_total + 1024 {
             let connects = &self.connects;

@@ -600,8 +600,11 @@ fn concurrent_lookups_of_one_pod_keep_their_own_chains() {
 
 #[test]
 fn idle_scope_with_an_open_connect_is_kept_and_tick_terminates() {
-    let mut c = Correlator::new(config());
     let client = Client::new("pod-a", "198.18.1.5");
+    let mut cfg = config();
+    let idle = cfg.scope_idle_ns;
+    cfg.connect_timeout_ns = 10 * idle;
+    let mut c = Correlator::new(cfg);
     c.connect_open(ConnectOpen {
         scope: client.scope.clone(),
         sock_id: 1,
@@ -612,30 +615,11 @@ fn idle_scope_with_an_open_connect_is_kept_and_tick_terminates() {
         destination: "203.0.113.10:80".parse().unwrap(),
         source: None,
     });
-    let idle = c.config().scope_idle_ns;
-    let mut cfg_timeout = c.config().connect_timeout_ns;
-    cfg_timeout = cfg_timeout.max(idle);
     // Past the idle time but before the connect expires: the scope stays.
-    let mut short = config();
-    short.connect_timeout_ns = 10 * idle;
-    let mut c2 = Correlator::new(short);
-    c2.connect_open(ConnectOpen {
-        scope: client.scope.clone(),
-        sock_id: 1,
-        at: client.now,
-        cgroup_id: 7,
-        pid: 1,
-        comm: "app".into(),
-        destination: "203.0.113.10:80".parse().unwrap(),
-        source: None,
-    });
-    c2.tick(client.now + 2 * idle);
-    assert_eq!(c2.scope_count(), 1);
-    assert_eq!(c2.open_connects(), 1);
-    c2.tick(client.now + 11 * idle);
-    assert_eq!(c2.open_connects(), 0);
-    c2.tick(client.now + 13 * idle);
-    assert_eq!(c2.scope_count(), 0);
-    c.tick(client.now + cfg_timeout + 1);
+    c.tick(client.now + 2 * idle);
+    assert_eq!((c.scope_count(), c.open_connects()), (1, 1));
+    c.tick(client.now + 11 * idle);
     assert_eq!(c.open_connects(), 0);
+    c.tick(client.now + 13 * idle);
+    assert_eq!(c.scope_count(), 0);
 }
