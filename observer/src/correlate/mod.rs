@@ -400,11 +400,11 @@ impl Correlator {
         };
         let at = obs.at;
         let msg = &obs.message;
-        let lookup = chain::follow_answer(&pending.name, msg, self.config.limits.max_cname_hops);
+        let mut lookup = chain::follow_answer(&pending.name, msg, self.config.limits.max_cname_hops);
         let q = &mut chain.steps[pending.step as usize].queries[pending.query as usize];
         q.rcode = msg.rcode.0;
         q.answered_at = at;
-        q.answers = lookup.items.clone();
+        q.answers = std::mem::take(&mut lookup.items);
         chain.materialized = None;
 
         if lookup.addresses.is_empty() {
@@ -432,11 +432,15 @@ impl Correlator {
                 chain.answer = Some(ChainAnswer {
                     step: pending.step,
                     class,
-                    cnames: lookup.cnames.clone(),
+                    cnames: std::mem::take(&mut lookup.cnames),
                     answered_at: at,
                 });
                 if class == Resolution::InCluster {
-                    let name: Arc<str> = Arc::from(chain.query_name().as_ref());
+                    let name: Arc<str> = if chain.asked_absolute {
+                        Arc::from(chain.query_name().as_ref())
+                    } else {
+                        chain.base.clone()
+                    };
                     let key = (scope.drift_key.clone(), name);
                     let len = self.in_cluster_seen.len();
                     match self.in_cluster_seen.entry(key) {
@@ -462,40 +466,20 @@ impl Correlator {
         let (slot, generation) = (pending.slot, pending.generation);
         for (ip, ttl) in lookup.addresses {
             let expires_at = at + u64::from(ttl) * 1_000_000_000;
-            self.index_answer(&obs.scope, ip, AnswerRef { slot, generation, expires_at });
+            index_answer(
+                scope,
+                &mut self.answers_total,
+                &mut self.counters,
+                &self.config.limits,
+                ip,
+                AnswerRef {
+                    slot,
+                    generation,
+                    expires_at,
+                },
+            );
         }
         self.reschedule(&obs.scope);
-    }
-
-    fn index_answer(&mut self, scope_key: &ScopeKey, ip: IpAddr, answer: AnswerRef) {
-        let limits = self.config.limits;
-        let scope = self.scopes.get_mut(scope_key).expect("caller holds the scope");
-        if let Some(existing) = scope.index.get_mut(&ip) {
-            // The most recent answer for an address wins.
-            *existing = answer;
-            self.counters.answers_indexed += 1;
-            return;
-        }
-        while scope.index.len() >= limits.max_answers_per_scope
-            || self.answers_total >= limits.max_answers_total
-        {
-            let scope_full = scope.index.len() >= limits.max_answers_per_scope;
-            let removed = evict_oldest_chain(scope, Some((answer.slot, answer.generation)));
-            if removed.chains == 0 {
-                self.counters.answers_dropped_cap += 1;
-                return;
-            }
-            self.answers_total -= removed.answers;
-            self.counters.chains_evicted_cap += u64::from(removed.chains);
-            if scope_full {
-                self.counters.answers_evicted_scope_cap += removed.answers as u64;
-            } else {
-                self.counters.answers_evicted_total_cap += removed.answers as u64;
-            }
-        }
-        scope.index.insert(ip, answer);
-        self.answers_total += 1;
-        self.counters.answers_indexed += 1;
     }
 
     /// A TCP active open: joined now, against the answers this scope had at `open.at`.
@@ -795,6 +779,43 @@ impl Correlator {
         }
         Ok(())
     }
+}
+
+/// Indexes one address of a scope's answer; the most recent answer for an address wins.
+/// Caps make room by evicting the scope's oldest chain (never the one being indexed).
+fn index_answer(
+    scope: &mut Scope,
+    answers_total: &mut usize,
+    counters: &mut CoreCounters,
+    limits: &CoreLimits,
+    ip: IpAddr,
+    answer: AnswerRef,
+) {
+    if let Some(existing) = scope.index.get_mut(&ip) {
+        *existing = answer;
+        counters.answers_indexed += 1;
+        return;
+    }
+    while scope.index.len() >= limits.max_answers_per_scope
+        || *answers_total >= limits.max_answers_total
+    {
+        let scope_full = scope.index.len() >= limits.max_answers_per_scope;
+        let removed = evict_oldest_chain(scope, Some((answer.slot, answer.generation)));
+        if removed.chains == 0 {
+            counters.answers_dropped_cap += 1;
+            return;
+        }
+        *answers_total -= removed.answers;
+        counters.chains_evicted_cap += u64::from(removed.chains);
+        if scope_full {
+            counters.answers_evicted_scope_cap += removed.answers as u64;
+        } else {
+            counters.answers_evicted_total_cap += removed.answers as u64;
+        }
+    }
+    scope.index.insert(ip, answer);
+    *answers_total += 1;
+    counters.answers_indexed += 1;
 }
 
 fn insert_chain(scope: &mut Scope, chain: Chain) -> (u32, u32) {
