@@ -14,7 +14,9 @@ use std::{
 
 use criterion::{Criterion, Throughput};
 use observer::{
-    correlate::{ConnectOpen, ConnectOutcome, Correlator, CorrelatorConfig, Direction, ResolverConfig},
+    correlate::{
+        ConnectOpen, ConnectOutcome, Correlator, CorrelatorConfig, Direction, ResolverConfig,
+    },
     dns::build::{WireAnswer, query, response},
     record::Outcome,
     scope::ScopeKey,
@@ -60,7 +62,16 @@ fn v4(i: usize, k: usize) -> IpAddr {
 }
 
 fn v6(i: usize, k: usize) -> IpAddr {
-    IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, i as u16, 0, 0, 0, 0, k as u16 + 1))
+    IpAddr::V6(Ipv6Addr::new(
+        0x2001,
+        0xdb8,
+        i as u16,
+        0,
+        0,
+        0,
+        0,
+        k as u16 + 1,
+    ))
 }
 
 /// One pod's traffic: `walks` external names reached after three NXDOMAIN steps with
@@ -75,7 +86,10 @@ fn pod_traffic(
     connects: &mut Vec<(ScopeKey, SocketAddr)>,
 ) -> usize {
     let scope = scope_of(i);
-    let client = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 1, (i >> 8) as u8, i as u8)), 40000);
+    let client = SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::new(10, 1, (i >> 8) as u8, i as u8)),
+        40000,
+    );
     let server: SocketAddr = "10.96.0.10:53".parse().unwrap();
     let cfg = resolver(i);
     let mut at = start;
@@ -94,7 +108,9 @@ fn pod_traffic(
             });
             let fam: Vec<WireAnswer> = answers
                 .iter()
-                .filter(|a| matches!(a, WireAnswer::Addr { ip, .. } if ip.is_ipv4() == (qtype == 1)))
+                .filter(
+                    |a| matches!(a, WireAnswer::Addr { ip, .. } if ip.is_ipv4() == (qtype == 1)),
+                )
                 .cloned()
                 .collect();
             at += MS;
@@ -121,8 +137,16 @@ fn pod_traffic(
         let mut answers = Vec::new();
         for k in 0..per_family {
             let k = w * per_family + k;
-            answers.push(WireAnswer::Addr { owner: name.clone(), ttl: 300, ip: v4(i, k) });
-            answers.push(WireAnswer::Addr { owner: name.clone(), ttl: 300, ip: v6(i, k) });
+            answers.push(WireAnswer::Addr {
+                owner: name.clone(),
+                ttl: 300,
+                ip: v4(i, k),
+            });
+            answers.push(WireAnswer::Addr {
+                owner: name.clone(),
+                ttl: 300,
+                ip: v6(i, k),
+            });
         }
         exchange(&name, answers, false, out);
         connects.push((scope.clone(), SocketAddr::new(v4(i, w * per_family), 443)));
@@ -130,7 +154,16 @@ fn pod_traffic(
     for s in 0..services {
         let name = format!("svc{s}.{}", cfg.search[0]);
         let ip = IpAddr::V4(Ipv4Addr::new(10, 96, (s >> 8) as u8, s as u8));
-        exchange(&name, vec![WireAnswer::Addr { owner: name.clone(), ttl: 30, ip }], false, out);
+        exchange(
+            &name,
+            vec![WireAnswer::Addr {
+                owner: name.clone(),
+                ttl: 30,
+                ip,
+            }],
+            false,
+            out,
+        );
         connects.push((scope.clone(), SocketAddr::new(ip, 8080)));
     }
     responses
@@ -145,7 +178,11 @@ fn scenario() -> Scenario {
     }
     // Interleave pods as a node would see them: sort by time.
     messages.sort_by_key(|m| m.at);
-    Scenario { messages, responses, connects }
+    Scenario {
+        messages,
+        responses,
+        connects,
+    }
 }
 
 fn configured() -> Correlator {
@@ -263,7 +300,10 @@ fn throughput_summary(s: &Scenario) {
         s.responses as f64 / best_dns,
         s.messages.len() as f64 / best_dns
     );
-    println!("connects: {:.0} correlated/s per core (open + outcome + record)", s.connects.len() as f64 / best_conn);
+    println!(
+        "connects: {:.0} correlated/s per core (open + outcome + record)",
+        s.connects.len() as f64 / best_conn
+    );
 }
 
 fn criterion_groups(c: &mut Criterion, s: &Scenario) {

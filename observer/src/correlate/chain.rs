@@ -54,7 +54,9 @@ impl QueryState {
     }
 
     fn has_address(&self) -> bool {
-        self.answers.iter().any(|a| matches!(a, AnswerItem::Addr(_)))
+        self.answers
+            .iter()
+            .any(|a| matches!(a, AnswerItem::Addr(_)))
     }
 }
 
@@ -181,7 +183,10 @@ impl Chain {
             cname_chain,
             wasted_queries: answer_step.unwrap_or(self.steps.len()) as u32,
             ndots_walk: self.base.contains('.')
-                && matches!(self.steps.first().map(|s| &s.kind), Some(StepKind::Search(_))),
+                && matches!(
+                    self.steps.first().map(|s| &s.kind),
+                    Some(StepKind::Search(_))
+                ),
             queries,
         });
         self.materialized = Some(chain.clone());
@@ -214,7 +219,10 @@ pub(super) fn find_continuation(
     let slots = &scope.slots;
     scope.open.retain(|(slot, generation)| {
         let s = &slots[*slot as usize];
-        s.generation == *generation && s.chain.as_ref().is_some_and(|c| c.last_query_at + window >= at)
+        s.generation == *generation
+            && s.chain
+                .as_ref()
+                .is_some_and(|c| c.last_query_at + window >= at)
     });
     for &(slot, generation) in scope.open.iter().rev() {
         let chain = scope.slots[slot as usize]

@@ -279,32 +279,32 @@ impl Correlator {
         let name: Arc<str> = Arc::from(question.name.as_str());
         let qtype = question.qtype.0;
 
-        let (slot, generation, step) = match chain::find_continuation(scope, &name, qtype, at, chain_window)
-        {
-            Some(found) => found,
-            None => {
-                if scope.live_chains >= limits.max_chains_per_scope {
-                    let removed = evict_oldest_chain(scope, None);
-                    self.answers_total -= removed.answers;
-                    self.counters.chains_evicted_cap += u64::from(removed.chains);
-                    self.counters.answers_evicted_scope_cap += removed.answers as u64;
+        let (slot, generation, step) =
+            match chain::find_continuation(scope, &name, qtype, at, chain_window) {
+                Some(found) => found,
+                None => {
+                    if scope.live_chains >= limits.max_chains_per_scope {
+                        let removed = evict_oldest_chain(scope, None);
+                        self.answers_total -= removed.answers;
+                        self.counters.chains_evicted_cap += u64::from(removed.chains);
+                        self.counters.answers_evicted_scope_cap += removed.answers as u64;
+                    }
+                    let chain = chain::start_chain(
+                        &mut scope.resolver,
+                        &name,
+                        &self.config.cluster_domain,
+                        at,
+                        chain_window,
+                    );
+                    self.counters.chains_started += 1;
+                    let (slot, generation) = insert_chain(scope, chain);
+                    if scope.open.len() >= limits.max_open_chains_per_scope {
+                        scope.open.pop_front();
+                    }
+                    scope.open.push_back((slot, generation));
+                    (slot, generation, 0)
                 }
-                let chain = chain::start_chain(
-                    &mut scope.resolver,
-                    &name,
-                    &self.config.cluster_domain,
-                    at,
-                    chain_window,
-                );
-                self.counters.chains_started += 1;
-                let (slot, generation) = insert_chain(scope, chain);
-                if scope.open.len() >= limits.max_open_chains_per_scope {
-                    scope.open.pop_front();
-                }
-                scope.open.push_back((slot, generation));
-                (slot, generation, 0)
-            }
-        };
+            };
         let chain = scope.slots[slot as usize]
             .chain
             .as_mut()
@@ -400,7 +400,8 @@ impl Correlator {
         };
         let at = obs.at;
         let msg = &obs.message;
-        let mut lookup = chain::follow_answer(&pending.name, msg, self.config.limits.max_cname_hops);
+        let mut lookup =
+            chain::follow_answer(&pending.name, msg, self.config.limits.max_cname_hops);
         let q = &mut chain.steps[pending.step as usize].queries[pending.query as usize];
         q.rcode = msg.rcode.0;
         q.answered_at = at;
@@ -507,7 +508,10 @@ impl Correlator {
                     .and_then(|s| s.chain.as_mut());
                 match chain {
                     Some(chain) if open.at <= answer.expires_at + grace => {
-                        let a = chain.answer.as_ref().expect("indexed chains have an answer");
+                        let a = chain
+                            .answer
+                            .as_ref()
+                            .expect("indexed chains have an answer");
                         resolution = a.class;
                         let answered_at = a.answered_at;
                         let materialized = chain.materialize();
@@ -564,7 +568,9 @@ impl Correlator {
         {
             self.evict_oldest_connect();
         }
-        let previous = self.connects.insert(open.sock_id, OpenConnect { record, deadline });
+        let previous = self
+            .connects
+            .insert(open.sock_id, OpenConnect { record, deadline });
         if let Some(prev) = previous {
             self.counters.connects_replaced += 1;
             self.release_connect_slot(&prev.record.scope);
@@ -602,7 +608,11 @@ impl Correlator {
 
     fn evict_oldest_connect(&mut self) {
         while let Some((deadline, id)) = self.connect_order.pop_front() {
-            if self.connects.get(&id).is_some_and(|c| c.deadline == deadline) {
+            if self
+                .connects
+                .get(&id)
+                .is_some_and(|c| c.deadline == deadline)
+            {
                 let c = self.connects.remove(&id).expect("checked");
                 self.release_connect_slot(&c.record.scope);
                 self.counters.connects_evicted_cap += 1;
@@ -631,7 +641,11 @@ impl Correlator {
                         break;
                     }
                     scope.pending_order.pop_front();
-                    if scope.pending.get(&pk).is_some_and(|p| p.deadline == deadline) {
+                    if scope
+                        .pending
+                        .get(&pk)
+                        .is_some_and(|p| p.deadline == deadline)
+                    {
                         let p = scope.pending.remove(&pk).expect("checked");
                         self.pending_total -= 1;
                         self.counters.queries_unanswered += 1;
@@ -653,7 +667,9 @@ impl Correlator {
                         });
                     }
                 }
-                while let Some(Reverse((free_at, slot, generation))) = scope.chain_expiry.peek().copied() {
+                while let Some(Reverse((free_at, slot, generation))) =
+                    scope.chain_expiry.peek().copied()
+                {
                     if free_at > now {
                         break;
                     }
@@ -666,7 +682,9 @@ impl Correlator {
                         continue;
                     };
                     if chain.free_at > now {
-                        scope.chain_expiry.push(Reverse((chain.free_at, slot, generation)));
+                        scope
+                            .chain_expiry
+                            .push(Reverse((chain.free_at, slot, generation)));
                         continue;
                     }
                     let answers = free_chain(scope, slot);
@@ -692,7 +710,11 @@ impl Correlator {
                 break;
             }
             self.connect_order.pop_front();
-            if self.connects.get(&id).is_some_and(|c| c.deadline == deadline) {
+            if self
+                .connects
+                .get(&id)
+                .is_some_and(|c| c.deadline == deadline)
+            {
                 let c = self.connects.remove(&id).expect("checked");
                 self.release_connect_slot(&c.record.scope);
                 self.counters.connects_expired += 1;
@@ -836,7 +858,9 @@ fn insert_chain(scope: &mut Scope, chain: Chain) -> (u32, u32) {
     let generation = scope.slots[slot as usize].generation;
     scope.live_chains += 1;
     scope.chain_order.push_back((slot, generation));
-    scope.chain_expiry.push(Reverse((free_at, slot, generation)));
+    scope
+        .chain_expiry
+        .push(Reverse((free_at, slot, generation)));
     (slot, generation)
 }
 
@@ -872,7 +896,8 @@ struct Evicted {
 /// Frees the scope's oldest chain, never `keep`.
 fn evict_oldest_chain(scope: &mut Scope, keep: Option<(u32, u32)>) -> Evicted {
     while let Some((slot, generation)) = scope.chain_order.pop_front() {
-        let live = scope.slots[slot as usize].generation == generation && scope.slots[slot as usize].chain.is_some();
+        let live = scope.slots[slot as usize].generation == generation
+            && scope.slots[slot as usize].chain.is_some();
         if !live {
             continue;
         }
@@ -894,7 +919,11 @@ fn evict_oldest_chain(scope: &mut Scope, keep: Option<(u32, u32)>) -> Evicted {
 
 fn pop_oldest_pending(scope: &mut Scope) -> Option<Pending> {
     while let Some((deadline, key)) = scope.pending_order.pop_front() {
-        if scope.pending.get(&key).is_some_and(|p| p.deadline == deadline) {
+        if scope
+            .pending
+            .get(&key)
+            .is_some_and(|p| p.deadline == deadline)
+        {
             return scope.pending.remove(&key);
         }
     }

@@ -1,7 +1,7 @@
 //! The core driven with real DNS wire bytes, shaped as glibc sends queries (A and AAAA
 //! from one socket, separate ids) and as dnsmasq answers (NXDOMAIN with an SOA).
 use std::{
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
@@ -25,7 +25,10 @@ const NXDOMAIN: u16 = 3;
 
 fn config() -> CorrelatorConfig {
     CorrelatorConfig {
-        cluster_networks: vec!["198.18.0.0/15".parse().unwrap(), "fd00:198:18::/48".parse().unwrap()],
+        cluster_networks: vec![
+            "198.18.0.0/15".parse().unwrap(),
+            "fd00:198:18::/48".parse().unwrap(),
+        ],
         ..CorrelatorConfig::default()
     }
 }
@@ -143,7 +146,13 @@ impl Client {
         self.receive(c, aaaa, name, AAAA, &aaaa_reply);
     }
 
-    fn connect(&mut self, c: &mut Correlator, sock_id: u64, dest: &str, outcome: Outcome) -> ConnectionRecord {
+    fn connect(
+        &mut self,
+        c: &mut Correlator,
+        sock_id: u64,
+        dest: &str,
+        outcome: Outcome,
+    ) -> ConnectionRecord {
         let at = self.tick();
         c.connect_open(ConnectOpen {
             scope: self.scope.clone(),
@@ -199,7 +208,11 @@ fn seed_story_is_a_flagged_search_escape_with_or_without_resolv_conf() {
         }
         seed_story(&mut c, &mut client);
         let r = client.connect(&mut c, 1, "203.0.113.10:5432", Outcome::Established);
-        assert_eq!(r.resolution, Resolution::SearchEscape, "known config: {known}");
+        assert_eq!(
+            r.resolution,
+            Resolution::SearchEscape,
+            "known config: {known}"
+        );
         assert!(r.egress && r.flagged && !r.drift);
         assert_eq!(r.outcome, Outcome::Established);
         let chain = r.chain.as_ref().unwrap();
@@ -225,7 +238,11 @@ fn service_present_is_in_cluster() {
     client.lookup(
         &mut c,
         "db.simple-web-app.svc.cluster.local",
-        Reply::Addrs(vec![addr("db.simple-web-app.svc.cluster.local", 30, "198.18.0.20")]),
+        Reply::Addrs(vec![addr(
+            "db.simple-web-app.svc.cluster.local",
+            30,
+            "198.18.0.20",
+        )]),
     );
     let r = client.connect(&mut c, 1, "198.18.0.20:5432", Outcome::Established);
     assert_eq!(r.resolution, Resolution::InCluster);
@@ -233,7 +250,10 @@ fn service_present_is_in_cluster() {
     let chain = r.chain.unwrap();
     assert_eq!(chain.query_name, "db");
     assert_eq!(chain.wasted_queries, 0);
-    assert_eq!(chain.search_domain.as_deref(), Some("simple-web-app.svc.cluster.local"));
+    assert_eq!(
+        chain.search_domain.as_deref(),
+        Some("simple-web-app.svc.cluster.local")
+    );
 }
 
 #[test]
@@ -284,7 +304,10 @@ fn aaaa_only_answer_joins_a_v6_connect() {
     assert!(chain.queries[6].answers.is_empty(), "A was NODATA");
     assert_eq!(chain.queries[7].answers, vec!["2001:db8::10".to_string()]);
     // A dual-stack socket asking for the v4-mapped form of an A answer joins it too.
-    let mapped = Ipv6Addr::from(ip("203.0.113.10").to_string().parse::<std::net::Ipv4Addr>().unwrap().to_ipv6_mapped());
+    let mapped = "203.0.113.10"
+        .parse::<std::net::Ipv4Addr>()
+        .unwrap()
+        .to_ipv6_mapped();
     let mut c = Correlator::new(config());
     let mut client = Client::new("pod-b", "198.18.1.6");
     configured(&mut c, &client, 5);
@@ -297,14 +320,21 @@ fn aaaa_only_answer_joins_a_v6_connect() {
 fn answers_expire_after_ttl_plus_grace() {
     let cfg = config();
     let grace = cfg.answer_grace_ns;
-    for (wait, joined) in [(30 * SEC + grace - SEC, true), (30 * SEC + grace + SEC, false)] {
+    for (wait, joined) in [
+        (30 * SEC + grace - SEC, true),
+        (30 * SEC + grace + SEC, false),
+    ] {
         let mut c = Correlator::new(cfg.clone());
         let mut client = Client::new("pod-a", "198.18.1.5");
         configured(&mut c, &client, 5);
         client.lookup(
             &mut c,
             "db.simple-web-app.svc.cluster.local",
-            Reply::Addrs(vec![addr("db.simple-web-app.svc.cluster.local", 30, "198.18.0.20")]),
+            Reply::Addrs(vec![addr(
+                "db.simple-web-app.svc.cluster.local",
+                30,
+                "198.18.0.20",
+            )]),
         );
         client.now += wait;
         let r = client.connect(&mut c, 1, "198.18.0.20:80", Outcome::Established);
@@ -322,23 +352,48 @@ fn scopes_never_share_answers() {
     let mut a = Client::new("pod-a", "198.18.1.5");
     let mut b = Client::new("pod-b", "198.18.1.6");
     // CDN: different names, one address.
-    a.lookup(&mut c, "img.shop.example", Reply::Addrs(vec![addr("img.shop.example", 60, "203.0.113.50")]));
-    b.lookup(&mut c, "static.news.example", Reply::Addrs(vec![addr("static.news.example", 60, "203.0.113.50")]));
+    a.lookup(
+        &mut c,
+        "img.shop.example",
+        Reply::Addrs(vec![addr("img.shop.example", 60, "203.0.113.50")]),
+    );
+    b.lookup(
+        &mut c,
+        "static.news.example",
+        Reply::Addrs(vec![addr("static.news.example", 60, "203.0.113.50")]),
+    );
     let ra = a.connect(&mut c, 1, "203.0.113.50:443", Outcome::Established);
     let rb = b.connect(&mut c, 2, "203.0.113.50:443", Outcome::Established);
     assert_eq!(ra.chain.unwrap().query_name, "img.shop.example");
     assert_eq!(rb.chain.unwrap().query_name, "static.news.example");
 
     // One name, different addresses per pod: each pod only knows its own.
-    a.lookup(&mut c, "api.example.com", Reply::Addrs(vec![addr("api.example.com", 60, "203.0.113.1")]));
-    b.lookup(&mut c, "api.example.com", Reply::Addrs(vec![addr("api.example.com", 60, "203.0.113.2")]));
-    assert!(a.connect(&mut c, 3, "203.0.113.1:443", Outcome::Established).chain.is_some());
+    a.lookup(
+        &mut c,
+        "api.example.com",
+        Reply::Addrs(vec![addr("api.example.com", 60, "203.0.113.1")]),
+    );
+    b.lookup(
+        &mut c,
+        "api.example.com",
+        Reply::Addrs(vec![addr("api.example.com", 60, "203.0.113.2")]),
+    );
+    assert!(
+        a.connect(&mut c, 3, "203.0.113.1:443", Outcome::Established)
+            .chain
+            .is_some()
+    );
     let cross = a.connect(&mut c, 4, "203.0.113.2:443", Outcome::Established);
     assert_eq!(cross.resolution, Resolution::None);
     assert!(cross.egress && !cross.flagged);
     // A pod that resolved nothing has nothing.
     let mut stranger = Client::new("pod-c", "198.18.1.7");
-    assert_eq!(stranger.connect(&mut c, 5, "203.0.113.50:443", Outcome::Established).resolution, Resolution::None);
+    assert_eq!(
+        stranger
+            .connect(&mut c, 5, "203.0.113.50:443", Outcome::Established)
+            .resolution,
+        Resolution::None
+    );
 }
 
 #[test]
@@ -347,7 +402,11 @@ fn absolute_name_is_external_not_an_escape() {
     let mut client = Client::new("pod-a", "198.18.1.5");
     configured(&mut c, &client, 5);
     // `db.another-lab.com.`: tried as-is although it has fewer dots than ndots.
-    client.lookup(&mut c, "db.another-lab.com", Reply::Addrs(vec![addr("db.another-lab.com", 300, "203.0.113.10")]));
+    client.lookup(
+        &mut c,
+        "db.another-lab.com",
+        Reply::Addrs(vec![addr("db.another-lab.com", 300, "203.0.113.10")]),
+    );
     let r = client.connect(&mut c, 1, "203.0.113.10:5432", Outcome::Established);
     assert_eq!(r.resolution, Resolution::External);
     assert!(r.egress && !r.flagged);
@@ -362,9 +421,23 @@ fn ndots_decides_whether_a_dotted_name_walks_the_search_list() {
     let mut c = Correlator::new(config());
     let mut client = Client::new("pod-a", "198.18.1.5");
     configured(&mut c, &client, 1);
-    client.lookup(&mut c, "api.example.com", Reply::Addrs(vec![addr("api.example.com", 60, "203.0.113.7")]));
-    let chain = client.connect(&mut c, 1, "203.0.113.7:443", Outcome::Established).chain.unwrap();
-    assert_eq!((chain.query_name.as_str(), chain.wasted_queries, chain.ndots_walk), ("api.example.com", 0, false));
+    client.lookup(
+        &mut c,
+        "api.example.com",
+        Reply::Addrs(vec![addr("api.example.com", 60, "203.0.113.7")]),
+    );
+    let chain = client
+        .connect(&mut c, 1, "203.0.113.7:443", Outcome::Established)
+        .chain
+        .unwrap();
+    assert_eq!(
+        (
+            chain.query_name.as_str(),
+            chain.wasted_queries,
+            chain.ndots_walk
+        ),
+        ("api.example.com", 0, false)
+    );
 
     // ndots:5: every search domain first, then as-is.
     let mut c = Correlator::new(config());
@@ -373,7 +446,11 @@ fn ndots_decides_whether_a_dotted_name_walks_the_search_list() {
     for d in SEARCH {
         client.lookup(&mut c, &format!("api.example.com.{d}"), Reply::Nx);
     }
-    client.lookup(&mut c, "api.example.com", Reply::Addrs(vec![addr("api.example.com", 60, "203.0.113.7")]));
+    client.lookup(
+        &mut c,
+        "api.example.com",
+        Reply::Addrs(vec![addr("api.example.com", 60, "203.0.113.7")]),
+    );
     let r = client.connect(&mut c, 1, "203.0.113.7:443", Outcome::Established);
     assert_eq!(r.resolution, Resolution::External);
     assert!(!r.flagged);
@@ -392,7 +469,11 @@ fn ndots_decides_whether_a_dotted_name_walks_the_search_list() {
         client.lookup(&mut c, &format!("api.example.com.{d}"), Reply::Nx);
     }
     let wildcard = "api.example.com.another-lab.com";
-    client.lookup(&mut c, wildcard, Reply::Addrs(vec![addr(wildcard, 60, "203.0.113.66")]));
+    client.lookup(
+        &mut c,
+        wildcard,
+        Reply::Addrs(vec![addr(wildcard, 60, "203.0.113.66")]),
+    );
     let r = client.connect(&mut c, 1, "203.0.113.66:443", Outcome::Established);
     assert_eq!(r.resolution, Resolution::SearchEscape);
     assert!(r.flagged && r.chain.unwrap().ndots_walk);
@@ -427,14 +508,22 @@ fn drift_is_tracked_per_workload() {
     let mut new = Client::new("pod-new", "198.18.1.6");
     for cl in [&old, &new] {
         configured(&mut c, cl, 5);
-        c.set_drift_key(&cl.scope, "simple-web-app/deployment/web").unwrap();
+        c.set_drift_key(&cl.scope, "simple-web-app/deployment/web")
+            .unwrap();
     }
     old.lookup(
         &mut c,
         "db.simple-web-app.svc.cluster.local",
-        Reply::Addrs(vec![addr("db.simple-web-app.svc.cluster.local", 30, "198.18.0.20")]),
+        Reply::Addrs(vec![addr(
+            "db.simple-web-app.svc.cluster.local",
+            30,
+            "198.18.0.20",
+        )]),
     );
-    assert!(!old.connect(&mut c, 1, "198.18.0.20:5432", Outcome::Established).drift);
+    assert!(
+        !old.connect(&mut c, 1, "198.18.0.20:5432", Outcome::Established)
+            .drift
+    );
     // The Service is deleted; the replacement pod's `db` escapes.
     new.now = old.now + 60 * SEC;
     seed_story(&mut c, &mut new);
@@ -445,7 +534,11 @@ fn drift_is_tracked_per_workload() {
     configured(&mut c, &other, 5);
     other.now = new.now;
     seed_story(&mut c, &mut other);
-    assert!(!other.connect(&mut c, 3, "203.0.113.10:5432", Outcome::Established).drift);
+    assert!(
+        !other
+            .connect(&mut c, 3, "203.0.113.10:5432", Outcome::Established)
+            .drift
+    );
 }
 
 #[test]
@@ -454,7 +547,11 @@ fn outcomes_and_connects_without_outcome() {
     let mut client = Client::new("pod-a", "198.18.1.5");
     configured(&mut c, &client, 5);
     seed_story(&mut c, &mut client);
-    for (id, outcome) in [(1, Outcome::Refused), (2, Outcome::Timeout), (3, Outcome::Reset)] {
+    for (id, outcome) in [
+        (1, Outcome::Refused),
+        (2, Outcome::Timeout),
+        (3, Outcome::Reset),
+    ] {
         let r = client.connect(&mut c, id, "203.0.113.10:5432", outcome);
         assert_eq!(r.outcome, outcome);
         assert_eq!(r.resolution, Resolution::SearchEscape);
@@ -491,15 +588,29 @@ fn server_side_traffic_and_malformed_messages_are_counted_not_used() {
     let server_scope = pod("coredns");
     let client: SocketAddr = "198.18.1.5:40000".parse().unwrap();
     let server: SocketAddr = "198.18.0.10:53".parse().unwrap();
-    c.observe_dns_wire(&server_scope, 1, Direction::Ingress, client, server, &query(1, "db.another-lab.com", A))
-        .unwrap();
+    c.observe_dns_wire(
+        &server_scope,
+        1,
+        Direction::Ingress,
+        client,
+        server,
+        &query(1, "db.another-lab.com", A),
+    )
+    .unwrap();
     c.observe_dns_wire(
         &server_scope,
         2,
         Direction::Egress,
         server,
         client,
-        &response(1, "db.another-lab.com", A, 0, &[addr("db.another-lab.com", 60, "203.0.113.10")], None),
+        &response(
+            1,
+            "db.another-lab.com",
+            A,
+            0,
+            &[addr("db.another-lab.com", 60, "203.0.113.10")],
+            None,
+        ),
     )
     .unwrap();
     assert_eq!(c.counters().dns_server_side_ignored, 2);
@@ -514,13 +625,26 @@ fn server_side_traffic_and_malformed_messages_are_counted_not_used() {
         m
     }];
     for b in &bad {
-        assert!(c.observe_dns_wire(&scope, 3, Direction::Ingress, server, client, b).is_err());
+        assert!(
+            c.observe_dns_wire(&scope, 3, Direction::Ingress, server, client, b)
+                .is_err()
+        );
     }
     let k = c.counters();
-    assert_eq!((k.parse_empty, k.parse_truncated, k.parse_bad_name), (1, 1, 1));
+    assert_eq!(
+        (k.parse_empty, k.parse_truncated, k.parse_bad_name),
+        (1, 1, 1)
+    );
     // A response nobody asked for.
-    c.observe_dns_wire(&scope, 4, Direction::Ingress, server, client, &response(77, "x.example.com", A, 3, &[], None))
-        .unwrap();
+    c.observe_dns_wire(
+        &scope,
+        4,
+        Direction::Ingress,
+        server,
+        client,
+        &response(77, "x.example.com", A, 3, &[], None),
+    )
+    .unwrap();
     assert_eq!(c.counters().responses_unmatched, 1);
 }
 
@@ -536,14 +660,28 @@ fn caps_evict_and_count() {
         let name = format!("n{i}.example.com");
         let o = format!("203.0.113.{}", 10 * i + 1);
         let t = format!("203.0.113.{}", 10 * i + 2);
-        client.lookup(&mut c, &name, Reply::Addrs(vec![addr(&name, 60, &o), addr(&name, 60, &t)]));
+        client.lookup(
+            &mut c,
+            &name,
+            Reply::Addrs(vec![addr(&name, 60, &o), addr(&name, 60, &t)]),
+        );
     }
     assert_eq!(c.cached_answers(), 4);
     assert_eq!(c.counters().answers_evicted_scope_cap, 2);
     assert_eq!(c.counters().chains_evicted_cap, 1);
     // The oldest chain went: its addresses no longer name connects.
-    assert_eq!(client.connect(&mut c, 1, "203.0.113.1:443", Outcome::Established).resolution, Resolution::None);
-    assert!(client.connect(&mut c, 2, "203.0.113.21:443", Outcome::Established).chain.is_some());
+    assert_eq!(
+        client
+            .connect(&mut c, 1, "203.0.113.1:443", Outcome::Established)
+            .resolution,
+        Resolution::None
+    );
+    assert!(
+        client
+            .connect(&mut c, 2, "203.0.113.21:443", Outcome::Established)
+            .chain
+            .is_some()
+    );
 
     for i in 0..5 {
         client.send(&mut c, &format!("q{i}.example.com"), A);
@@ -563,7 +701,11 @@ fn caps_evict_and_count() {
 fn tick_expires_chains_and_idle_scopes() {
     let mut c = Correlator::new(config());
     let mut client = Client::new("pod-a", "198.18.1.5");
-    client.lookup(&mut c, "a.example.com", Reply::Addrs(vec![addr("a.example.com", 30, "203.0.113.9")]));
+    client.lookup(
+        &mut c,
+        "a.example.com",
+        Reply::Addrs(vec![addr("a.example.com", 30, "203.0.113.9")]),
+    );
     assert_eq!(c.cached_answers(), 1);
     let grace = c.config().answer_grace_ns;
     c.tick(client.now + 30 * SEC + grace + SEC);
@@ -586,11 +728,19 @@ fn concurrent_lookups_of_one_pod_keep_their_own_chains() {
     client.lookup(
         &mut c,
         "cache.simple-web-app.svc.cluster.local",
-        Reply::Addrs(vec![addr("cache.simple-web-app.svc.cluster.local", 30, "198.18.0.30")]),
+        Reply::Addrs(vec![addr(
+            "cache.simple-web-app.svc.cluster.local",
+            30,
+            "198.18.0.30",
+        )]),
     );
     client.lookup(&mut c, "db.svc.cluster.local", Reply::Nx);
     client.lookup(&mut c, "db.cluster.local", Reply::Nx);
-    client.lookup(&mut c, "db.another-lab.com", Reply::Addrs(vec![addr("db.another-lab.com", 300, "203.0.113.10")]));
+    client.lookup(
+        &mut c,
+        "db.another-lab.com",
+        Reply::Addrs(vec![addr("db.another-lab.com", 300, "203.0.113.10")]),
+    );
     let db = client.connect(&mut c, 1, "203.0.113.10:5432", Outcome::Established);
     let cache = client.connect(&mut c, 2, "198.18.0.30:6379", Outcome::Established);
     assert_eq!(db.chain.unwrap().wasted_queries, 3);

@@ -413,8 +413,16 @@ pub mod build {
     /// What a response carries in its answer section.
     #[derive(Clone, Debug)]
     pub enum WireAnswer {
-        Addr { owner: String, ttl: u32, ip: IpAddr },
-        Cname { owner: String, ttl: u32, target: String },
+        Addr {
+            owner: String,
+            ttl: u32,
+            ip: IpAddr,
+        },
+        Cname {
+            owner: String,
+            ttl: u32,
+            target: String,
+        },
     }
 
     fn name(text: &str) -> Name {

@@ -108,7 +108,10 @@ fn parses_nxdomain_with_soa_cname_chain_and_aaaa() {
         r.answers[0].data,
         AnswerData::Cname("edge.cdn.example.net".into())
     );
-    assert_eq!(r.addresses().collect::<Vec<_>>(), vec![(IpAddr::V6(v6), 20)]);
+    assert_eq!(
+        r.addresses().collect::<Vec<_>>(),
+        vec![(IpAddr::V6(v6), 20)]
+    );
 }
 
 #[test]
@@ -144,7 +147,11 @@ fn hostile_messages_are_typed_errors() {
     let full = hex(FORWARDER_ANSWER_HEX);
     let cases: Vec<(&str, Vec<u8>, DnsParseErrorKind)> = vec![
         ("zero length", vec![], DnsParseErrorKind::Empty),
-        ("half a header", full[..7].to_vec(), DnsParseErrorKind::Truncated),
+        (
+            "half a header",
+            full[..7].to_vec(),
+            DnsParseErrorKind::Truncated,
+        ),
         (
             "cut in the answer",
             full[..full.len() - 3].to_vec(),
@@ -153,8 +160,16 @@ fn hostile_messages_are_typed_errors() {
         ("compression loop", loop_name, DnsParseErrorKind::BadName),
         ("forward pointer", forward, DnsParseErrorKind::BadName),
         ("name over 255 bytes", long_name, DnsParseErrorKind::BadName),
-        ("65535 answers in 17 bytes", huge_counts, DnsParseErrorKind::BadCounts),
-        ("too many questions", header(9, 0), DnsParseErrorKind::BadCounts),
+        (
+            "65535 answers in 17 bytes",
+            huge_counts,
+            DnsParseErrorKind::BadCounts,
+        ),
+        (
+            "too many questions",
+            header(9, 0),
+            DnsParseErrorKind::BadCounts,
+        ),
         ("A record of 3 bytes", bad_a, DnsParseErrorKind::BadRecord),
     ];
     for (what, bytes, kind) in cases {
