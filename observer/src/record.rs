@@ -1,7 +1,10 @@
 //! What the correlation core produces and the exporters consume: one correlated TCP
 //! connection, with the DNS that led to it. Timestamps are kernel CLOCK_BOOTTIME
 //! nanoseconds (`BootNs`); exporters turn them into wall-clock time.
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use crate::scope::ScopeKey;
 
@@ -106,7 +109,8 @@ pub struct ConnectionRecord {
     pub outcome: Outcome,
     pub outcome_at: BootNs,
     pub resolution: Resolution,
-    pub chain: Option<ResolutionChain>,
+    /// Shared by every connection joined to the same resolution: built once per chain.
+    pub chain: Option<Arc<ResolutionChain>>,
     /// The destination is outside every configured cluster network.
     pub egress: bool,
     /// Egress reached through a search-domain escape or a CNAME out of the cluster domain.

@@ -1,1 +1,963 @@
-//! (in progress)
+//! The correlation core: per-scope DNS resolution chains joined to TCP connects, classified.
+//!
+//! Pure: no I/O, no clock. Time comes in with every event (`at`) and through
+//! [`Correlator::tick`]. Every structure is keyed by scope first and bounded; every
+//! eviction and drop is counted in [`CoreCounters`]. See README-core.md for the rules.
+mod chain;
+mod types;
+
+#[cfg(test)]
+mod tests;
+
+use std::{
+    cmp::Reverse,
+    collections::{BTreeSet, BinaryHeap, HashMap, VecDeque, hash_map::Entry},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+pub use types::*;
+
+use crate::{
+    dns::{self, DnsParseErrorKind},
+    record::{BootNs, ConnectionRecord, Resolution},
+    scope::ScopeKey,
+};
+use chain::{Chain, ChainAnswer, QueryState, StepKind};
+
+/// A query waiting for its response, keyed by what the response will carry reversed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct PendingKey {
+    id: u16,
+    client: SocketAddr,
+    server: SocketAddr,
+}
+
+#[derive(Clone, Debug)]
+struct Pending {
+    slot: u32,
+    generation: u32,
+    step: u16,
+    query: u16,
+    name: Arc<str>,
+    qtype: u16,
+    sent_at: BootNs,
+    deadline: BootNs,
+}
+
+/// Where an address was learned: one chain, until `expires_at` (TTL) plus grace.
+#[derive(Clone, Copy, Debug)]
+struct AnswerRef {
+    slot: u32,
+    generation: u32,
+    expires_at: BootNs,
+}
+
+struct ChainSlot {
+    generation: u32,
+    chain: Option<Chain>,
+}
+
+/// The resolver settings of a scope, search domains normalized.
+#[derive(Debug)]
+struct Resolver {
+    search: Vec<Arc<str>>,
+    ndots: u8,
+    /// Learned from the queries rather than set from resolv.conf.
+    inferred: bool,
+}
+
+struct Scope {
+    resolver: Resolver,
+    drift_key: Arc<str>,
+    /// Set by identity (resolver or drift key): kept while idle, until `remove_scope`.
+    pinned: bool,
+    pending: HashMap<PendingKey, Pending>,
+    /// Pending keys in send order: the timeout is uniform, so this is deadline order.
+    pending_order: VecDeque<(BootNs, PendingKey)>,
+    slots: Vec<ChainSlot>,
+    free_slots: Vec<u32>,
+    live_chains: usize,
+    /// Chains still accepting queries, oldest first.
+    open: VecDeque<(u32, u32)>,
+    /// Chains in creation order: the eviction order under caps.
+    chain_order: VecDeque<(u32, u32)>,
+    /// When each chain may be freed (lazy: re-checked against the chain when popped).
+    chain_expiry: BinaryHeap<Reverse<(BootNs, u32, u32)>>,
+    index: HashMap<IpAddr, AnswerRef>,
+    open_connects: usize,
+    last_activity: BootNs,
+    scheduled: Option<BootNs>,
+}
+
+struct OpenConnect {
+    record: ConnectionRecord,
+    deadline: BootNs,
+}
+
+/// The correlation core. See the module docs.
+pub struct Correlator {
+    config: CorrelatorConfig,
+    scopes: HashMap<ScopeKey, Scope>,
+    /// (next deadline, scope): which scopes `tick` must visit.
+    wakeups: BTreeSet<(BootNs, ScopeKey)>,
+    connects: HashMap<u64, OpenConnect>,
+    connect_order: VecDeque<(BootNs, u64)>,
+    /// (drift key, query name) -> when it last resolved in-cluster.
+    in_cluster_seen: HashMap<(Arc<str>, Arc<str>), BootNs>,
+    answers_total: usize,
+    pending_total: usize,
+    counters: CoreCounters,
+}
+
+impl Correlator {
+    pub fn new(config: CorrelatorConfig) -> Self {
+        Self {
+            config,
+            scopes: HashMap::new(),
+            wakeups: BTreeSet::new(),
+            connects: HashMap::new(),
+            connect_order: VecDeque::new(),
+            in_cluster_seen: HashMap::new(),
+            answers_total: 0,
+            pending_total: 0,
+            counters: CoreCounters::default(),
+        }
+    }
+
+    pub fn config(&self) -> &CorrelatorConfig {
+        &self.config
+    }
+
+    pub fn counters(&self) -> &CoreCounters {
+        &self.counters
+    }
+
+    pub fn scope_count(&self) -> usize {
+        self.scopes.len()
+    }
+
+    /// Addresses currently indexed, all scopes.
+    pub fn cached_answers(&self) -> usize {
+        self.answers_total
+    }
+
+    pub fn pending_queries(&self) -> usize {
+        self.pending_total
+    }
+
+    pub fn open_connects(&self) -> usize {
+        self.connects.len()
+    }
+
+    /// The pod's resolv.conf, as identity read it. Replaces any inferred search list.
+    pub fn set_resolver_config(
+        &mut self,
+        scope: &ScopeKey,
+        resolver: &ResolverConfig,
+    ) -> Result<(), ScopeLimitReached> {
+        let search = resolver
+            .search
+            .iter()
+            .map(|d| Arc::from(normalize_name(d)))
+            .filter(|d: &Arc<str>| !d.is_empty())
+            .collect();
+        self.ensure_scope(scope, 0)?;
+        let state = self.scopes.get_mut(scope).expect("ensured");
+        state.resolver = Resolver {
+            search,
+            ndots: resolver.ndots,
+            inferred: false,
+        };
+        state.pinned = true;
+        Ok(())
+    }
+
+    /// The workload identity that drift is tracked under (default: the scope itself).
+    pub fn set_drift_key(&mut self, scope: &ScopeKey, key: &str) -> Result<(), ScopeLimitReached> {
+        self.ensure_scope(scope, 0)?;
+        let state = self.scopes.get_mut(scope).expect("ensured");
+        state.drift_key = Arc::from(key);
+        state.pinned = true;
+        Ok(())
+    }
+
+    /// The pod is gone: forget everything about it now (connects already open still
+    /// get their records).
+    pub fn remove_scope(&mut self, scope: &ScopeKey) {
+        if let Some(state) = self.scopes.remove(scope) {
+            if let Some(at) = state.scheduled {
+                self.wakeups.remove(&(at, scope.clone()));
+            }
+            self.answers_total -= state.index.len();
+            self.pending_total -= state.pending.len();
+            self.counters.scopes_removed += 1;
+        }
+    }
+
+    /// Parses wire bytes and observes the message; a parse failure is counted by kind
+    /// and returned.
+    pub fn observe_dns_wire(
+        &mut self,
+        scope: &ScopeKey,
+        at: BootNs,
+        direction: Direction,
+        src: SocketAddr,
+        dst: SocketAddr,
+        bytes: &[u8],
+    ) -> Result<(), dns::DnsParseError> {
+        match dns::parse(bytes) {
+            Ok(message) => {
+                self.observe_dns(DnsObservation {
+                    scope: scope.clone(),
+                    at,
+                    direction,
+                    src,
+                    dst,
+                    message,
+                });
+                Ok(())
+            }
+            Err(e) => {
+                self.count_parse_error(e.kind);
+                Err(e)
+            }
+        }
+    }
+
+    /// Counts a parse failure the caller met (e.g. after TCP reassembly).
+    pub fn count_parse_error(&mut self, kind: DnsParseErrorKind) {
+        let c = &mut self.counters;
+        match kind {
+            DnsParseErrorKind::Empty => c.parse_empty += 1,
+            DnsParseErrorKind::Truncated => c.parse_truncated += 1,
+            DnsParseErrorKind::BadCounts => c.parse_bad_counts += 1,
+            DnsParseErrorKind::BadName => c.parse_bad_name += 1,
+            DnsParseErrorKind::BadRecord => c.parse_bad_record += 1,
+        }
+    }
+
+    pub fn observe_dns(&mut self, obs: DnsObservation) {
+        self.counters.dns_messages += 1;
+        if !dns::is_standard_query(&obs.message) {
+            self.counters.dns_ignored_opcode += 1;
+            return;
+        }
+        match (obs.direction, obs.message.is_response) {
+            (Direction::Egress, false) => self.on_query(obs),
+            (Direction::Ingress, true) => self.on_response(obs),
+            // The server's own socket: the client's side of the same exchange is what counts.
+            _ => self.counters.dns_server_side_ignored += 1,
+        }
+    }
+
+    fn on_query(&mut self, obs: DnsObservation) {
+        let Some(question) = obs.message.question else {
+            self.counters.queries_without_question += 1;
+            return;
+        };
+        self.counters.queries += 1;
+        let at = obs.at;
+        let key = PendingKey {
+            id: obs.message.id,
+            client: obs.src,
+            server: obs.dst,
+        };
+        let query_timeout = self.config.query_timeout_ns;
+        let limits = self.config.limits;
+        let chain_window = self.config.chain_window_ns;
+        if self.ensure_scope(&obs.scope, at).is_err() {
+            return;
+        }
+        let scope = self.scopes.get_mut(&obs.scope).expect("ensured");
+        scope.last_activity = at;
+        if scope.pending.contains_key(&key) {
+            // Same id, same 4-tuple, still unanswered: a retransmission.
+            self.counters.query_retransmits += 1;
+            return;
+        }
+        let name: Arc<str> = Arc::from(question.name.as_str());
+        let qtype = question.qtype.0;
+
+        let (slot, generation, step) =
+            match chain::find_continuation(scope, &name, qtype, at, chain_window) {
+                Some(found) => found,
+                None => {
+                    if scope.live_chains >= limits.max_chains_per_scope {
+                        let removed = evict_oldest_chain(scope, None);
+                        self.answers_total -= removed.answers;
+                        self.counters.chains_evicted_cap += u64::from(removed.chains);
+                        self.counters.answers_evicted_scope_cap += removed.answers as u64;
+                    }
+                    let chain = chain::start_chain(
+                        &mut scope.resolver,
+                        &name,
+                        &self.config.cluster_domain,
+                        at,
+                        chain_window,
+                    );
+                    self.counters.chains_started += 1;
+                    let (slot, generation) = insert_chain(scope, chain);
+                    if scope.open.len() >= limits.max_open_chains_per_scope {
+                        scope.open.pop_front();
+                    }
+                    scope.open.push_back((slot, generation));
+                    (slot, generation, 0)
+                }
+            };
+        let chain = scope.slots[slot as usize]
+            .chain
+            .as_mut()
+            .expect("slot just found or inserted");
+        chain.last_query_at = at;
+        chain.free_at = chain.free_at.max(at + chain_window);
+        chain.materialized = None;
+        let queries = &mut chain.steps[step as usize].queries;
+        let query = queries.len() as u16;
+        queries.push(QueryState::sent(qtype, at));
+
+        // Room for the new pending query: the scope's oldest goes first, then the total.
+        while scope.pending.len() >= limits.max_pending_per_scope
+            || (self.pending_total >= limits.max_pending_total && !scope.pending.is_empty())
+        {
+            if pop_oldest_pending(scope).is_some() {
+                self.pending_total -= 1;
+                self.counters.queries_evicted_cap += 1;
+            } else {
+                break;
+            }
+        }
+        if self.pending_total >= limits.max_pending_total {
+            self.counters.queries_dropped_cap += 1;
+        } else {
+            let deadline = at + query_timeout;
+            scope.pending.insert(
+                key,
+                Pending {
+                    slot,
+                    generation,
+                    step,
+                    query,
+                    name,
+                    qtype,
+                    sent_at: at,
+                    deadline,
+                },
+            );
+            scope.pending_order.push_back((deadline, key));
+            self.pending_total += 1;
+            if scope.pending_order.len() > 4 * limits.max_pending_per_scope + 16 {
+                let pending = &scope.pending;
+                scope
+                    .pending_order
+                    .retain(|(d, k)| pending.get(k).is_some_and(|p| p.deadline == *d));
+            }
+        }
+        let scope_key = obs.scope;
+        self.reschedule(&scope_key);
+    }
+
+    fn on_response(&mut self, obs: DnsObservation) {
+        self.counters.responses += 1;
+        let key = PendingKey {
+            id: obs.message.id,
+            client: obs.dst,
+            server: obs.src,
+        };
+        let Some(scope) = self.scopes.get_mut(&obs.scope) else {
+            self.counters.responses_unmatched += 1;
+            return;
+        };
+        let Some(pending) = scope.pending.get(&key) else {
+            self.counters.responses_unmatched += 1;
+            return;
+        };
+        if let Some(q) = &obs.message.question
+            && (q.name.as_str() != &*pending.name || q.qtype.0 != pending.qtype)
+        {
+            // Same id and tuple but another question: not the answer to this query.
+            self.counters.responses_mismatched += 1;
+            return;
+        }
+        let pending = scope.pending.remove(&key).expect("looked up above");
+        self.pending_total -= 1;
+        scope.last_activity = obs.at;
+        self.counters.responses_matched += 1;
+        if obs.message.truncated {
+            self.counters.responses_truncated += 1;
+        }
+        if obs.message.answers_capped {
+            self.counters.responses_answers_capped += 1;
+        }
+        let Some(chain) = scope
+            .slots
+            .get_mut(pending.slot as usize)
+            .filter(|s| s.generation == pending.generation)
+            .and_then(|s| s.chain.as_mut())
+        else {
+            self.counters.responses_orphaned += 1;
+            return;
+        };
+        let at = obs.at;
+        let msg = &obs.message;
+        let mut lookup =
+            chain::follow_answer(&pending.name, msg, self.config.limits.max_cname_hops);
+        let q = &mut chain.steps[pending.step as usize].queries[pending.query as usize];
+        q.rcode = msg.rcode.0;
+        q.answered_at = at;
+        q.answers = std::mem::take(&mut lookup.items);
+        chain.materialized = None;
+
+        if lookup.addresses.is_empty() {
+            return;
+        }
+        match &chain.answer {
+            Some(a) if a.step != pending.step => {
+                // A later sibling step also answered (parallel resolver): the first wins.
+                return;
+            }
+            Some(_) => {}
+            None => {
+                let step = &chain.steps[pending.step as usize];
+                let server = chain.step_name(pending.step as usize);
+                let search_domain = match &step.kind {
+                    StepKind::Search(d) => Some(&**d),
+                    StepKind::AsIs => None,
+                };
+                let class = classify(
+                    &server,
+                    search_domain,
+                    lookup.cnames.last().map(|c| &**c),
+                    &self.config.cluster_domain,
+                );
+                chain.answer = Some(ChainAnswer {
+                    step: pending.step,
+                    class,
+                    cnames: std::mem::take(&mut lookup.cnames),
+                    answered_at: at,
+                });
+                if class == Resolution::InCluster {
+                    let name: Arc<str> = if chain.asked_absolute {
+                        Arc::from(chain.query_name().as_ref())
+                    } else {
+                        chain.base.clone()
+                    };
+                    let key = (scope.drift_key.clone(), name);
+                    let len = self.in_cluster_seen.len();
+                    match self.in_cluster_seen.entry(key) {
+                        Entry::Occupied(mut e) => *e.get_mut() = at,
+                        Entry::Vacant(e) => {
+                            if len < self.config.limits.max_drift_entries {
+                                e.insert(at);
+                            } else {
+                                self.counters.drift_entries_dropped += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let grace = self.config.answer_grace_ns;
+        let mut latest = chain.free_at;
+        for (_, ttl) in &lookup.addresses {
+            let expires_at = at + u64::from(*ttl) * 1_000_000_000;
+            latest = latest.max(expires_at + grace);
+        }
+        chain.free_at = latest;
+        let (slot, generation) = (pending.slot, pending.generation);
+        for (ip, ttl) in lookup.addresses {
+            let expires_at = at + u64::from(ttl) * 1_000_000_000;
+            index_answer(
+                scope,
+                &mut self.answers_total,
+                &mut self.counters,
+                &self.config.limits,
+                ip,
+                AnswerRef {
+                    slot,
+                    generation,
+                    expires_at,
+                },
+            );
+        }
+        self.reschedule(&obs.scope);
+    }
+
+    /// A TCP active open: joined now, against the answers this scope had at `open.at`.
+    pub fn connect_open(&mut self, open: ConnectOpen) {
+        self.counters.connects_opened += 1;
+        let limits = self.config.limits;
+        let ip = open.destination.ip().to_canonical();
+        let grace = self.config.answer_grace_ns;
+        let mut resolution = Resolution::None;
+        let mut chain_record = None;
+        let mut drift = false;
+        if self.ensure_scope(&open.scope, open.at).is_ok() {
+            let scope = self.scopes.get_mut(&open.scope).expect("ensured");
+            scope.last_activity = open.at;
+            if scope.open_connects >= limits.max_open_connects_per_scope {
+                self.counters.connects_dropped_cap += 1;
+                return;
+            }
+            scope.open_connects += 1;
+            if let Some(answer) = scope.index.get(&ip).copied() {
+                let chain = scope
+                    .slots
+                    .get_mut(answer.slot as usize)
+                    .filter(|s| s.generation == answer.generation)
+                    .and_then(|s| s.chain.as_mut());
+                match chain {
+                    Some(chain) if open.at <= answer.expires_at + grace => {
+                        let a = chain
+                            .answer
+                            .as_ref()
+                            .expect("indexed chains have an answer");
+                        resolution = a.class;
+                        let answered_at = a.answered_at;
+                        let materialized = chain.materialize();
+                        if resolution != Resolution::InCluster {
+                            let key = (
+                                scope.drift_key.clone(),
+                                Arc::from(materialized.query_name.as_str()),
+                            );
+                            drift = self
+                                .in_cluster_seen
+                                .get(&key)
+                                .is_some_and(|seen| *seen <= answered_at);
+                        }
+                        chain_record = Some(materialized);
+                        self.counters.connects_joined += 1;
+                    }
+                    Some(_) => self.counters.connects_answer_expired += 1,
+                    None => self.counters.connects_answer_evicted += 1,
+                }
+            }
+        }
+        if chain_record.is_none() {
+            self.counters.connects_unresolved += 1;
+        }
+        let egress = !self
+            .config
+            .cluster_networks
+            .iter()
+            .any(|net| net.contains(&ip));
+        let flagged = egress
+            && matches!(
+                resolution,
+                Resolution::SearchEscape | Resolution::CnameEscape
+            );
+        let deadline = open.at + self.config.connect_timeout_ns;
+        let record = ConnectionRecord {
+            scope: open.scope,
+            cgroup_id: open.cgroup_id,
+            pid: open.pid,
+            comm: open.comm,
+            destination: open.destination,
+            source: open.source,
+            opened_at: open.at,
+            outcome: crate::record::Outcome::Timeout,
+            outcome_at: open.at,
+            resolution,
+            chain: chain_record,
+            egress,
+            flagged,
+            drift,
+        };
+        if self.connects.len() >= limits.max_open_connects_total
+            && !self.connects.contains_key(&open.sock_id)
+        {
+            self.evict_oldest_connect();
+        }
+        let previous = self
+            .connects
+            .insert(open.sock_id, OpenConnect { record, deadline });
+        if let Some(prev) = previous {
+            self.counters.connects_replaced += 1;
+            self.release_connect_slot(&prev.record.scope);
+        }
+        self.connect_order.push_back((deadline, open.sock_id));
+        if self.connect_order.len() > 2 * limits.max_open_connects_total + 1024 {
+            let connects = &self.connects;
+            self.connect_order
+                .retain(|(d, id)| connects.get(id).is_some_and(|c| c.deadline == *d));
+        }
+    }
+
+    /// The open's outcome: the connection's record, or `None` for an unknown socket.
+    pub fn connect_outcome(&mut self, outcome: ConnectOutcome) -> Option<ConnectionRecord> {
+        let Some(open) = self.connects.remove(&outcome.sock_id) else {
+            self.counters.outcomes_unmatched += 1;
+            return None;
+        };
+        let mut record = open.record;
+        self.release_connect_slot(&record.scope);
+        record.outcome = outcome.outcome;
+        record.outcome_at = outcome.at;
+        if outcome.source.is_some() {
+            record.source = outcome.source;
+        }
+        self.counters.records_emitted += 1;
+        Some(record)
+    }
+
+    fn release_connect_slot(&mut self, scope: &ScopeKey) {
+        if let Some(s) = self.scopes.get_mut(scope) {
+            s.open_connects = s.open_connects.saturating_sub(1);
+        }
+    }
+
+    fn evict_oldest_connect(&mut self) {
+        while let Some((deadline, id)) = self.connect_order.pop_front() {
+            if self
+                .connects
+                .get(&id)
+                .is_some_and(|c| c.deadline == deadline)
+            {
+                let c = self.connects.remove(&id).expect("checked");
+                self.release_connect_slot(&c.record.scope);
+                self.counters.connects_evicted_cap += 1;
+                return;
+            }
+        }
+    }
+
+    /// Advances time: returns the queries that timed out unanswered, expires answers,
+    /// chains, connects without outcome and idle scopes. Cost is proportional to what
+    /// expires (plus one visit per scope with a due deadline).
+    pub fn tick(&mut self, now: BootNs) -> Vec<UnansweredQuery> {
+        let mut unanswered = Vec::new();
+        while let Some((due, _)) = self.wakeups.first() {
+            if *due > now {
+                break;
+            }
+            let (_, key) = self.wakeups.pop_first().expect("first exists");
+            let remove = {
+                let Some(scope) = self.scopes.get_mut(&key) else {
+                    continue;
+                };
+                scope.scheduled = None;
+                while let Some((deadline, pk)) = scope.pending_order.front().copied() {
+                    if deadline > now {
+                        break;
+                    }
+                    scope.pending_order.pop_front();
+                    if scope
+                        .pending
+                        .get(&pk)
+                        .is_some_and(|p| p.deadline == deadline)
+                    {
+                        let p = scope.pending.remove(&pk).expect("checked");
+                        self.pending_total -= 1;
+                        self.counters.queries_unanswered += 1;
+                        let asked = scope
+                            .slots
+                            .get(p.slot as usize)
+                            .filter(|s| s.generation == p.generation)
+                            .and_then(|s| s.chain.as_ref())
+                            .map(|c| c.query_name().into_owned());
+                        unanswered.push(UnansweredQuery {
+                            scope: key.clone(),
+                            name: p.name.to_string(),
+                            qtype: dns::QType(p.qtype).mnemonic().into_owned(),
+                            query_name: asked,
+                            client: pk.client,
+                            server: pk.server,
+                            sent_at: p.sent_at,
+                            expired_at: now,
+                        });
+                    }
+                }
+                while let Some(Reverse((free_at, slot, generation))) =
+                    scope.chain_expiry.peek().copied()
+                {
+                    if free_at > now {
+                        break;
+                    }
+                    scope.chain_expiry.pop();
+                    let Some(chain) = scope.slots[slot as usize]
+                        .chain
+                        .as_ref()
+                        .filter(|_| scope.slots[slot as usize].generation == generation)
+                    else {
+                        continue;
+                    };
+                    if chain.free_at > now {
+                        scope
+                            .chain_expiry
+                            .push(Reverse((chain.free_at, slot, generation)));
+                        continue;
+                    }
+                    let answers = free_chain(scope, slot);
+                    self.answers_total -= answers;
+                    self.counters.chains_expired += 1;
+                    self.counters.answers_expired += answers as u64;
+                }
+                let idle = scope.pending.is_empty()
+                    && scope.live_chains == 0
+                    && scope.open_connects == 0
+                    && !scope.pinned;
+                idle && now.saturating_sub(scope.last_activity) >= self.config.scope_idle_ns
+            };
+            if remove {
+                self.scopes.remove(&key);
+                self.counters.scopes_idle_evicted += 1;
+            } else {
+                self.reschedule_after(&key, now);
+            }
+        }
+        while let Some((deadline, id)) = self.connect_order.front().copied() {
+            if deadline > now {
+                break;
+            }
+            self.connect_order.pop_front();
+            if self
+                .connects
+                .get(&id)
+                .is_some_and(|c| c.deadline == deadline)
+            {
+                let c = self.connects.remove(&id).expect("checked");
+                self.release_connect_slot(&c.record.scope);
+                self.counters.connects_expired += 1;
+            }
+        }
+        unanswered
+    }
+
+    /// Makes sure `tick` visits the scope no later than its earliest deadline.
+    fn reschedule(&mut self, key: &ScopeKey) {
+        self.reschedule_after(key, 0);
+    }
+
+    /// As `reschedule`, from within `tick(now)`: everything due by `now` was handled, so
+    /// only the idle check can be due; a scope kept alive (open connects) is looked at
+    /// again one idle period later rather than on every tick.
+    fn reschedule_after(&mut self, key: &ScopeKey, now: BootNs) {
+        let scope_idle = self.config.scope_idle_ns;
+        let Some(scope) = self.scopes.get_mut(key) else {
+            return;
+        };
+        let mut next = scope.pending_order.front().map(|(d, _)| *d);
+        if let Some(Reverse((d, _, _))) = scope.chain_expiry.peek() {
+            next = Some(next.map_or(*d, |n| n.min(*d)));
+        }
+        let idle_at = scope.last_activity + scope_idle;
+        let mut next = next.unwrap_or(idle_at);
+        if next <= now {
+            next = now + scope_idle;
+        }
+        match scope.scheduled {
+            // A later wakeup than the one booked is found when the booked one fires.
+            Some(booked) if booked <= next => {}
+            booked => {
+                if let Some(b) = booked {
+                    self.wakeups.remove(&(b, key.clone()));
+                }
+                self.wakeups.insert((next, key.clone()));
+                scope.scheduled = Some(next);
+            }
+        }
+    }
+
+    fn ensure_scope(&mut self, key: &ScopeKey, at: BootNs) -> Result<(), ScopeLimitReached> {
+        if !self.scopes.contains_key(key) {
+            if self.scopes.len() >= self.config.limits.max_scopes {
+                self.counters.scopes_refused += 1;
+                return Err(ScopeLimitReached {
+                    scope: key.clone(),
+                    limit: self.config.limits.max_scopes,
+                });
+            }
+            self.counters.scopes_created += 1;
+            let ndots = match key {
+                // Kubernetes writes ndots:5 into every ClusterFirst pod; glibc defaults to 1.
+                ScopeKey::Pod(_) => 5,
+                ScopeKey::Host(_) => 1,
+            };
+            self.scopes.insert(
+                key.clone(),
+                Scope {
+                    resolver: Resolver {
+                        search: Vec::new(),
+                        ndots,
+                        inferred: true,
+                    },
+                    drift_key: Arc::from(key.to_string()),
+                    pinned: false,
+                    pending: HashMap::new(),
+                    pending_order: VecDeque::new(),
+                    slots: Vec::new(),
+                    free_slots: Vec::new(),
+                    live_chains: 0,
+                    open: VecDeque::new(),
+                    chain_order: VecDeque::new(),
+                    chain_expiry: BinaryHeap::new(),
+                    index: HashMap::new(),
+                    open_connects: 0,
+                    last_activity: at,
+                    scheduled: None,
+                },
+            );
+            self.reschedule(key);
+        }
+        Ok(())
+    }
+}
+
+/// Indexes one address of a scope's answer; the most recent answer for an address wins.
+/// Caps make room by evicting the scope's oldest chain (never the one being indexed).
+fn index_answer(
+    scope: &mut Scope,
+    answers_total: &mut usize,
+    counters: &mut CoreCounters,
+    limits: &CoreLimits,
+    ip: IpAddr,
+    answer: AnswerRef,
+) {
+    if let Some(existing) = scope.index.get_mut(&ip) {
+        *existing = answer;
+        counters.answers_indexed += 1;
+        return;
+    }
+    while scope.index.len() >= limits.max_answers_per_scope
+        || *answers_total >= limits.max_answers_total
+    {
+        let scope_full = scope.index.len() >= limits.max_answers_per_scope;
+        let removed = evict_oldest_chain(scope, Some((answer.slot, answer.generation)));
+        if removed.chains == 0 {
+            counters.answers_dropped_cap += 1;
+            return;
+        }
+        *answers_total -= removed.answers;
+        counters.chains_evicted_cap += u64::from(removed.chains);
+        if scope_full {
+            counters.answers_evicted_scope_cap += removed.answers as u64;
+        } else {
+            counters.answers_evicted_total_cap += removed.answers as u64;
+        }
+    }
+    scope.index.insert(ip, answer);
+    *answers_total += 1;
+    counters.answers_indexed += 1;
+}
+
+fn insert_chain(scope: &mut Scope, chain: Chain) -> (u32, u32) {
+    let free_at = chain.free_at;
+    let slot = match scope.free_slots.pop() {
+        Some(slot) => {
+            scope.slots[slot as usize].chain = Some(chain);
+            slot
+        }
+        None => {
+            scope.slots.push(ChainSlot {
+                generation: 0,
+                chain: Some(chain),
+            });
+            (scope.slots.len() - 1) as u32
+        }
+    };
+    let generation = scope.slots[slot as usize].generation;
+    scope.live_chains += 1;
+    scope.chain_order.push_back((slot, generation));
+    scope
+        .chain_expiry
+        .push(Reverse((free_at, slot, generation)));
+    (slot, generation)
+}
+
+/// Frees a chain and the index entries still pointing at it; returns how many.
+fn free_chain(scope: &mut Scope, slot: u32) -> usize {
+    let entry = &mut scope.slots[slot as usize];
+    let Some(chain) = entry.chain.take() else {
+        return 0;
+    };
+    let generation = entry.generation;
+    entry.generation = entry.generation.wrapping_add(1);
+    scope.free_slots.push(slot);
+    scope.live_chains -= 1;
+    let mut removed = 0;
+    for ip in chain.addresses() {
+        if scope
+            .index
+            .get(&ip)
+            .is_some_and(|a| a.slot == slot && a.generation == generation)
+        {
+            scope.index.remove(&ip);
+            removed += 1;
+        }
+    }
+    removed
+}
+
+struct Evicted {
+    chains: u32,
+    answers: usize,
+}
+
+/// Frees the scope's oldest chain, never `keep`.
+fn evict_oldest_chain(scope: &mut Scope, keep: Option<(u32, u32)>) -> Evicted {
+    while let Some((slot, generation)) = scope.chain_order.pop_front() {
+        let live = scope.slots[slot as usize].generation == generation
+            && scope.slots[slot as usize].chain.is_some();
+        if !live {
+            continue;
+        }
+        if Some((slot, generation)) == keep {
+            scope.chain_order.push_back((slot, generation));
+            if scope.chain_order.len() == 1 {
+                break;
+            }
+            continue;
+        }
+        let answers = free_chain(scope, slot);
+        return Evicted { chains: 1, answers };
+    }
+    Evicted {
+        chains: 0,
+        answers: 0,
+    }
+}
+
+fn pop_oldest_pending(scope: &mut Scope) -> Option<Pending> {
+    while let Some((deadline, key)) = scope.pending_order.pop_front() {
+        if scope
+            .pending
+            .get(&key)
+            .is_some_and(|p| p.deadline == deadline)
+        {
+            return scope.pending.remove(&key);
+        }
+    }
+    None
+}
+
+/// Lower case, no trailing dot.
+fn normalize_name(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// `name` is `domain` or below it.
+pub(crate) fn in_domain(name: &str, domain: &str) -> bool {
+    name == domain
+        || (name.len() > domain.len()
+            && name.ends_with(domain)
+            && name.as_bytes()[name.len() - domain.len() - 1] == b'.')
+}
+
+/// The resolution class of an answered chain step (see README-core.md).
+fn classify(
+    server: &str,
+    search_domain: Option<&str>,
+    cname_target: Option<&str>,
+    cluster_domain: &str,
+) -> Resolution {
+    if in_domain(server, cluster_domain) {
+        match cname_target {
+            Some(t) if !in_domain(t, cluster_domain) => Resolution::CnameEscape,
+            _ => Resolution::InCluster,
+        }
+    } else if search_domain.is_some() {
+        Resolution::SearchEscape
+    } else {
+        Resolution::External
+    }
+}

@@ -1,1 +1,492 @@
-//! (in progress)
+//! DNS wire format, parsed once into observer's own typed [`DnsMessage`].
+//!
+//! hickory-proto does the byte-level work (header, names with compression, question);
+//! nothing outside this module sees wire bytes or hickory types. Only what correlation
+//! needs is kept: header flags, the first question, and the answer section's address and
+//! CNAME records (at most [`MAX_ANSWERS`]). Authority and additional sections are not
+//! read, so a malformed record there cannot reject a usable answer.
+//!
+//! Every failure is a [`DnsParseError`] with a small [`DnsParseErrorKind`] for counting;
+//! work is bounded by the message length and the answer cap.
+pub mod tcp;
+
+use std::{
+    borrow::Cow,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use hickory_proto::{
+    op::{Header, MessageType, OpCode},
+    rr::{Name, RecordType},
+    serialize::binary::{BinDecodable, BinDecoder, DecodeError},
+};
+
+/// Answer records kept per message; the rest are skipped and
+/// [`DnsMessage::answers_capped`] is set.
+pub const MAX_ANSWERS: usize = 64;
+/// More questions than this is not a message any stub resolver sends.
+pub const MAX_QUESTIONS: u16 = 4;
+
+const HEADER_LEN: usize = 12;
+/// Smallest question: root name (1) + type (2) + class (2).
+const MIN_QUESTION_LEN: usize = 5;
+/// Smallest record: root name (1) + type, class (4) + ttl (4) + rdlength (2).
+const MIN_RECORD_LEN: usize = 11;
+
+const TYPE_A: u16 = 1;
+const TYPE_CNAME: u16 = 5;
+const TYPE_AAAA: u16 = 28;
+
+/// A record type by number, with its mnemonic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct QType(pub u16);
+
+impl QType {
+    pub const A: QType = QType(TYPE_A);
+    pub const AAAA: QType = QType(TYPE_AAAA);
+    pub const CNAME: QType = QType(TYPE_CNAME);
+
+    /// "A", "AAAA", "TYPE65534" for types without a mnemonic.
+    pub fn mnemonic(self) -> Cow<'static, str> {
+        match RecordType::from(self.0) {
+            RecordType::Unknown(n) => Cow::Owned(format!("TYPE{n}")),
+            known => Cow::Borrowed(<&'static str>::from(known)),
+        }
+    }
+}
+
+/// A response code (4 header bits; extended codes from EDNS are not read).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Rcode(pub u16);
+
+impl Rcode {
+    pub const NOERROR: Rcode = Rcode(0);
+    pub const SERVFAIL: Rcode = Rcode(2);
+    pub const NXDOMAIN: Rcode = Rcode(3);
+    pub const REFUSED: Rcode = Rcode(5);
+
+    /// "NOERROR", "NXDOMAIN", ... upper case as in dig output.
+    pub fn mnemonic(self) -> Cow<'static, str> {
+        let name = match self.0 {
+            0 => "NOERROR",
+            1 => "FORMERR",
+            2 => "SERVFAIL",
+            3 => "NXDOMAIN",
+            4 => "NOTIMP",
+            5 => "REFUSED",
+            6 => "YXDOMAIN",
+            7 => "YXRRSET",
+            8 => "NXRRSET",
+            9 => "NOTAUTH",
+            10 => "NOTZONE",
+            n => return Cow::Owned(format!("RCODE{n}")),
+        };
+        Cow::Borrowed(name)
+    }
+}
+
+impl fmt::Display for Rcode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.mnemonic())
+    }
+}
+
+/// The question: name lower case, without the trailing dot (every wire name is absolute;
+/// whether the application asked for it that way is decided in correlation).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Question {
+    pub name: String,
+    pub qtype: QType,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AnswerData {
+    A(Ipv4Addr),
+    Aaaa(Ipv6Addr),
+    /// Target name, lower case, no trailing dot.
+    Cname(String),
+}
+
+impl AnswerData {
+    pub fn address(&self) -> Option<IpAddr> {
+        match self {
+            AnswerData::A(a) => Some(IpAddr::V4(*a)),
+            AnswerData::Aaaa(a) => Some(IpAddr::V6(*a)),
+            AnswerData::Cname(_) => None,
+        }
+    }
+}
+
+/// One A, AAAA or CNAME record of the answer section (other types are skipped).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    /// Owner name, lower case, no trailing dot.
+    pub owner: String,
+    pub ttl: u32,
+    pub data: AnswerData,
+}
+
+/// What observer keeps of one DNS message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsMessage {
+    pub id: u16,
+    /// QR bit: this is a response.
+    pub is_response: bool,
+    /// 0 = QUERY; correlation ignores the others.
+    pub opcode: u8,
+    /// TC bit: the server cut the answer, the client will retry over TCP.
+    pub truncated: bool,
+    pub rcode: Rcode,
+    /// The first question; `None` when the message has none.
+    pub question: Option<Question>,
+    pub answers: Vec<Answer>,
+    /// The answer section held more than [`MAX_ANSWERS`] records.
+    pub answers_capped: bool,
+}
+
+impl DnsMessage {
+    /// Addresses of the answer section, in order.
+    pub fn addresses(&self) -> impl Iterator<Item = (IpAddr, u32)> + '_ {
+        self.answers
+            .iter()
+            .filter_map(|a| a.data.address().map(|ip| (ip, a.ttl)))
+    }
+}
+
+/// Why a message was rejected: few kinds, so that callers can count them by label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DnsParseErrorKind {
+    /// Zero bytes.
+    Empty,
+    /// The message ends before a header, name or record it announces.
+    Truncated,
+    /// Section counts that the message length cannot hold, or too many questions.
+    BadCounts,
+    /// A name with a compression loop, a forward pointer, an over-long label or name.
+    BadName,
+    /// A record whose data does not match its type or length.
+    BadRecord,
+}
+
+impl DnsParseErrorKind {
+    pub const ALL: [DnsParseErrorKind; 5] = [
+        DnsParseErrorKind::Empty,
+        DnsParseErrorKind::Truncated,
+        DnsParseErrorKind::BadCounts,
+        DnsParseErrorKind::BadName,
+        DnsParseErrorKind::BadRecord,
+    ];
+
+    /// Stable snake_case label for metrics.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DnsParseErrorKind::Empty => "empty",
+            DnsParseErrorKind::Truncated => "truncated",
+            DnsParseErrorKind::BadCounts => "bad_counts",
+            DnsParseErrorKind::BadName => "bad_name",
+            DnsParseErrorKind::BadRecord => "bad_record",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("DNS message rejected ({kind:?}) at byte {offset} of {len}: {detail}")]
+pub struct DnsParseError {
+    pub kind: DnsParseErrorKind,
+    /// Where decoding stopped.
+    pub offset: usize,
+    /// Length of the message.
+    pub len: usize,
+    pub detail: String,
+}
+
+impl DnsParseError {
+    fn new(kind: DnsParseErrorKind, offset: usize, len: usize, detail: impl Into<String>) -> Self {
+        Self {
+            kind,
+            offset,
+            len,
+            detail: detail.into(),
+        }
+    }
+
+    fn from_decode(err: DecodeError, offset: usize, len: usize) -> Self {
+        let kind = match &err {
+            DecodeError::InsufficientBytes => DnsParseErrorKind::Truncated,
+            DecodeError::PointerNotPriorToLabel { .. }
+            | DecodeError::LabelBytesTooLong(_)
+            | DecodeError::UnrecognizedLabelCode(_)
+            | DecodeError::DomainNameTooLong(_)
+            | DecodeError::LabelOverlapsWithOther { .. } => DnsParseErrorKind::BadName,
+            _ => DnsParseErrorKind::BadRecord,
+        };
+        Self::new(kind, offset, len, err.to_string())
+    }
+}
+
+/// Parses one DNS message (UDP payload, or one TCP message without its length prefix).
+pub fn parse(bytes: &[u8]) -> Result<DnsMessage, DnsParseError> {
+    let len = bytes.len();
+    if len == 0 {
+        return Err(DnsParseError::new(
+            DnsParseErrorKind::Empty,
+            0,
+            0,
+            "no bytes",
+        ));
+    }
+    if len < HEADER_LEN {
+        return Err(DnsParseError::new(
+            DnsParseErrorKind::Truncated,
+            0,
+            len,
+            "shorter than the 12-byte header",
+        ));
+    }
+    let mut decoder = BinDecoder::new(bytes);
+    let err = |e: DecodeError, d: &BinDecoder<'_>| DnsParseError::from_decode(e, d.index(), len);
+    let Header { metadata, counts } = Header::read(&mut decoder).map_err(|e| err(e, &decoder))?;
+
+    if counts.queries > MAX_QUESTIONS {
+        return Err(DnsParseError::new(
+            DnsParseErrorKind::BadCounts,
+            HEADER_LEN,
+            len,
+            format!("{} questions", counts.queries),
+        ));
+    }
+    // Hostile counts are rejected before any allocation: every question and record takes
+    // a minimum number of bytes. Only the answer section is read, so only it is checked.
+    let needed = usize::from(counts.queries) * MIN_QUESTION_LEN
+        + usize::from(counts.answers).min(MAX_ANSWERS + 1) * MIN_RECORD_LEN;
+    if needed > len - HEADER_LEN {
+        return Err(DnsParseError::new(
+            DnsParseErrorKind::BadCounts,
+            HEADER_LEN,
+            len,
+            format!(
+                "{} questions and {} answers cannot fit in {} bytes",
+                counts.queries, counts.answers, len
+            ),
+        ));
+    }
+
+    let mut question = None;
+    for _ in 0..counts.queries {
+        let name = Name::read(&mut decoder).map_err(|e| err(e, &decoder))?;
+        let qtype = read_u16(&mut decoder, len)?;
+        let _qclass = read_u16(&mut decoder, len)?;
+        if question.is_none() {
+            question = Some(Question {
+                name: name_text(&name),
+                qtype: QType(qtype),
+            });
+        }
+    }
+
+    let wanted = usize::from(counts.answers);
+    let mut answers = Vec::with_capacity(wanted.min(MAX_ANSWERS));
+    for _ in 0..wanted.min(MAX_ANSWERS) {
+        if let Some(answer) = read_answer(&mut decoder, len)? {
+            answers.push(answer);
+        }
+    }
+
+    Ok(DnsMessage {
+        id: metadata.id,
+        is_response: metadata.message_type == MessageType::Response,
+        opcode: u8::from(metadata.op_code),
+        truncated: metadata.truncation,
+        rcode: Rcode(u16::from(metadata.response_code.low())),
+        question,
+        answers,
+        answers_capped: wanted > MAX_ANSWERS,
+    })
+}
+
+fn read_u16(decoder: &mut BinDecoder<'_>, len: usize) -> Result<u16, DnsParseError> {
+    let at = decoder.index();
+    decoder
+        .read_u16()
+        .map(|v| v.unverified(/* any value is meaningful */))
+        .map_err(|e| DnsParseError::from_decode(e, at, len))
+}
+
+/// Reads one record; `None` for types correlation does not use (skipped by length).
+fn read_answer(decoder: &mut BinDecoder<'_>, len: usize) -> Result<Option<Answer>, DnsParseError> {
+    let err = |e: DecodeError, d: &BinDecoder<'_>| DnsParseError::from_decode(e, d.index(), len);
+    let owner = Name::read(decoder).map_err(|e| err(e, decoder))?;
+    let rtype = read_u16(decoder, len)?;
+    let _class = read_u16(decoder, len)?;
+    let ttl = {
+        let at = decoder.index();
+        decoder
+            .read_u32()
+            .map(|v| v.unverified(/* any ttl */))
+            .map_err(|e| DnsParseError::from_decode(e, at, len))?
+    };
+    let rdlength = usize::from(read_u16(decoder, len)?);
+    let rdata_start = decoder.index();
+    let bad_length = |what: &str| {
+        DnsParseError::new(
+            DnsParseErrorKind::BadRecord,
+            rdata_start,
+            len,
+            format!("{what} record with rdlength {rdlength}"),
+        )
+    };
+    let data = match rtype {
+        TYPE_A => {
+            if rdlength != 4 {
+                return Err(bad_length("A"));
+            }
+            let s = decoder.read_slice(4).map_err(|e| err(e, decoder))?;
+            let s = s.unverified(/* four bytes are an address */);
+            AnswerData::A(Ipv4Addr::new(s[0], s[1], s[2], s[3]))
+        }
+        TYPE_AAAA => {
+            if rdlength != 16 {
+                return Err(bad_length("AAAA"));
+            }
+            let s = decoder.read_slice(16).map_err(|e| err(e, decoder))?;
+            let mut octets = [0u8; 16];
+            octets.copy_from_slice(s.unverified(/* sixteen bytes are an address */));
+            AnswerData::Aaaa(Ipv6Addr::from(octets))
+        }
+        TYPE_CNAME => {
+            if rdata_start + rdlength > len {
+                return Err(DnsParseError::new(
+                    DnsParseErrorKind::Truncated,
+                    rdata_start,
+                    len,
+                    "CNAME data past the end",
+                ));
+            }
+            let target = Name::read(decoder).map_err(|e| err(e, decoder))?;
+            if decoder.index() != rdata_start + rdlength {
+                return Err(bad_length("CNAME"));
+            }
+            AnswerData::Cname(name_text(&target))
+        }
+        _ => {
+            decoder.read_slice(rdlength).map_err(|e| err(e, decoder))?;
+            return Ok(None);
+        }
+    };
+    Ok(Some(Answer {
+        owner: name_text(&owner),
+        ttl,
+        data,
+    }))
+}
+
+/// Lower case, without the trailing dot; the root is the empty string.
+fn name_text(name: &Name) -> String {
+    let mut text = name.to_ascii();
+    text.make_ascii_lowercase();
+    if text.ends_with('.') {
+        text.pop();
+    }
+    text
+}
+
+/// Whether the opcode is a standard query (the only kind correlation follows).
+pub fn is_standard_query(message: &DnsMessage) -> bool {
+    message.opcode == u8::from(OpCode::Query)
+}
+
+/// Exposed for tests and benchmarks that need wire bytes: builds queries and responses
+/// shaped like a stub resolver's and a forwarder's. Kept here so that hickory stays
+/// behind this module.
+pub mod build {
+    use std::net::IpAddr;
+
+    use hickory_proto::{
+        op::{Message, MessageType, OpCode, Query, ResponseCode},
+        rr::{
+            Name, RData, Record, RecordType,
+            rdata::{A, AAAA, CNAME, SOA},
+        },
+    };
+
+    /// What a response carries in its answer section.
+    #[derive(Clone, Debug)]
+    pub enum WireAnswer {
+        Addr {
+            owner: String,
+            ttl: u32,
+            ip: IpAddr,
+        },
+        Cname {
+            owner: String,
+            ttl: u32,
+            target: String,
+        },
+    }
+
+    fn name(text: &str) -> Name {
+        let absolute = if text.ends_with('.') {
+            text.to_string()
+        } else {
+            format!("{text}.")
+        };
+        Name::from_ascii(absolute).expect("test names are valid")
+    }
+
+    /// A stub resolver's query: RD set, one question, no EDNS (glibc's default).
+    pub fn query(id: u16, qname: &str, qtype: u16) -> Vec<u8> {
+        let mut m = Message::new(id, MessageType::Query, OpCode::Query);
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(name(qname), RecordType::from(qtype)));
+        m.to_vec().expect("query encodes")
+    }
+
+    /// A response with the question echoed, RD/RA set, the given rcode and answers; an
+    /// NXDOMAIN or empty NOERROR carries an SOA in authority as dnsmasq does for local zones.
+    pub fn response(
+        id: u16,
+        qname: &str,
+        qtype: u16,
+        rcode: u16,
+        answers: &[WireAnswer],
+        soa_zone: Option<&str>,
+    ) -> Vec<u8> {
+        let mut m = Message::new(id, MessageType::Response, OpCode::Query);
+        m.metadata.recursion_desired = true;
+        m.metadata.recursion_available = true;
+        m.metadata.response_code = ResponseCode::from_low(rcode as u8);
+        m.add_query(Query::query(name(qname), RecordType::from(qtype)));
+        for a in answers {
+            let record = match a {
+                WireAnswer::Addr { owner, ttl, ip } => {
+                    let data = match ip {
+                        IpAddr::V4(v4) => RData::A(A(*v4)),
+                        IpAddr::V6(v6) => RData::AAAA(AAAA(*v6)),
+                    };
+                    Record::from_rdata(name(owner), *ttl, data)
+                }
+                WireAnswer::Cname { owner, ttl, target } => {
+                    Record::from_rdata(name(owner), *ttl, RData::CNAME(CNAME(name(target))))
+                }
+            };
+            m.add_answer(record);
+        }
+        if let Some(zone) = soa_zone {
+            let soa = SOA::new(
+                name(zone),
+                name(&format!("hostmaster.{zone}")),
+                1,
+                1200,
+                180,
+                1_209_600,
+                600,
+            );
+            m.add_authority(Record::from_rdata(name(zone), 600, RData::SOA(soa)));
+        }
+        m.to_vec().expect("response encodes")
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,345 @@
+//! Replays a synthetic node's traffic through the correlation core: 10k pods, each walking
+//! its search list (NXDOMAIN pairs, then an external answer), resolving in-cluster
+//! Services (A + AAAA), and connecting to what it resolved.
+//!
+//! Prints a summary (responses parsed and indexed per second, connects correlated per
+//! second, peak RSS with 1M cached answers) and runs criterion groups for the same
+//! operations. Use `cargo bench -p observer --bench correlate -- --quick`.
+use std::{
+    hint::black_box,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use criterion::{Criterion, Throughput};
+use observer::{
+    correlate::{
+        ConnectOpen, ConnectOutcome, Correlator, CorrelatorConfig, Direction, ResolverConfig,
+    },
+    dns::build::{WireAnswer, query, response},
+    record::Outcome,
+    scope::ScopeKey,
+};
+
+const SCOPES: usize = 10_000;
+const MS: u64 = 1_000_000;
+
+struct Wire {
+    scope: ScopeKey,
+    at: u64,
+    direction: Direction,
+    src: SocketAddr,
+    dst: SocketAddr,
+    bytes: Vec<u8>,
+}
+
+struct Scenario {
+    messages: Vec<Wire>,
+    responses: usize,
+    /// (scope, destination) of every connect a pod makes after resolving.
+    connects: Vec<(ScopeKey, SocketAddr)>,
+}
+
+fn scope_of(i: usize) -> ScopeKey {
+    ScopeKey::Pod(Arc::from(format!("0000-pod-{i:06}")))
+}
+
+fn resolver(i: usize) -> ResolverConfig {
+    ResolverConfig {
+        search: vec![
+            format!("ns{}.svc.cluster.local", i % 500),
+            "svc.cluster.local".into(),
+            "cluster.local".into(),
+            "corp.example".into(),
+        ],
+        ndots: 5,
+    }
+}
+
+fn v4(i: usize, k: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(203, (i >> 8) as u8, i as u8, k as u8))
+}
+
+fn v6(i: usize, k: usize) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::new(
+        0x2001,
+        0xdb8,
+        i as u16,
+        0,
+        0,
+        0,
+        0,
+        k as u16 + 1,
+    ))
+}
+
+/// One pod's traffic: `walks` external names reached after three NXDOMAIN steps with
+/// `per_family` A and AAAA records each, and `services` in-cluster names.
+fn pod_traffic(
+    i: usize,
+    walks: usize,
+    services: usize,
+    per_family: usize,
+    start: u64,
+    out: &mut Vec<Wire>,
+    connects: &mut Vec<(ScopeKey, SocketAddr)>,
+) -> usize {
+    let scope = scope_of(i);
+    let client = SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::new(10, 1, (i >> 8) as u8, i as u8)),
+        40000,
+    );
+    let server: SocketAddr = "10.96.0.10:53".parse().unwrap();
+    let cfg = resolver(i);
+    let mut at = start;
+    let mut id = 1u16;
+    let mut responses = 0;
+    let mut exchange = |name: &str, answers: Vec<WireAnswer>, nx: bool, out: &mut Vec<Wire>| {
+        for qtype in [1u16, 28] {
+            at += MS;
+            out.push(Wire {
+                scope: scope.clone(),
+                at,
+                direction: Direction::Egress,
+                src: client,
+                dst: server,
+                bytes: query(id, name, qtype),
+            });
+            let fam: Vec<WireAnswer> = answers
+                .iter()
+                .filter(
+                    |a| matches!(a, WireAnswer::Addr { ip, .. } if ip.is_ipv4() == (qtype == 1)),
+                )
+                .cloned()
+                .collect();
+            at += MS;
+            let rcode = if nx { 3 } else { 0 };
+            let soa = fam.is_empty().then_some("cluster.local");
+            out.push(Wire {
+                scope: scope.clone(),
+                at,
+                direction: Direction::Ingress,
+                src: server,
+                dst: client,
+                bytes: response(id, name, qtype, rcode, &fam, soa),
+            });
+            responses += 1;
+            id = id.wrapping_add(1);
+        }
+    };
+    for w in 0..walks {
+        let base = format!("ext{w}");
+        for d in &cfg.search[..3] {
+            exchange(&format!("{base}.{d}"), vec![], true, out);
+        }
+        let name = format!("{base}.corp.example");
+        let mut answers = Vec::new();
+        for k in 0..per_family {
+            let k = w * per_family + k;
+            answers.push(WireAnswer::Addr {
+                owner: name.clone(),
+                ttl: 300,
+                ip: v4(i, k),
+            });
+            answers.push(WireAnswer::Addr {
+                owner: name.clone(),
+                ttl: 300,
+                ip: v6(i, k),
+            });
+        }
+        exchange(&name, answers, false, out);
+        connects.push((scope.clone(), SocketAddr::new(v4(i, w * per_family), 443)));
+    }
+    for s in 0..services {
+        let name = format!("svc{s}.{}", cfg.search[0]);
+        let ip = IpAddr::V4(Ipv4Addr::new(10, 96, (s >> 8) as u8, s as u8));
+        exchange(
+            &name,
+            vec![WireAnswer::Addr {
+                owner: name.clone(),
+                ttl: 30,
+                ip,
+            }],
+            false,
+            out,
+        );
+        connects.push((scope.clone(), SocketAddr::new(ip, 8080)));
+    }
+    responses
+}
+
+fn scenario() -> Scenario {
+    let mut messages = Vec::new();
+    let mut connects = Vec::new();
+    let mut responses = 0;
+    for i in 0..SCOPES {
+        responses += pod_traffic(i, 1, 2, 2, i as u64 * 1000, &mut messages, &mut connects);
+    }
+    // Interleave pods as a node would see them: sort by time.
+    messages.sort_by_key(|m| m.at);
+    Scenario {
+        messages,
+        responses,
+        connects,
+    }
+}
+
+fn configured() -> Correlator {
+    let mut c = Correlator::new(CorrelatorConfig::default());
+    for i in 0..SCOPES {
+        c.set_resolver_config(&scope_of(i), &resolver(i)).unwrap();
+    }
+    c
+}
+
+fn replay(c: &mut Correlator, s: &Scenario) {
+    for m in &s.messages {
+        let _ = c.observe_dns_wire(&m.scope, m.at, m.direction, m.src, m.dst, &m.bytes);
+    }
+}
+
+fn connect_all(c: &mut Correlator, s: &Scenario, sock_base: u64, at: u64) -> usize {
+    let mut joined = 0;
+    for (n, (scope, dest)) in s.connects.iter().enumerate() {
+        let sock_id = sock_base + n as u64;
+        c.connect_open(ConnectOpen {
+            scope: scope.clone(),
+            sock_id,
+            at,
+            cgroup_id: 1,
+            pid: 1,
+            comm: "app".into(),
+            destination: *dest,
+            source: None,
+        });
+        let r = c.connect_outcome(ConnectOutcome {
+            sock_id,
+            at: at + MS,
+            outcome: Outcome::Established,
+            source: None,
+        });
+        joined += usize::from(r.is_some_and(|r| black_box(r).chain.is_some()));
+    }
+    joined
+}
+
+fn status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// 1M cached answers: 10k pods x (5 external names x 8 A + 8 AAAA = 80, + 20 Services).
+/// Generated pod by pod so that the wire bytes never pile up.
+fn memory_summary() {
+    let before = status_kib("VmRSS:");
+    let mut c = configured();
+    let mut buf = Vec::new();
+    let mut connects = Vec::new();
+    for i in 0..SCOPES {
+        buf.clear();
+        connects.clear();
+        pod_traffic(i, 5, 20, 8, 0, &mut buf, &mut connects);
+        for m in &buf {
+            let _ = c.observe_dns_wire(&m.scope, m.at, m.direction, m.src, m.dst, &m.bytes);
+        }
+    }
+    let peak = status_kib("VmHWM:");
+    println!(
+        "memory: {} cached answers in {} scopes, RSS before {:.1} MiB, peak {:.1} MiB (core ~{:.1} MiB, {:.0} B/answer)",
+        c.cached_answers(),
+        c.scope_count(),
+        before as f64 / 1024.0,
+        peak as f64 / 1024.0,
+        (peak - before) as f64 / 1024.0,
+        (peak - before) as f64 * 1024.0 / c.cached_answers() as f64,
+    );
+    black_box(&c);
+}
+
+fn throughput_summary(s: &Scenario) {
+    let t = Instant::now();
+    let mut ok = 0;
+    for m in &s.messages {
+        ok += usize::from(observer::dns::parse(black_box(&m.bytes)).is_ok());
+    }
+    println!(
+        "parse only: {:.0} messages/s ({ok} ok)",
+        s.messages.len() as f64 / t.elapsed().as_secs_f64()
+    );
+    let mut best_dns = f64::MAX;
+    let mut best_conn = f64::MAX;
+    for round in 0..3 {
+        let mut c = configured();
+        let t = Instant::now();
+        replay(&mut c, s);
+        best_dns = best_dns.min(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let joined = connect_all(&mut c, s, 1 << 32, 1_000 * MS);
+        best_conn = best_conn.min(t.elapsed().as_secs_f64());
+        if round == 0 {
+            println!(
+                "stream: {} scopes, {} messages ({} responses), {} connects ({} joined), {} answers cached",
+                c.scope_count(),
+                s.messages.len(),
+                s.responses,
+                s.connects.len(),
+                joined,
+                c.cached_answers()
+            );
+        }
+    }
+    println!(
+        "dns: {:.0} responses parsed+indexed/s per core (with their queries: {:.0} messages/s)",
+        s.responses as f64 / best_dns,
+        s.messages.len() as f64 / best_dns
+    );
+    println!(
+        "connects: {:.0} correlated/s per core (open + outcome + record)",
+        s.connects.len() as f64 / best_conn
+    );
+}
+
+fn criterion_groups(c: &mut Criterion, s: &Scenario) {
+    let mut g = c.benchmark_group("correlate");
+    g.sample_size(10).measurement_time(Duration::from_secs(5));
+    g.throughput(Throughput::Elements(s.responses as u64));
+    g.bench_function("dns_stream_10k_scopes", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let mut c = configured();
+                let t = Instant::now();
+                replay(&mut c, s);
+                total += t.elapsed();
+            }
+            total
+        })
+    });
+    g.throughput(Throughput::Elements(s.connects.len() as u64));
+    let mut core = configured();
+    replay(&mut core, s);
+    let mut round = 0u64;
+    g.bench_function("connects_10k_scopes", |b| {
+        b.iter(|| {
+            round += 1;
+            connect_all(&mut core, s, round << 32, 1_000 * MS)
+        })
+    });
+    g.finish();
+}
+
+fn main() {
+    memory_summary();
+    let s = scenario();
+    throughput_summary(&s);
+    let mut c = Criterion::default().configure_from_args();
+    criterion_groups(&mut c, &s);
+    c.final_summary();
+}

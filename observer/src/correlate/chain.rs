@@ -1,0 +1,410 @@
+//! Resolution chains: the queries one application lookup put on the wire, grouped.
+//!
+//! A chain has a base name (what the application asked for, without the search domain)
+//! and steps: the base completed by a search domain, or the base as-is. A step holds the
+//! queries for its name (A and AAAA are one step). See README-core.md for the rules.
+use std::{borrow::Cow, net::IpAddr, sync::Arc};
+
+use super::{Resolver, Scope};
+use crate::{
+    dns::{AnswerData, DnsMessage, QType, Rcode},
+    record::{BootNs, DnsQueryRecord, Resolution, ResolutionChain},
+};
+
+/// Search domains learned per scope when resolv.conf is unknown.
+const MAX_INFERRED_SEARCH: usize = 8;
+
+#[derive(Clone, Debug)]
+pub(super) enum StepKind {
+    AsIs,
+    Search(Arc<str>),
+}
+
+#[derive(Clone, Debug)]
+pub(super) enum AnswerItem {
+    Addr(IpAddr),
+    Cname(Arc<str>),
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct QueryState {
+    pub qtype: u16,
+    /// `NO_RCODE` until answered.
+    pub rcode: u16,
+    pub sent_at: BootNs,
+    pub answered_at: BootNs,
+    pub answers: Vec<AnswerItem>,
+}
+
+pub(super) const NO_RCODE: u16 = u16::MAX;
+
+impl QueryState {
+    pub fn sent(qtype: u16, at: BootNs) -> Self {
+        Self {
+            qtype,
+            rcode: NO_RCODE,
+            sent_at: at,
+            answered_at: 0,
+            answers: Vec::new(),
+        }
+    }
+
+    fn answered(&self) -> bool {
+        self.rcode != NO_RCODE
+    }
+
+    fn has_address(&self) -> bool {
+        self.answers
+            .iter()
+            .any(|a| matches!(a, AnswerItem::Addr(_)))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct Step {
+    pub kind: StepKind,
+    pub queries: Vec<QueryState>,
+}
+
+#[derive(Clone, Debug)]
+pub(super) struct ChainAnswer {
+    /// The first step whose response held addresses.
+    pub step: u16,
+    pub class: Resolution,
+    pub cnames: Vec<Arc<str>>,
+    pub answered_at: BootNs,
+}
+
+#[derive(Debug)]
+pub(super) struct Chain {
+    pub base: Arc<str>,
+    /// Tried as-is first with fewer dots than ndots: only an absolute name does that.
+    pub asked_absolute: bool,
+    pub steps: Vec<Step>,
+    pub last_query_at: BootNs,
+    pub answer: Option<ChainAnswer>,
+    /// Not before this may the chain be freed (window after its last query, answers'
+    /// TTL plus grace).
+    pub free_at: BootNs,
+    /// The record form, built on the first connect that needs it.
+    pub materialized: Option<Arc<ResolutionChain>>,
+}
+
+impl Chain {
+    fn step_is(&self, step: &Step, name: &str) -> bool {
+        let base = &*self.base;
+        match &step.kind {
+            StepKind::AsIs => name == base,
+            StepKind::Search(d) => {
+                name.len() == base.len() + 1 + d.len()
+                    && name.starts_with(base)
+                    && name.as_bytes()[base.len()] == b'.'
+                    && name.ends_with(&**d)
+            }
+        }
+    }
+
+    pub fn step_name(&self, step: usize) -> String {
+        match &self.steps[step].kind {
+            StepKind::AsIs => self.base.to_string(),
+            StepKind::Search(d) => format!("{}.{}", self.base, d),
+        }
+    }
+
+    /// What the application asked for, as it asked.
+    pub fn query_name(&self) -> Cow<'_, str> {
+        if self.asked_absolute {
+            Cow::Owned(format!("{}.", self.base))
+        } else {
+            Cow::Borrowed(&self.base)
+        }
+    }
+
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.steps
+            .iter()
+            .flat_map(|s| s.queries.iter())
+            .flat_map(|q| q.answers.iter())
+            .filter_map(|a| match a {
+                AnswerItem::Addr(ip) => Some(*ip),
+                AnswerItem::Cname(_) => None,
+            })
+    }
+
+    /// Every step before the last was answered and held no address.
+    fn last_step_failed(&self) -> bool {
+        self.steps.last().is_some_and(|s| {
+            s.queries.iter().all(|q| q.answered()) && !s.queries.iter().any(|q| q.has_address())
+        })
+    }
+
+    pub fn materialize(&mut self) -> Arc<ResolutionChain> {
+        if let Some(m) = &self.materialized {
+            return m.clone();
+        }
+        let answer_step = self.answer.as_ref().map(|a| a.step as usize);
+        let mut queries: Vec<DnsQueryRecord> = Vec::new();
+        for (i, step) in self.steps.iter().enumerate() {
+            let name = self.step_name(i);
+            for q in &step.queries {
+                queries.push(DnsQueryRecord {
+                    name: name.clone(),
+                    qtype: QType(q.qtype).mnemonic().into_owned(),
+                    rcode: q.answered().then(|| Rcode(q.rcode).mnemonic().into_owned()),
+                    answers: q
+                        .answers
+                        .iter()
+                        .map(|a| match a {
+                            AnswerItem::Addr(ip) => ip.to_string(),
+                            AnswerItem::Cname(c) => c.to_string(),
+                        })
+                        .collect(),
+                    sent_at: q.sent_at,
+                    answered_at: q.answered().then_some(q.answered_at),
+                });
+            }
+        }
+        queries.sort_by_key(|q| q.sent_at);
+        let (server_address, search_domain, cname_chain) = match (&self.answer, answer_step) {
+            (Some(a), Some(step)) => (
+                self.step_name(step),
+                match &self.steps[step].kind {
+                    StepKind::Search(d) => Some(d.to_string()),
+                    StepKind::AsIs => None,
+                },
+                a.cnames.iter().map(|c| c.to_string()).collect(),
+            ),
+            _ => (String::new(), None, Vec::new()),
+        };
+        let chain = Arc::new(ResolutionChain {
+            query_name: self.query_name().into_owned(),
+            server_address,
+            search_domain,
+            cname_chain,
+            wasted_queries: answer_step.unwrap_or(self.steps.len()) as u32,
+            ndots_walk: self.base.contains('.')
+                && matches!(
+                    self.steps.first().map(|s| &s.kind),
+                    Some(StepKind::Search(_))
+                ),
+            queries,
+        });
+        self.materialized = Some(chain.clone());
+        chain
+    }
+}
+
+/// `name` relative to `base`: `None` if unrelated, `Some("")` if equal, else the suffix.
+fn suffix_of<'a>(base: &str, name: &'a str) -> Option<&'a str> {
+    if name == base {
+        return Some("");
+    }
+    let rest = name.strip_prefix(base)?;
+    rest.strip_prefix('.').filter(|s| !s.is_empty())
+}
+
+fn dots(name: &str) -> usize {
+    name.bytes().filter(|b| *b == b'.').count()
+}
+
+/// Finds the open chain this query continues: (slot, generation, step index), adding the step
+/// if it is new. Open chains idle past the window are closed on the way.
+pub(super) fn find_continuation(
+    scope: &mut Scope,
+    name: &str,
+    qtype: u16,
+    at: BootNs,
+    window: BootNs,
+) -> Option<(u32, u32, u16)> {
+    let slots = &scope.slots;
+    scope.open.retain(|(slot, generation)| {
+        let s = &slots[*slot as usize];
+        s.generation == *generation
+            && s.chain
+                .as_ref()
+                .is_some_and(|c| c.last_query_at + window >= at)
+    });
+    for &(slot, generation) in scope.open.iter().rev() {
+        let chain = scope.slots[slot as usize]
+            .chain
+            .as_mut()
+            .expect("open chains are live");
+        if let Some(answer) = &chain.answer {
+            // A resolved chain takes only the other address family of its answering step.
+            let step = &chain.steps[answer.step as usize];
+            if chain.step_is(step, name) && !step.queries.iter().any(|q| q.qtype == qtype) {
+                return Some((slot, generation, answer.step));
+            }
+            continue;
+        }
+        if let Some(k) = chain.steps.iter().position(|s| chain.step_is(s, name)) {
+            return Some((slot, generation, k as u16));
+        }
+        let Some(suffix) = suffix_of(&chain.base, name) else {
+            continue;
+        };
+        let kind = if suffix.is_empty() {
+            StepKind::AsIs
+        } else if scope.resolver.inferred {
+            if !chain.last_step_failed() {
+                continue;
+            }
+            StepKind::Search(learn_search_domain(&mut scope.resolver, suffix))
+        } else {
+            let Some(idx) = scope.resolver.search.iter().position(|d| &**d == suffix) else {
+                continue;
+            };
+            let tried = chain
+                .steps
+                .iter()
+                .filter_map(|s| match &s.kind {
+                    StepKind::Search(d) => scope.resolver.search.iter().position(|x| x == d),
+                    StepKind::AsIs => None,
+                })
+                .max();
+            if tried.is_some_and(|t| idx <= t) {
+                continue;
+            }
+            StepKind::Search(scope.resolver.search[idx].clone())
+        };
+        chain.steps.push(Step {
+            kind,
+            queries: Vec::with_capacity(2),
+        });
+        return Some((slot, generation, (chain.steps.len() - 1) as u16));
+    }
+    None
+}
+
+fn learn_search_domain(resolver: &mut Resolver, suffix: &str) -> Arc<str> {
+    if let Some(d) = resolver.search.iter().find(|d| &***d == suffix) {
+        return d.clone();
+    }
+    let d: Arc<str> = Arc::from(suffix);
+    if resolver.search.len() < MAX_INFERRED_SEARCH {
+        resolver.search.push(d.clone());
+    }
+    d
+}
+
+/// A query that continues no open chain starts one. Its base: the name minus the FIRST
+/// search domain when the rest has fewer dots than ndots (a relative name's walk always
+/// starts there), else the name itself, tried as-is.
+pub(super) fn start_chain(
+    resolver: &mut Resolver,
+    name: &Arc<str>,
+    cluster_domain: &str,
+    at: BootNs,
+    window: BootNs,
+) -> Chain {
+    if resolver.inferred && resolver.search.is_empty() {
+        infer_kubernetes_search(resolver, name, cluster_domain);
+    }
+    let ndots = usize::from(resolver.ndots);
+    let first = resolver.search.first().and_then(|s0| {
+        let base = name.strip_suffix(&**s0)?.strip_suffix('.')?;
+        (!base.is_empty() && dots(base) < ndots).then(|| (Arc::from(base), s0.clone()))
+    });
+    let (base, kind, asked_absolute) = match first {
+        Some((base, s0)) => (base, StepKind::Search(s0), false),
+        // With no search list, as-is first says nothing about how the name was written.
+        None => (
+            name.clone(),
+            StepKind::AsIs,
+            !resolver.search.is_empty() && dots(name) < ndots,
+        ),
+    };
+    Chain {
+        base,
+        asked_absolute,
+        steps: vec![Step {
+            kind,
+            queries: Vec::with_capacity(2),
+        }],
+        last_query_at: at,
+        answer: None,
+        free_at: at + window,
+        materialized: None,
+    }
+}
+
+/// `x.<namespace>.svc.<cluster domain>` is the first step of a ClusterFirst pod's walk:
+/// its search list starts `<namespace>.svc.<cd> svc.<cd> <cd>`.
+fn infer_kubernetes_search(resolver: &mut Resolver, name: &str, cluster_domain: &str) {
+    let Some(rest) = name
+        .strip_suffix(cluster_domain)
+        .and_then(|r| r.strip_suffix(".svc."))
+    else {
+        return;
+    };
+    let Some((prefix, namespace)) = rest.rsplit_once('.') else {
+        return;
+    };
+    if prefix.is_empty() || namespace.is_empty() {
+        return;
+    }
+    resolver.search = vec![
+        Arc::from(format!("{namespace}.svc.{cluster_domain}")),
+        Arc::from(format!("svc.{cluster_domain}")),
+        Arc::from(cluster_domain),
+    ];
+}
+
+/// What a response says about its question.
+pub(super) struct Lookup {
+    /// Every address and CNAME target, in answer order.
+    pub items: Vec<AnswerItem>,
+    /// CNAME targets followed from the question name.
+    pub cnames: Vec<Arc<str>>,
+    /// Addresses owned by the question name or its CNAME targets, with the smallest TTL
+    /// along the way; v4-mapped v6 addresses as v4.
+    pub addresses: Vec<(IpAddr, u32)>,
+}
+
+pub(super) fn follow_answer(qname: &str, msg: &DnsMessage, max_hops: usize) -> Lookup {
+    let items = msg
+        .answers
+        .iter()
+        .map(|a| match &a.data {
+            AnswerData::A(v4) => AnswerItem::Addr(IpAddr::V4(*v4)),
+            AnswerData::Aaaa(v6) => AnswerItem::Addr(IpAddr::V6(*v6).to_canonical()),
+            AnswerData::Cname(t) => AnswerItem::Cname(Arc::from(t.as_str())),
+        })
+        .collect();
+    let mut cnames: Vec<Arc<str>> = Vec::new();
+    let mut addresses = Vec::new();
+    if msg.rcode != Rcode::NOERROR {
+        return Lookup {
+            items,
+            cnames,
+            addresses,
+        };
+    }
+    let mut ttl_cap = u32::MAX;
+    let mut current: &str = qname;
+    for _ in 0..max_hops {
+        let next = msg.answers.iter().find_map(|a| match &a.data {
+            AnswerData::Cname(t) if a.owner == current => Some((t, a.ttl)),
+            _ => None,
+        });
+        let Some((target, ttl)) = next else { break };
+        if cnames.iter().any(|c| **c == **target) || target == qname {
+            break;
+        }
+        ttl_cap = ttl_cap.min(ttl);
+        cnames.push(Arc::from(target.as_str()));
+        current = target;
+    }
+    for a in &msg.answers {
+        let Some(ip) = a.data.address() else { continue };
+        let owned = a.owner == qname || cnames.iter().any(|c| **c == *a.owner);
+        if owned {
+            addresses.push((ip.to_canonical(), a.ttl.min(ttl_cap)));
+        }
+    }
+    Lookup {
+        items,
+        cnames,
+        addresses,
+    }
+}

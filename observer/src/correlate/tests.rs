@@ -1,0 +1,775 @@
+//! The core driven with real DNS wire bytes, shaped as glibc sends queries (A and AAAA
+//! from one socket, separate ids) and as dnsmasq answers (NXDOMAIN with an SOA).
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use super::*;
+use crate::{
+    dns::build::{WireAnswer, query, response},
+    record::{ConnectionRecord, Outcome, Resolution},
+};
+
+const SEC: u64 = 1_000_000_000;
+const SEARCH: [&str; 4] = [
+    "simple-web-app.svc.cluster.local",
+    "svc.cluster.local",
+    "cluster.local",
+    "another-lab.com",
+];
+const A: u16 = 1;
+const AAAA: u16 = 28;
+const NOERROR: u16 = 0;
+const NXDOMAIN: u16 = 3;
+
+fn config() -> CorrelatorConfig {
+    CorrelatorConfig {
+        cluster_networks: vec![
+            "198.18.0.0/15".parse().unwrap(),
+            "fd00:198:18::/48".parse().unwrap(),
+        ],
+        ..CorrelatorConfig::default()
+    }
+}
+
+fn pod(uid: &str) -> ScopeKey {
+    ScopeKey::Pod(Arc::from(uid))
+}
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+/// A pod's stub resolver: one UDP socket, ids counting up, a clock moving 1 ms a message.
+struct Client {
+    scope: ScopeKey,
+    addr: SocketAddr,
+    server: SocketAddr,
+    next_id: u16,
+    now: u64,
+}
+
+/// What the server answers for one name: NXDOMAIN, or addresses (and CNAMEs).
+#[derive(Clone)]
+enum Reply {
+    Nx,
+    NoData,
+    Addrs(Vec<WireAnswer>),
+    Silent,
+}
+
+fn addr(owner: &str, ttl: u32, ip_text: &str) -> WireAnswer {
+    WireAnswer::Addr {
+        owner: owner.into(),
+        ttl,
+        ip: ip(ip_text),
+    }
+}
+
+impl Client {
+    fn new(uid: &str, client_ip: &str) -> Self {
+        Self {
+            scope: pod(uid),
+            addr: SocketAddr::new(ip(client_ip), 40000),
+            server: "198.18.0.10:53".parse().unwrap(),
+            next_id: 0x100,
+            now: 100 * SEC,
+        }
+    }
+
+    fn tick(&mut self) -> u64 {
+        self.now += 1_000_000;
+        self.now
+    }
+
+    fn send(&mut self, c: &mut Correlator, name: &str, qtype: u16) -> u16 {
+        let id = self.next_id;
+        self.next_id += 1;
+        let at = self.tick();
+        c.observe_dns_wire(
+            &self.scope,
+            at,
+            Direction::Egress,
+            self.addr,
+            self.server,
+            &query(id, name, qtype),
+        )
+        .unwrap();
+        id
+    }
+
+    fn receive(&mut self, c: &mut Correlator, id: u16, name: &str, qtype: u16, reply: &Reply) {
+        let (rcode, answers, soa) = match reply {
+            Reply::Nx => (NXDOMAIN, vec![], Some("cluster.local")),
+            Reply::NoData => (NOERROR, vec![], Some("cluster.local")),
+            Reply::Addrs(a) => (
+                NOERROR,
+                a.iter()
+                    .filter(|w| match w {
+                        WireAnswer::Addr { ip, .. } => ip.is_ipv4() == (qtype == A),
+                        WireAnswer::Cname { .. } => true,
+                    })
+                    .cloned()
+                    .collect(),
+                None,
+            ),
+            Reply::Silent => return,
+        };
+        let at = self.tick();
+        c.observe_dns_wire(
+            &self.scope,
+            at,
+            Direction::Ingress,
+            self.server,
+            self.addr,
+            &response(id, name, qtype, rcode, &answers, soa),
+        )
+        .unwrap();
+    }
+
+    /// glibc: A and AAAA for a name in parallel, then both responses.
+    fn lookup(&mut self, c: &mut Correlator, name: &str, reply: Reply) {
+        let a = self.send(c, name, A);
+        let aaaa = self.send(c, name, AAAA);
+        self.receive(c, a, name, A, &reply);
+        let aaaa_reply = match &reply {
+            Reply::Addrs(list)
+                if !list
+                    .iter()
+                    .any(|w| matches!(w, WireAnswer::Addr { ip, .. } if ip.is_ipv6())) =>
+            {
+                Reply::NoData
+            }
+            other => other.clone(),
+        };
+        self.receive(c, aaaa, name, AAAA, &aaaa_reply);
+    }
+
+    fn connect(
+        &mut self,
+        c: &mut Correlator,
+        sock_id: u64,
+        dest: &str,
+        outcome: Outcome,
+    ) -> ConnectionRecord {
+        let at = self.tick();
+        c.connect_open(ConnectOpen {
+            scope: self.scope.clone(),
+            sock_id,
+            at,
+            cgroup_id: 7,
+            pid: 1234,
+            comm: "app".into(),
+            destination: dest.parse().unwrap(),
+            source: None,
+        });
+        let at = self.tick();
+        c.connect_outcome(ConnectOutcome {
+            sock_id,
+            at,
+            outcome,
+            source: Some(SocketAddr::new(self.addr.ip(), 50000)),
+        })
+        .expect("an open gets its record")
+    }
+}
+
+fn configured(c: &mut Correlator, client: &Client, ndots: u8) {
+    c.set_resolver_config(
+        &client.scope,
+        &ResolverConfig {
+            search: SEARCH.iter().map(|s| s.to_string()).collect(),
+            ndots,
+        },
+    )
+    .unwrap();
+}
+
+/// The motivating story: three NXDOMAINs, then the external search domain answers.
+fn seed_story(c: &mut Correlator, client: &mut Client) {
+    client.lookup(c, "db.simple-web-app.svc.cluster.local", Reply::Nx);
+    client.lookup(c, "db.svc.cluster.local", Reply::Nx);
+    client.lookup(c, "db.cluster.local", Reply::Nx);
+    client.lookup(
+        c,
+        "db.another-lab.com",
+        Reply::Addrs(vec![addr("db.another-lab.com", 300, "203.0.113.10")]),
+    );
+}
+
+#[test]
+fn seed_story_is_a_flagged_search_escape_with_or_without_resolv_conf() {
+    for known in [true, false] {
+        let mut c = Correlator::new(config());
+        let mut client = Client::new("pod-a", "198.18.1.5");
+        if known {
+            configured(&mut c, &client, 5);
+        }
+        seed_story(&mut c, &mut client);
+        let r = client.connect(&mut c, 1, "203.0.113.10:5432", Outcome::Established);
+        assert_eq!(
+            r.resolution,
+            Resolution::SearchEscape,
+            "known config: {known}"
+        );
+        assert!(r.egress && r.flagged && !r.drift);
+        assert_eq!(r.outcome, Outcome::Established);
+        let chain = r.chain.as_ref().unwrap();
+        assert_eq!(chain.query_name, "db");
+        assert_eq!(chain.server_address, "db.another-lab.com");
+        assert_eq!(chain.search_domain.as_deref(), Some("another-lab.com"));
+        assert_eq!(chain.wasted_queries, 3);
+        assert!(!chain.ndots_walk);
+        assert_eq!(chain.queries.len(), 8);
+        assert_eq!(chain.queries[0].name, "db.simple-web-app.svc.cluster.local");
+        assert_eq!(chain.queries[0].rcode.as_deref(), Some("NXDOMAIN"));
+        assert_eq!(chain.queries[6].answers, vec!["203.0.113.10".to_string()]);
+        assert_eq!(chain.queries[7].qtype, "AAAA");
+        assert_eq!(c.counters().chains_started, 1);
+    }
+}
+
+#[test]
+fn service_present_is_in_cluster() {
+    let mut c = Correlator::new(config());
+    let mut client = Client::new("pod-a", "198.18.1.5");
+    configured(&mut c, &client, 5);
+    client.lookup(
+        &mut c,
+        "db.simple-web-app.svc.cluster.local",
+        Reply::Addrs(vec![addr(
+            "db.simple-web-app.svc.cluster.local",
+            30,
+            "198.18.0.20",
+        )]),
+    );
+    let r = client.connect(&mut c, 1, "198.18.0.20:5432", Outcome::Established);
+    assert_eq!(r.resolution, Resolution::InCluster);
+    assert!(!r.egress && !r.flagged);
+    let chain = r.chain.unwrap();
+    assert_eq!(chain.query_name, "db");
+    assert_eq!(chain.wasted_queries, 0);
+    assert_eq!(
+        chain.search_domain.as_deref(),
+        Some("simple-web-app.svc.cluster.local")
+    );
+}
+
+#[test]
+fn autopath_cname_out_of_the_cluster_domain_is_a_cname_escape() {
+    let mut c = Correlator::new(config());
+    let mut client = Client::new("pod-a", "198.18.1.5");
+    configured(&mut c, &client, 5);
+    client.lookup(
+        &mut c,
+        "db.simple-web-app.svc.cluster.local",
+        Reply::Addrs(vec![
+            WireAnswer::Cname {
+                owner: "db.simple-web-app.svc.cluster.local".into(),
+                ttl: 30,
+                target: "db.another-lab.com".into(),
+            },
+            addr("db.another-lab.com", 30, "203.0.113.10"),
+        ]),
+    );
+    let r = client.connect(&mut c, 1, "203.0.113.10:5432", Outcome::Established);
+    assert_eq!(r.resolution, Resolution::CnameEscape);
+    assert!(r.flagged);
+    let chain = r.chain.unwrap();
+    assert_eq!(chain.query_name, "db");
+    assert_eq!(chain.server_address, "db.simple-web-app.svc.cluster.local");
+    assert_eq!(chain.cname_chain, vec!["db.another-lab.com".to_string()]);
+    assert_eq!(chain.wasted_queries, 0);
+}
+
+#[test]
+fn aaaa_only_answer_joins_a_v6_connect() {
+    let mut c = Correlator::new(config());
+    let mut client = Client::new("pod-a", "fd00:198:18::5");
+    configured(&mut c, &client, 5);
+    client.lookup(&mut c, "db.simple-web-app.svc.cluster.local", Reply::Nx);
+    client.lookup(&mut c, "db.svc.cluster.local", Reply::Nx);
+    client.lookup(&mut c, "db.cluster.local", Reply::Nx);
+    client.lookup(
+        &mut c,
+        "db.another-lab.com",
+        Reply::Addrs(vec![addr("db.another-lab.com", 300, "2001:db8::10")]),
+    );
+    let r = client.connect(&mut c, 1, "[2001:db8::10]:5432", Outcome::Established);
+    assert_eq!(r.resolution, Resolution::SearchEscape);
+    assert!(r.flagged);
+    let chain = r.chain.unwrap();
+    assert_eq!(chain.queries[6].rcode.as_deref(), Some("NOERROR"));
+    assert!(chain.queries[6].answers.is_empty(), "A was NODATA");
+    assert_eq!(chain.queries[7].answers, vec!["2001:db8::10".to_string()]);
+    // A dual-stack socket asking for the v4-mapped form of an A answer joins it too.
+    let mapped = "203.0.113.10"
+        .parse::<std::net::Ipv4Addr>()
+        .unwrap()
+        .to_ipv6_mapped();
+    let mut c = Correlator::new(config());
+    let mut client = Client::new("pod-b", "198.18.1.6");
+    configured(&mut c, &client, 5);
+    seed_story(&mut c, &mut client);
+    let r = client.connect(&mut c, 2, &format!("[{mapped}]:5432"), Outcome::Established);
+    assert_eq!(r.resolution, Resolution::SearchEscape);
+}
+
+#[test]
+fn answers_expire_after_ttl_plus_grace() {
+    let cfg = config();
+    let grace = cfg.answer_grace_ns;
+    for (wait, joined) in [
+        (30 * SEC + grace - SEC, true),
+        (30 * SEC + grace + SEC, false),
+    ] {
+        let mut c = Correlator::new(cfg.clone());
+        let mut client = Client::new("pod-a", "198.18.1.5");
+        configured(&mut c, &client, 5);
+        client.lookup(
+            &mut c,
+            "db.simple-web-app.svc.cluster.local",
+            Reply::Addrs(vec![addr(
+                "db.simple-web-app.svc.cluster.local",
+                30,
+                "198.18.0.20",
+            )]),
+        );
+        client.now += wait;
+        let r = client.connect(&mut c, 1, "198.18.0.20:80", Outcome::Established);
+        assert_eq!(r.chain.is_some(), joined, "after {wait} ns");
+        if !joined {
+            assert_eq!(r.resolution, Resolution::None);
+            assert_eq!(c.counters().connects_answer_expired, 1);
+        }
+    }
+}
+
+#[test]
+fn scopes_never_share_answers() {
+    let mut c = Correlator::new(config());
+    let mut a = Client::new("pod-a", "198.18.1.5");
+    let mut b = Client::new("pod-b", "198.18.1.6");
+    // CDN: different names, one address.
+    a.lookup(
+        &mut c,
+        "img.shop.example",
+        Reply::Addrs(vec![addr("img.shop.example", 60, "203.0.113.50")]),
+    );
+    b.lookup(
+        &mut c,
+        "static.news.example",
+        Reply::Addrs(vec![addr("static.news.example", 60, "203.0.113.50")]),
+    );
+    let ra = a.connect(&mut c, 1, "203.0.113.50:443", Outcome::Established);
+    let rb = b.connect(&mut c, 2, "203.0.113.50:443", Outcome::Established);
+    assert_eq!(ra.chain.unwrap().query_name, "img.shop.example");
+    assert_eq!(rb.chain.unwrap().query_name, "static.news.example");
+
+    // One name, different addresses per pod: each pod only knows its own.
+    a.lookup(
+        &mut c,
+        "api.example.com",
+        Reply::Addrs(vec![addr("api.example.com", 60, "203.0.113.1")]),
+    );
+    b.lookup(
+        &mut c,
+        "api.example.com",
+        Reply::Addrs(vec![addr("api.example.com", 60, "203.0.113.2")]),
+    );
+    assert!(
+        a.connect(&mut c, 3, "203.0.113.1:443", Outcome::Established)
+            .chain
+            .is_some()
+    );
+    let cross = a.connect(&mut c, 4, "203.0.113.2:443", Outcome::Established);
+    assert_eq!(cross.resolution, Resolution::None);
+    assert!(cross.egress && !cross.flagged);
+    // A pod that resolved nothing has nothing.
+    let mut stranger = Client::new("pod-c", "198.18.1.7");
+    assert_eq!(
+        stranger
+            .connect(&mut c, 5, "203.0.113.50:443", Outcome::Established)
+            .resolution,
+        Resolution::None
+    );
+}
+
+#[test]
+fn absolute_name_is_external_not_an_escape() {
+    let mut c = Correlator::new(config());
+    let mut client = Client::new("pod-a", "198.18.1.5");
+    configured(&mut c, &client, 5);
+    // `db.another-lab.com.`: tried as-is although it has fewer dots than ndots.
+    client.lookup(
+        &mut c,
+        "db.another-lab.com",
+        Reply::Addrs(vec![addr("db.another-lab.com", 300, "203.0.113.10")]),
+    );
+    let r = client.connect(&mut c, 1, "203.0.113.10:5432", Outcome::Established);
+    assert_eq!(r.resolution, Resolution::External);
+    assert!(r.egress && !r.flagged);
+    let chain = r.chain.unwrap();
+    assert_eq!(chain.query_name, "db.another-lab.com.");
+    assert_eq!(chain.search_domain, None);
+}
+
+#[test]
+fn ndots_decides_whether_a_dotted_name_walks_the_search_list() {
+    // ndots:1: as-is first.
+    let mut c = Correlator::new(config());
+    let mut client = Client::new("pod-a", "198.18.1.5");
+    configured(&mut c, &client, 1);
+    client.lookup(
+        &mut c,
+        "api.example.com",
+        Reply::Addrs(vec![addr("api.example.com", 60, "203.0.113.7")]),
+    );
+    let chain = client
+        .connect(&mut c, 1, "203.0.113.7:443", Outcome::Established)
+        .chain
+        .unwrap();
+    assert_eq!(
+        (
+            chain.query_name.as_str(),
+            chain.wasted_queries,
+            chain.ndots_walk
+        ),
+        ("api.example.com", 0, false)
+    );
+
+    // ndots:5: every search domain first, then as-is.
+    let mut c = Correlator::new(config());
+    let mut client = Client::new("pod-a", "198.18.1.5");
+    configured(&mut c, &client, 5);
+    for d in SEARCH {
+        client.lookup(&mut c, &format!("api.example.com.{d}"), Reply::Nx);
+    }
+    client.lookup(
+        &mut c,
+        "api.example.com",
+        Reply::Addrs(vec![addr("api.example.com", 60, "203.0.113.7")]),
+    );
+    let r = client.connect(&mut c, 1, "203.0.113.7:443", Outcome::Established);
+    assert_eq!(r.resolution, Resolution::External);
+    assert!(!r.flagged);
+    let chain = r.chain.unwrap();
+    assert_eq!(chain.query_name, "api.example.com");
+    assert_eq!(chain.wasted_queries, 4);
+    assert!(chain.ndots_walk);
+    assert_eq!(chain.queries.len(), 10);
+    assert_eq!(c.counters().chains_started, 1);
+
+    // ndots:5 and a wildcard in an outside search domain: the dotted name escapes.
+    let mut c = Correlator::new(config());
+    let mut client = Client::new("pod-a", "198.18.1.5");
+    configured(&mut c, &client, 5);
+    for d in &SEARCH[..3] {
+        client.lookup(&mut c, &format!("api.example.com.{d}"), Reply::Nx);
+    }
+    let wildcard = "api.example.com.another-lab.com";
+    client.lookup(
+        &mut c,
+        wildcard,
+        Reply::Addrs(vec![addr(wildcard, 60, "203.0.113.66")]),
+    );
+    let r = client.connect(&mut c, 1, "203.0.113.66:443", Outcome::Established);
+    assert_eq!(r.resolution, Resolution::SearchEscape);
+    assert!(r.flagged && r.chain.unwrap().ndots_walk);
+}
+
+#[test]
+fn unanswered_queries_are_reported_by_tick() {
+    let mut c = Correlator::new(config());
+    let mut client = Client::new("pod-a", "198.18.1.5");
+    configured(&mut c, &client, 5);
+    client.lookup(&mut c, "db.simple-web-app.svc.cluster.local", Reply::Nx);
+    client.lookup(&mut c, "db.svc.cluster.local", Reply::Silent);
+    let sent = client.now;
+    assert!(c.tick(sent + SEC).is_empty(), "not yet timed out");
+    let mut lost = c.tick(sent + 6 * SEC);
+    lost.sort_by(|a, b| a.qtype.cmp(&b.qtype));
+    assert_eq!(lost.len(), 2);
+    assert_eq!(lost[0].name, "db.svc.cluster.local");
+    assert_eq!(lost[0].qtype, "A");
+    assert_eq!(lost[1].qtype, "AAAA");
+    assert_eq!(lost[0].query_name.as_deref(), Some("db"));
+    assert_eq!(lost[0].server, client.server);
+    assert_eq!(c.counters().queries_unanswered, 2);
+    assert_eq!(c.pending_queries(), 0);
+    assert!(c.tick(sent + 7 * SEC).is_empty(), "reported once");
+}
+
+#[test]
+fn drift_is_tracked_per_workload() {
+    let mut c = Correlator::new(config());
+    let mut old = Client::new("pod-old", "198.18.1.5");
+    let mut new = Client::new("pod-new", "198.18.1.6");
+    for cl in [&old, &new] {
+        configured(&mut c, cl, 5);
+        c.set_drift_key(&cl.scope, "simple-web-app/deployment/web")
+            .unwrap();
+    }
+    old.lookup(
+        &mut c,
+        "db.simple-web-app.svc.cluster.local",
+        Reply::Addrs(vec![addr(
+            "db.simple-web-app.svc.cluster.local",
+            30,
+            "198.18.0.20",
+        )]),
+    );
+    assert!(
+        !old.connect(&mut c, 1, "198.18.0.20:5432", Outcome::Established)
+            .drift
+    );
+    // The Service is deleted; the replacement pod's `db` escapes.
+    new.now = old.now + 60 * SEC;
+    seed_story(&mut c, &mut new);
+    let r = new.connect(&mut c, 2, "203.0.113.10:5432", Outcome::Established);
+    assert!(r.drift && r.flagged);
+    // Another workload asking for `db` outside is not drift.
+    let mut other = Client::new("pod-other", "198.18.1.7");
+    configured(&mut c, &other, 5);
+    other.now = new.now;
+    seed_story(&mut c, &mut other);
+    assert!(
+        !other
+            .connect(&mut c, 3, "203.0.113.10:5432", Outcome::Established)
+            .drift
+    );
+}
+
+#[test]
+fn outcomes_and_connects_without_outcome() {
+    let mut c = Correlator::new(config());
+    let mut client = Client::new("pod-a", "198.18.1.5");
+    configured(&mut c, &client, 5);
+    seed_story(&mut c, &mut client);
+    for (id, outcome) in [
+        (1, Outcome::Refused),
+        (2, Outcome::Timeout),
+        (3, Outcome::Reset),
+    ] {
+        let r = client.connect(&mut c, id, "203.0.113.10:5432", outcome);
+        assert_eq!(r.outcome, outcome);
+        assert_eq!(r.resolution, Resolution::SearchEscape);
+        assert!(r.outcome_at > r.opened_at);
+        assert!(r.source.is_some());
+    }
+    c.connect_open(ConnectOpen {
+        scope: client.scope.clone(),
+        sock_id: 9,
+        at: client.now,
+        cgroup_id: 7,
+        pid: 1,
+        comm: "app".into(),
+        destination: "203.0.113.10:5432".parse().unwrap(),
+        source: None,
+    });
+    assert_eq!(c.open_connects(), 1);
+    c.tick(client.now + c.config().connect_timeout_ns + 1);
+    assert_eq!(c.open_connects(), 0);
+    assert_eq!(c.counters().connects_expired, 1);
+    let late = ConnectOutcome {
+        sock_id: 9,
+        at: client.now,
+        outcome: Outcome::Established,
+        source: None,
+    };
+    assert!(c.connect_outcome(late).is_none());
+    assert_eq!(c.counters().outcomes_unmatched, 1);
+}
+
+#[test]
+fn server_side_traffic_and_malformed_messages_are_counted_not_used() {
+    let mut c = Correlator::new(config());
+    let server_scope = pod("coredns");
+    let client: SocketAddr = "198.18.1.5:40000".parse().unwrap();
+    let server: SocketAddr = "198.18.0.10:53".parse().unwrap();
+    c.observe_dns_wire(
+        &server_scope,
+        1,
+        Direction::Ingress,
+        client,
+        server,
+        &query(1, "db.another-lab.com", A),
+    )
+    .unwrap();
+    c.observe_dns_wire(
+        &server_scope,
+        2,
+        Direction::Egress,
+        server,
+        client,
+        &response(
+            1,
+            "db.another-lab.com",
+            A,
+            0,
+            &[addr("db.another-lab.com", 60, "203.0.113.10")],
+            None,
+        ),
+    )
+    .unwrap();
+    assert_eq!(c.counters().dns_server_side_ignored, 2);
+    assert_eq!(c.scope_count(), 0);
+    assert_eq!(c.cached_answers(), 0);
+
+    let scope = pod("pod-a");
+    let bad = [vec![], vec![0x12, 0x34, 0x81], {
+        let mut m = query(2, "x.example.com", A);
+        m[12] = 0xc0;
+        m[13] = 0x0c;
+        m
+    }];
+    for b in &bad {
+        assert!(
+            c.observe_dns_wire(&scope, 3, Direction::Ingress, server, client, b)
+                .is_err()
+        );
+    }
+    let k = c.counters();
+    assert_eq!(
+        (k.parse_empty, k.parse_truncated, k.parse_bad_name),
+        (1, 1, 1)
+    );
+    // A response nobody asked for.
+    c.observe_dns_wire(
+        &scope,
+        4,
+        Direction::Ingress,
+        server,
+        client,
+        &response(77, "x.example.com", A, 3, &[], None),
+    )
+    .unwrap();
+    assert_eq!(c.counters().responses_unmatched, 1);
+}
+
+#[test]
+fn caps_evict_and_count() {
+    let mut cfg = config();
+    cfg.limits.max_answers_per_scope = 4;
+    cfg.limits.max_scopes = 2;
+    cfg.limits.max_pending_per_scope = 3;
+    let mut c = Correlator::new(cfg);
+    let mut client = Client::new("pod-a", "198.18.1.5");
+    for i in 0..3 {
+        let name = format!("n{i}.example.com");
+        let o = format!("203.0.113.{}", 10 * i + 1);
+        let t = format!("203.0.113.{}", 10 * i + 2);
+        client.lookup(
+            &mut c,
+            &name,
+            Reply::Addrs(vec![addr(&name, 60, &o), addr(&name, 60, &t)]),
+        );
+    }
+    assert_eq!(c.cached_answers(), 4);
+    assert_eq!(c.counters().answers_evicted_scope_cap, 2);
+    assert_eq!(c.counters().chains_evicted_cap, 1);
+    // The oldest chain went: its addresses no longer name connects.
+    assert_eq!(
+        client
+            .connect(&mut c, 1, "203.0.113.1:443", Outcome::Established)
+            .resolution,
+        Resolution::None
+    );
+    assert!(
+        client
+            .connect(&mut c, 2, "203.0.113.21:443", Outcome::Established)
+            .chain
+            .is_some()
+    );
+
+    for i in 0..5 {
+        client.send(&mut c, &format!("q{i}.example.com"), A);
+    }
+    assert_eq!(c.pending_queries(), 3);
+    assert_eq!(c.counters().queries_evicted_cap, 2);
+
+    let mut b = Client::new("pod-b", "198.18.1.6");
+    b.send(&mut c, "x.example.com", A);
+    let third = pod("pod-c");
+    assert!(c.set_drift_key(&third, "k").is_err());
+    assert_eq!(c.scope_count(), 2);
+    assert_eq!(c.counters().scopes_refused, 1);
+}
+
+#[test]
+fn tick_expires_chains_and_idle_scopes() {
+    let mut c = Correlator::new(config());
+    let mut client = Client::new("pod-a", "198.18.1.5");
+    client.lookup(
+        &mut c,
+        "a.example.com",
+        Reply::Addrs(vec![addr("a.example.com", 30, "203.0.113.9")]),
+    );
+    assert_eq!(c.cached_answers(), 1);
+    let grace = c.config().answer_grace_ns;
+    c.tick(client.now + 30 * SEC + grace + SEC);
+    assert_eq!(c.cached_answers(), 0);
+    assert_eq!(c.counters().answers_expired, 1);
+    assert_eq!(c.counters().chains_expired, 1);
+    assert_eq!(c.scope_count(), 1);
+    c.tick(client.now + c.config().scope_idle_ns + SEC);
+    assert_eq!(c.scope_count(), 0);
+    assert_eq!(c.counters().scopes_idle_evicted, 1);
+}
+
+#[test]
+fn concurrent_lookups_of_one_pod_keep_their_own_chains() {
+    let mut c = Correlator::new(config());
+    let mut client = Client::new("pod-a", "198.18.1.5");
+    configured(&mut c, &client, 5);
+    // Two threads: `db` walks while `cache` resolves in-cluster in between.
+    client.lookup(&mut c, "db.simple-web-app.svc.cluster.local", Reply::Nx);
+    client.lookup(
+        &mut c,
+        "cache.simple-web-app.svc.cluster.local",
+        Reply::Addrs(vec![addr(
+            "cache.simple-web-app.svc.cluster.local",
+            30,
+            "198.18.0.30",
+        )]),
+    );
+    client.lookup(&mut c, "db.svc.cluster.local", Reply::Nx);
+    client.lookup(&mut c, "db.cluster.local", Reply::Nx);
+    client.lookup(
+        &mut c,
+        "db.another-lab.com",
+        Reply::Addrs(vec![addr("db.another-lab.com", 300, "203.0.113.10")]),
+    );
+    let db = client.connect(&mut c, 1, "203.0.113.10:5432", Outcome::Established);
+    let cache = client.connect(&mut c, 2, "198.18.0.30:6379", Outcome::Established);
+    assert_eq!(db.chain.unwrap().wasted_queries, 3);
+    assert_eq!(cache.resolution, Resolution::InCluster);
+    assert_eq!(cache.chain.unwrap().query_name, "cache");
+}
+
+#[test]
+fn idle_scope_with_an_open_connect_is_kept_and_tick_terminates() {
+    let client = Client::new("pod-a", "198.18.1.5");
+    let mut cfg = config();
+    let idle = cfg.scope_idle_ns;
+    cfg.connect_timeout_ns = 10 * idle;
+    let mut c = Correlator::new(cfg);
+    c.connect_open(ConnectOpen {
+        scope: client.scope.clone(),
+        sock_id: 1,
+        at: client.now,
+        cgroup_id: 7,
+        pid: 1,
+        comm: "app".into(),
+        destination: "203.0.113.10:80".parse().unwrap(),
+        source: None,
+    });
+    // Past the idle time but before the connect expires: the scope stays.
+    c.tick(client.now + 2 * idle);
+    assert_eq!((c.scope_count(), c.open_connects()), (1, 1));
+    c.tick(client.now + 11 * idle);
+    assert_eq!(c.open_connects(), 0);
+    c.tick(client.now + 13 * idle);
+    assert_eq!(c.scope_count(), 0);
+}

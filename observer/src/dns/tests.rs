@@ -1,0 +1,364 @@
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use super::{
+    AnswerData, DnsParseErrorKind, QType, Rcode,
+    build::{WireAnswer, query, response},
+    parse,
+    tcp::{StreamDirection, StreamKey, TcpLimits, TcpReassembler, TcpSegment},
+};
+
+fn hex(text: &str) -> Vec<u8> {
+    let digits: Vec<u8> = text
+        .bytes()
+        .filter(|b| b.is_ascii_hexdigit())
+        .map(|b| (b as char).to_digit(16).unwrap() as u8)
+        .collect();
+    digits.chunks(2).map(|p| p[0] << 4 | p[1]).collect()
+}
+
+// glibc's A query for db.another-lab.com (RD, no EDNS), written out by hand from RFC 1035.
+const GLIBC_QUERY_HEX: &str = "
+    1234 0100 0001 0000 0000 0000
+    02 6462 0b 616e6f746865722d6c6162 03 636f6d 00 0001 0001";
+// The forwarder's answer: QR RD RA NOERROR, question echoed, one A with a pointer to the
+// question name (c00c), TTL 300, 203.0.113.10.
+const FORWARDER_ANSWER_HEX: &str = "
+    1234 8180 0001 0001 0000 0000
+    02 6462 0b 616e6f746865722d6c6162 03 636f6d 00 0001 0001
+    c00c 0001 0001 0000012c 0004 cb00710a";
+
+#[test]
+fn builder_matches_hand_verified_fixtures() {
+    assert_eq!(query(0x1234, "db.another-lab.com", 1), hex(GLIBC_QUERY_HEX));
+    let built = response(
+        0x1234,
+        "db.another-lab.com",
+        1,
+        0,
+        &[WireAnswer::Addr {
+            owner: "db.another-lab.com".into(),
+            ttl: 300,
+            ip: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10)),
+        }],
+        None,
+    );
+    assert_eq!(built, hex(FORWARDER_ANSWER_HEX));
+}
+
+#[test]
+fn parses_hand_verified_fixtures() {
+    let q = parse(&hex(GLIBC_QUERY_HEX)).unwrap();
+    assert_eq!(q.id, 0x1234);
+    assert!(!q.is_response && !q.truncated);
+    let question = q.question.as_ref().unwrap();
+    assert_eq!(question.name, "db.another-lab.com");
+    assert_eq!(question.qtype, QType::A);
+
+    let r = parse(&hex(FORWARDER_ANSWER_HEX)).unwrap();
+    assert!(r.is_response);
+    assert_eq!(r.rcode, Rcode::NOERROR);
+    assert_eq!(r.answers.len(), 1);
+    assert_eq!(r.answers[0].owner, "db.another-lab.com");
+    assert_eq!(r.answers[0].ttl, 300);
+    assert_eq!(
+        r.answers[0].data,
+        AnswerData::A(Ipv4Addr::new(203, 0, 113, 10))
+    );
+}
+
+#[test]
+fn parses_nxdomain_with_soa_cname_chain_and_aaaa() {
+    let nx = parse(&response(
+        7,
+        "db.svc.cluster.local",
+        28,
+        3,
+        &[],
+        Some("cluster.local"),
+    ))
+    .unwrap();
+    assert_eq!(nx.rcode, Rcode::NXDOMAIN);
+    assert_eq!(nx.rcode.mnemonic(), "NXDOMAIN");
+    assert!(nx.answers.is_empty(), "SOA in authority is not an answer");
+    assert_eq!(nx.question.unwrap().qtype.mnemonic(), "AAAA");
+
+    let v6 = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+    let r = parse(&response(
+        8,
+        "WWW.Example.COM",
+        28,
+        0,
+        &[
+            WireAnswer::Cname {
+                owner: "www.example.com".into(),
+                ttl: 60,
+                target: "edge.cdn.example.net".into(),
+            },
+            WireAnswer::Addr {
+                owner: "edge.cdn.example.net".into(),
+                ttl: 20,
+                ip: IpAddr::V6(v6),
+            },
+        ],
+        None,
+    ))
+    .unwrap();
+    assert_eq!(r.question.as_ref().unwrap().name, "www.example.com");
+    assert_eq!(
+        r.answers[0].data,
+        AnswerData::Cname("edge.cdn.example.net".into())
+    );
+    assert_eq!(
+        r.addresses().collect::<Vec<_>>(),
+        vec![(IpAddr::V6(v6), 20)]
+    );
+}
+
+#[test]
+fn truncation_flag_is_reported() {
+    let mut bytes = response(9, "big.example.com", 1, 0, &[], None);
+    bytes[2] |= 0x02;
+    assert!(parse(&bytes).unwrap().truncated);
+}
+
+#[test]
+fn hostile_messages_are_typed_errors() {
+    let header = |qd: u16, an: u16| {
+        let mut h = hex("abcd 8180");
+        h.extend_from_slice(&qd.to_be_bytes());
+        h.extend_from_slice(&an.to_be_bytes());
+        h.extend_from_slice(&[0, 0, 0, 0]);
+        h
+    };
+    let mut loop_name = header(1, 0);
+    loop_name.extend_from_slice(&hex("c00c 0001 0001"));
+    let mut forward = header(1, 0);
+    forward.extend_from_slice(&hex("c020 0001 0001 0000000000000000"));
+    let mut long_name = header(1, 0);
+    for _ in 0..5 {
+        long_name.push(63);
+        long_name.extend_from_slice(&[b'a'; 63]);
+    }
+    long_name.extend_from_slice(&hex("00 0001 0001"));
+    let mut huge_counts = header(1, 65535);
+    huge_counts.extend_from_slice(&hex("00 0001 0001"));
+    let mut bad_a = header(1, 1);
+    bad_a.extend_from_slice(&hex("00 0001 0001 00 0001 0001 0000003c 0003 010203"));
+    let full = hex(FORWARDER_ANSWER_HEX);
+    let cases: Vec<(&str, Vec<u8>, DnsParseErrorKind)> = vec![
+        ("zero length", vec![], DnsParseErrorKind::Empty),
+        (
+            "half a header",
+            full[..7].to_vec(),
+            DnsParseErrorKind::Truncated,
+        ),
+        (
+            "cut in the answer",
+            full[..full.len() - 3].to_vec(),
+            DnsParseErrorKind::Truncated,
+        ),
+        ("compression loop", loop_name, DnsParseErrorKind::BadName),
+        ("forward pointer", forward, DnsParseErrorKind::BadName),
+        ("name over 255 bytes", long_name, DnsParseErrorKind::BadName),
+        (
+            "65535 answers in 17 bytes",
+            huge_counts,
+            DnsParseErrorKind::BadCounts,
+        ),
+        (
+            "too many questions",
+            header(9, 0),
+            DnsParseErrorKind::BadCounts,
+        ),
+        ("A record of 3 bytes", bad_a, DnsParseErrorKind::BadRecord),
+    ];
+    for (what, bytes, kind) in cases {
+        let err = parse(&bytes).expect_err(what);
+        assert_eq!(err.kind, kind, "{what}: {err}");
+    }
+}
+
+#[test]
+fn answers_are_capped() {
+    let answers: Vec<WireAnswer> = (0..100u8)
+        .map(|i| WireAnswer::Addr {
+            owner: "many.example.com".into(),
+            ttl: 30,
+            ip: IpAddr::V4(Ipv4Addr::new(203, 0, 113, i)),
+        })
+        .collect();
+    let m = parse(&response(1, "many.example.com", 1, 0, &answers, None)).unwrap();
+    assert_eq!(m.answers.len(), super::MAX_ANSWERS);
+    assert!(m.answers_capped);
+}
+
+/// xorshift: deterministic noise without a dependency.
+fn noise(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+#[test]
+fn random_and_mutated_bytes_never_panic() {
+    let mut s = 0x9e37_79b9_7f4a_7c15u64;
+    let seed = hex(FORWARDER_ANSWER_HEX);
+    for round in 0..50_000 {
+        let bytes: Vec<u8> = if round % 2 == 0 {
+            let len = (noise(&mut s) % 600) as usize;
+            (0..len).map(|_| noise(&mut s) as u8).collect()
+        } else {
+            let mut b = seed.clone();
+            for _ in 0..(noise(&mut s) % 4 + 1) {
+                let i = (noise(&mut s) as usize) % b.len();
+                b[i] = noise(&mut s) as u8;
+            }
+            b.truncate((noise(&mut s) as usize) % (b.len() + 1));
+            b
+        };
+        if let Ok(m) = parse(&bytes) {
+            assert!(m.answers.len() <= super::MAX_ANSWERS);
+        }
+    }
+}
+
+// ---- TCP framing ----
+
+fn framed(msg: &[u8]) -> Vec<u8> {
+    let mut v = (msg.len() as u16).to_be_bytes().to_vec();
+    v.extend_from_slice(msg);
+    v
+}
+
+const KEY: StreamKey = StreamKey {
+    socket_cookie: 42,
+    direction: StreamDirection::Ingress,
+};
+
+fn seg(seq: u32, payload: &[u8]) -> TcpSegment<'_> {
+    TcpSegment {
+        key: KEY,
+        at: u64::from(seq),
+        seq,
+        wire_len: payload.len() as u32,
+        payload,
+    }
+}
+
+#[test]
+fn tcp_framing_cases() {
+    let m1 = response(1, "a.example.com", 1, 3, &[], None);
+    let m2 = response(2, "b.example.com", 1, 3, &[], None);
+    let m3 = response(3, "c.example.com", 1, 3, &[], None);
+    let (f1, f2, f3) = (framed(&m1), framed(&m2), framed(&m3));
+    let base = 1000u32;
+
+    // Split across segments, in order.
+    let mut r = TcpReassembler::new(TcpLimits::default());
+    let mut out = Vec::new();
+    r.push(seg(base, &f1[..5]), &mut out);
+    assert!(out.is_empty());
+    r.push(seg(base + 5, &f1[5..]), &mut out);
+    assert_eq!(out, vec![m1.clone()]);
+
+    // Several messages coalesced in one segment, the last one split.
+    let mut r = TcpReassembler::new(TcpLimits::default());
+    let mut out = Vec::new();
+    let mut all = [f1.clone(), f2.clone(), f3.clone()].concat();
+    let tail = all.split_off(f1.len() + f2.len() + 4);
+    r.push(seg(base, &all), &mut out);
+    assert_eq!(out, vec![m1.clone(), m2.clone()]);
+    r.push(seg(base + all.len() as u32, &tail), &mut out);
+    assert_eq!(out, vec![m1.clone(), m2.clone(), m3.clone()]);
+
+    // Retransmitted segment: ignored, counted.
+    let mut r = TcpReassembler::new(TcpLimits::default());
+    let mut out = Vec::new();
+    r.push(seg(base, &f1), &mut out);
+    r.push(seg(base, &f1), &mut out);
+    assert_eq!(out, vec![m1.clone()]);
+    assert_eq!(r.counters().duplicate_segments, 1);
+
+    // Gap: the partial message is dropped; the next whole message resyncs.
+    let mut r = TcpReassembler::new(TcpLimits::default());
+    let mut out = Vec::new();
+    r.push(seg(base, &f1[..6]), &mut out);
+    let lost = (f1.len() - 6) as u32;
+    r.push(seg(base + 6 + lost + 3, &f2), &mut out);
+    assert_eq!(out, vec![m2.clone()]);
+    assert_eq!(r.counters().gaps, 1);
+
+    // Capture cut: the message in the cut segment is lost and counted; the next segment
+    // that starts a message is read.
+    let mut r = TcpReassembler::new(TcpLimits::default());
+    let mut out = Vec::new();
+    let both = [f1.clone(), f2.clone()].concat();
+    let cut = TcpSegment {
+        wire_len: both.len() as u32,
+        payload: &both[..f1.len() + 5],
+        ..seg(base, &both)
+    };
+    r.push(cut, &mut out);
+    assert_eq!(out, vec![m1.clone()]);
+    r.push(seg(base + both.len() as u32, &f3), &mut out);
+    assert_eq!(out, vec![m1.clone(), m3.clone()]);
+    assert_eq!(r.counters().cut_segments, 1);
+
+    // After a gap, a segment that cannot start a message (its would-be length is shorter
+    // than a header) is skipped rather than misread; the next message start resyncs.
+    let mut r = TcpReassembler::new(TcpLimits::default());
+    let mut out = Vec::new();
+    r.push(seg(base, &f1[..6]), &mut out);
+    let middle = [0u8, 5, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14];
+    r.push(seg(base + 100, &middle), &mut out);
+    r.push(seg(base + 100 + middle.len() as u32, &f2), &mut out);
+    assert_eq!(out, vec![m2.clone()]);
+    assert_eq!(r.counters().unsynced_segments, 1);
+    assert_eq!(r.counters().gaps, 1);
+}
+
+#[test]
+fn tcp_caps_and_idle_eviction_are_counted() {
+    let m = response(1, "a.example.com", 1, 3, &[], None);
+    let f = framed(&m);
+    let limits = TcpLimits {
+        max_streams: 2,
+        max_buffered_bytes: 64,
+        idle_ns: 10,
+    };
+    let mut r = TcpReassembler::new(limits);
+    let mut out = Vec::new();
+    for cookie in 0..3u64 {
+        let key = StreamKey {
+            socket_cookie: cookie,
+            direction: StreamDirection::Egress,
+        };
+        r.push(
+            TcpSegment {
+                key,
+                at: cookie,
+                seq: 1,
+                wire_len: 10,
+                payload: &f[..10],
+            },
+            &mut out,
+        );
+    }
+    assert_eq!(r.stream_count(), 2);
+    assert_eq!(r.counters().streams_evicted_cap, 1);
+    r.evict_idle(1000);
+    assert_eq!(r.stream_count(), 0);
+    assert_eq!(r.counters().streams_evicted_idle, 2);
+    assert_eq!(r.buffered_bytes(), 0);
+
+    // One stream trying to buffer more than the byte cap loses its partial message.
+    let mut big = vec![0xff, 0xff];
+    big.extend_from_slice(&m[..12]);
+    big[2 + 4] = 0;
+    big[2 + 5] = 1;
+    let mut r = TcpReassembler::new(limits);
+    r.push(seg(1, &[big.clone(), vec![0; 80]].concat()), &mut out);
+    assert_eq!(r.buffered_bytes(), 0);
+    assert_eq!(r.counters().streams_evicted_cap, 1);
+}
