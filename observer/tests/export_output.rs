@@ -201,7 +201,7 @@ fn text_colour_marks_flagged_and_failures() {
 fn text_drift_and_cname_escape() {
     let mut cname = seed_story();
     cname.record.resolution = observer::record::Resolution::CnameEscape;
-    let chain = cname.record.chain.as_mut().unwrap();
+    let chain = std::sync::Arc::make_mut(cname.record.chain.as_mut().unwrap());
     chain.query_name = "db.simple-web-app.svc.cluster.local.".into();
     chain.server_address = "db.simple-web-app.svc.cluster.local".into();
     chain.search_domain = None;

@@ -4,6 +4,7 @@
 //! plain single-threaded value; the exporters and the HTTP server run beside it.
 pub mod config;
 pub mod enrich;
+pub mod reorder;
 
 use std::{
     collections::HashSet,
@@ -22,8 +23,8 @@ use crate::{
         tcp::{StreamDirection, StreamKey, TcpLimits, TcpReassembler, TcpSegment},
     },
     export::{
-        EnrichmentState, Enriched, ExportConfig, ExportIdentity, JsonWriter, Metrics, PodIdentity, Readiness,
-        SpanExporter, SpanSelection, SpanSink, TextWriter, WallClock, color_for_stdout,
+        Enriched, EnrichmentState, ExportConfig, ExportIdentity, JsonWriter, Metrics, PodIdentity,
+        Readiness, SpanExporter, SpanSelection, SpanSink, TextWriter, WallClock, color_for_stdout,
         serve_http,
     },
     identity::{EnrichmentStatus, Identity, IdentityConfig, KubeMode, WorkloadIdentity},
@@ -33,6 +34,7 @@ use crate::{
 };
 use config::{ExportPolicySetting, KubeSetting, OutputFormat, Settings};
 use enrich::NodeFacts;
+use reorder::Reorder;
 
 /// How often counters are published, unanswered queries collected, caches refreshed.
 const TICK: Duration = Duration::from_secs(1);
@@ -40,6 +42,11 @@ const TICK: Duration = Duration::from_secs(1);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How often the cgroup cache and the cluster networks are refreshed.
 const REFRESH: Duration = Duration::from_secs(30);
+/// How long events wait to be put in kernel-time order: well above the rings' poll
+/// interval, well below anything a person would notice.
+const REORDER_WINDOW: Duration = Duration::from_millis(100);
+/// Events held for reordering at most; past it the oldest go through unordered.
+const REORDER_CAPACITY: usize = 65_536;
 
 /// Run the agent until SIGINT or SIGTERM.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -72,16 +79,22 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let wall = WallClock::new(boot.offset_ns());
     let metrics = Arc::new(Metrics::new());
     let readiness = Readiness::new();
-    let (metrics_addr, _server) = serve_http(settings.metrics_addr, metrics.clone(), readiness.clone())
-        .await
-        .with_context(|| format!("serving metrics on {}", settings.metrics_addr))?;
+    let (metrics_addr, _server) =
+        serve_http(settings.metrics_addr, metrics.clone(), readiness.clone())
+            .await
+            .with_context(|| format!("serving metrics on {}", settings.metrics_addr))?;
     tracing::info!(%metrics_addr, "serving /metrics, /healthz and /readyz");
 
     let export_config = export_config(&settings)?;
     let exporter = match SpanSink::from_config(&export_config).context("configuring span export")? {
         Some(sink) => {
             tracing::info!(sink = %sink_name(&sink), "exporting spans");
-            Some(SpanExporter::start(&export_config, sink, wall, metrics.clone())?)
+            Some(SpanExporter::start(
+                &export_config,
+                sink,
+                wall,
+                metrics.clone(),
+            )?)
         }
         None => {
             tracing::info!(
@@ -109,12 +122,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         output: Output::new(settings.output, wall),
         settings,
         messages: Vec::new(),
+        reorder: Reorder::new(REORDER_WINDOW.as_nanos() as u64, REORDER_CAPACITY),
+        ready: Vec::new(),
     };
     readiness.set_probes_attached(true);
     readiness.set_export_running(true);
     tracing::info!(cgroup = %probes.cgroup().display(), "observing");
 
-    let result = agent.event_loop(events, &probes, &boot).await;
+    let result = agent.event_loop(events, &probes).await;
 
     // Detach first: nothing new arrives while the last spans are flushed.
     readiness.set_probes_attached(false);
@@ -126,14 +141,19 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     agent.output.flush();
     if let Some(losses) = losses {
         for (counter, n) in losses.iter().filter(|(_, n)| *n > 0) {
-            tracing::warn!(counter = counter.name(), lost = n, "kernel events not delivered");
+            tracing::warn!(
+                counter = counter.name(),
+                lost = n,
+                "kernel events not delivered"
+            );
         }
     }
     result
 }
 
 fn export_config(settings: &Settings) -> anyhow::Result<ExportConfig> {
-    let mut config = ExportConfig::from_env().context("reading the OTEL_EXPORTER_OTLP_* variables")?;
+    let mut config =
+        ExportConfig::from_env().context("reading the OTEL_EXPORTER_OTLP_* variables")?;
     config.selection = match settings.export {
         ExportPolicySetting::Flagged => SpanSelection::Flagged,
         ExportPolicySetting::Egress => SpanSelection::Egress,
@@ -178,7 +198,9 @@ enum Output {
 impl Output {
     fn new(format: OutputFormat, wall: WallClock) -> Output {
         match format {
-            OutputFormat::Text => Output::Text(TextWriter::new(std::io::stdout(), wall, color_for_stdout())),
+            OutputFormat::Text => {
+                Output::Text(TextWriter::new(std::io::stdout(), wall, color_for_stdout()))
+            }
             OutputFormat::Json => Output::Json(JsonWriter::new(std::io::stdout(), wall)),
             OutputFormat::None => Output::None,
         }
@@ -214,6 +236,9 @@ struct Agent {
     settings: Settings,
     /// Reused buffer for messages reassembled from TCP.
     messages: Vec<Vec<u8>>,
+    reorder: Reorder<Event>,
+    /// Reused buffer for events leaving the reorder stage.
+    ready: Vec<Event>,
 }
 
 impl Agent {
@@ -224,15 +249,31 @@ impl Agent {
     ) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Releases reordered events when traffic pauses.
+        let mut flush = tokio::time::interval(REORDER_WINDOW / 2);
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_refresh = Instant::now();
-        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("installing the SIGTERM handler")?;
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("installing the SIGTERM handler")?;
         loop {
             tokio::select! {
                 event = events.recv() => match event {
-                    Some(event) => self.handle(event),
+                    Some(event) => {
+                        let mut ready = std::mem::take(&mut self.ready);
+                        self.reorder.push(event.timestamp(), event, &mut ready);
+                        self.handle_all(&mut ready);
+                        self.ready = ready;
+                    }
                     None => anyhow::bail!("the kernel ring readers stopped"),
                 },
+                _ = flush.tick() => {
+                    let now = probes::boot_now_ns().context("reading CLOCK_BOOTTIME")?;
+                    let mut ready = std::mem::take(&mut self.ready);
+                    self.reorder.release(now, &mut ready);
+                    self.handle_all(&mut ready);
+                    self.ready = ready;
+                }
                 _ = tick.tick() => {
                     let now = probes::boot_now_ns().context("reading CLOCK_BOOTTIME")?;
                     self.tick(now, probes);
@@ -243,13 +284,28 @@ impl Agent {
                 }
                 _ = tokio::signal::ctrl_c() => {
                     tracing::info!("interrupted: detaching");
-                    return Ok(());
+                    break;
                 }
                 _ = terminate.recv() => {
                     tracing::info!("terminated: detaching");
-                    return Ok(());
+                    break;
                 }
             }
+        }
+        self.drain();
+        Ok(())
+    }
+
+    /// Whatever is still waiting for order is handled before the agent stops.
+    fn drain(&mut self) {
+        let mut ready = std::mem::take(&mut self.ready);
+        self.reorder.drain(&mut ready);
+        self.handle_all(&mut ready);
+    }
+
+    fn handle_all(&mut self, ready: &mut Vec<Event>) {
+        for event in ready.drain(..) {
+            self.handle(event);
         }
     }
 
@@ -408,13 +464,14 @@ impl Agent {
             Err(e) => tracing::warn!(error = %e, "reading the kernel loss counters"),
         }
         publish_core_counters(&self.metrics, self.core.counters());
-        self.metrics.set_enrichment_state(match self.identity.status() {
-            EnrichmentStatus::Disabled => EnrichmentState::CgroupOnly,
-            EnrichmentStatus::Ready => EnrichmentState::Kube,
-            EnrichmentStatus::Syncing | EnrichmentStatus::Degraded { .. } => {
-                EnrichmentState::Degraded
-            }
-        });
+        self.metrics
+            .set_enrichment_state(match self.identity.status() {
+                EnrichmentStatus::Disabled => EnrichmentState::CgroupOnly,
+                EnrichmentStatus::Ready => EnrichmentState::Kube,
+                EnrichmentStatus::Syncing | EnrichmentStatus::Degraded { .. } => {
+                    EnrichmentState::Degraded
+                }
+            });
     }
 
     /// Export identity of a whole scope (no single container): for per-scope metrics.

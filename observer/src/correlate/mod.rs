@@ -129,6 +129,12 @@ impl Correlator {
         &self.config
     }
 
+    /// Kubernetes reported new pod, service or node networks: later connects are judged
+    /// against them (records already emitted keep their verdict).
+    pub fn set_cluster_networks(&mut self, networks: Vec<ipnet::IpNet>) {
+        self.config.cluster_networks = networks;
+    }
+
     pub fn counters(&self) -> &CoreCounters {
         &self.counters
     }

@@ -88,7 +88,7 @@ pub fn seed_story() -> Enriched {
             outcome: Outcome::Established,
             outcome_at: opened_at + 1_500_000,
             resolution: Resolution::SearchEscape,
-            chain: Some(ResolutionChain {
+            chain: Some(std::sync::Arc::new(ResolutionChain {
                 query_name: "db".into(),
                 server_address: "db.another-lab.com".into(),
                 search_domain: Some("another-lab.com".into()),
@@ -96,7 +96,7 @@ pub fn seed_story() -> Enriched {
                 wasted_queries: 3,
                 ndots_walk: false,
                 queries,
-            }),
+            })),
             egress: true,
             flagged: true,
             drift: false,
@@ -122,7 +122,7 @@ pub fn healthy_in_cluster() -> Enriched {
             outcome: Outcome::Established,
             outcome_at: t + 4_000_000,
             resolution: Resolution::InCluster,
-            chain: Some(ResolutionChain {
+            chain: Some(std::sync::Arc::new(ResolutionChain {
                 query_name: "postgres".into(),
                 server_address: "postgres.data.svc.cluster.local".into(),
                 search_domain: Some("data.svc.cluster.local".into()),
@@ -147,7 +147,7 @@ pub fn healthy_in_cluster() -> Enriched {
                         answered_at: None,
                     },
                 ],
-            }),
+            })),
             egress: false,
             flagged: false,
             drift: false,
