@@ -6,6 +6,7 @@
 //! pods ([`Pod`]) with their own resolv.conf and kubelet-shaped cgroups; hosts ([`Host`]) with
 //! TCP listeners. Every name carries a per-run suffix, and everything is removed when the
 //! testbed drops, also on panic. See README-testbed.md at the repository root.
+pub mod agent;
 pub mod cgroup;
 pub mod cleanup;
 pub mod dns;

@@ -1,0 +1,351 @@
+//! The real agent binary (`observer run`) as a test drives it: started with flags and
+//! environment, its JSON lines collected as they come, its /metrics scraped over HTTP,
+//! stopped with SIGTERM (and killed on Drop, so a failing test leaves nothing running).
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// The agent binary of this workspace: `target/<profile>/observer`, beside the test
+/// executable's `deps/` directory. `cargo xtask test` builds it before the tests run.
+pub fn observer_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("OBSERVER_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("the test executable has a path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executables live in target/<profile>/deps");
+    let bin = profile_dir.join("observer");
+    assert!(
+        bin.is_file(),
+        "the agent binary {} is missing: run `cargo build -p observer` (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A free TCP port on 127.0.0.1 for the agent's metrics server.
+pub fn free_local_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding an ephemeral port on loopback")
+}
+
+/// How to start the agent. `args` come after `observer run`; the harness adds
+/// `--output json`, `--metrics-addr` and `--kube off` unless the test set them.
+#[derive(Clone, Debug, Default)]
+pub struct AgentSpec {
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl AgentSpec {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+}
+
+/// A running agent.
+pub struct Agent {
+    child: Option<Child>,
+    metrics_addr: SocketAddr,
+    records: Arc<Mutex<Vec<Value>>>,
+    stderr: Arc<Mutex<String>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Starts `observer run` and waits until /readyz says the probes are attached.
+    pub fn start(spec: AgentSpec) -> Agent {
+        let has = |flag: &str| {
+            spec.args
+                .iter()
+                .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+        };
+        let mut args = vec!["run".to_owned()];
+        let metrics_addr: SocketAddr = if has("--metrics-addr") {
+            let i = spec
+                .args
+                .iter()
+                .position(|a| a == "--metrics-addr")
+                .expect("flag present");
+            spec.args[i + 1]
+                .parse()
+                .expect("--metrics-addr takes host:port")
+        } else {
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_local_port())
+                .parse()
+                .expect("addr");
+            args.extend(["--metrics-addr".to_owned(), addr.to_string()]);
+            addr
+        };
+        if !has("--output") {
+            args.extend(["--output".to_owned(), "json".to_owned()]);
+        }
+        if !has("--kube") {
+            args.extend(["--kube".to_owned(), "off".to_owned()]);
+        }
+        args.extend(spec.args.iter().cloned());
+        let mut cmd = Command::new(observer_bin());
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // The agent must not pick up an exporter from the developer's shell.
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .env("NO_COLOR", "1");
+        for (k, v) in &spec.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("starting the observer agent");
+        let records = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let err = child.stderr.take().expect("piped stderr");
+        let out_records = Arc::clone(&records);
+        let out_reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                match serde_json::from_str::<Value>(&line) {
+                    Ok(v) => out_records.lock().expect("records lock").push(v),
+                    Err(e) => panic!("the agent printed a line that is not JSON ({e}): {line}"),
+                }
+            }
+        });
+        let err_text = Arc::clone(&stderr);
+        let err_reader = std::thread::spawn(move || {
+            let mut reader = BufReader::new(err);
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                err_text
+                    .lock()
+                    .expect("stderr lock")
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let mut agent = Agent {
+            child: Some(child),
+            metrics_addr,
+            records,
+            stderr,
+            readers: vec![out_reader, err_reader],
+        };
+        agent.wait_ready(Duration::from_secs(30));
+        agent
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    fn wait_ready(&mut self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "the agent exited before it was ready ({status}); its log:\n{}",
+                    self.stderr()
+                );
+            }
+            if http_get(self.metrics_addr, "/readyz").is_ok_and(|(code, _)| code == 200) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent was not ready within {within:?}; its log:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Every JSON record printed so far.
+    pub fn records(&self) -> Vec<Value> {
+        self.records.lock().expect("records lock").clone()
+    }
+
+    /// Waits for a record matching `pred`; panics with what was seen when none comes.
+    pub fn wait_for_record(&self, within: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(found) = self.records().into_iter().find(|r| pred(r)) {
+                return found;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "no matching record within {within:?}; records seen:\n{}\nagent log:\n{}",
+                    self.records()
+                        .iter()
+                        .map(Value::to_string)
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Records of one cgroup (tests filter on their own pods: the agent sees the machine).
+    pub fn records_of_cgroup(&self, cgroup_id: u64) -> Vec<Value> {
+        self.records()
+            .into_iter()
+            .filter(|r| r["cgroup_id"].as_u64() == Some(cgroup_id))
+            .collect()
+    }
+
+    /// The Prometheus text of /metrics.
+    pub fn metrics(&self) -> String {
+        let (code, body) = http_get(self.metrics_addr, "/metrics").expect("scraping /metrics");
+        assert_eq!(code, 200, "/metrics answered {code}: {body}");
+        body
+    }
+
+    /// The agent's log so far (standard error).
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().expect("stderr lock").clone()
+    }
+
+    /// SIGTERM, then waits (bounded) for a clean exit; returns its status.
+    pub fn stop(mut self) -> ExitStatus {
+        let status = self.terminate(Duration::from_secs(15));
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        status
+    }
+
+    fn terminate(&mut self, within: Duration) -> ExitStatus {
+        let mut child = self
+            .child
+            .take()
+            .expect("the agent runs until stopped once");
+        // SAFETY: kill(2) with a pid we own and a valid signal number.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().expect("waiting for the agent") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the agent did not exit within {within:?} of SIGTERM; its log:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A plain HTTP/1.1 GET on loopback: status code and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no header/body separator"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line: {head}")))?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Ok((code, body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// One sample of a Prometheus text exposition: the value of `name{labels}` where every
+/// given label matches; sums over the other labels.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
+            if metric != name {
+                return None;
+            }
+            let label_text = rest.trim_end_matches('}');
+            let ok = labels
+                .iter()
+                .all(|(k, v)| label_text.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
+            ok.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
