@@ -24,8 +24,8 @@ use observer_tests::{
     probe::qtype,
 };
 use support::{
-    Capture, EchoServer, dns_packets, exclusive, flow, opens, outcomes, reassemble,
-    same_endpoint, tcp_framed, testbed,
+    Capture, EchoServer, dns_packets, exclusive, flow, opens, outcomes, reassemble, same_endpoint,
+    tcp_framed, testbed,
 };
 
 const API_NAME: &str = "api.default.svc.cluster.local";
@@ -137,7 +137,12 @@ fn assert_exchange_captured(capture: &Capture, report: &ProbeReport, cgroup: u64
     match report.transport {
         Transport::Udp => {
             assert_eq!(x.egress.len(), 1, "one query datagram: {:#?}", x.egress);
-            assert_eq!(x.ingress.len(), 1, "one response datagram: {:#?}", x.ingress);
+            assert_eq!(
+                x.ingress.len(),
+                1,
+                "one response datagram: {:#?}",
+                x.ingress
+            );
             assert!(all.iter().all(|p| p.tcp_seq.is_none()));
         }
         Transport::Tcp => assert!(all.iter().all(|p| p.tcp_seq.is_some())),
@@ -239,7 +244,11 @@ fn a_response_over_the_capture_size_is_cut_flagged_and_counted() {
         if p.truncated {
             assert!(p.payload_len as usize > CAPTURE_MAX, "{p:?}");
             assert_eq!(p.payload.len(), CAPTURE_MAX, "cut at the capture size");
-            assert_eq!(&p.payload[..], &full[..CAPTURE_MAX], "the first bytes, exact");
+            assert_eq!(
+                &p.payload[..],
+                &full[..CAPTURE_MAX],
+                "the first bytes, exact"
+            );
         } else {
             assert_eq!(&p.payload[..], full);
         }
@@ -279,7 +288,10 @@ fn assert_connect(
     assert_eq!(open.cgroup_id, cgroup, "{open:?}");
     assert_eq!(open.comm, comm, "{open:?}");
     assert!(same_endpoint(open.destination, target), "{open:?}");
-    assert_eq!(open.requested.map(|r| (r.ip(), r.port())), Some((target.ip(), target.port())));
+    assert_eq!(
+        open.requested.map(|r| (r.ip(), r.port())),
+        Some((target.ip(), target.port()))
+    );
     let ends: Vec<_> = outcomes(events)
         .filter(|o| o.connect.sock_id == open.sock_id && o.connect.pid == pid)
         .collect();
@@ -290,10 +302,21 @@ fn assert_connect(
     assert_eq!(end.connect.comm, comm);
     assert!(same_endpoint(end.connect.destination, target), "{end:?}");
     assert_eq!(end.connect.requested, open.requested);
-    assert_eq!(end.connect.source.ip(), open.source.ip(), "{open:?} {end:?}");
-    assert_ne!(end.connect.source.port(), 0, "the outcome knows the source port");
+    assert_eq!(
+        end.connect.source.ip(),
+        open.source.ip(),
+        "{open:?} {end:?}"
+    );
+    assert_ne!(
+        end.connect.source.port(),
+        0,
+        "the outcome knows the source port"
+    );
     if let Some(local) = local {
-        assert!(same_endpoint(end.connect.source, local), "{end:?} vs {local}");
+        assert!(
+            same_endpoint(end.connect.source, local),
+            "{end:?} vs {local}"
+        );
     }
 }
 
@@ -363,8 +386,18 @@ fn refused_and_unanswered_connects_end_refused_and_timeout() {
     let (pod, cgroup) = kernel_test_pod(&tb, "fail");
     let capture = Capture::start(ProbeOptions::default(), [cgroup]);
     let cases = [
-        (IpAddr::V4(ext.ipv4()), CLOSED_PORT, Family::V4, ConnectResult::Refused),
-        (IpAddr::V6(ext.ipv6()), CLOSED_PORT, Family::V6, ConnectResult::Refused),
+        (
+            IpAddr::V4(ext.ipv4()),
+            CLOSED_PORT,
+            Family::V4,
+            ConnectResult::Refused,
+        ),
+        (
+            IpAddr::V6(ext.ipv6()),
+            CLOSED_PORT,
+            Family::V6,
+            ConnectResult::Refused,
+        ),
         (
             IpAddr::V4(plan::UNANSWERED_EXTERNAL_V4),
             80,
@@ -470,8 +503,8 @@ fn dns_ports_are_configurable() {
         "port 53 is not a DNS port in this load, yet {on_53:?} was captured: {port_53:#?}"
     );
     assert!(
-        dns_packets(&events).all(|p| p.source.port() == ALT_PORT
-            || p.destination.port() == ALT_PORT),
+        dns_packets(&events)
+            .all(|p| p.source.port() == ALT_PORT || p.destination.port() == ALT_PORT),
         "{events:#?}"
     );
 }
@@ -622,7 +655,10 @@ fn a_full_ring_counts_what_it_drops_and_never_drops_traffic() {
 fn bpf_fds() -> (Vec<String>, Vec<u32>) {
     let mut kinds = Vec::new();
     let mut prog_ids = Vec::new();
-    for entry in std::fs::read_dir("/proc/self/fd").expect("fd dir").flatten() {
+    for entry in std::fs::read_dir("/proc/self/fd")
+        .expect("fd dir")
+        .flatten()
+    {
         let Ok(target) = std::fs::read_link(entry.path()) else {
             continue;
         };
@@ -634,10 +670,9 @@ fn bpf_fds() -> (Vec<String>, Vec<u32>) {
             continue;
         }
         if kind == "bpf-prog" {
-            let info = std::fs::read_to_string(
-                Path::new("/proc/self/fdinfo").join(entry.file_name()),
-            )
-            .unwrap_or_default();
+            let info =
+                std::fs::read_to_string(Path::new("/proc/self/fdinfo").join(entry.file_name()))
+                    .unwrap_or_default();
             if let Some(id) = info
                 .lines()
                 .find_map(|l| l.strip_prefix("prog_id:"))
@@ -689,7 +724,10 @@ fn dropping_the_probes_detaches_everything() {
     let (pod, cgroup) = kernel_test_pod(&tb, "detach");
     let _alone = exclusive();
     let (before, _) = bpf_fds();
-    assert!(before.is_empty(), "no bpf objects before loading: {before:?}");
+    assert!(
+        before.is_empty(),
+        "no bpf objects before loading: {before:?}"
+    );
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -744,7 +782,10 @@ fn dropping_the_probes_detaches_everything() {
         std::thread::sleep(Duration::from_millis(10));
         after = bpf_fds().0;
     }
-    assert!(after.is_empty(), "bpf objects left in the process: {after:?}");
+    assert!(
+        after.is_empty(),
+        "bpf objects left in the process: {after:?}"
+    );
     // Nothing else holds them (no pin, no attachment left): the kernel frees the programs.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let mut alive: Vec<u32> = prog_ids.clone();
@@ -760,7 +801,10 @@ fn dropping_the_probes_detaches_everything() {
         second.events().expect("events")
     };
     let r2 = probe(&pod, dns.socket_addr(), API_NAME, Transport::Udp);
-    assert!(seen(&mut second_events, &r2), "a second load attaches and captures");
+    assert!(
+        seen(&mut second_events, &r2),
+        "a second load attaches and captures"
+    );
     drop(second);
 }
 
@@ -797,18 +841,26 @@ fn assert_clean_refusal(out: &observer_tests::CommandOutput, names: &[&str], abs
     assert!(!out.success(), "the agent must fail: {out:?}");
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     for name in names {
-        assert!(out.stderr.contains(name), "stderr names {name}: {}", out.stderr);
-    }
-    for name in absent {
-        assert!(!out.stderr.contains(name), "stderr must not name {name}: {}", out.stderr);
-    }
-    assert!(out.stderr.contains("missing capabilities"), "{}", out.stderr);
-    for panic_sign in ["panicked", "backtrace", "RUST_BACKTRACE"] {
         assert!(
-            !out.stderr.contains(panic_sign),
-            "no panic: {}",
+            out.stderr.contains(name),
+            "stderr names {name}: {}",
             out.stderr
         );
+    }
+    for name in absent {
+        assert!(
+            !out.stderr.contains(name),
+            "stderr must not name {name}: {}",
+            out.stderr
+        );
+    }
+    assert!(
+        out.stderr.contains("missing capabilities"),
+        "{}",
+        out.stderr
+    );
+    for panic_sign in ["panicked", "backtrace", "RUST_BACKTRACE"] {
+        assert!(!out.stderr.contains(panic_sign), "no panic: {}", out.stderr);
     }
 }
 
@@ -820,5 +872,9 @@ fn without_privileges_the_agent_names_the_missing_capabilities() {
     assert_clean_refusal(&nobody, &["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"], &[]);
     // Root without CAP_NET_ADMIN: exactly that one is named.
     let no_net_admin = run_agent_with(&["--inh-caps=-net_admin", "--bounding-set=-net_admin"]);
-    assert_clean_refusal(&no_net_admin, &["CAP_NET_ADMIN"], &["CAP_BPF", "CAP_PERFMON"]);
+    assert_clean_refusal(
+        &no_net_admin,
+        &["CAP_NET_ADMIN"],
+        &["CAP_BPF", "CAP_PERFMON"],
+    );
 }

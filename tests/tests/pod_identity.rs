@@ -9,16 +9,15 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use observer::{
     identity::{
-        CgroupDriver as IdDriver, ContainerRuntime, Identity, IdentityConfig, KubeMode,
-        PodMember, QosClass as IdQos, WorkloadIdentity,
+        CgroupDriver as IdDriver, ContainerRuntime, Identity, IdentityConfig, KubeMode, PodMember,
+        QosClass as IdQos, WorkloadIdentity,
     },
     probes::{Direction, Event, ProbeOptions},
     scope::ScopeKey,
 };
 use observer_tests::{
     CgroupDriver, ConnectOutcome, DnsConfig, DnsProbe, Family, Host, KubeCgroup, Pod, PodSpec,
-    ProbeReport, QosClass, Transport, dns_probe_client_bin, exec::PYTHON3, plan,
-    probe::qtype,
+    ProbeReport, QosClass, Transport, dns_probe_client_bin, exec::PYTHON3, plan, probe::qtype,
 };
 use support::{Capture, dns_packets, opens, outcomes, same_endpoint, testbed};
 

@@ -221,13 +221,13 @@ pub fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
 }
 
 /// The DNS packets of one flow: `direction`, `protocol`, from `source` to `destination`.
-pub fn flow<'a>(
-    events: &'a [Event],
+pub fn flow(
+    events: &[Event],
     direction: Direction,
     protocol: Protocol,
     source: SocketAddr,
     destination: SocketAddr,
-) -> Vec<&'a DnsPacket> {
+) -> Vec<&DnsPacket> {
     dns_packets(events)
         .filter(|p| {
             p.direction == direction
