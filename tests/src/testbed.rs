@@ -459,6 +459,31 @@ impl Testbed {
         })
     }
 
+    /// A second container of `pod` (a sidecar): a new container cgroup with its own id under
+    /// the same pod cgroup, sharing the pod's network namespace and resolv.conf. The returned
+    /// [`Pod`] runs its processes in the new container; it is removed with the pod.
+    pub fn add_sidecar(&self, pod: &Pod) -> Result<Pod> {
+        let base = &pod.cgroup;
+        let container_id = self.run.container_id();
+        let (pod_rel, container_rel) =
+            cgroup::kubelet_paths(base.driver, base.qos, &base.pod_uid, &container_id);
+        if !self.lock().cgroups.contains(&pod_rel) {
+            return Err(TestbedError::Invalid {
+                what: "pod of this testbed",
+                detail: pod.name.clone(),
+            });
+        }
+        let container = cgroup::create_dirs(&self.cgroup_root, &container_rel)?;
+        Ok(Pod {
+            cgroup: KubeCgroup {
+                container_id,
+                container,
+                ..base.clone()
+            },
+            ..pod.clone()
+        })
+    }
+
     /// A cgroup for a process that is not in any pod: `system.slice/observer-test-<suffix>-<name>.service`.
     pub fn host_cgroup(&self, name: &str) -> Result<CgroupDir> {
         let relative = format!("system.slice/{}.service", self.run.long_name(name));
