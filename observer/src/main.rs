@@ -37,8 +37,19 @@ struct EventsArgs {
     ring_size_kib: Option<u32>,
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+/// Errors end the process with their whole chain on one line and status 1, never with a
+/// backtrace: they are messages for the person running observer, not crash reports.
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("observer: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => run_agent(args),
         Command::Events(args) => {
