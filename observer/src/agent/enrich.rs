@@ -10,13 +10,19 @@ use crate::{
 pub struct NodeFacts {
     pub cluster: Option<String>,
     pub node: Option<String>,
+    /// Lower case, no trailing dot.
+    pub cluster_domain: String,
 }
 
 pub fn export_identity(who: &WorkloadIdentity, node: &NodeFacts) -> ExportIdentity {
     let pod = match &who.scope {
         ScopeKey::Pod(uid) => Some(PodIdentity {
             uid: uid.to_string(),
-            namespace: who.pod.as_ref().map(|p| p.namespace.to_string()),
+            namespace: who
+                .pod
+                .as_ref()
+                .map(|p| p.namespace.to_string())
+                .or_else(|| namespace_from_search_list(who, &node.cluster_domain)),
             name: who.pod.as_ref().map(|p| p.name.to_string()),
             workload: who.workload.as_ref().and_then(workload),
         }),
@@ -32,6 +38,19 @@ pub fn export_identity(who: &WorkloadIdentity, node: &NodeFacts) -> ExportIdenti
         pod,
         container,
     }
+}
+
+/// Without the API, a pod's namespace is still written in its resolv.conf: the kubelet puts
+/// `<namespace>.svc.<cluster domain>` first in the search list of every ClusterFirst pod.
+fn namespace_from_search_list(who: &WorkloadIdentity, cluster_domain: &str) -> Option<String> {
+    let first = who.resolver.as_ref()?.search.first()?;
+    let ns = first.strip_suffix(cluster_domain)?.strip_suffix(".svc.")?;
+    let valid = !ns.is_empty()
+        && ns.len() <= 63
+        && ns
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    valid.then(|| ns.to_owned())
 }
 
 fn workload(w: &model::WorkloadRef) -> Option<Workload> {
@@ -58,4 +77,61 @@ pub fn drift_key(who: &WorkloadIdentity) -> Option<String> {
     let pod = who.pod.as_ref()?;
     let w = who.workload.as_ref()?;
     Some(format!("{}/{}/{}", pod.namespace, w.kind.as_str(), w.name))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::identity::{WorkloadIdentity, parse_resolv_conf};
+
+    fn pod_with_resolv(text: &str) -> WorkloadIdentity {
+        WorkloadIdentity {
+            scope: ScopeKey::Pod(Arc::from("0b5e77e5-0002-4bfd-8e9f-00000001d7e6")),
+            cgroup_id: 7055,
+            cgroup_path: None,
+            pod_cgroup: None,
+            cgroup_error: None,
+            pod: None,
+            container_name: None,
+            workload: None,
+            resolver: Some(Arc::new(
+                parse_resolv_conf(text.as_bytes()).expect("valid resolv.conf"),
+            )),
+        }
+    }
+
+    #[test]
+    fn host_mode_reads_the_namespace_from_the_kubelet_search_list() {
+        let node = NodeFacts {
+            cluster_domain: "cluster.local".into(),
+            ..NodeFacts::default()
+        };
+        let who = pod_with_resolv(
+            "search simple-web-app.svc.cluster.local svc.cluster.local cluster.local another-lab.com\nnameserver 10.96.0.10\noptions ndots:5\n",
+        );
+        let id = export_identity(&who, &node);
+        let pod = id.pod.expect("a pod scope");
+        assert_eq!(pod.namespace.as_deref(), Some("simple-web-app"));
+        assert_eq!(pod.name, None);
+        assert_eq!(pod.uid, "0b5e77e5-0002-4bfd-8e9f-00000001d7e6");
+    }
+
+    #[test]
+    fn a_search_list_not_written_by_the_kubelet_names_no_namespace() {
+        let node = NodeFacts {
+            cluster_domain: "cluster.local".into(),
+            ..NodeFacts::default()
+        };
+        for text in [
+            "search another-lab.com cluster.local\n",
+            "search svc.cluster.local\n",
+            "search Bad_NS.svc.cluster.local\n",
+            "nameserver 10.96.0.10\n",
+        ] {
+            let id = export_identity(&pod_with_resolv(text), &node);
+            assert_eq!(id.pod.expect("a pod scope").namespace, None, "{text}");
+        }
+    }
 }

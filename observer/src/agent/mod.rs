@@ -115,6 +115,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         node: NodeFacts {
             cluster: settings.cluster_name.clone(),
             node: settings.node_name.clone(),
+            cluster_domain: settings.cluster_domain.clone(),
         },
         configured: HashSet::new(),
         metrics: metrics.clone(),

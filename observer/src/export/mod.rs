@@ -158,6 +158,11 @@ impl Enriched {
                 name: Some(name),
                 ..
             }) => format!("{ns}/{name}"),
+            Some(PodIdentity {
+                namespace: Some(ns),
+                uid,
+                ..
+            }) => format!("{ns}/pod/{uid}"),
             Some(pod) => format!("pod/{}", pod.uid),
             None => format!("host:{}[{}]", self.record.comm, self.record.pid),
         }
