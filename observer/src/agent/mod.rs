@@ -5,6 +5,7 @@
 pub mod config;
 pub mod enrich;
 pub mod reorder;
+pub mod scopes;
 
 use std::{
     collections::HashSet,
@@ -35,6 +36,7 @@ use crate::{
 use config::{ExportPolicySetting, KubeSetting, OutputFormat, Settings};
 use enrich::NodeFacts;
 use reorder::Reorder;
+use scopes::ScopeCgroups;
 
 /// How often counters are published, unanswered queries collected, caches refreshed.
 const TICK: Duration = Duration::from_secs(1);
@@ -118,6 +120,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             cluster_domain: settings.cluster_domain.clone(),
         },
         configured: HashSet::new(),
+        scope_cgroups: ScopeCgroups::default(),
         metrics: metrics.clone(),
         exporter,
         output: Output::new(settings.output, wall),
@@ -231,6 +234,9 @@ struct Agent {
     node: NodeFacts,
     /// Scopes whose resolver config and drift key were handed to the core.
     configured: HashSet<ScopeKey>,
+    /// cgroups seen per scope: a scope whose cgroups are all gone (the pod was deleted, the
+    /// node process exited) is forgotten by the core and identity.
+    scope_cgroups: ScopeCgroups,
     metrics: Arc<Metrics>,
     exporter: Option<SpanExporter>,
     output: Output,
@@ -345,6 +351,9 @@ impl Agent {
     /// time the scope is seen with them.
     fn who(&mut self, cgroup_id: u64, pid: Option<u32>) -> Arc<WorkloadIdentity> {
         let who = self.identity.resolve(cgroup_id, pid);
+        if who.cgroup_path.is_some() {
+            self.scope_cgroups.note(&who.scope, cgroup_id);
+        }
         if !self.configured.contains(&who.scope)
             && let Some(resolver) = &who.resolver
         {
@@ -495,10 +504,26 @@ impl Agent {
 
     fn refresh(&mut self) {
         self.identity.refresh_cgroups();
+        self.forget_departed_scopes();
         let networks = cluster_networks(&self.settings, &self.identity);
         if networks != self.core.config().cluster_networks {
             tracing::info!(?networks, "cluster networks changed");
             self.core.set_cluster_networks(networks);
+        }
+    }
+}
+
+impl Agent {
+    fn forget_departed_scopes(&mut self) {
+        let identity = &self.identity;
+        let departed = self
+            .scope_cgroups
+            .departed(|id| identity.resolve(id, None).cgroup_path.is_some());
+        for scope in departed {
+            tracing::debug!(%scope, "every cgroup of the scope is gone: forgetting it");
+            self.configured.remove(&scope);
+            self.core.remove_scope(&scope);
+            self.identity.forget_scope(&scope);
         }
     }
 }

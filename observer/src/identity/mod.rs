@@ -273,4 +273,12 @@ impl Identity {
     pub fn refresh_cgroups(&self) {
         self.inner.cgroups.refresh();
     }
+
+    /// The scope is gone (its pod deleted, its process exited): drop its resolver config and
+    /// the memoised identities of its cgroups.
+    pub fn forget_scope(&self, scope: &ScopeKey) {
+        self.inner.resolv.forget(scope);
+        let mut memo = self.inner.memo.lock().unwrap_or_else(|p| p.into_inner());
+        memo.retain(|_, m| &m.identity.scope != scope);
+    }
 }

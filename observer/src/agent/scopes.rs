@@ -1,0 +1,66 @@
+//! Which cgroups each scope has been seen in, so that a scope whose cgroups are all gone
+//! (its pod deleted, its node process exited) can be forgotten everywhere.
+use std::collections::{HashMap, HashSet};
+
+use crate::scope::ScopeKey;
+
+#[derive(Default)]
+pub struct ScopeCgroups {
+    seen: HashMap<ScopeKey, HashSet<u64>>,
+}
+
+impl ScopeCgroups {
+    pub fn note(&mut self, scope: &ScopeKey, cgroup_id: u64) {
+        if let Some(ids) = self.seen.get_mut(scope) {
+            ids.insert(cgroup_id);
+        } else {
+            self.seen.insert(scope.clone(), HashSet::from([cgroup_id]));
+        }
+    }
+
+    /// Drops cgroups that no longer exist and returns the scopes left with none.
+    pub fn departed(&mut self, exists: impl Fn(u64) -> bool) -> Vec<ScopeKey> {
+        let mut departed = Vec::new();
+        self.seen.retain(|scope, ids| {
+            ids.retain(|id| exists(*id));
+            if ids.is_empty() {
+                departed.push(scope.clone());
+            }
+            !ids.is_empty()
+        });
+        departed
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn a_pod_departs_only_when_its_last_container_cgroup_is_gone() {
+        let pod = ScopeKey::Pod(Arc::from("uid-1"));
+        let host = ScopeKey::Host(99);
+        let mut scopes = ScopeCgroups::default();
+        scopes.note(&pod, 10); // app container
+        scopes.note(&pod, 11); // sidecar
+        scopes.note(&host, 99);
+        assert!(
+            scopes.departed(|id| id != 10).is_empty(),
+            "the sidecar still lives"
+        );
+        assert_eq!(scopes.departed(|id| id == 99), vec![pod.clone()]);
+        assert_eq!(scopes.len(), 1);
+        assert_eq!(scopes.departed(|_| false), vec![host]);
+        assert!(scopes.is_empty());
+    }
+}
