@@ -41,6 +41,9 @@ const SEED_CHAIN: [(&str, &str, &str); 8] = [
 ];
 const IN_CLUSTER_DB: &str = "db.simple-web-app.svc.cluster.local";
 
+/// Label pairs a sample must carry.
+type Labels<'a> = &'a [(&'a str, &'a str)];
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -262,6 +265,15 @@ fn seed_story_span_tree(protocol: &str, via: Via) {
         "the trace lies within the test's connect"
     );
     for received in receiver.received() {
+        for resource_spans in &received.request.resource_spans {
+            for scope_spans in &resource_spans.scope_spans {
+                let scope = scope_spans
+                    .scope
+                    .as_ref()
+                    .expect("an instrumentation scope");
+                assert_eq!(scope.name, "observer");
+            }
+        }
         assert_eq!(received.via, via, "every export came over {via:?}");
         if via == Via::Http {
             assert_eq!(
@@ -430,7 +442,7 @@ fn metrics_count_the_seed_story() {
     ]);
     let nxdomain = with(&[("rcode", "NXDOMAIN")]);
     let noerror = with(&[("rcode", "NOERROR")]);
-    let expectations: [(&str, &[(&str, &str)], f64); 6] = [
+    let expectations: [(&str, Labels, f64); 6] = [
         ("observer_connections_total", &connection, 1.0),
         ("observer_flagged_connections_total", &flagged, 1.0),
         ("observer_dns_responses_total", &nxdomain, 6.0),
