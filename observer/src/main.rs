@@ -1,4 +1,4 @@
-use std::collections::HashSet;
+use std::{collections::HashSet, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -37,26 +37,42 @@ struct EventsArgs {
     ring_size_kib: Option<u32>,
 }
 
-/// Errors end the process with their whole chain on one line and status 1, never with a
-/// backtrace: they are messages for the person running observer, not crash reports.
-fn main() -> std::process::ExitCode {
-    match run(Cli::parse()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("observer: error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
         Command::Run(args) => run_agent(args),
         Command::Events(args) => {
             init_logging(LogFormat::Text, "warn");
             run_events(args)
         }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // What the user has to fix, never a backtrace (anyhow prints one from `main`'s
+            // `Err` when RUST_BACKTRACE is set).
+            eprintln!("Error: {}", error_chain(&error));
+            ExitCode::FAILURE
+        }
     }
+}
+
+/// The error and its causes, `: `-separated, skipping a cause its parent already quoted.
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    let mut previous = String::new();
+    for cause in error.chain() {
+        let message = cause.to_string();
+        if previous.contains(&message) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&message);
+        previous = message;
+    }
+    text
 }
 
 /// Logs go to standard error: standard output carries the connections.

@@ -42,7 +42,9 @@ pub fn free_local_port() -> u16 {
 }
 
 /// How to start the agent. `args` come after `observer run`; the harness adds
-/// `--output json`, `--metrics-addr` and `--kube off` unless the test set them.
+/// `--output json`, `--metrics-addr` and `--kube off` unless the test set them. With
+/// `--output json` every stdout line must be JSON (it is parsed into [`Agent::records`]);
+/// with another output the raw lines are in [`Agent::lines`].
 #[derive(Clone, Debug, Default)]
 pub struct AgentSpec {
     pub args: Vec<String>,
@@ -79,6 +81,7 @@ pub struct Agent {
     child: Option<Child>,
     metrics_addr: SocketAddr,
     records: Arc<Mutex<Vec<Value>>>,
+    lines: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<String>>,
     readers: Vec<JoinHandle<()>>,
 }
@@ -108,9 +111,16 @@ impl Agent {
             args.extend(["--metrics-addr".to_owned(), addr.to_string()]);
             addr
         };
-        if !has("--output") {
-            args.extend(["--output".to_owned(), "json".to_owned()]);
-        }
+        let json_output = match spec.args.iter().position(|a| a == "--output") {
+            Some(i) => spec.args.get(i + 1).is_some_and(|v| v == "json"),
+            None => match spec.args.iter().find_map(|a| a.strip_prefix("--output=")) {
+                Some(v) => v == "json",
+                None => {
+                    args.extend(["--output".to_owned(), "json".to_owned()]);
+                    true
+                }
+            },
+        };
         if !has("--kube") {
             args.extend(["--kube".to_owned(), "off".to_owned()]);
         }
@@ -129,17 +139,24 @@ impl Agent {
         }
         let mut child = cmd.spawn().expect("starting the observer agent");
         let records = Arc::new(Mutex::new(Vec::new()));
+        let lines = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
         let stdout = child.stdout.take().expect("piped stdout");
         let err = child.stderr.take().expect("piped stderr");
         let out_records = Arc::clone(&records);
+        let out_lines = Arc::clone(&lines);
         let out_reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                match serde_json::from_str::<Value>(&line) {
-                    Ok(v) => out_records.lock().expect("records lock").push(v),
-                    Err(e) => panic!("the agent printed a line that is not JSON ({e}): {line}"),
+                if json_output {
+                    match serde_json::from_str::<Value>(&line) {
+                        Ok(v) => out_records.lock().expect("records lock").push(v),
+                        Err(e) => {
+                            panic!("the agent printed a line that is not JSON ({e}): {line}")
+                        }
+                    }
                 }
+                out_lines.lock().expect("lines lock").push(line);
             }
         });
         let err_text = Arc::clone(&stderr);
@@ -160,6 +177,7 @@ impl Agent {
             child: Some(child),
             metrics_addr,
             records,
+            lines,
             stderr,
             readers: vec![out_reader, err_reader],
         };
@@ -199,6 +217,28 @@ impl Agent {
     /// Every JSON record printed so far.
     pub fn records(&self) -> Vec<Value> {
         self.records.lock().expect("records lock").clone()
+    }
+
+    /// Every line printed on standard output so far, as printed (any `--output`).
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().expect("lines lock").clone()
+    }
+
+    /// Waits for a stdout line matching `pred`; panics with what was seen when none comes.
+    pub fn wait_for_line(&self, within: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(found) = self.lines().into_iter().find(|l| pred(l)) {
+                return found;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no matching line within {within:?}; lines seen:\n{}\nagent log:\n{}",
+                self.lines().join("\n"),
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Waits for a record matching `pred`; panics with what was seen when none comes.
@@ -244,12 +284,17 @@ impl Agent {
     }
 
     /// SIGTERM, then waits (bounded) for a clean exit; returns its status.
-    pub fn stop(mut self) -> ExitStatus {
+    pub fn stop(self) -> ExitStatus {
+        self.stop_with_log().0
+    }
+
+    /// As [`Agent::stop`], with the agent's whole log (standard error), up to its exit.
+    pub fn stop_with_log(mut self) -> (ExitStatus, String) {
         let status = self.terminate(Duration::from_secs(15));
         for reader in self.readers.drain(..) {
             let _ = reader.join();
         }
-        status
+        (status, self.stderr())
     }
 
     fn terminate(&mut self, within: Duration) -> ExitStatus {

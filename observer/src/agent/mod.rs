@@ -139,6 +139,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     readiness.set_probes_attached(false);
     let losses = probes.loss_counters().ok();
     drop(probes);
+    tracing::info!("kernel programs detached");
     if let Some(exporter) = agent.exporter.take() {
         exporter.shutdown(SHUTDOWN_GRACE).await;
     }
