@@ -8,18 +8,21 @@
 mod scenario_pods_support;
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use observer_tests::{DnsConfig, Pod, PodSpec, Testbed, agent::metric_sum};
+use observer_tests::{CLOSED_PORT, DnsConfig, Pod, PodSpec, Testbed, agent::metric_sum, plan};
 use scenario_pods_support::{
-    chain_names, client, start_agent, text, wait_for_metrics, wait_for_records,
+    chain_names, client, client_report, spawn_client, start_agent, text, wait_for_metrics,
+    wait_for_records,
 };
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const EXTERNAL_DB: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const RECORD_WAIT: Duration = Duration::from_secs(15);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn testbed() -> Testbed {
     Testbed::new().expect("building the testbed (these scenarios must run as root)")
@@ -43,9 +46,20 @@ fn pod_in(tb: &Testbed, name: &str, namespace: &str) -> Pod {
 
 /// `lookup + connect` from the pod's (first) container; the client's report.
 fn connect(pod: &Pod, name: &str, port: u16) -> Value {
+    connect_within(pod, name, port, CONNECT_TIMEOUT)
+}
+
+/// As [`connect`], giving up on the connect after `timeout`.
+fn connect_within(pod: &Pod, name: &str, port: u16, timeout: Duration) -> Value {
     let report = client(
         |python| pod.command(python),
-        &["connect", name, &port.to_string(), "any", "2"],
+        &[
+            "connect",
+            name,
+            &port.to_string(),
+            "any",
+            &timeout.as_secs_f64().to_string(),
+        ],
     );
     assert!(
         report["error"].is_null(),
@@ -260,5 +274,434 @@ fn each_pod_gets_its_own_resolution() {
         "the sidecar only resolved; it made no connection"
     );
     assert_ne!(sidecar.cgroup.id(), cg.container.id());
+    agent.stop();
+}
+
+/// Scenario 9: a lookup nobody answers is counted as unanswered; a refused connect and a
+/// connect that times out are reported with their outcome and their resolution.
+#[test]
+fn unanswered_queries_refused_and_timed_out_connects() {
+    let tb = testbed();
+    let outside = tb
+        .add_external_host_at("outside", EXTERNAL_DB)
+        .expect("external host");
+    let _listener = outside.listen_tcp(5432).expect("listen");
+    let _dns = tb
+        .start_dns(
+            DnsConfig::dnsmasq()
+                .local_zone("another-lab.com")
+                .record("db.another-lab.com", outside.ipv4())
+                .record("gone.another-lab.com", plan::UNANSWERED_EXTERNAL_V4)
+                .record("stuck.shop.svc.cluster.local", plan::UNANSWERED_CLUSTER_V4),
+        )
+        .expect("dnsmasq");
+    let web = pod_in(&tb, "web", "shop");
+    // Its nameserver is an address the switch drops silently: glibc's queries go out and
+    // nothing ever comes back (one try of one second, so the lookup fails fast).
+    let quiet = tb
+        .add_pod(
+            PodSpec::new("quiet")
+                .search([
+                    "shop.svc.cluster.local",
+                    "svc.cluster.local",
+                    "cluster.local",
+                ])
+                .ndots(5)
+                .nameserver(plan::UNANSWERED_CLUSTER_V4)
+                .option("timeout:1")
+                .option("attempts:1"),
+        )
+        .expect("pod");
+    let agent = start_agent();
+    let unanswered_before = metric_sum(
+        &agent.metrics(),
+        "observer_dns_unanswered_queries_total",
+        &[],
+    );
+
+    let lookup = client(|python| quiet.command(python), &["resolve", "db"]);
+    assert!(
+        lookup["error"].is_string(),
+        "nothing answers the quiet pod: {lookup}"
+    );
+
+    let refused = connect(&web, "db", CLOSED_PORT);
+    assert_eq!(refused["outcome"], "refused", "{refused}");
+    let slow = Duration::from_secs(1);
+    let gone = connect_within(&web, "gone", 80, slow);
+    assert_eq!(gone["outcome"], "timeout", "{gone}");
+    let stuck = connect_within(&web, "stuck", 80, slow);
+    assert_eq!(stuck["outcome"], "timeout", "{stuck}");
+
+    let cg = web.cgroup();
+    let records = wait_for_records(&agent, cg.container.id(), 3, RECORD_WAIT);
+    assert_eq!(records.len(), 3, "{}", dump(&records));
+    let by_port = |port: u16, ip: IpAddr| {
+        records
+            .iter()
+            .find(|r| destination(r) == (ip, port))
+            .unwrap_or_else(|| panic!("no record for {ip}:{port}:\n{}", dump(&records)))
+    };
+    let r = by_port(CLOSED_PORT, IpAddr::V4(EXTERNAL_DB));
+    assert_eq!(text(r, "outcome"), Some("refused"), "{r}");
+    assert_eq!(text(r, "resolution"), Some("search-escape"), "{r}");
+    assert_eq!(text(r, "server_address"), Some("db.another-lab.com"), "{r}");
+    assert_eq!(
+        (&r["egress"], &r["flagged"]),
+        (&json!(true), &json!(true)),
+        "{r}"
+    );
+    // The flag sentence; the outcome is its own field (the span status adds it).
+    assert_eq!(
+        text(r, "message"),
+        Some(
+            "db resolved through search domain another-lab.com to 203.0.113.10, outside the cluster"
+        ),
+        "{r}"
+    );
+    let r = by_port(80, IpAddr::V4(plan::UNANSWERED_EXTERNAL_V4));
+    assert_eq!(text(r, "outcome"), Some("timeout"), "{r}");
+    assert_eq!(text(r, "resolution"), Some("search-escape"), "{r}");
+    assert_eq!(
+        text(r, "server_address"),
+        Some("gone.another-lab.com"),
+        "{r}"
+    );
+    assert_chain(r, &walk("gone", "shop", 4));
+    assert_eq!(
+        (&r["egress"], &r["flagged"]),
+        (&json!(true), &json!(true)),
+        "{r}"
+    );
+    assert_eq!(
+        text(r, "message"),
+        Some(
+            "gone resolved through search domain another-lab.com to 203.0.113.250, outside the cluster"
+        ),
+        "{r}"
+    );
+    let r = by_port(80, IpAddr::V4(plan::UNANSWERED_CLUSTER_V4));
+    assert_eq!(text(r, "outcome"), Some("timeout"), "{r}");
+    assert_eq!(text(r, "resolution"), Some("in-cluster"), "{r}");
+    assert_eq!(
+        text(r, "server_address"),
+        Some("stuck.shop.svc.cluster.local"),
+        "{r}"
+    );
+    assert_eq!(
+        (&r["egress"], &r["flagged"]),
+        (&json!(false), &json!(false)),
+        "{r}"
+    );
+
+    // The quiet pod's queries (A and AAAA of its first search-list name) are given up on
+    // after the core's query timeout: named in the agent's log with the pod's scope, and
+    // counted. The counter is node-wide (other tests' pods count too), so it must rise by
+    // at least this pod's two.
+    let scope = format!("scope=pod/{}", quiet.cgroup().pod_uid);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let given_up = |log: &str, qtype: &str| {
+        log.lines().any(|l| {
+            l.contains("DNS query never answered")
+                && l.contains("name=db.shop.svc.cluster.local")
+                && l.contains(&format!("qtype={qtype}"))
+                && l.contains(&scope)
+        })
+    };
+    while !(given_up(&agent.stderr(), "A") && given_up(&agent.stderr(), "AAAA")) {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never reported the quiet pod's queries as unanswered; its log:\n{}",
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_for_metrics(&agent, Duration::from_secs(5), |m| {
+        metric_sum(m, "observer_dns_unanswered_queries_total", &[]) >= unanswered_before + 2.0
+    });
+    assert!(
+        agent
+            .records_of_cgroup(quiet.cgroup().container.id())
+            .is_empty(),
+        "a lookup that failed made no connection"
+    );
+    agent.stop();
+}
+
+/// Scenario 10: the in-cluster answer is withdrawn while the pod runs; the next connect
+/// escapes through the search list and is reported as drift.
+#[test]
+fn a_name_that_leaves_the_cluster_drifts() {
+    let tb = testbed();
+    let in_cluster = tb.add_cluster_host("db-svc").expect("cluster host");
+    let outside = tb
+        .add_external_host_at("outside", EXTERNAL_DB)
+        .expect("external host");
+    let _listeners = [
+        in_cluster.listen_tcp(5432).expect("listen"),
+        outside.listen_tcp(5432).expect("listen"),
+    ];
+    let dns = tb
+        .start_dns(
+            DnsConfig::dnsmasq()
+                .local_zone("another-lab.com")
+                .record("db.shop.svc.cluster.local", in_cluster.ipv4())
+                .record("db.another-lab.com", outside.ipv4()),
+        )
+        .expect("dnsmasq");
+    let web = pod_in(&tb, "web", "shop");
+    let agent = start_agent();
+    let cg = web.cgroup().container.id();
+
+    let first = connect(&web, "db", 5432);
+    assert_eq!(first["peer"], in_cluster.ipv4().to_string(), "{first}");
+    let records = wait_for_records(&agent, cg, 1, RECORD_WAIT);
+    let r = &records[0];
+    assert_eq!(text(r, "resolution"), Some("in-cluster"), "{r}");
+    assert_eq!(
+        text(r, "server_address"),
+        Some("db.shop.svc.cluster.local"),
+        "{r}"
+    );
+    assert_eq!(
+        (&r["egress"], &r["drift"]),
+        (&json!(false), &json!(false)),
+        "{r}"
+    );
+
+    // dnsmasq's local answers carry TTL 0 (no --local-ttl) and glibc keeps no cache, so the
+    // next lookup asks again and the walk goes on to the node's domain.
+    dns.remove_record("db.shop.svc.cluster.local")
+        .expect("remove record");
+    let second = connect(&web, "db", 5432);
+    assert_eq!(second["peer"], EXTERNAL_DB.to_string(), "{second}");
+    let records = wait_for_records(&agent, cg, 2, RECORD_WAIT);
+    assert_eq!(records.len(), 2, "{}", dump(&records));
+    let r = &records[1];
+    assert_eq!(destination(r), (IpAddr::V4(EXTERNAL_DB), 5432), "{r}");
+    assert_eq!(text(r, "query_name"), Some("db"), "{r}");
+    assert_eq!(text(r, "resolution"), Some("search-escape"), "{r}");
+    assert_eq!(text(r, "server_address"), Some("db.another-lab.com"), "{r}");
+    assert_chain(r, &walk("db", "shop", 4));
+    assert_eq!(r["drift"], true, "{r}");
+    assert_eq!(r["flagged"], true, "{r}");
+    assert_eq!(r["egress"], true, "{r}");
+    assert_eq!(
+        records[0]["drift"], false,
+        "the first connect did not drift"
+    );
+    agent.stop();
+}
+
+/// Scenario 11: a node process (no pod) with the same search list makes the same lookup and
+/// connect: attributed to its host cgroup, and still classified as an escape.
+#[test]
+fn a_node_process_escapes_as_the_host() {
+    let tb = testbed();
+    let outside = tb
+        .add_external_host_at("outside", EXTERNAL_DB)
+        .expect("external host");
+    let _listener = outside.listen_tcp(5432).expect("listen");
+    let _dns = tb
+        .start_dns(
+            DnsConfig::dnsmasq()
+                .local_zone("another-lab.com")
+                .record("db.another-lab.com", outside.ipv4()),
+        )
+        .expect("dnsmasq");
+    // The pod only lends its network namespace and resolv.conf: the process runs in a
+    // systemd service's cgroup, as a node daemon would.
+    let node_net = pod_in(&tb, "node", "shop");
+    let service = tb.host_cgroup("node-daemon").expect("host cgroup");
+    let agent = start_agent();
+
+    let report = client(
+        |python| node_net.netns().command(python).in_cgroup(&service),
+        &["connect", "db", "5432", "any", "2"],
+    );
+    assert_eq!(report["outcome"], "established", "{report}");
+    let pid = report["pid"].as_u64().expect("pid");
+    let records = wait_for_records(&agent, service.id(), 1, RECORD_WAIT);
+    assert_eq!(records.len(), 1, "{}", dump(&records));
+    let r = &records[0];
+    assert_eq!(r["pid"].as_u64(), Some(pid), "{r}");
+    assert!(r["pod"].is_null(), "a node process has no pod: {r}");
+    assert!(r["container_id"].is_null(), "{r}");
+    assert_eq!(destination(r), (IpAddr::V4(EXTERNAL_DB), 5432), "{r}");
+    assert_eq!(text(r, "query_name"), Some("db"), "{r}");
+    assert_eq!(text(r, "server_address"), Some("db.another-lab.com"), "{r}");
+    assert_eq!(text(r, "search_domain"), Some("another-lab.com"), "{r}");
+    assert_eq!(text(r, "resolution"), Some("search-escape"), "{r}");
+    assert_chain(r, &walk("db", "shop", 4));
+    assert_eq!(r["wasted_queries"], 3, "{r}");
+    assert_eq!(
+        (&r["egress"], &r["flagged"]),
+        (&json!(true), &json!(true)),
+        "{r}"
+    );
+    assert!(
+        agent
+            .records_of_cgroup(node_net.cgroup().container.id())
+            .is_empty(),
+        "nothing ran in the pod's own cgroup"
+    );
+    agent.stop();
+}
+
+/// Scenario 12: many pods resolve and connect at once for a while. No kernel event is lost,
+/// every connect a pod made is reported once, each with the resolution of the name it used.
+#[test]
+fn many_pods_at_once_lose_nothing() {
+    const PODS: usize = 10;
+    const LOAD: Duration = Duration::from_secs(12);
+    const MAX_ROUNDS: usize = 200;
+    // Between rounds: a steady load (about 300 connects and 1200 DNS messages a second in
+    // all), not one burst.
+    const PAUSE: Duration = Duration::from_millis(100);
+    let tb = testbed();
+    let api = tb.add_cluster_host("api").expect("cluster host");
+    let db = tb
+        .add_external_host_at("db", EXTERNAL_DB)
+        .expect("external host");
+    let ext = tb
+        .add_external_host_at("ext", Ipv4Addr::new(203, 0, 113, 11))
+        .expect("external host");
+    let _listeners = [
+        api.listen_tcp(8080).expect("listen"),
+        db.listen_tcp(5432).expect("listen"),
+        ext.listen_tcp(443).expect("listen"),
+    ];
+    let mut dns = DnsConfig::dnsmasq()
+        .local_zone("another-lab.com")
+        .record("db.another-lab.com", db.ipv4())
+        .record("ext.another-lab.com", ext.ipv4());
+    for i in 0..PODS {
+        dns = dns.record(&format!("api.ns{i}.svc.cluster.local"), api.ipv4());
+    }
+    let _dns = tb.start_dns(dns).expect("dnsmasq");
+    let pods: Vec<Pod> = (0..PODS)
+        .map(|i| pod_in(&tb, &format!("m{i}"), &format!("ns{i}")))
+        .collect();
+    let agent = start_agent();
+
+    // Per name: where it must lead and how observer must classify it. `api` is a Service of
+    // the pod's namespace; `db` escapes through the node's domain; the absolute name is
+    // asked as is.
+    let expected: BTreeMap<&str, (IpAddr, u16, &str, bool)> = BTreeMap::from([
+        ("api", (api.ipv4().into(), 8080, "in-cluster", false)),
+        ("db", (db.ipv4().into(), 5432, "search-escape", true)),
+        (
+            "ext.another-lab.com.",
+            (ext.ipv4().into(), 443, "external", true),
+        ),
+    ]);
+    let targets: Vec<String> = expected
+        .iter()
+        .map(|(name, (_, port, _, _))| format!("{name}:{port}"))
+        .collect();
+    let mut args = vec![
+        "loop".to_owned(),
+        LOAD.as_secs_f64().to_string(),
+        MAX_ROUNDS.to_string(),
+        PAUSE.as_secs_f64().to_string(),
+        CONNECT_TIMEOUT.as_secs_f64().to_string(),
+    ];
+    args.extend(targets);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let started = Instant::now();
+    let running: Vec<_> = pods
+        .iter()
+        .map(|pod| spawn_client(|python| pod.command(python), &args))
+        .collect();
+    let reports: Vec<Value> = running
+        .into_iter()
+        .map(|p| client_report(p, &args, LOAD + Duration::from_secs(30)))
+        .collect();
+    eprintln!("load ran {:?}", started.elapsed());
+
+    let mut total = 0;
+    for (pod, report) in pods.iter().zip(&reports) {
+        // name -> connects the pod made with it (every one established).
+        let mut made: BTreeMap<&str, usize> = BTreeMap::new();
+        for (name, (ip, _, _, _)) in &expected {
+            let per_peer = report["names"][*name]
+                .as_object()
+                .unwrap_or_else(|| panic!("pod {} never used {name}: {report}", pod.name()));
+            assert_eq!(
+                per_peer.keys().collect::<Vec<_>>(),
+                [&ip.to_string()],
+                "pod {} reached other peers: {report}",
+                pod.name()
+            );
+            let outcomes = &per_peer[&ip.to_string()];
+            assert_eq!(
+                outcomes.as_object().map(|o| o.keys().collect::<Vec<_>>()),
+                Some(vec![&"established".to_owned()]),
+                "pod {}: {report}",
+                pod.name()
+            );
+            made.insert(
+                name,
+                outcomes["established"].as_u64().expect("count") as usize,
+            );
+        }
+        let connects: usize = made.values().sum();
+        total += connects;
+        let cg = pod.cgroup().container.id();
+        let records = wait_for_records(&agent, cg, connects, RECORD_WAIT);
+        assert_eq!(
+            records.len(),
+            connects,
+            "pod {}: one record per connect",
+            pod.name()
+        );
+        let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+        for r in &records {
+            let dest = destination(r);
+            let (name, (_, _, resolution, egress)) = expected
+                .iter()
+                .find(|(_, (ip, port, _, _))| (*ip, *port) == dest)
+                .unwrap_or_else(|| panic!("pod {}: unexpected destination: {r}", pod.name()));
+            assert_eq!(text(r, "query_name"), Some(*name), "{r}");
+            assert_eq!(text(r, "resolution"), Some(*resolution), "{r}");
+            assert_eq!(r["egress"], *egress, "{r}");
+            assert_eq!(r["flagged"], *resolution == "search-escape", "{r}");
+            assert_eq!(text(r, "outcome"), Some("established"), "{r}");
+            *seen.entry(name).or_default() += 1;
+        }
+        assert_eq!(seen, made, "pod {}: records per name", pod.name());
+    }
+    eprintln!("{total} connects from {PODS} pods, each reported once");
+
+    // The loss counters are published every second: wait for a scrape taken after the run.
+    std::thread::sleep(Duration::from_millis(2500));
+    let metrics = agent.metrics();
+    let series: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("observer_kernel_events_lost_total{"))
+        .collect();
+    assert!(!series.is_empty(), "no loss counters published:\n{metrics}");
+    assert_eq!(
+        metric_sum(&metrics, "observer_kernel_events_lost_total", &[]),
+        0.0,
+        "kernel events were lost: {series:#?}"
+    );
+    // Nothing more arrives for these pods: each connect was reported exactly once.
+    for pod in &pods {
+        let records = agent.records_of_cgroup(pod.cgroup().container.id());
+        let report = &reports[pods
+            .iter()
+            .position(|p| p.name() == pod.name())
+            .expect("pod")];
+        let made: u64 = report["names"]
+            .as_object()
+            .expect("names")
+            .values()
+            .flat_map(|per_peer| per_peer.as_object().expect("peers").values())
+            .flat_map(|outcomes| outcomes.as_object().expect("outcomes").values())
+            .map(|n| n.as_u64().expect("count"))
+            .sum();
+        assert_eq!(records.len() as u64, made, "pod {}", pod.name());
+    }
     agent.stop();
 }

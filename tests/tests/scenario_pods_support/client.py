@@ -2,7 +2,7 @@
 # resolv.conf of the namespace it runs in) and TCP connects, reported as JSON lines.
 #   resolve NAME                                  -> {"pid", "addrs"} or {"pid", "error"}
 #   connect NAME PORT FAMILY TIMEOUT               -> {"pid", "name", "outcome", "peer", "port"}
-#   loop SECONDS MAX_ROUNDS TIMEOUT NAME:PORT...   -> {"pid", "rounds", "names": {NAME: {PEER: {OUTCOME: n}}}}
+#   loop SECONDS MAX_ROUNDS PAUSE TIMEOUT NAME:PORT...   -> {"pid", "rounds", "names": {NAME: {PEER: {OUTCOME: n}}}}
 # Every lookup is followed by exactly one connect (to the first address), so a caller can
 # count the connects observer must report.
 import json
@@ -48,8 +48,9 @@ def main():
     elif mode == "connect":
         out.update(lookup_connect(args[0], int(args[1]), args[2], float(args[3])))
     elif mode == "loop":
-        seconds, max_rounds, timeout = float(args[0]), int(args[1]), float(args[2])
-        targets = [(t.rsplit(":", 1)[0], int(t.rsplit(":", 1)[1])) for t in args[3:]]
+        seconds, max_rounds = float(args[0]), int(args[1])
+        pause, timeout = float(args[2]), float(args[3])
+        targets = [(t.rsplit(":", 1)[0], int(t.rsplit(":", 1)[1])) for t in args[4:]]
         deadline = time.monotonic() + seconds
         names = {}
         rounds = 0
@@ -59,6 +60,7 @@ def main():
                 per_peer = names.setdefault(name, {}).setdefault(r.get("peer", ""), {})
                 per_peer[r["outcome"]] = per_peer.get(r["outcome"], 0) + 1
             rounds += 1
+            time.sleep(pause)
         out["rounds"] = rounds
         out["names"] = names
     else:

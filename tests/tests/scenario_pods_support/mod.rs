@@ -2,7 +2,7 @@
 //! program, and readers for the agent's JSON records.
 use std::time::{Duration, Instant};
 
-use observer_tests::{TestCommand, agent::Agent, agent::AgentSpec, exec::PYTHON3};
+use observer_tests::{Process, TestCommand, agent::Agent, agent::AgentSpec, exec::PYTHON3};
 use serde_json::Value;
 
 /// The pod-side program (glibc lookups and connects, reported as JSON).
@@ -36,13 +36,27 @@ pub fn client_with_timeout(
     args: &[&str],
     timeout: Duration,
 ) -> Value {
+    client_report(spawn_client(command, args), args, timeout)
+}
+
+/// Starts the client program without waiting for it (see [`client`]).
+pub fn spawn_client(
+    command: impl FnOnce(&std::path::Path) -> TestCommand,
+    args: &[&str],
+) -> Process {
     let python = PYTHON3.path().expect("python3 (Debian package python3)");
-    let out = command(&python)
+    command(&python)
         .args(["-c", CLIENT])
         .args(args)
-        .timeout(timeout)
-        .output()
-        .expect("running the client program")
+        .spawn()
+        .expect("starting the client program")
+}
+
+/// Waits (bounded) for a client started with [`spawn_client`] and parses its JSON line.
+pub fn client_report(process: Process, args: &[&str], timeout: Duration) -> Value {
+    let out = process
+        .wait_output(timeout)
+        .expect("the client program finished in time")
         .check(&format!("client {args:?}"))
         .expect("the client program succeeded");
     serde_json::from_str(out.stdout.trim())
