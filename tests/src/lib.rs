@@ -28,6 +28,8 @@ pub use exec::{CommandOutput, Process, REQUIRED_PACKAGES};
 pub use host::{CLOSED_PORT, Host, HostKind, TcpServer};
 pub use names::RunId;
 pub use netns::{NetNs, TestCommand};
-pub use pod::{ConnectOutcome, ConnectReport, Family, Pod, PodSpec, ResolvConf, ResolveReport};
+pub use pod::{
+    ConnectOutcome, ConnectReport, Container, Family, Pod, PodSpec, ResolvConf, ResolveReport,
+};
 pub use probe::{DnsProbe, ProbeReport, Transport};
 pub use testbed::{Testbed, plan, require_root};

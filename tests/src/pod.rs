@@ -367,3 +367,21 @@ impl Pod {
         Ok(report)
     }
 }
+
+/// A further container of a pod (see [`crate::Testbed::add_container`]): its own container
+/// cgroup under the pod's directory, sharing the pod's network namespace and resolv.conf.
+#[derive(Clone, Debug)]
+pub struct Container {
+    /// 64 hex digits, as in the cgroup directory's name.
+    pub id: String,
+    pub cgroup: crate::cgroup::CgroupDir,
+    pub(crate) netns: NetNs,
+}
+
+impl Container {
+    /// A program to run in this container: the pod's network namespace and resolv.conf, this
+    /// container's cgroup.
+    pub fn command(&self, program: impl AsRef<OsStr>) -> TestCommand {
+        self.netns.command(program).in_cgroup(&self.cgroup)
+    }
+}

@@ -16,7 +16,7 @@ use crate::{
     host::{Host, HostKind},
     names::RunId,
     netns::{self, NetNs},
-    pod::{Pod, PodSpec},
+    pod::{Container, Pod, PodSpec},
 };
 
 /// The address plan. Every testbed has its own switch namespace, so parallel testbeds reuse
@@ -481,6 +481,21 @@ impl Testbed {
                 ..base.clone()
             },
             ..pod.clone()
+        })
+    }
+
+    /// Another container of `pod` (a sidecar): a container cgroup of its own beside the pod's
+    /// first one, in the same pod directory (same pod UID), named as the kubelet and containerd
+    /// name containers. It is removed with the pod's cgroups.
+    pub fn add_container(&self, pod: &Pod) -> Result<Container> {
+        let cg = pod.cgroup();
+        let id = self.run.container_id();
+        let (_, relative) = cgroup::kubelet_paths(cg.driver, cg.qos, &cg.pod_uid, &id);
+        let cgroup = cgroup::create_dirs(&self.cgroup_root, &relative)?;
+        Ok(Container {
+            id,
+            cgroup,
+            netns: pod.netns().clone(),
         })
     }
 
