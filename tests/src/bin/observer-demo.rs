@@ -8,7 +8,7 @@
 //!
 //! Usage: `observer-demo [--agent <observer binary>] [--spans-file <path>]` (as root).
 use std::{
-    io::{BufRead, BufReader, IsTerminal, Read},
+    io::{BufRead, BufReader, IsTerminal, Read, Seek, SeekFrom},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
@@ -46,8 +46,8 @@ const AGENT_READY_WITHIN: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// The agent prints a connection once its outcome is known (plus a 100 ms reordering window).
 const LINE_WITHIN: Duration = Duration::from_secs(10);
-/// Spans are written in batches at least every 2 s.
-const SPANS_WITHIN: Duration = Duration::from_secs(10);
+/// Spans are written in batches at least every 2 s; later on a machine busy with other traffic.
+const SPANS_WITHIN: Duration = Duration::from_secs(20);
 const AGENT_STOP_WITHIN: Duration = Duration::from_secs(10);
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -258,11 +258,13 @@ enum SpanDestination {
 fn demo(style: &Style, options: &Options) -> Result<()> {
     let started = Instant::now();
     require_root().map_err(|_| DemoError::NotRoot)?;
-    if !options.agent.is_file() {
-        return Err(DemoError::AgentMissing {
+    // Absolute: a bare relative name would be looked up in PATH when started.
+    let agent_path = std::fs::canonicalize(&options.agent)
+        .ok()
+        .filter(|p| p.is_file())
+        .ok_or_else(|| DemoError::AgentMissing {
             path: options.agent.clone(),
-        });
-    }
+        })?;
     println!(
         "{}",
         style.bold(
@@ -335,6 +337,7 @@ fn demo(style: &Style, options: &Options) -> Result<()> {
             SpanDestination::File(options.spans_file.clone())
         }
     };
+    let mut span_reader = SpanReader::default();
     let metrics_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_local_port()));
     let mut args: Vec<String> = vec!["run".into(), "--kube".into(), "off".into()];
     for cidr in CLUSTER_CIDRS {
@@ -348,7 +351,7 @@ fn demo(style: &Style, options: &Options) -> Result<()> {
         args.extend(["--spans-file".into(), path.display().to_string()]);
     }
     println!("  {}", style.dim(&format!("$ observer {}", args.join(" "))));
-    let mut agent = AgentProcess::start(&options.agent, &args, metrics_addr)?;
+    let mut agent = AgentProcess::start(&agent_path, &args, metrics_addr)?;
     println!(
         "  ready in {:.1} s: eBPF programs attached to every cgroup on this machine; metrics on http://{metrics_addr}/metrics",
         agent.started.elapsed().as_secs_f64()
@@ -377,7 +380,15 @@ fn demo(style: &Style, options: &Options) -> Result<()> {
     let flagged_line = agent.wait_for_line(&format!("{uid} "), ESCAPED_NAME)?;
     println!("\n  observer printed:");
     println!("    {}", style.agent_line(&flagged_line));
-    let flagged_view = evidence(&spans, &agent, &dns, pod.ipv4(), &uid, first)?;
+    let flagged_view = evidence(
+        &mut span_reader,
+        &spans,
+        &agent,
+        &dns,
+        pod.ipv4(),
+        &uid,
+        first,
+    )?;
     println!(
         "\n  the resolution chain observer joined to that connection ({}):",
         flagged_view.source
@@ -407,7 +418,15 @@ fn demo(style: &Style, options: &Options) -> Result<()> {
     check_interrupted()?;
     let second = connect(&pod, "db")?;
     println!("  connected to {second}");
-    let healthy_view = evidence(&spans, &agent, &dns, pod.ipv4(), &uid, second)?;
+    let healthy_view = evidence(
+        &mut span_reader,
+        &spans,
+        &agent,
+        &dns,
+        pod.ipv4(),
+        &uid,
+        second,
+    )?;
     println!(
         "  observer printed nothing new: `--output text` lists only connections that leave the cluster, are\n  \
          flagged, or drifted. Its verdict on this one ({}):",
@@ -452,7 +471,9 @@ fn demo(style: &Style, options: &Options) -> Result<()> {
              observer.flagged=true: one trace per connection, one child span per DNS query."
         ),
         SpanDestination::File(path) => {
-            let traces = span_roots(path).map(|r| r.len()).unwrap_or(0);
+            let traces = std::fs::read_to_string(path)
+                .map(|t| t.matches("\"parentSpanId\":\"\"").count())
+                .unwrap_or(0);
             println!(
                 "  traces: {traces} in {} (OTLP/JSON, one export request per line), e.g.\n    \
                  jq -c '.resourceSpans[].scopeSpans[].spans[] | select(.parentSpanId == \"\") | .name' {}",
@@ -566,6 +587,7 @@ impl ConnectionView {
 /// to the person's collector, the chain comes from the DNS server's log and the verdict from
 /// the agent's metrics.
 fn evidence(
+    reader: &mut SpanReader,
     spans: &SpanDestination,
     agent: &AgentProcess,
     dns: &DnsServer,
@@ -578,8 +600,9 @@ fn evidence(
             let deadline = Instant::now() + SPANS_WITHIN;
             loop {
                 check_interrupted()?;
-                if let Some(view) = span_roots(path)?
-                    .into_iter()
+                if let Some(view) = reader
+                    .poll(path, uid)?
+                    .iter()
                     .rev()
                     .find_map(|trace| trace.view(uid, destination))
                 {
@@ -823,42 +846,74 @@ impl Trace {
     }
 }
 
-/// Every trace in the spans file (OTLP/JSON export requests, one per line).
-fn span_roots(path: &Path) -> Result<Vec<Trace>> {
-    let text = std::fs::read_to_string(path).map_err(|source| DemoError::Io {
-        op: "read",
-        path: path.to_owned(),
-        source,
-    })?;
-    let mut spans = Vec::new();
-    // The last line may be half written: only whole lines parse.
-    for line in text.lines() {
-        let Ok(request) = serde_json::from_str::<Value>(line) else {
-            continue;
+/// Reads the spans file as the agent appends to it. The agent watches the whole machine, so
+/// on a busy one the file grows fast: only new, whole lines are read, and only those naming
+/// the demo's pod are parsed.
+#[derive(Default)]
+struct SpanReader {
+    offset: u64,
+    spans: Vec<Value>,
+    traces: Vec<Trace>,
+}
+
+impl SpanReader {
+    fn poll(&mut self, path: &Path, uid: &str) -> Result<&[Trace]> {
+        let io = |op| {
+            let path = path.to_owned();
+            move |source| DemoError::Io { op, path, source }
         };
-        for rs in request["resourceSpans"].as_array().into_iter().flatten() {
-            for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
-                spans.extend(ss["spans"].as_array().into_iter().flatten().cloned());
+        let mut file = std::fs::File::open(path).map_err(io("open"))?;
+        file.seek(SeekFrom::Start(self.offset))
+            .map_err(io("seek"))?;
+        let mut new = Vec::new();
+        file.read_to_end(&mut new).map_err(io("read"))?;
+        // The last line may be half written: only whole lines are taken.
+        let Some(end) = new.iter().rposition(|b| *b == b'\n') else {
+            return Ok(&self.traces);
+        };
+        self.offset += end as u64 + 1;
+        let mut found = false;
+        for line in new[..end].split(|b| *b == b'\n') {
+            let line = String::from_utf8_lossy(line);
+            if !line.contains(uid) {
+                continue;
+            }
+            let Ok(request) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            for rs in request["resourceSpans"].as_array().into_iter().flatten() {
+                for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                    self.spans
+                        .extend(ss["spans"].as_array().into_iter().flatten().cloned());
+                    found = true;
+                }
             }
         }
+        if found {
+            self.traces = traces_of(&self.spans);
+        }
+        Ok(&self.traces)
     }
-    let mut traces = Vec::new();
-    for root in spans
+}
+
+fn traces_of(spans: &[Value]) -> Vec<Trace> {
+    let is_root = |s: &&Value| s["parentSpanId"].as_str().unwrap_or("").is_empty();
+    spans
         .iter()
-        .filter(|s| s["parentSpanId"].as_str().unwrap_or("").is_empty())
-    {
-        let mut children: Vec<Value> = spans
-            .iter()
-            .filter(|s| s["traceId"] == root["traceId"] && s["parentSpanId"] == root["spanId"])
-            .cloned()
-            .collect();
-        children.sort_by_key(start_ns);
-        traces.push(Trace {
-            root: root.clone(),
-            children,
-        });
-    }
-    Ok(traces)
+        .filter(is_root)
+        .map(|root| {
+            let mut children: Vec<Value> = spans
+                .iter()
+                .filter(|s| s["traceId"] == root["traceId"] && s["parentSpanId"] == root["spanId"])
+                .cloned()
+                .collect();
+            children.sort_by_key(start_ns);
+            Trace {
+                root: root.clone(),
+                children,
+            }
+        })
+        .collect()
 }
 
 /// The agent as a child process: stdout lines and the log collected, stopped with SIGTERM.
