@@ -459,7 +459,7 @@ fn demo(style: &Style, options: &Options) -> Result<()> {
     }
     if healthy_view.egress != Some(false) || healthy_view.flagged != Some(false) {
         return Err(DemoError::Unexpected {
-            what: "observer flagged the in-cluster connection",
+            what: "observer did not report the in-cluster connection as in-cluster and unflagged",
             detail: format!("{healthy_view:?}"),
         });
     }
@@ -658,20 +658,27 @@ fn evidence(
                 .map(|q| q.name.clone())
                 .unwrap_or_default();
             let escaped = destination.ip() == IpAddr::V4(EXTERNAL_DB);
-            let body = agent.metrics().unwrap_or_default();
-            let counted = |resolution: &str| {
-                observer_tests::agent::metric_sum(
+            let expected = if escaped {
+                "search-escape"
+            } else {
+                "in-cluster"
+            };
+            // The agent counts the connection once its outcome is correlated: wait for it.
+            let deadline = Instant::now() + LINE_WITHIN;
+            let resolution = loop {
+                let body = agent.metrics().unwrap_or_default();
+                let counted = observer_tests::agent::metric_sum(
                     &body,
                     "observer_connections_total",
-                    &[("resolution", resolution), ("server_address", &answered_by)],
-                ) > 0.0
-            };
-            let resolution = if escaped && counted("search-escape") {
-                Some("search-escape".to_owned())
-            } else if !escaped && counted("in-cluster") {
-                Some("in-cluster".to_owned())
-            } else {
-                None
+                    &[("resolution", expected), ("server_address", &answered_by)],
+                ) > 0.0;
+                if counted {
+                    break Some(expected.to_owned());
+                }
+                if Instant::now() >= deadline {
+                    break None;
+                }
+                pause(Duration::from_millis(50))?;
             };
             Ok(ConnectionView {
                 source: "the cluster DNS server's log; observer's trace went to the collector",
