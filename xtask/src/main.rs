@@ -25,6 +25,9 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
+    /// The incident in one command (root): a small cluster, the real agent, a pod whose
+    /// `db` escapes through a search domain, what observer saw, and the fix.
+    Demo,
     /// Run the whole suite: unit tests, then the privileged integration tests (root).
     Test {
         /// Extra arguments passed to the test binaries (e.g. a test name filter).
@@ -40,6 +43,10 @@ fn main() -> Result<()> {
         Task::Build { release } => {
             setup::build_prerequisites()?;
             build(release)
+        }
+        Task::Demo => {
+            setup::all()?;
+            demo()
         }
         Task::Test { args } => {
             setup::all()?;
@@ -83,6 +90,62 @@ fn test(args: &[String]) -> Result<()> {
     cmd.args(["test", "--no-fail-fast", "--"]);
     cmd.args(args);
     run(&mut cmd)
+}
+
+fn demo() -> Result<()> {
+    // xtask must build before bpf-linker exists, so it never links observer or its tests:
+    // cargo builds them and names the executables it made.
+    let out = cargo()
+        .args([
+            "build",
+            "--package",
+            "observer",
+            "--bin",
+            "observer",
+            "--package",
+            "observer-tests",
+            "--bin",
+            "observer-demo",
+            "--message-format=json-render-diagnostics",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("starting cargo build")?;
+    if !out.status.success() {
+        bail!("building the agent and the demo failed: {}", out.status);
+    }
+    let messages = String::from_utf8_lossy(&out.stdout);
+    let agent = executable(&messages, "observer")?;
+    let demo = executable(&messages, "observer-demo")?;
+    if !is_root() {
+        bail!(
+            "the demo loads eBPF programs and builds network namespaces: run `sudo cargo xtask demo` (or as root)"
+        );
+    }
+    // exec: the demo takes this process's place, so a Ctrl-C reaches it alone (through the
+    // terminal) and it tears everything down before the shell prompt comes back.
+    let err = std::os::unix::process::CommandExt::exec(
+        std::process::Command::new(&demo).arg("--agent").arg(&agent),
+    );
+    Err(err).with_context(|| format!("starting {demo}"))
+}
+
+/// The executable cargo reported for binary `name` in its JSON messages.
+fn executable(messages: &str, name: &str) -> Result<String> {
+    let named = format!(r#""name":"{name}""#);
+    messages
+        .lines()
+        .filter(|l| {
+            l.contains(r#""reason":"compiler-artifact""#)
+                && l.contains(r#""kind":["bin"]"#)
+                && l.contains(&named)
+        })
+        .find_map(|l| {
+            let start = l.find("\"executable\":\"")? + "\"executable\":\"".len();
+            let end = start + l[start..].find('"')?;
+            Some(l[start..end].to_owned())
+        })
+        .with_context(|| format!("cargo did not report the `{name}` executable it built"))
 }
 
 fn is_root() -> bool {

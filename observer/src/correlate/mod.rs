@@ -542,11 +542,13 @@ impl Correlator {
         if chain_record.is_none() {
             self.counters.connects_unresolved += 1;
         }
-        let egress = !self
-            .config
-            .cluster_networks
-            .iter()
-            .any(|net| net.contains(&ip));
+        // Loopback never leaves the node, whatever the cluster networks are.
+        let egress = !ip.is_loopback()
+            && !self
+                .config
+                .cluster_networks
+                .iter()
+                .any(|net| net.contains(&ip));
         let flagged = egress
             && matches!(
                 resolution,

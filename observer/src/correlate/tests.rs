@@ -397,6 +397,24 @@ fn scopes_never_share_answers() {
 }
 
 #[test]
+fn loopback_is_never_egress() {
+    let mut c = Correlator::new(config());
+    let mut client = Client::new("pod-a", "198.18.1.5");
+    configured(&mut c, &client, 5);
+    for (sock, dest) in [
+        (1, "127.0.0.1:9464"),
+        (2, "[::1]:9464"),
+        (3, "[::ffff:127.0.0.1]:80"),
+    ] {
+        let r = client.connect(&mut c, sock, dest, Outcome::Established);
+        assert!(
+            !r.egress && !r.flagged,
+            "{dest} counted as leaving the cluster"
+        );
+    }
+}
+
+#[test]
 fn absolute_name_is_external_not_an_escape() {
     let mut c = Correlator::new(config());
     let mut client = Client::new("pod-a", "198.18.1.5");
