@@ -44,9 +44,9 @@ const TICK: Duration = Duration::from_secs(1);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How often the cgroup cache and the cluster networks are refreshed.
 const REFRESH: Duration = Duration::from_secs(30);
-/// How long events wait to be put in kernel-time order: well above the rings' poll
-/// interval, well below anything a person would notice.
-const REORDER_WINDOW: Duration = Duration::from_millis(100);
+/// How often events whose kernel time both ring readers have passed are released, in
+/// order, to the core: about the rings' poll interval.
+const RELEASE: Duration = Duration::from_millis(20);
 /// Events held for reordering at most; past it the oldest go through unordered.
 const REORDER_CAPACITY: usize = 65_536;
 
@@ -126,7 +126,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         output: Output::new(settings.output, wall),
         settings,
         messages: Vec::new(),
-        reorder: Reorder::new(REORDER_WINDOW.as_nanos() as u64, REORDER_CAPACITY),
+        reorder: Reorder::new(REORDER_CAPACITY),
+        horizon: 0,
         ready: Vec::new(),
     };
     readiness.set_probes_attached(true);
@@ -247,6 +248,8 @@ struct Agent {
     reorder: Reorder<Event>,
     /// Reused buffer for events leaving the reorder stage.
     ready: Vec<Event>,
+    /// Kernel time up to which every event has been handed to the core: the core's clock.
+    horizon: BootNs,
 }
 
 impl Agent {
@@ -257,9 +260,9 @@ impl Agent {
     ) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Releases reordered events when traffic pauses.
-        let mut flush = tokio::time::interval(REORDER_WINDOW / 2);
-        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut release = tokio::time::interval(RELEASE);
+        release.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let progress = probes.progress();
         let mut last_refresh = Instant::now();
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -267,24 +270,24 @@ impl Agent {
         loop {
             tokio::select! {
                 event = events.recv() => match event {
-                    Some(event) => {
-                        let mut ready = std::mem::take(&mut self.ready);
-                        self.reorder.push(event.timestamp(), event, &mut ready);
-                        self.handle_all(&mut ready);
-                        self.ready = ready;
-                    }
+                    Some(event) => self.hold(event),
                     None => anyhow::bail!("the kernel ring readers stopped"),
                 },
-                _ = flush.tick() => {
-                    let now = probes::boot_now_ns().context("reading CLOCK_BOOTTIME")?;
-                    let mut ready = std::mem::take(&mut self.ready);
-                    self.reorder.release(now, &mut ready);
-                    self.handle_all(&mut ready);
-                    self.ready = ready;
+                _ = release.tick() => {
+                    // The horizon first, then the channel: every event older than the horizon
+                    // was sent before it was published, so it is in hand after the drain.
+                    let horizon = progress.horizon();
+                    while let Ok(event) = events.try_recv() {
+                        self.hold(event);
+                    }
+                    self.release(horizon);
                 }
                 _ = tick.tick() => {
-                    let now = probes::boot_now_ns().context("reading CLOCK_BOOTTIME")?;
-                    self.tick(now, probes);
+                    // The core's clock is the horizon, not the wall clock: an agent running
+                    // behind must not call a query unanswered whose answer it has not read yet.
+                    if self.horizon > 0 {
+                        self.tick(self.horizon, probes);
+                    }
                     if last_refresh.elapsed() >= REFRESH {
                         last_refresh = Instant::now();
                         self.refresh();
@@ -302,6 +305,22 @@ impl Agent {
         }
         self.drain();
         Ok(())
+    }
+
+    /// Keeps an event until both rings have been read past its time.
+    fn hold(&mut self, event: Event) {
+        let mut ready = std::mem::take(&mut self.ready);
+        self.reorder.push(event.timestamp(), event, &mut ready);
+        self.handle_all(&mut ready);
+        self.ready = ready;
+    }
+
+    fn release(&mut self, horizon: BootNs) {
+        let mut ready = std::mem::take(&mut self.ready);
+        self.reorder.release(horizon, &mut ready);
+        self.handle_all(&mut ready);
+        self.ready = ready;
+        self.horizon = self.horizon.max(horizon);
     }
 
     /// Whatever is still waiting for order is handled before the agent stops.
@@ -475,6 +494,9 @@ impl Agent {
             Err(e) => tracing::warn!(error = %e, "reading the kernel loss counters"),
         }
         publish_core_counters(&self.metrics, self.core.counters());
+        // Events the reorder stage had to let through out of order because it was full.
+        self.metrics
+            .set_core_evictions("reorder_forced", self.reorder.forced);
         self.metrics
             .set_enrichment_state(match self.identity.status() {
                 EnrichmentStatus::Disabled => EnrichmentState::CgroupOnly,

@@ -2,20 +2,17 @@
 //!
 //! The DNS ring and the connect ring are drained separately, so a connect can reach the
 //! agent before the DNS answer that named its destination. The core joins a connect to
-//! the answers it has seen at that moment, so events wait here for a short window and
-//! leave in timestamp order.
+//! the answers it has seen at that moment, so events wait here until both ring readers
+//! have delivered everything older (their progress horizon) and leave in timestamp order.
 use std::{cmp::Ordering, collections::BinaryHeap};
 
 use crate::record::BootNs;
 
-/// Holds items for `window_ns` of kernel time, then releases them oldest first.
+/// Holds items until a horizon passes them, then releases them oldest first.
 pub struct Reorder<T> {
     heap: BinaryHeap<Entry<T>>,
-    window_ns: u64,
     capacity: usize,
     next_seq: u64,
-    /// Newest timestamp seen: items older than this minus the window are safe to release.
-    newest: BootNs,
     /// Items released early because the buffer was full.
     pub forced: u64,
 }
@@ -45,20 +42,17 @@ impl<T> Ord for Entry<T> {
 }
 
 impl<T> Reorder<T> {
-    pub fn new(window_ns: u64, capacity: usize) -> Self {
+    pub fn new(capacity: usize) -> Self {
         Self {
             heap: BinaryHeap::new(),
-            window_ns,
             capacity: capacity.max(1),
             next_seq: 0,
-            newest: 0,
             forced: 0,
         }
     }
 
     /// Adds an item; when the buffer is full the oldest item is released at once.
     pub fn push(&mut self, at: BootNs, item: T, out: &mut Vec<T>) {
-        self.newest = self.newest.max(at);
         self.heap.push(Entry {
             at,
             seq: self.next_seq,
@@ -71,12 +65,10 @@ impl<T> Reorder<T> {
                 out.push(entry.item);
             }
         }
-        self.release(self.newest, out);
     }
 
-    /// Releases every item older than `now` minus the window, oldest first.
-    pub fn release(&mut self, now: BootNs, out: &mut Vec<T>) {
-        let horizon = now.saturating_sub(self.window_ns);
+    /// Releases every item stamped at or before `horizon`, oldest first.
+    pub fn release(&mut self, horizon: BootNs, out: &mut Vec<T>) {
         while self.heap.peek().is_some_and(|e| e.at <= horizon) {
             if let Some(entry) = self.heap.pop() {
                 out.push(entry.item);
@@ -106,12 +98,14 @@ mod tests {
 
     #[test]
     fn a_late_answer_overtakes_the_connect_it_named() {
-        let mut r = Reorder::new(100, 1024);
+        let mut r = Reorder::new(1024);
         let mut out = Vec::new();
         r.push(1_000, "connect", &mut out);
+        r.release(900, &mut out);
+        assert!(out.is_empty(), "the horizon has not passed anything yet");
         r.push(990, "dns answer", &mut out);
-        assert!(out.is_empty(), "nothing is older than the window yet");
         r.push(1_200, "later", &mut out);
+        r.release(1_100, &mut out);
         assert_eq!(out, vec!["dns answer", "connect"]);
         r.release(1_300, &mut out);
         assert_eq!(out, vec!["dns answer", "connect", "later"]);
@@ -120,7 +114,7 @@ mod tests {
 
     #[test]
     fn equal_timestamps_keep_arrival_order() {
-        let mut r = Reorder::new(0, 1024);
+        let mut r = Reorder::new(1024);
         let mut out = Vec::new();
         for i in 0..5 {
             r.push(7, i, &mut out);
@@ -131,7 +125,7 @@ mod tests {
 
     #[test]
     fn a_full_buffer_releases_the_oldest_and_counts_it() {
-        let mut r = Reorder::new(u64::MAX, 3);
+        let mut r = Reorder::new(3);
         let mut out = Vec::new();
         for at in [5, 1, 4, 2, 3] {
             r.push(at, at, &mut out);

@@ -243,6 +243,41 @@ pub struct Probes {
     poll_interval: Duration,
     kernel_log: KernelLogLevel,
     decode_errors: Arc<AtomicU64>,
+    progress: RingProgress,
+}
+
+/// How far each ring reader has got: every event stamped before a ring's mark has already
+/// been sent on the events channel. A consumer that reads [`RingProgress::horizon`] and then
+/// empties the channel holds every event older than the horizon, from both rings, and can
+/// put them in time order.
+#[derive(Clone, Debug, Default)]
+pub struct RingProgress {
+    marks: Arc<[AtomicU64; 2]>,
+}
+
+impl RingProgress {
+    /// Allowance for an event stamped just before a drain began but committed to its ring
+    /// just after (a program runs for microseconds, without preemption).
+    const COMMIT_SLACK_NS: u64 = 5_000_000;
+
+    fn slot(ring: Ring) -> usize {
+        match ring {
+            Ring::Dns => 0,
+            Ring::Connect => 1,
+        }
+    }
+
+    fn advance(&self, ring: Ring, drained_from: crate::record::BootNs) {
+        self.marks[Self::slot(ring)].fetch_max(drained_from, Ordering::Release);
+    }
+
+    /// The kernel time before which both rings have been fully delivered (0 until both
+    /// readers have drained once).
+    pub fn horizon(&self) -> crate::record::BootNs {
+        let dns = self.marks[0].load(Ordering::Acquire);
+        let connect = self.marks[1].load(Ordering::Acquire);
+        dns.min(connect).saturating_sub(Self::COMMIT_SLACK_NS)
+    }
 }
 
 impl Drop for Probes {
@@ -405,7 +440,13 @@ impl Probes {
             poll_interval: options.poll_interval.max(Duration::from_millis(1)),
             kernel_log: options.kernel_log,
             decode_errors: Arc::new(AtomicU64::new(0)),
+            progress: RingProgress::default(),
         })
+    }
+
+    /// How far the ring readers have delivered (see [`RingProgress`]).
+    pub fn progress(&self) -> RingProgress {
+        self.progress.clone()
     }
 
     /// The cgroup the DNS programs are attached to.
@@ -425,6 +466,7 @@ impl Probes {
             self.poll_interval,
             tx.clone(),
             self.decode_errors.clone(),
+            self.progress.clone(),
         )));
         self.readers.push(tokio::spawn(read_ring(
             connect,
@@ -432,6 +474,7 @@ impl Probes {
             self.poll_interval,
             tx,
             self.decode_errors.clone(),
+            self.progress.clone(),
         )));
         if self.kernel_log != KernelLogLevel::Off {
             self.start_kernel_log();
@@ -565,10 +608,14 @@ async fn read_ring(
     poll: Duration,
     tx: mpsc::Sender<Event>,
     decode_errors: Arc<AtomicU64>,
+    progress: RingProgress,
 ) {
     let mut batch = Vec::new();
     loop {
-        match tokio::time::timeout(poll, fd.readable_mut()).await {
+        let woken = tokio::time::timeout(poll, fd.readable_mut()).await;
+        // Read before draining: whatever was stamped earlier is in the ring by now.
+        let drained_from = boot_now_ns().ok();
+        match woken {
             Ok(Ok(mut guard)) => {
                 drain(guard.get_inner_mut(), ring, &mut batch, &decode_errors);
                 guard.clear_ready();
@@ -583,6 +630,10 @@ async fn read_ring(
             if tx.send(event).await.is_err() {
                 return;
             }
+        }
+        // Only once this drain's events are on the channel.
+        if let Some(at) = drained_from {
+            progress.advance(ring, at);
         }
     }
 }
