@@ -20,10 +20,21 @@ const BUILD_PACKAGES: &[&str] = &[
 /// Debian packages the testbed uses: namespaces and a real DNS server.
 const TESTBED_PACKAGES: &[&str] = &["iproute2", "dnsmasq-base", "python3"];
 
+/// Debian packages the deployment tests use: promtool (in `prometheus`) checks and
+/// unit-tests the alert rules; setpriv (in `util-linux`) runs the agent with exactly the
+/// DaemonSet's capabilities.
+const DEPLOY_PACKAGES: &[&str] = &["prometheus", "util-linux"];
+
+/// The Kubernetes schema validator (PyPI), pinned: 1.37.0 ships the schemas of
+/// Kubernetes 1.25 to 1.37, and brings PyYAML, which the deployment tests read YAML with.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+
 /// Everything: what building needs and what the test suite needs.
 pub fn all() -> Result<()> {
     build_prerequisites()?;
     apt_install("testbed", TESTBED_PACKAGES)?;
+    apt_install("deployment checks", DEPLOY_PACKAGES)?;
+    kubernetes_validate()?;
     say("setup complete");
     Ok(())
 }
@@ -112,4 +123,34 @@ fn bpf_linker() -> Result<()> {
             &format!("llvm-{LLVM_MAJOR}"),
         ])
         .env("LLVM_PREFIX", format!("/usr/lib/llvm-{LLVM_MAJOR}")))
+}
+
+fn kubernetes_validate() -> Result<()> {
+    if let Ok(out) = Command::new("kubernetes-validate")
+        .arg("--version")
+        .output()
+        && out.status.success()
+    {
+        say(&format!(
+            "kubernetes-validate: present ({})",
+            String::from_utf8_lossy(&out.stdout).trim()
+        ));
+        return Ok(());
+    }
+    say(&format!(
+        "kubernetes-validate: installing {KUBERNETES_VALIDATE} with pip"
+    ));
+    let pip = || {
+        let mut cmd = Command::new("python3");
+        cmd.args(["-m", "pip", "install", "--quiet", KUBERNETES_VALIDATE]);
+        cmd
+    };
+    if run(&mut pip()).is_ok() {
+        return Ok(());
+    }
+    // Debian's own python3 refuses pip installs outside a virtual environment (PEP 668);
+    // this machine is a test machine, not a desktop: install system-wide anyway.
+    say("kubernetes-validate: retrying with --break-system-packages (PEP 668 Python)");
+    run(pip().arg("--break-system-packages"))
+        .context("pip install kubernetes-validate (is python3-pip installed?)")
 }

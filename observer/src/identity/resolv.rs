@@ -5,7 +5,10 @@ use std::{
     io::Read,
     net::IpAddr,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -316,6 +319,8 @@ struct ScopeResolv {
 pub struct ResolvCache {
     config: ResolvCacheConfig,
     scopes: Mutex<HashMap<ScopeKey, ScopeResolv>>,
+    /// A missing privilege affects every pod alike: said once, not once per pod.
+    permission_warned: AtomicBool,
 }
 
 impl ResolvCache {
@@ -323,6 +328,7 @@ impl ResolvCache {
         ResolvCache {
             config,
             scopes: Mutex::new(HashMap::new()),
+            permission_warned: AtomicBool::new(false),
         }
     }
 
@@ -372,6 +378,15 @@ impl ResolvCache {
                     // The process exited: forget it and try the next one.
                 }
                 Err(e) => {
+                    if let ResolvConfError::Io { source, .. } = &e
+                        && source.kind() == std::io::ErrorKind::PermissionDenied
+                        && !self.permission_warned.swap(true, Ordering::Relaxed)
+                    {
+                        tracing::warn!(
+                            "{e}: reading another process's /proc/<pid>/root needs CAP_SYS_PTRACE; \
+                             without it pods' search lists are inferred from their queries"
+                        );
+                    }
                     entry.last_error = Some(Arc::from(e.to_string()));
                     live.push(pid);
                 }
