@@ -303,3 +303,31 @@ fn resolv_conf_is_read_through_a_process_in_the_pod() {
         Some(&expected)
     );
 }
+
+#[test]
+fn resolv_conf_is_found_from_the_cgroup_before_any_pid_is_reported() {
+    // DNS events carry no pid: a pod's first lookup must still be read with its own
+    // resolv.conf, through a process listed in the container cgroup.
+    let suffix = run_suffix();
+    let mut tree = CgroupTree::new();
+    let uid = pod_uid(&suffix, 5);
+    let container = format!(
+        "/observer-test-{suffix}/kubepods.slice/kubepods-pod{}.slice/cri-containerd-{}.scope",
+        uid.replace('-', "_"),
+        container_id(&suffix, 5)
+    );
+    let id = tree.create(&container);
+    let pid = tree.spawn_in(&container);
+    let identity = Identity::host_only(
+        CgroupCache::new(&tree.mount, CgroupCacheConfig::default()),
+        ResolvCache::new(ResolvCacheConfig::default()),
+    );
+    let expected = observer::identity::parse_resolv_conf(
+        &std::fs::read(format!("/proc/{pid}/root/etc/resolv.conf")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        identity.resolve(id, None).resolver.as_deref(),
+        Some(&expected)
+    );
+}

@@ -184,6 +184,16 @@ impl Identity {
             Some(pod) => ScopeKey::Pod(pod.uid.as_arc()),
             None => ScopeKey::Host(cgroup_id),
         };
+        // DNS events carry no pid, and a pod's first lookups come before its first connect:
+        // any process of the cgroup can show the pod's resolv.conf.
+        let pid = pid.or_else(|| {
+            if inner.resolv.knows_pids(&scope) {
+                return None;
+            }
+            cgroup_path
+                .as_deref()
+                .and_then(|path| cgroup::first_pid(inner.cgroups.root(), path))
+        });
         let resolver = inner.resolv.get(&scope, pid);
         let kube_generation = inner.kube.as_ref().map_or(0, KubeIdentity::generation);
         let mut memo = inner.memo.lock().unwrap_or_else(|p| p.into_inner());

@@ -332,6 +332,12 @@ impl ResolvCache {
         }
     }
 
+    /// Whether a pid of `scope` is already known to read its resolv.conf through.
+    pub fn knows_pids(&self, scope: &ScopeKey) -> bool {
+        let scopes = self.scopes.lock().unwrap_or_else(|p| p.into_inner());
+        scopes.get(scope).is_some_and(|s| !s.pids.is_empty())
+    }
+
     /// Records `pid` as a member of `scope` and returns the scope's resolver configuration,
     /// reading it when absent or older than the refresh interval. On a failed read the last
     /// good configuration is kept.
