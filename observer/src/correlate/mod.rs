@@ -25,6 +25,10 @@ use crate::{
 };
 use chain::{Chain, ChainAnswer, QueryState, StepKind};
 
+/// Keys come from pods (names, addresses, ids they chose), so the hasher is seeded at
+/// random per map: fast, without letting a pod pick colliding keys.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// A query waiting for its response, keyed by what the response will carry reversed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct PendingKey {
@@ -72,7 +76,7 @@ struct Scope {
     drift_key: Arc<str>,
     /// Set by identity (resolver or drift key): kept while idle, until `remove_scope`.
     pinned: bool,
-    pending: HashMap<PendingKey, Pending>,
+    pending: FastMap<PendingKey, Pending>,
     /// Pending keys in send order: the timeout is uniform, so this is deadline order.
     pending_order: VecDeque<(BootNs, PendingKey)>,
     slots: Vec<ChainSlot>,
@@ -84,7 +88,7 @@ struct Scope {
     chain_order: VecDeque<(u32, u32)>,
     /// When each chain may be freed (lazy: re-checked against the chain when popped).
     chain_expiry: BinaryHeap<Reverse<(BootNs, u32, u32)>>,
-    index: HashMap<IpAddr, AnswerRef>,
+    index: FastMap<IpAddr, AnswerRef>,
     open_connects: usize,
     last_activity: BootNs,
     scheduled: Option<BootNs>,
@@ -98,13 +102,16 @@ struct OpenConnect {
 /// The correlation core. See the module docs.
 pub struct Correlator {
     config: CorrelatorConfig,
-    scopes: HashMap<ScopeKey, Scope>,
+    scopes: FastMap<ScopeKey, Scope>,
     /// (next deadline, scope): which scopes `tick` must visit.
     wakeups: BTreeSet<(BootNs, ScopeKey)>,
-    connects: HashMap<u64, OpenConnect>,
+    connects: FastMap<u64, OpenConnect>,
     connect_order: VecDeque<(BootNs, u64)>,
-    /// (drift key, query name) -> when it last resolved in-cluster.
-    in_cluster_seen: HashMap<(Arc<str>, Arc<str>), BootNs>,
+    /// drift key -> query name -> when it last resolved in-cluster. Nested so that a
+    /// connect looks its names up by reference, without building a key.
+    in_cluster_seen: FastMap<Arc<str>, FastMap<Arc<str>, BootNs>>,
+    /// Entries of all `in_cluster_seen` inner maps.
+    in_cluster_entries: usize,
     answers_total: usize,
     pending_total: usize,
     counters: CoreCounters,
@@ -114,11 +121,12 @@ impl Correlator {
     pub fn new(config: CorrelatorConfig) -> Self {
         Self {
             config,
-            scopes: HashMap::new(),
+            scopes: FastMap::default(),
             wakeups: BTreeSet::new(),
-            connects: HashMap::new(),
+            connects: FastMap::default(),
             connect_order: VecDeque::new(),
-            in_cluster_seen: HashMap::new(),
+            in_cluster_seen: FastMap::default(),
+            in_cluster_entries: 0,
             answers_total: 0,
             pending_total: 0,
             counters: CoreCounters::default(),
@@ -168,8 +176,7 @@ impl Correlator {
             .map(|d| Arc::from(normalize_name(d)))
             .filter(|d: &Arc<str>| !d.is_empty())
             .collect();
-        self.ensure_scope(scope, 0)?;
-        let state = self.scopes.get_mut(scope).expect("ensured");
+        let state = self.scope_mut(scope, 0)?;
         state.resolver = Resolver {
             search,
             ndots: resolver.ndots,
@@ -181,8 +188,7 @@ impl Correlator {
 
     /// The workload identity that drift is tracked under (default: the scope itself).
     pub fn set_drift_key(&mut self, scope: &ScopeKey, key: &str) -> Result<(), ScopeLimitReached> {
-        self.ensure_scope(scope, 0)?;
-        let state = self.scopes.get_mut(scope).expect("ensured");
+        let state = self.scope_mut(scope, 0)?;
         state.drift_key = Arc::from(key);
         state.pinned = true;
         Ok(())
@@ -272,10 +278,16 @@ impl Correlator {
         let query_timeout = self.config.query_timeout_ns;
         let limits = self.config.limits;
         let chain_window = self.config.chain_window_ns;
-        if self.ensure_scope(&obs.scope, at).is_err() {
+        let Ok(scope) = scope_entry(
+            &mut self.scopes,
+            &mut self.wakeups,
+            &mut self.counters,
+            &self.config,
+            &obs.scope,
+            at,
+        ) else {
             return;
-        }
-        let scope = self.scopes.get_mut(&obs.scope).expect("ensured");
+        };
         scope.last_activity = at;
         if scope.pending.contains_key(&key) {
             // Same id, same 4-tuple, still unanswered: a retransmission.
@@ -359,8 +371,13 @@ impl Correlator {
                     .retain(|(d, k)| pending.get(k).is_some_and(|p| p.deadline == *d));
             }
         }
-        let scope_key = obs.scope;
-        self.reschedule(&scope_key);
+        schedule(
+            &mut self.wakeups,
+            &obs.scope,
+            scope,
+            0,
+            self.config.scope_idle_ns,
+        );
     }
 
     fn on_response(&mut self, obs: DnsObservation) {
@@ -387,6 +404,18 @@ impl Correlator {
         }
         let pending = scope.pending.remove(&key).expect("looked up above");
         self.pending_total -= 1;
+        // Responses come mostly in send order: drop the answered entries at the front now
+        // rather than keeping them until their timeout.
+        while let Some((deadline, k)) = scope.pending_order.front() {
+            if scope
+                .pending
+                .get(k)
+                .is_some_and(|p| p.deadline == *deadline)
+            {
+                break;
+            }
+            scope.pending_order.pop_front();
+        }
         scope.last_activity = obs.at;
         self.counters.responses_matched += 1;
         if obs.message.truncated {
@@ -448,17 +477,23 @@ impl Correlator {
                     } else {
                         chain.base.clone()
                     };
-                    let key = (scope.drift_key.clone(), name);
-                    let len = self.in_cluster_seen.len();
-                    match self.in_cluster_seen.entry(key) {
-                        Entry::Occupied(mut e) => *e.get_mut() = at,
-                        Entry::Vacant(e) => {
-                            if len < self.config.limits.max_drift_entries {
-                                e.insert(at);
-                            } else {
-                                self.counters.drift_entries_dropped += 1;
-                            }
+                    let room = self.in_cluster_entries < self.config.limits.max_drift_entries;
+                    let names = match self.in_cluster_seen.get_mut(&*scope.drift_key) {
+                        Some(names) => Some(names),
+                        None if room => Some(
+                            self.in_cluster_seen
+                                .entry(scope.drift_key.clone())
+                                .or_default(),
+                        ),
+                        None => None,
+                    };
+                    match names.map(|names| names.entry(name)) {
+                        Some(Entry::Occupied(mut e)) => *e.get_mut() = at,
+                        Some(Entry::Vacant(e)) if room => {
+                            e.insert(at);
+                            self.in_cluster_entries += 1;
                         }
+                        _ => self.counters.drift_entries_dropped += 1,
                     }
                 }
             }
@@ -486,7 +521,13 @@ impl Correlator {
                 },
             );
         }
-        self.reschedule(&obs.scope);
+        schedule(
+            &mut self.wakeups,
+            &obs.scope,
+            scope,
+            0,
+            self.config.scope_idle_ns,
+        );
     }
 
     /// A TCP active open: joined now, against the answers this scope had at `open.at`.
@@ -498,8 +539,14 @@ impl Correlator {
         let mut resolution = Resolution::None;
         let mut chain_record = None;
         let mut drift = false;
-        if self.ensure_scope(&open.scope, open.at).is_ok() {
-            let scope = self.scopes.get_mut(&open.scope).expect("ensured");
+        if let Ok(scope) = scope_entry(
+            &mut self.scopes,
+            &mut self.wakeups,
+            &mut self.counters,
+            &self.config,
+            &open.scope,
+            open.at,
+        ) {
             scope.last_activity = open.at;
             if scope.open_connects >= limits.max_open_connects_per_scope {
                 self.counters.connects_dropped_cap += 1;
@@ -522,13 +569,10 @@ impl Correlator {
                         let answered_at = a.answered_at;
                         let materialized = chain.materialize();
                         if resolution != Resolution::InCluster {
-                            let key = (
-                                scope.drift_key.clone(),
-                                Arc::from(materialized.query_name.as_str()),
-                            );
                             drift = self
                                 .in_cluster_seen
-                                .get(&key)
+                                .get(&*scope.drift_key)
+                                .and_then(|names| names.get(materialized.query_name.as_str()))
                                 .is_some_and(|seen| *seen <= answered_at);
                         }
                         chain_record = Some(materialized);
@@ -731,83 +775,115 @@ impl Correlator {
         unanswered
     }
 
-    /// Makes sure `tick` visits the scope no later than its earliest deadline.
-    fn reschedule(&mut self, key: &ScopeKey) {
-        self.reschedule_after(key, 0);
-    }
-
-    /// As `reschedule`, from within `tick(now)`: everything due by `now` was handled, so
+    /// As `schedule`, from within `tick(now)`: everything due by `now` was handled, so
     /// only the idle check can be due; a scope kept alive (open connects) is looked at
     /// again one idle period later rather than on every tick.
     fn reschedule_after(&mut self, key: &ScopeKey, now: BootNs) {
-        let scope_idle = self.config.scope_idle_ns;
-        let Some(scope) = self.scopes.get_mut(key) else {
-            return;
-        };
-        let mut next = scope.pending_order.front().map(|(d, _)| *d);
-        if let Some(Reverse((d, _, _))) = scope.chain_expiry.peek() {
-            next = Some(next.map_or(*d, |n| n.min(*d)));
-        }
-        let idle_at = scope.last_activity + scope_idle;
-        let mut next = next.unwrap_or(idle_at);
-        if next <= now {
-            next = now + scope_idle;
-        }
-        match scope.scheduled {
-            // A later wakeup than the one booked is found when the booked one fires.
-            Some(booked) if booked <= next => {}
-            booked => {
-                if let Some(b) = booked {
-                    self.wakeups.remove(&(b, key.clone()));
-                }
-                self.wakeups.insert((next, key.clone()));
-                scope.scheduled = Some(next);
-            }
+        if let Some(scope) = self.scopes.get_mut(key) {
+            schedule(
+                &mut self.wakeups,
+                key,
+                scope,
+                now,
+                self.config.scope_idle_ns,
+            );
         }
     }
 
-    fn ensure_scope(&mut self, key: &ScopeKey, at: BootNs) -> Result<(), ScopeLimitReached> {
-        if !self.scopes.contains_key(key) {
-            if self.scopes.len() >= self.config.limits.max_scopes {
-                self.counters.scopes_refused += 1;
+    fn scope_mut(&mut self, key: &ScopeKey, at: BootNs) -> Result<&mut Scope, ScopeLimitReached> {
+        scope_entry(
+            &mut self.scopes,
+            &mut self.wakeups,
+            &mut self.counters,
+            &self.config,
+            key,
+            at,
+        )
+    }
+}
+
+/// The scope's state, created (and scheduled for its idle check) on first sight. One hash
+/// lookup on the hot path; the fields are passed apart so that callers keep the others.
+fn scope_entry<'a>(
+    scopes: &'a mut FastMap<ScopeKey, Scope>,
+    wakeups: &mut BTreeSet<(BootNs, ScopeKey)>,
+    counters: &mut CoreCounters,
+    config: &CorrelatorConfig,
+    key: &ScopeKey,
+    at: BootNs,
+) -> Result<&'a mut Scope, ScopeLimitReached> {
+    let len = scopes.len();
+    match scopes.entry(key.clone()) {
+        Entry::Occupied(e) => Ok(e.into_mut()),
+        Entry::Vacant(e) => {
+            if len >= config.limits.max_scopes {
+                counters.scopes_refused += 1;
                 return Err(ScopeLimitReached {
                     scope: key.clone(),
-                    limit: self.config.limits.max_scopes,
+                    limit: config.limits.max_scopes,
                 });
             }
-            self.counters.scopes_created += 1;
+            counters.scopes_created += 1;
             let ndots = match key {
                 // Kubernetes writes ndots:5 into every ClusterFirst pod; glibc defaults to 1.
                 ScopeKey::Pod(_) => 5,
                 ScopeKey::Host(_) => 1,
             };
-            self.scopes.insert(
-                key.clone(),
-                Scope {
-                    resolver: Resolver {
-                        search: Vec::new(),
-                        ndots,
-                        inferred: true,
-                    },
-                    drift_key: Arc::from(key.to_string()),
-                    pinned: false,
-                    pending: HashMap::new(),
-                    pending_order: VecDeque::new(),
-                    slots: Vec::new(),
-                    free_slots: Vec::new(),
-                    live_chains: 0,
-                    open: VecDeque::new(),
-                    chain_order: VecDeque::new(),
-                    chain_expiry: BinaryHeap::new(),
-                    index: HashMap::new(),
-                    open_connects: 0,
-                    last_activity: at,
-                    scheduled: None,
+            let scope = e.insert(Scope {
+                resolver: Resolver {
+                    search: Vec::new(),
+                    ndots,
+                    inferred: true,
                 },
-            );
-            self.reschedule(key);
+                drift_key: Arc::from(key.to_string()),
+                pinned: false,
+                pending: FastMap::default(),
+                pending_order: VecDeque::new(),
+                slots: Vec::new(),
+                free_slots: Vec::new(),
+                live_chains: 0,
+                open: VecDeque::new(),
+                chain_order: VecDeque::new(),
+                chain_expiry: BinaryHeap::new(),
+                index: FastMap::default(),
+                open_connects: 0,
+                last_activity: at,
+                scheduled: None,
+            });
+            schedule(wakeups, key, scope, 0, config.scope_idle_ns);
+            Ok(scope)
         }
-        Ok(())
+    }
+}
+
+/// Makes sure `tick` visits the scope no later than its earliest deadline (`now` as in
+/// [`Correlator::reschedule_after`], 0 outside `tick`).
+fn schedule(
+    wakeups: &mut BTreeSet<(BootNs, ScopeKey)>,
+    key: &ScopeKey,
+    scope: &mut Scope,
+    now: BootNs,
+    scope_idle: BootNs,
+) {
+    let mut next = scope.pending_order.front().map(|(d, _)| *d);
+    if let Some(Reverse((d, _, _))) = scope.chain_expiry.peek() {
+        next = Some(next.map_or(*d, |n| n.min(*d)));
+    }
+    let idle_at = scope.last_activity + scope_idle;
+    let mut next = next.unwrap_or(idle_at);
+    if next <= now {
+        next = now + scope_idle;
+    }
+    match scope.scheduled {
+        // A later wakeup than the one booked is found when the booked one fires.
+        Some(booked) if booked <= next => {}
+        booked => {
+            if let Some(b) = booked {
+                wakeups.remove(&(b, key.clone()));
+            }
+            wakeups.insert((next, key.clone()));
+            scope.scheduled = Some(next);
+        }
     }
 }
 
@@ -882,6 +958,15 @@ fn free_chain(scope: &mut Scope, slot: u32) -> usize {
     entry.generation = entry.generation.wrapping_add(1);
     scope.free_slots.push(slot);
     scope.live_chains -= 1;
+    // Chains freed by expiry leave their entry in the eviction order: drop those now and
+    // then, so that a long-lived scope's order stays proportional to its live chains.
+    if scope.chain_order.len() > 2 * scope.live_chains + 16 {
+        let slots = &scope.slots;
+        scope.chain_order.retain(|(s, g)| {
+            let entry = &slots[*s as usize];
+            entry.generation == *g && entry.chain.is_some()
+        });
+    }
     let mut removed = 0;
     for ip in chain.addresses() {
         if scope

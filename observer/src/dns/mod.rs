@@ -381,8 +381,28 @@ fn read_answer(decoder: &mut BinDecoder<'_>, len: usize) -> Result<Option<Answer
     }))
 }
 
-/// Lower case, without the trailing dot; the root is the empty string.
+/// Lower case, without the trailing dot; the root is the empty string. Labels that need
+/// no escaping (letters, digits, `_`, `-` not first: nearly every name) are copied
+/// directly; anything else goes through hickory's escaping text form.
 fn name_text(name: &Name) -> String {
+    let mut text = String::with_capacity(name.len());
+    for label in name.iter() {
+        let plain = label
+            .iter()
+            .enumerate()
+            .all(|(i, b)| b.is_ascii_alphanumeric() || *b == b'_' || (*b == b'-' && i > 0));
+        if !plain || label.is_empty() {
+            return escaped_name_text(name);
+        }
+        if !text.is_empty() {
+            text.push('.');
+        }
+        text.extend(label.iter().map(|b| char::from(b.to_ascii_lowercase())));
+    }
+    text
+}
+
+fn escaped_name_text(name: &Name) -> String {
     let mut text = name.to_ascii();
     text.make_ascii_lowercase();
     if text.ends_with('.') {

@@ -362,3 +362,32 @@ fn tcp_caps_and_idle_eviction_are_counted() {
     assert_eq!(r.buffered_bytes(), 0);
     assert_eq!(r.counters().streams_evicted_cap, 1);
 }
+
+/// Question names as a wire query carries them, read back by `parse`: the direct copy of
+/// plain labels must give what hickory's escaping text form gives, for odd labels too.
+#[test]
+fn question_names_read_as_hickory_escapes_them() {
+    let wire_name = |labels: &[&[u8]]| {
+        let mut q = hex("abcd 0100 0001 0000 0000 0000");
+        for l in labels {
+            q.push(l.len() as u8);
+            q.extend_from_slice(l);
+        }
+        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        q
+    };
+    let cases: &[(&[&[u8]], &str)] = &[
+        (&[b"DB", b"Another-Lab", b"com"], "db.another-lab.com"),
+        (&[b"_http", b"_tcp", b"svc"], "_http._tcp.svc"),
+        (&[b"-lead", b"x"], "\\-lead.x"),
+        (&[b"*", b"wild"], "*.wild"),
+        (&[b"a.b", b"c"], "a\\.b.c"),
+        (&[b"sp ace", b"c"], "sp\\040ace.c"),
+        (&[&[0xc3, 0xa9], b"c"], "\\303\\251.c"),
+        (&[], ""),
+    ];
+    for (labels, want) in cases {
+        let msg = parse(&wire_name(labels)).unwrap();
+        assert_eq!(msg.question.unwrap().name, *want, "{labels:?}");
+    }
+}
