@@ -184,7 +184,10 @@ impl Identity {
             Some(pod) => ScopeKey::Pod(pod.uid.as_arc()),
             None => ScopeKey::Host(cgroup_id),
         };
-        let resolver = inner.resolv.get(&scope, pid);
+        let resolver = inner.resolv.get_or_discover(&scope, pid, || {
+            let path = cgroup_path.as_deref().filter(|_| pod_cgroup.is_some())?;
+            first_pid_of_cgroup(inner.cgroups.root(), path)
+        });
         let kube_generation = inner.kube.as_ref().map_or(0, KubeIdentity::generation);
         let mut memo = inner.memo.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(hit) = memo.get(&cgroup_id) {
@@ -273,4 +276,13 @@ impl Identity {
     pub fn refresh_cgroups(&self) {
         self.inner.cgroups.refresh();
     }
+}
+
+/// The first pid listed in a cgroup's `cgroup.procs` (a small kernel file), if any.
+fn first_pid_of_cgroup(root: &std::path::Path, relative: &str) -> Option<u32> {
+    let procs = root
+        .join(relative.trim_start_matches('/'))
+        .join("cgroup.procs");
+    let text = std::fs::read_to_string(procs).ok()?;
+    text.lines().find_map(|l| l.trim().parse().ok())
 }
