@@ -373,6 +373,8 @@ impl ResolvCache {
             entry.discovered_at = Some(now);
             discover()
         });
+        // A process not seen before may read what the earlier ones could not.
+        let new_pid = pid.is_some_and(|pid| !entry.pids.contains(&pid));
         if let Some(pid) = pid {
             entry.pids.retain(|p| *p != pid);
             entry.pids.insert(0, pid);
@@ -380,7 +382,8 @@ impl ResolvCache {
         }
         let fresh = entry
             .read_at
-            .is_some_and(|at| now.duration_since(at) < self.config.refresh_interval);
+            .is_some_and(|at| now.duration_since(at) < self.config.refresh_interval)
+            && !(new_pid && entry.conf.is_none());
         if fresh || entry.pids.is_empty() {
             return entry.conf.clone();
         }
