@@ -309,6 +309,7 @@ impl Agent {
 
     /// Keeps an event until both rings have been read past its time.
     fn hold(&mut self, event: Event) {
+        self.prefetch_identity(&event);
         let mut ready = std::mem::take(&mut self.ready);
         self.reorder.push(event.timestamp(), event, &mut ready);
         self.handle_all(&mut ready);
@@ -365,6 +366,18 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Events wait in the reorder stage before they are handled, and a short-lived process
+    /// (one lookup, one connect) may have exited by then. Its pod's resolv.conf is read now,
+    /// while the process most likely still runs, so that its first lookup is read with it.
+    fn prefetch_identity(&self, event: &Event) {
+        let (cgroup_id, pid) = match event {
+            Event::Dns(packet) => (packet.cgroup_id, None),
+            Event::ConnectOpen(open) => (open.cgroup_id, Some(open.pid)),
+            Event::ConnectOutcome(_) => return,
+        };
+        self.identity.resolve(cgroup_id, pid);
     }
 
     /// Identity of a cgroup, handing the core the pod's resolv.conf and drift key the first

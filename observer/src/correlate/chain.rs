@@ -34,6 +34,8 @@ pub(super) struct QueryState {
     pub sent_at: BootNs,
     pub answered_at: BootNs,
     pub answers: Vec<AnswerItem>,
+    /// The answer had TC set: the resolver asks the same question again (over TCP).
+    pub truncated: bool,
 }
 
 pub(super) const NO_RCODE: u16 = u16::MAX;
@@ -46,6 +48,7 @@ impl QueryState {
             sent_at: at,
             answered_at: 0,
             answers: Vec::new(),
+            truncated: false,
         }
     }
 
@@ -230,9 +233,16 @@ pub(super) fn find_continuation(
             .as_mut()
             .expect("open chains are live");
         if let Some(answer) = &chain.answer {
-            // A resolved chain takes only the other address family of its answering step.
+            // A resolved chain takes only the other address family of its answering step, or
+            // the retry of a question whose answer was truncated (the same name over TCP).
             let step = &chain.steps[answer.step as usize];
-            if chain.step_is(step, name) && !step.queries.iter().any(|q| q.qtype == qtype) {
+            let retry_or_new_family = step
+                .queries
+                .iter()
+                .rev()
+                .find(|q| q.qtype == qtype)
+                .is_none_or(|q| q.truncated);
+            if chain.step_is(step, name) && retry_or_new_family {
                 return Some((slot, generation, answer.step));
             }
             continue;

@@ -441,6 +441,7 @@ impl Correlator {
         q.rcode = msg.rcode.0;
         q.answered_at = at;
         q.answers = std::mem::take(&mut lookup.items);
+        q.truncated = msg.truncated;
         chain.materialized = None;
 
         if lookup.addresses.is_empty() {

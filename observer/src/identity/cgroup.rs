@@ -233,25 +233,6 @@ fn walk_cgroup_tree(root: &Path, config: &CgroupCacheConfig) -> (HashMap<u64, Ar
     (map, truncated)
 }
 
-/// One process of the cgroup at `relative` (as the cache stores paths) under the cgroup2
-/// mount `root`, from its `cgroup.procs`; `None` when it has none or cannot be read.
-pub fn first_pid(root: &Path, relative: &str) -> Option<u32> {
-    let procs = root
-        .join(relative.trim_start_matches('/'))
-        .join("cgroup.procs");
-    let mut file = std::fs::File::open(procs).ok()?;
-    // The first line is enough: read a bounded prefix, not a list that may be huge.
-    let mut buf = [0u8; 64];
-    let n = std::io::Read::read(&mut file, &mut buf).ok()?;
-    std::str::from_utf8(&buf[..n])
-        .ok()?
-        .lines()
-        .next()?
-        .trim()
-        .parse()
-        .ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -184,17 +184,10 @@ impl Identity {
             Some(pod) => ScopeKey::Pod(pod.uid.as_arc()),
             None => ScopeKey::Host(cgroup_id),
         };
-        // DNS events carry no pid, and a pod's first lookups come before its first connect:
-        // any process of the cgroup can show the pod's resolv.conf.
-        let pid = pid.or_else(|| {
-            if inner.resolv.knows_pids(&scope) {
-                return None;
-            }
-            cgroup_path
-                .as_deref()
-                .and_then(|path| cgroup::first_pid(inner.cgroups.root(), path))
+        let resolver = inner.resolv.get_or_discover(&scope, pid, || {
+            let path = cgroup_path.as_deref().filter(|_| pod_cgroup.is_some())?;
+            first_pid_of_cgroup(inner.cgroups.root(), path)
         });
-        let resolver = inner.resolv.get(&scope, pid);
         let kube_generation = inner.kube.as_ref().map_or(0, KubeIdentity::generation);
         let mut memo = inner.memo.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(hit) = memo.get(&cgroup_id) {
@@ -291,4 +284,13 @@ impl Identity {
         let mut memo = self.inner.memo.lock().unwrap_or_else(|p| p.into_inner());
         memo.retain(|_, m| &m.identity.scope != scope);
     }
+}
+
+/// The first pid listed in a cgroup's `cgroup.procs` (a small kernel file), if any.
+fn first_pid_of_cgroup(root: &std::path::Path, relative: &str) -> Option<u32> {
+    let procs = root
+        .join(relative.trim_start_matches('/'))
+        .join("cgroup.procs");
+    let text = std::fs::read_to_string(procs).ok()?;
+    text.lines().find_map(|l| l.trim().parse().ok())
 }

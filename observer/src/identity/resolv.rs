@@ -313,7 +313,12 @@ struct ScopeResolv {
     /// Most recent first.
     pids: Vec<u32>,
     last_error: Option<Arc<str>>,
+    /// When a member pid was last looked for (see [`ResolvCache::get_or_discover`]).
+    discovered_at: Option<Instant>,
 }
+
+/// How often a scope with no known member pid is searched for one.
+const DISCOVERY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Per-scope resolv.conf, read through any live process of the scope.
 pub struct ResolvCache {
@@ -332,16 +337,21 @@ impl ResolvCache {
         }
     }
 
-    /// Whether a pid of `scope` is already known to read its resolv.conf through.
-    pub fn knows_pids(&self, scope: &ScopeKey) -> bool {
-        let scopes = self.scopes.lock().unwrap_or_else(|p| p.into_inner());
-        scopes.get(scope).is_some_and(|s| !s.pids.is_empty())
-    }
-
     /// Records `pid` as a member of `scope` and returns the scope's resolver configuration,
     /// reading it when absent or older than the refresh interval. On a failed read the last
     /// good configuration is kept.
     pub fn get(&self, scope: &ScopeKey, pid: Option<u32>) -> Option<Arc<ResolvConf>> {
+        self.get_or_discover(scope, pid, || None)
+    }
+
+    /// As [`ResolvCache::get`]; when no pid is given and the scope has neither a
+    /// configuration nor a known pid, `discover` may name one (a member of its cgroup).
+    pub fn get_or_discover(
+        &self,
+        scope: &ScopeKey,
+        pid: Option<u32>,
+        discover: impl FnOnce() -> Option<u32>,
+    ) -> Option<Arc<ResolvConf>> {
         let now = Instant::now();
         let mut scopes = self.scopes.lock().unwrap_or_else(|p| p.into_inner());
         if !scopes.contains_key(scope) && scopes.len() >= self.config.max_scopes {
@@ -352,7 +362,25 @@ impl ResolvCache {
             read_at: None,
             pids: Vec::new(),
             last_error: None,
+            discovered_at: None,
         });
+        // A pod's first DNS queries come before any event that names a process (DNS is
+        // captured without one): find a member so its first lookup is read with its own
+        // search list. At most once per interval for a scope that has none.
+        let pid = pid.or_else(|| {
+            let due = entry.conf.is_none()
+                && entry.pids.is_empty()
+                && entry
+                    .discovered_at
+                    .is_none_or(|at| now.duration_since(at) >= DISCOVERY_INTERVAL);
+            if !due {
+                return None;
+            }
+            entry.discovered_at = Some(now);
+            discover()
+        });
+        // A process not seen before may read what the earlier ones could not.
+        let new_pid = pid.is_some_and(|pid| !entry.pids.contains(&pid));
         if let Some(pid) = pid {
             entry.pids.retain(|p| *p != pid);
             entry.pids.insert(0, pid);
@@ -360,7 +388,8 @@ impl ResolvCache {
         }
         let fresh = entry
             .read_at
-            .is_some_and(|at| now.duration_since(at) < self.config.refresh_interval);
+            .is_some_and(|at| now.duration_since(at) < self.config.refresh_interval)
+            && !(new_pid && entry.conf.is_none());
         if fresh || entry.pids.is_empty() {
             return entry.conf.clone();
         }
