@@ -55,7 +55,8 @@ pub fn bench(quick: bool) -> Result<()> {
     // The correlation core's own benchmark, summary only (the criterion groups are skipped
     // by a filter that matches none of them): throughput and the 1M-answer memory peak.
     let core_log = out.join("correlate.txt");
-    let log = File::create(&core_log).with_context(|| format!("creating {}", core_log.display()))?;
+    let log =
+        File::create(&core_log).with_context(|| format!("creating {}", core_log.display()))?;
     eprintln!("[bench] correlation core replay (cargo bench -p observer --bench correlate)");
     run(cargo()
         .args([
@@ -99,7 +100,10 @@ fn target_dir(root: &Path) -> Result<PathBuf> {
         .output()
         .context("running cargo metadata")?;
     if !out.status.success() {
-        bail!("cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let key = "\"target_directory\":\"";

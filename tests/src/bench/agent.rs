@@ -1,6 +1,7 @@
 //! The real agent (`observer run`) as the benchmark runs it: standard output to /dev/null
 //! (it still formats every record), its log to a file, stopped with SIGTERM.
 use std::{
+    collections::BTreeMap,
     fs::File,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -23,7 +24,15 @@ impl AgentProcess {
         let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_local_port()).parse()?;
         let log_file = File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let child = Command::new(bin)
-            .args(["run", "--kube", "off", "--output", "json", "--log-level", "warn"])
+            .args([
+                "run",
+                "--kube",
+                "off",
+                "--output",
+                "json",
+                "--log-level",
+                "warn",
+            ])
             .arg("--metrics-addr")
             .arg(metrics.to_string())
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -45,7 +54,11 @@ impl AgentProcess {
     fn wait_ready(&mut self, within: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 bail!(
                     "the agent exited before it was ready ({status}); its log:\n{}",
                     std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -76,19 +89,35 @@ impl AgentProcess {
         ))
     }
 
-    /// Kernel events lost so far, by reason (a payload cut is delivered, so not a loss).
-    pub fn kernel_lost(&self) -> anyhow::Result<u64> {
+    /// Kernel events lost so far, by `program/reason` (a payload cut is delivered, so it
+    /// is not a loss and not listed).
+    pub fn kernel_lost(&self) -> anyhow::Result<BTreeMap<String, u64>> {
         let (code, body) = http_get(self.metrics, "/metrics")?;
         if code != 200 {
             bail!("/metrics answered {code}");
         }
-        let all = metric_sum(&body, "observer_kernel_events_lost_total", &[]);
-        let cut = metric_sum(
-            &body,
-            "observer_kernel_events_lost_total",
-            &[("reason", "dns_capture_cut")],
-        );
-        Ok((all - cut) as u64)
+        let mut lost = BTreeMap::new();
+        for line in body.lines() {
+            let Some(rest) = line.strip_prefix("observer_kernel_events_lost_total{") else {
+                continue;
+            };
+            let Some((labels, value)) = rest.split_once("} ") else {
+                continue;
+            };
+            let label = |key: &str| {
+                labels
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix(&format!("{key}=\"")))
+                    .map(|v| v.trim_end_matches('"').to_owned())
+                    .unwrap_or_default()
+            };
+            if label("reason") == "dns_capture_cut" {
+                continue;
+            }
+            let n = value.trim().parse::<f64>().unwrap_or(0.0) as u64;
+            lost.insert(format!("{}/{}", label("program"), label("reason")), n);
+        }
+        Ok(lost)
     }
 
     pub fn metric(&self, name: &str) -> anyhow::Result<f64> {

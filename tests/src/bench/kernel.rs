@@ -150,10 +150,7 @@ pub fn measure(quick: bool) -> anyhow::Result<KernelCost> {
         t.elapsed().as_secs_f64()
     );
     drop(stats);
-    let total: u64 = connect_programs
-        .iter()
-        .map(|p| conn[*p].run_time_ns)
-        .sum();
+    let total: u64 = connect_programs.iter().map(|p| conn[*p].run_time_ns).sum();
     let connect_breakdown = connect_programs
         .iter()
         .map(|p| {

@@ -57,7 +57,11 @@ impl Row {
         match self.goal {
             Goal::AtLeast => self.value / self.target,
             Goal::AtMost | Goal::Below if self.target == 0.0 => {
-                if self.value == 0.0 { 1.0 } else { 0.0 }
+                if self.value == 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
             }
             Goal::AtMost | Goal::Below => self.target / self.value.max(f64::MIN_POSITIVE),
         }
@@ -132,7 +136,12 @@ pub fn plot(rows: &[Row], title: &str, dir: &Path) -> anyhow::Result<()> {
     // gnuplot draws the first row at the bottom: reverse so the plot reads like the table.
     for (i, r) in rows.iter().rev().enumerate() {
         let score = r.score();
-        let shown = if score.is_finite() { score.min(CAP) } else { 0.0 };
+        // A missed target of zero still gets a visible stub.
+        let shown = if score.is_finite() {
+            score.clamp(0.02, CAP)
+        } else {
+            0.0
+        };
         let colour = match r.met() {
             Some(true) => 3_050_327,
             Some(false) => 12_597_547,
@@ -145,29 +154,35 @@ pub fn plot(rows: &[Row], title: &str, dir: &Path) -> anyhow::Result<()> {
             r.unit,
             r.target_text()
         );
-        let _ = writeln!(data, "{i}\t{}\t{shown}\t{colour}", label.replace(['"', '\t'], "'"));
+        let _ = writeln!(
+            data,
+            "{i}\t{}\t{shown}\t{colour}",
+            label.replace(['"', '\t'], "'")
+        );
     }
     let data_path = dir.join("bench.dat");
     std::fs::write(&data_path, data).with_context(|| format!("writing {}", data_path.display()))?;
     let png = dir.join("bench.png");
-    let height = 120 + 46 * rows.len();
+    let height = 160 + 46 * rows.len();
     let script = format!(
         r##"set terminal pngcairo size 1800,{height} font "DejaVu Sans,11"
 set output "{png}"
-set title "{title}" font "DejaVu Sans,13"
+set title "{title}" font "DejaVu Sans,13" noenhanced
 set xrange [0:{cap}]
 set yrange [-0.7:{top}]
-set xlabel "headroom against the target (cost: target / measured; rate: measured / target). Right of the dashed line = target met. Bars capped at {cap}x"
-set ytics scale 0
+set xlabel "headroom against the target: target / measured for costs, measured / target for rates\nright of the dashed line = target met (green); bars capped at {cap}x"
+set ytics scale 0 noenhanced
 set xtics 0.5
 set grid xtics lc rgb "#dddddd"
 set arrow from 1,-0.7 to 1,{top} nohead dt 2 lw 2 lc rgb "#333333"
 set key off
+set label "target" at 1.02,{top} left offset 0,-0.6 font "DejaVu Sans,10"
 set lmargin 100
 set datafile separator "\t"
 plot "{data}" using (($3)/2):1:(0):($3):($1-0.33):($1+0.33):4:ytic(2) with boxxyerror fs solid 0.8 lc rgb variable
 "##,
         png = png.display(),
+        title = title.replace('"', "'").replace('\n', "\\n"),
         cap = CAP,
         top = rows.len() as f64 - 0.3,
         data = data_path.display(),
