@@ -20,7 +20,8 @@ pub struct AgentProcess {
 }
 
 impl AgentProcess {
-    pub fn start(bin: &Path, log: &Path) -> anyhow::Result<Self> {
+    /// Starts `observer run`; `extra` are more of its flags (e.g. `--ring-size-kib`).
+    pub fn start(bin: &Path, extra: &[String], log: &Path) -> anyhow::Result<Self> {
         let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_local_port()).parse()?;
         let log_file = File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let child = Command::new(bin)
@@ -35,6 +36,7 @@ impl AgentProcess {
             ])
             .arg("--metrics-addr")
             .arg(metrics.to_string())
+            .args(extra)
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
             .stdin(Stdio::null())

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! observer-bench run --agent <observer binary> --out <dir> [--core-log <file>] [--quick]
+//!                    [--agent-arg <flag of observer run>]...
 //! observer-bench connect-loop --to <addr> --secs <s>       (run inside a testbed pod)
 //! observer-bench load --dns-rate <n/s> --connect-rate <n/s> --secs <s>   (idem)
 //! ```
@@ -77,6 +78,14 @@ impl Args {
             .with_context(|| format!("{flag} takes a number"))
     }
 
+    fn values(&self, flag: &str) -> Vec<String> {
+        self.0
+            .windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].clone())
+            .collect()
+    }
+
     fn switch(&self, flag: &str) -> bool {
         self.0.iter().any(|a| a == flag)
     }
@@ -110,6 +119,8 @@ struct Plan {
     idle_secs: f64,
     cpu_secs: f64,
     loss_secs: f64,
+    /// More `observer run` flags, from `--agent-arg` (repeatable).
+    agent_args: Vec<String>,
 }
 
 impl Plan {
@@ -123,6 +134,7 @@ impl Plan {
                 idle_secs: 2.0,
                 cpu_secs: 5.0,
                 loss_secs: 5.0,
+                agent_args: Vec::new(),
             }
         } else {
             Self {
@@ -133,6 +145,7 @@ impl Plan {
                 idle_secs: 3.0,
                 cpu_secs: 10.0,
                 loss_secs: 10.0,
+                agent_args: Vec::new(),
             }
         }
     }
@@ -148,7 +161,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let agent_bin = PathBuf::from(args.required("--agent")?);
     let out = PathBuf::from(args.required("--out")?);
     std::fs::create_dir_all(&out)?;
-    let plan = Plan::new(args.switch("--quick"));
+    let mut plan = Plan::new(args.switch("--quick"));
+    plan.agent_args = args.values("--agent-arg");
     let started = Instant::now();
     // Other work on the machine shows up in every absolute figure: say how busy it was.
     let load_at_start = util::load_average();
@@ -207,7 +221,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
 
     // One agent for idle memory, the paced CPU run and the loss run.
     eprintln!("[bench] agent idle for {} s", plan.idle_secs);
-    let agent = agent::AgentProcess::start(&agent_bin, &out.join("agent-steady.log"))?;
+    let agent =
+        agent::AgentProcess::start(&agent_bin, &plan.agent_args, &out.join("agent-steady.log"))?;
     std::thread::sleep(Duration::from_secs_f64(plan.idle_secs));
     let (rss_idle, hwm_idle) = agent.rss_kib()?;
     rows.push(
@@ -369,6 +384,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         "cores": util::cores(),
         "kernel": util::kernel_release(),
         "load_average_at_start": load_at_start,
+        "agent_args": plan.agent_args,
         "seconds": started.elapsed().as_secs_f64(),
         "rows": rows.iter().map(|r| {
             let mut v = serde_json::to_value(r).unwrap_or(Value::Null);
@@ -436,8 +452,11 @@ fn alternate(
     let (mut without, mut with, mut agent_cpu) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..plan.pairs {
         without.push(measure()?);
-        let agent =
-            agent::AgentProcess::start(agent_bin, &out.join(format!("agent-{name}-{i}.log")))?;
+        let agent = agent::AgentProcess::start(
+            agent_bin,
+            &plan.agent_args,
+            &out.join(format!("agent-{name}-{i}.log")),
+        )?;
         let (cpu0, t) = (agent.cpu_seconds()?, Instant::now());
         with.push(measure()?);
         agent_cpu.push((agent.cpu_seconds()? - cpu0) / t.elapsed().as_secs_f64() * 100.0);
