@@ -1,5 +1,6 @@
 //! observer's developer tasks. Every task runs the setup steps it needs first, so a
 //! fresh machine goes from clone to green with one command.
+mod bench;
 mod setup;
 
 use std::process::Command;
@@ -34,6 +35,13 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Measure what observer costs a node (root): in-kernel cost, throughput with and
+    /// without the agent, losses, agent CPU and memory, core replay. Writes target/bench/.
+    Bench {
+        /// Shorter runs and fewer alternations (about a third of the time, noisier).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -52,6 +60,7 @@ fn main() -> Result<()> {
             setup::all()?;
             test(&args)
         }
+        Task::Bench { quick } => bench::bench(quick),
     }
 }
 

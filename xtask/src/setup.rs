@@ -81,7 +81,7 @@ fn package_installed(name: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn apt_install(purpose: &str, packages: &[&str]) -> Result<()> {
+pub(crate) fn apt_install(purpose: &str, packages: &[&str]) -> Result<()> {
     let missing: Vec<&str> = packages
         .iter()
         .copied()

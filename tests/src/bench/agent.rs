@@ -1,0 +1,157 @@
+//! The real agent (`observer run`) as the benchmark runs it: standard output to /dev/null
+//! (it still formats every record), its log to a file, stopped with SIGTERM.
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use observer_tests::agent::{free_local_port, http_get, metric_sum};
+
+use super::util::{cpu_seconds, status_kib};
+
+pub struct AgentProcess {
+    child: Option<Child>,
+    metrics: std::net::SocketAddr,
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts `observer run`; `extra` are more of its flags (e.g. `--ring-size-kib`).
+    pub fn start(bin: &Path, extra: &[String], log: &Path) -> anyhow::Result<Self> {
+        let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_local_port()).parse()?;
+        let log_file = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let child = Command::new(bin)
+            .args([
+                "run",
+                "--kube",
+                "off",
+                "--output",
+                "json",
+                "--log-level",
+                "warn",
+            ])
+            .arg("--metrics-addr")
+            .arg(metrics.to_string())
+            .args(extra)
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut agent = Self {
+            child: Some(child),
+            metrics,
+            log: log.to_owned(),
+        };
+        agent.wait_ready(Duration::from_secs(30))?;
+        Ok(agent)
+    }
+
+    fn wait_ready(&mut self, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "the agent exited before it was ready ({status}); its log:\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            if http_get(self.metrics, "/readyz").is_ok_and(|(code, _)| code == 200) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the agent was not ready within {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        Ok(cpu_seconds(self.pid())?)
+    }
+
+    pub fn rss_kib(&self) -> anyhow::Result<(u64, u64)> {
+        Ok((
+            status_kib(self.pid(), "VmRSS:")?,
+            status_kib(self.pid(), "VmHWM:")?,
+        ))
+    }
+
+    /// Kernel events lost so far, by `program/reason` (a payload cut is delivered, so it
+    /// is not a loss and not listed).
+    pub fn kernel_lost(&self) -> anyhow::Result<BTreeMap<String, u64>> {
+        let (code, body) = http_get(self.metrics, "/metrics")?;
+        if code != 200 {
+            bail!("/metrics answered {code}");
+        }
+        let mut lost = BTreeMap::new();
+        for line in body.lines() {
+            let Some(rest) = line.strip_prefix("observer_kernel_events_lost_total{") else {
+                continue;
+            };
+            let Some((labels, value)) = rest.split_once("} ") else {
+                continue;
+            };
+            let label = |key: &str| {
+                labels
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix(&format!("{key}=\"")))
+                    .map(|v| v.trim_end_matches('"').to_owned())
+                    .unwrap_or_default()
+            };
+            if label("reason") == "dns_capture_cut" {
+                continue;
+            }
+            let n = value.trim().parse::<f64>().unwrap_or(0.0) as u64;
+            lost.insert(format!("{}/{}", label("program"), label("reason")), n);
+        }
+        Ok(lost)
+    }
+
+    pub fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        let (_, body) = http_get(self.metrics, "/metrics")?;
+        Ok(metric_sum(&body, name, &[]))
+    }
+
+    /// SIGTERM, then a bounded wait.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        // SAFETY: kill(2) on our own child with a valid signal.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("the agent did not stop within 15 s of SIGTERM")
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
