@@ -279,6 +279,46 @@ fn memory_summary() {
     black_box(&c);
 }
 
+/// Rounds of each summary measurement (best kept): `CORRELATE_ROUNDS=1` under callgrind.
+fn rounds() -> u64 {
+    std::env::var("CORRELATE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+}
+
+// Separate, never inlined, so that an instruction profile (callgrind) shows each phase's
+// inclusive cost under its own name.
+#[inline(never)]
+fn cold_replay(c: &mut Correlator, s: &Scenario) {
+    replay(c, s)
+}
+
+#[inline(never)]
+fn cold_connects(c: &mut Correlator, s: &Scenario) -> usize {
+    connect_all(c, s, 1 << 32, 1_000 * MS)
+}
+
+#[inline(never)]
+fn steady_tick(c: &mut Correlator, now: u64) {
+    black_box(c.tick(now));
+}
+
+#[inline(never)]
+fn steady_replay(c: &mut Correlator, s: &Scenario, base: u64) {
+    replay_at(c, s, base)
+}
+
+#[inline(never)]
+fn steady_connects_first(c: &mut Correlator, s: &Scenario, round: u64, base: u64) {
+    connect_all(c, s, (2 * round) << 32, base + 1_000 * MS);
+}
+
+#[inline(never)]
+fn steady_connects_again(c: &mut Correlator, s: &Scenario, round: u64, base: u64) {
+    connect_all(c, s, (2 * round + 1) << 32, base + 1_001 * MS);
+}
+
 fn throughput_summary(s: &Scenario) {
     let t = Instant::now();
     let mut ok = 0;
@@ -291,13 +331,13 @@ fn throughput_summary(s: &Scenario) {
     );
     let mut best_dns = f64::MAX;
     let mut best_conn = f64::MAX;
-    for round in 0..3 {
+    for round in 0..rounds() {
         let mut c = configured();
         let t = Instant::now();
-        replay(&mut c, s);
+        cold_replay(&mut c, s);
         best_dns = best_dns.min(t.elapsed().as_secs_f64());
         let t = Instant::now();
-        let joined = connect_all(&mut c, s, 1 << 32, 1_000 * MS);
+        let joined = cold_connects(&mut c, s);
         best_conn = best_conn.min(t.elapsed().as_secs_f64());
         if round == 0 {
             println!(
@@ -329,19 +369,19 @@ fn throughput_summary(s: &Scenario) {
     connect_all(&mut c, s, 1 << 32, 1_000 * MS);
     let (mut best_dns, mut best_tick, mut best_first, mut best_again) =
         (f64::MAX, f64::MAX, f64::MAX, f64::MAX);
-    for round in 1..=4u64 {
+    for round in 1..=rounds() {
         let base = round * ROUND;
         let t = Instant::now();
-        black_box(c.tick(base));
+        steady_tick(&mut c, base);
         best_tick = best_tick.min(t.elapsed().as_secs_f64());
         let t = Instant::now();
-        replay_at(&mut c, s, base);
+        steady_replay(&mut c, s, base);
         best_dns = best_dns.min(t.elapsed().as_secs_f64());
         let t = Instant::now();
-        connect_all(&mut c, s, (2 * round) << 32, base + 1_000 * MS);
+        steady_connects_first(&mut c, s, round, base);
         best_first = best_first.min(t.elapsed().as_secs_f64());
         let t = Instant::now();
-        connect_all(&mut c, s, (2 * round + 1) << 32, base + 1_001 * MS);
+        steady_connects_again(&mut c, s, round, base);
         best_again = best_again.min(t.elapsed().as_secs_f64());
     }
     println!(
@@ -393,7 +433,10 @@ fn criterion_groups(c: &mut Criterion, s: &Scenario) {
 }
 
 fn main() {
-    memory_summary();
+    // `CORRELATE_MEMORY=0` skips the 1M-answer memory figure (slow under callgrind).
+    if std::env::var("CORRELATE_MEMORY").as_deref() != Ok("0") {
+        memory_summary();
+    }
     let s = scenario();
     throughput_summary(&s);
     let mut c = Criterion::default().configure_from_args();

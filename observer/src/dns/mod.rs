@@ -14,6 +14,7 @@ use std::{
     borrow::Cow,
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
 };
 
 use hickory_proto::{
@@ -96,7 +97,7 @@ impl fmt::Display for Rcode {
 /// whether the application asked for it that way is decided in correlation).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Question {
-    pub name: String,
+    pub name: Arc<str>,
     pub qtype: QType,
 }
 
@@ -105,7 +106,7 @@ pub enum AnswerData {
     A(Ipv4Addr),
     Aaaa(Ipv6Addr),
     /// Target name, lower case, no trailing dot.
-    Cname(String),
+    Cname(Arc<str>),
 }
 
 impl AnswerData {
@@ -121,8 +122,9 @@ impl AnswerData {
 /// One A, AAAA or CNAME record of the answer section (other types are skipped).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer {
-    /// Owner name, lower case, no trailing dot.
-    pub owner: String,
+    /// Owner name, lower case, no trailing dot. Shared with the question (or an earlier
+    /// record) when the message compresses it to a name already read.
+    pub owner: Arc<str>,
     pub ttl: u32,
     pub data: AnswerData,
 }
@@ -272,23 +274,28 @@ pub fn parse(bytes: &[u8]) -> Result<DnsMessage, DnsParseError> {
         ));
     }
 
+    let mut names = NamesRead::default();
     let mut question = None;
     for _ in 0..counts.queries {
-        let name = Name::read(&mut decoder).map_err(|e| err(e, &decoder))?;
-        let qtype = read_u16(&mut decoder, len)?;
-        let _qclass = read_u16(&mut decoder, len)?;
         if question.is_none() {
+            let name = names.read(&mut decoder, bytes)?;
+            let qtype = read_u16(&mut decoder, len)?;
+            let _qclass = read_u16(&mut decoder, len)?;
             question = Some(Question {
-                name: name_text(&name),
+                name,
                 qtype: QType(qtype),
             });
+        } else {
+            Name::read(&mut decoder).map_err(|e| err(e, &decoder))?;
+            read_u16(&mut decoder, len)?;
+            read_u16(&mut decoder, len)?;
         }
     }
 
     let wanted = usize::from(counts.answers);
     let mut answers = Vec::with_capacity(wanted.min(MAX_ANSWERS));
     for _ in 0..wanted.min(MAX_ANSWERS) {
-        if let Some(answer) = read_answer(&mut decoder, len)? {
+        if let Some(answer) = read_answer(&mut decoder, bytes, &mut names)? {
             answers.push(answer);
         }
     }
@@ -313,10 +320,60 @@ fn read_u16(decoder: &mut BinDecoder<'_>, len: usize) -> Result<u16, DnsParseErr
         .map_err(|e| DnsParseError::from_decode(e, at, len))
 }
 
+/// Names already read in one message, by the offset they start at: a compression pointer
+/// to one of them (an answer's owner pointing at the question, nearly always) shares its
+/// text instead of decoding and copying it again.
+#[derive(Default)]
+struct NamesRead {
+    known: [(u16, Option<Arc<str>>); 4],
+    next: usize,
+}
+
+impl NamesRead {
+    fn read(
+        &mut self,
+        decoder: &mut BinDecoder<'_>,
+        bytes: &[u8],
+    ) -> Result<Arc<str>, DnsParseError> {
+        let start = decoder.index();
+        if let [hi, lo, ..] = bytes[start..] {
+            if hi & 0xc0 == 0xc0 {
+                let target = u16::from_be_bytes([hi & 0x3f, lo]);
+                let found = self.known.iter().find_map(|(at, name)| match name {
+                    Some(name) if *at == target => Some(name.clone()),
+                    _ => None,
+                });
+                if let Some(name) = found {
+                    decoder
+                        .read_slice(2)
+                        .map_err(|e| DnsParseError::from_decode(e, start, bytes.len()))?;
+                    return Ok(name);
+                }
+            }
+        }
+        let name = Name::read(decoder)
+            .map_err(|e| DnsParseError::from_decode(e, decoder.index(), bytes.len()))?;
+        let text: Arc<str> = Arc::from(name_text(&name));
+        // Offsets past 0x3fff cannot be pointed at.
+        if let Ok(at) = u16::try_from(start)
+            && at <= 0x3fff
+        {
+            self.known[self.next] = (at, Some(text.clone()));
+            self.next = (self.next + 1) % self.known.len();
+        }
+        Ok(text)
+    }
+}
+
 /// Reads one record; `None` for types correlation does not use (skipped by length).
-fn read_answer(decoder: &mut BinDecoder<'_>, len: usize) -> Result<Option<Answer>, DnsParseError> {
+fn read_answer(
+    decoder: &mut BinDecoder<'_>,
+    bytes: &[u8],
+    names: &mut NamesRead,
+) -> Result<Option<Answer>, DnsParseError> {
+    let len = bytes.len();
     let err = |e: DecodeError, d: &BinDecoder<'_>| DnsParseError::from_decode(e, d.index(), len);
-    let owner = Name::read(decoder).map_err(|e| err(e, decoder))?;
+    let owner = names.read(decoder, bytes)?;
     let rtype = read_u16(decoder, len)?;
     let _class = read_u16(decoder, len)?;
     let ttl = {
@@ -363,11 +420,11 @@ fn read_answer(decoder: &mut BinDecoder<'_>, len: usize) -> Result<Option<Answer
                     "CNAME data past the end",
                 ));
             }
-            let target = Name::read(decoder).map_err(|e| err(e, decoder))?;
+            let target = names.read(decoder, bytes)?;
             if decoder.index() != rdata_start + rdlength {
                 return Err(bad_length("CNAME"));
             }
-            AnswerData::Cname(name_text(&target))
+            AnswerData::Cname(target)
         }
         _ => {
             decoder.read_slice(rdlength).map_err(|e| err(e, decoder))?;
@@ -375,7 +432,7 @@ fn read_answer(decoder: &mut BinDecoder<'_>, len: usize) -> Result<Option<Answer
         }
     };
     Ok(Some(Answer {
-        owner: name_text(&owner),
+        owner,
         ttl,
         data,
     }))
