@@ -351,9 +351,19 @@ impl NamesRead {
                 }
             }
         }
-        let name = Name::read(decoder)
-            .map_err(|e| DnsParseError::from_decode(e, decoder.index(), bytes.len()))?;
-        let text: Arc<str> = Arc::from(name_text(&name));
+        let text: Arc<str> = match plain_name_text(bytes, start) {
+            Some((text, end)) => {
+                decoder
+                    .read_slice(end - start)
+                    .map_err(|e| DnsParseError::from_decode(e, start, bytes.len()))?;
+                Arc::from(text.as_str())
+            }
+            None => {
+                let name = Name::read(decoder)
+                    .map_err(|e| DnsParseError::from_decode(e, decoder.index(), bytes.len()))?;
+                Arc::from(name_text(&name))
+            }
+        };
         // Offsets past 0x3fff cannot be pointed at.
         if let Ok(at) = u16::try_from(start)
             && at <= 0x3fff
@@ -362,6 +372,85 @@ impl NamesRead {
             self.next = (self.next + 1) % self.known.len();
         }
         Ok(text)
+    }
+}
+
+/// A name's text, read straight from the wire when it is the common case: plain labels
+/// (see [`name_text`]), pointers only backwards, few of them, at most 255 bytes. Returns
+/// the text and where the name ends in the message; `None` for anything else, which then
+/// goes through hickory (its errors and escaping stay the reference).
+fn plain_name_text(bytes: &[u8], start: usize) -> Option<(NameBuf, usize)> {
+    const MAX_POINTERS: usize = 16;
+    let mut text = NameBuf::default();
+    let mut pos = start;
+    let mut end = None;
+    let mut wire_len = 1;
+    let mut pointers = 0;
+    loop {
+        let b = *bytes.get(pos)?;
+        match b & 0xc0 {
+            0x00 if b == 0 => break,
+            0x00 => {
+                let label = bytes.get(pos + 1..pos + 1 + usize::from(b))?;
+                wire_len += 1 + label.len();
+                if wire_len > 255 {
+                    return None;
+                }
+                let plain = label.iter().enumerate().all(|(i, c)| {
+                    c.is_ascii_alphanumeric() || *c == b'_' || (*c == b'-' && i > 0)
+                });
+                if !plain {
+                    return None;
+                }
+                text.push_label(label);
+                pos += 1 + label.len();
+            }
+            0xc0 => {
+                let target = usize::from(u16::from_be_bytes([b & 0x3f, *bytes.get(pos + 1)?]));
+                pointers += 1;
+                if target >= pos || pointers > MAX_POINTERS {
+                    return None;
+                }
+                end.get_or_insert(pos + 2);
+                pos = target;
+            }
+            _ => return None,
+        }
+    }
+    Some((text, end.unwrap_or(pos + 1)))
+}
+
+/// Name text on the stack: a wire name of at most 255 bytes has a shorter text form.
+struct NameBuf {
+    bytes: [u8; 256],
+    len: usize,
+}
+
+impl Default for NameBuf {
+    fn default() -> Self {
+        Self {
+            bytes: [0; 256],
+            len: 0,
+        }
+    }
+}
+
+impl NameBuf {
+    /// `label` is plain ASCII and the total stays under 255 (checked by the caller).
+    fn push_label(&mut self, label: &[u8]) {
+        if self.len > 0 {
+            self.bytes[self.len] = b'.';
+            self.len += 1;
+        }
+        let out = &mut self.bytes[self.len..self.len + label.len()];
+        out.copy_from_slice(label);
+        out.make_ascii_lowercase();
+        self.len += label.len();
+    }
+
+    fn as_str(&self) -> &str {
+        // Only ASCII is ever pushed.
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or_default()
     }
 }
 
