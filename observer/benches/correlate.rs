@@ -200,14 +200,7 @@ fn replay(c: &mut Correlator, s: &Scenario) {
 /// The stream again, `offset` ns later: a warm core sees the same pods resolve again.
 fn replay_at(c: &mut Correlator, s: &Scenario, offset: u64) {
     for m in &s.messages {
-        let _ = c.observe_dns_wire(
-            &m.scope,
-            m.at + offset,
-            m.direction,
-            m.src,
-            m.dst,
-            &m.bytes,
-        );
+        let _ = c.observe_dns_wire(&m.scope, m.at + offset, m.direction, m.src, m.dst, &m.bytes);
     }
 }
 

@@ -396,13 +396,9 @@ fn plain_name_text(bytes: &[u8], start: usize) -> Option<(NameBuf, usize)> {
                 if wire_len > 255 {
                     return None;
                 }
-                let plain = label.iter().enumerate().all(|(i, c)| {
-                    c.is_ascii_alphanumeric() || *c == b'_' || (*c == b'-' && i > 0)
-                });
-                if !plain {
+                if label.first() == Some(&b'-') || !text.push_label(label) {
                     return None;
                 }
-                text.push_label(label);
                 pos += 1 + label.len();
             }
             0xc0 => {
@@ -420,6 +416,20 @@ fn plain_name_text(bytes: &[u8], start: usize) -> Option<(NameBuf, usize)> {
     Some((text, end.unwrap_or(pos + 1)))
 }
 
+/// Each byte lower case if it may appear unescaped in a plain label, else 0.
+const PLAIN_LOWER: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            table[c] = b.to_ascii_lowercase();
+        }
+        c += 1;
+    }
+    table
+};
+
 /// Name text on the stack: a wire name of at most 255 bytes has a shorter text form.
 struct NameBuf {
     bytes: [u8; 256],
@@ -436,16 +446,22 @@ impl Default for NameBuf {
 }
 
 impl NameBuf {
-    /// `label` is plain ASCII and the total stays under 255 (checked by the caller).
-    fn push_label(&mut self, label: &[u8]) {
+    /// Appends the label lower case; false if a byte is not plain (letters, digits, `_`,
+    /// `-`; a leading `-` is the caller's check). The caller keeps the total under 255.
+    fn push_label(&mut self, label: &[u8]) -> bool {
         if self.len > 0 {
             self.bytes[self.len] = b'.';
             self.len += 1;
         }
         let out = &mut self.bytes[self.len..self.len + label.len()];
-        out.copy_from_slice(label);
-        out.make_ascii_lowercase();
+        let mut plain = true;
+        for (o, c) in out.iter_mut().zip(label) {
+            let lower = PLAIN_LOWER[usize::from(*c)];
+            plain &= lower != 0;
+            *o = lower;
+        }
         self.len += label.len();
+        plain
     }
 
     fn as_str(&self) -> &str {
@@ -520,11 +536,7 @@ fn read_answer(
             return Ok(None);
         }
     };
-    Ok(Some(Answer {
-        owner,
-        ttl,
-        data,
-    }))
+    Ok(Some(Answer { owner, ttl, data }))
 }
 
 /// Lower case, without the trailing dot; the root is the empty string. Labels that need
