@@ -336,19 +336,19 @@ impl NamesRead {
         bytes: &[u8],
     ) -> Result<Arc<str>, DnsParseError> {
         let start = decoder.index();
-        if let [hi, lo, ..] = bytes[start..] {
-            if hi & 0xc0 == 0xc0 {
-                let target = u16::from_be_bytes([hi & 0x3f, lo]);
-                let found = self.known.iter().find_map(|(at, name)| match name {
-                    Some(name) if *at == target => Some(name.clone()),
-                    _ => None,
-                });
-                if let Some(name) = found {
-                    decoder
-                        .read_slice(2)
-                        .map_err(|e| DnsParseError::from_decode(e, start, bytes.len()))?;
-                    return Ok(name);
-                }
+        if let [hi, lo, ..] = bytes[start..]
+            && hi & 0xc0 == 0xc0
+        {
+            let target = u16::from_be_bytes([hi & 0x3f, lo]);
+            let found = self.known.iter().find_map(|(at, name)| match name {
+                Some(name) if *at == target => Some(name.clone()),
+                _ => None,
+            });
+            if let Some(name) = found {
+                decoder
+                    .read_slice(2)
+                    .map_err(|e| DnsParseError::from_decode(e, start, bytes.len()))?;
+                return Ok(name);
             }
         }
         let text: Arc<str> = match plain_name_text(bytes, start) {
