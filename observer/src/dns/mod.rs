@@ -1,7 +1,8 @@
 //! DNS wire format, parsed once into observer's own typed [`DnsMessage`].
 //!
-//! hickory-proto does the byte-level work (header, names with compression, question);
-//! nothing outside this module sees wire bytes or hickory types. Only what correlation
+//! hickory-proto does the byte-level work (header, names with compression, question),
+//! except that plain names are read directly (see `plain_name_text`); nothing outside
+//! this module sees wire bytes or hickory types. Only what correlation
 //! needs is kept: header flags, the first question, and the answer section's address and
 //! CNAME records (at most [`MAX_ANSWERS`]). Authority and additional sections are not
 //! read, so a malformed record there cannot reject a usable answer.
