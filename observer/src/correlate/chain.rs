@@ -378,7 +378,7 @@ pub(super) fn follow_answer(qname: &str, msg: &DnsMessage, max_hops: usize) -> L
         .map(|a| match &a.data {
             AnswerData::A(v4) => AnswerItem::Addr(IpAddr::V4(*v4)),
             AnswerData::Aaaa(v6) => AnswerItem::Addr(IpAddr::V6(*v6).to_canonical()),
-            AnswerData::Cname(t) => AnswerItem::Cname(Arc::from(t.as_str())),
+            AnswerData::Cname(t) => AnswerItem::Cname(t.clone()),
         })
         .collect();
     let mut cnames: Vec<Arc<str>> = Vec::new();
@@ -394,20 +394,20 @@ pub(super) fn follow_answer(qname: &str, msg: &DnsMessage, max_hops: usize) -> L
     let mut current: &str = qname;
     for _ in 0..max_hops {
         let next = msg.answers.iter().find_map(|a| match &a.data {
-            AnswerData::Cname(t) if a.owner == current => Some((t, a.ttl)),
+            AnswerData::Cname(t) if &*a.owner == current => Some((t, a.ttl)),
             _ => None,
         });
         let Some((target, ttl)) = next else { break };
-        if cnames.iter().any(|c| **c == **target) || target == qname {
+        if cnames.iter().any(|c| **c == **target) || &**target == qname {
             break;
         }
         ttl_cap = ttl_cap.min(ttl);
-        cnames.push(Arc::from(target.as_str()));
+        cnames.push(target.clone());
         current = target;
     }
     for a in &msg.answers {
         let Some(ip) = a.data.address() else { continue };
-        let owned = a.owner == qname || cnames.iter().any(|c| **c == *a.owner);
+        let owned = &*a.owner == qname || cnames.iter().any(|c| **c == *a.owner);
         if owned {
             addresses.push((ip.to_canonical(), a.ttl.min(ttl_cap)));
         }

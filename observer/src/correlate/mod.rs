@@ -294,7 +294,7 @@ impl Correlator {
             self.counters.query_retransmits += 1;
             return;
         }
-        let name: Arc<str> = Arc::from(question.name.as_str());
+        let name = question.name;
         let qtype = question.qtype.0;
 
         let (slot, generation, step) =
@@ -396,7 +396,7 @@ impl Correlator {
             return;
         };
         if let Some(q) = &obs.message.question
-            && (q.name.as_str() != &*pending.name || q.qtype.0 != pending.qtype)
+            && (*q.name != *pending.name || q.qtype.0 != pending.qtype)
         {
             // Same id and tuple but another question: not the answer to this query.
             self.counters.responses_mismatched += 1;

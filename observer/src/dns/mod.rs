@@ -1,7 +1,8 @@
 //! DNS wire format, parsed once into observer's own typed [`DnsMessage`].
 //!
-//! hickory-proto does the byte-level work (header, names with compression, question);
-//! nothing outside this module sees wire bytes or hickory types. Only what correlation
+//! hickory-proto does the byte-level work (header, names with compression, question),
+//! except that plain names are read directly (see `plain_name_text`); nothing outside
+//! this module sees wire bytes or hickory types. Only what correlation
 //! needs is kept: header flags, the first question, and the answer section's address and
 //! CNAME records (at most [`MAX_ANSWERS`]). Authority and additional sections are not
 //! read, so a malformed record there cannot reject a usable answer.
@@ -14,6 +15,7 @@ use std::{
     borrow::Cow,
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
 };
 
 use hickory_proto::{
@@ -96,7 +98,7 @@ impl fmt::Display for Rcode {
 /// whether the application asked for it that way is decided in correlation).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Question {
-    pub name: String,
+    pub name: Arc<str>,
     pub qtype: QType,
 }
 
@@ -105,7 +107,7 @@ pub enum AnswerData {
     A(Ipv4Addr),
     Aaaa(Ipv6Addr),
     /// Target name, lower case, no trailing dot.
-    Cname(String),
+    Cname(Arc<str>),
 }
 
 impl AnswerData {
@@ -121,8 +123,9 @@ impl AnswerData {
 /// One A, AAAA or CNAME record of the answer section (other types are skipped).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer {
-    /// Owner name, lower case, no trailing dot.
-    pub owner: String,
+    /// Owner name, lower case, no trailing dot. Shared with the question (or an earlier
+    /// record) when the message compresses it to a name already read.
+    pub owner: Arc<str>,
     pub ttl: u32,
     pub data: AnswerData,
 }
@@ -272,23 +275,28 @@ pub fn parse(bytes: &[u8]) -> Result<DnsMessage, DnsParseError> {
         ));
     }
 
+    let mut names = NamesRead::default();
     let mut question = None;
     for _ in 0..counts.queries {
-        let name = Name::read(&mut decoder).map_err(|e| err(e, &decoder))?;
-        let qtype = read_u16(&mut decoder, len)?;
-        let _qclass = read_u16(&mut decoder, len)?;
         if question.is_none() {
+            let name = names.read(&mut decoder, bytes)?;
+            let qtype = read_u16(&mut decoder, len)?;
+            let _qclass = read_u16(&mut decoder, len)?;
             question = Some(Question {
-                name: name_text(&name),
+                name,
                 qtype: QType(qtype),
             });
+        } else {
+            Name::read(&mut decoder).map_err(|e| err(e, &decoder))?;
+            read_u16(&mut decoder, len)?;
+            read_u16(&mut decoder, len)?;
         }
     }
 
     let wanted = usize::from(counts.answers);
     let mut answers = Vec::with_capacity(wanted.min(MAX_ANSWERS));
     for _ in 0..wanted.min(MAX_ANSWERS) {
-        if let Some(answer) = read_answer(&mut decoder, len)? {
+        if let Some(answer) = read_answer(&mut decoder, bytes, &mut names)? {
             answers.push(answer);
         }
     }
@@ -313,10 +321,165 @@ fn read_u16(decoder: &mut BinDecoder<'_>, len: usize) -> Result<u16, DnsParseErr
         .map_err(|e| DnsParseError::from_decode(e, at, len))
 }
 
+/// Names already read in one message, by the offset they start at: a compression pointer
+/// to one of them (an answer's owner pointing at the question, nearly always) shares its
+/// text instead of decoding and copying it again.
+#[derive(Default)]
+struct NamesRead {
+    known: [(u16, Option<Arc<str>>); 4],
+    next: usize,
+}
+
+impl NamesRead {
+    fn read(
+        &mut self,
+        decoder: &mut BinDecoder<'_>,
+        bytes: &[u8],
+    ) -> Result<Arc<str>, DnsParseError> {
+        let start = decoder.index();
+        if let [hi, lo, ..] = bytes[start..]
+            && hi & 0xc0 == 0xc0
+        {
+            let target = u16::from_be_bytes([hi & 0x3f, lo]);
+            let found = self.known.iter().find_map(|(at, name)| match name {
+                Some(name) if *at == target => Some(name.clone()),
+                _ => None,
+            });
+            if let Some(name) = found {
+                decoder
+                    .read_slice(2)
+                    .map_err(|e| DnsParseError::from_decode(e, start, bytes.len()))?;
+                return Ok(name);
+            }
+        }
+        let text: Arc<str> = match plain_name_text(bytes, start) {
+            Some((text, end)) => {
+                decoder
+                    .read_slice(end - start)
+                    .map_err(|e| DnsParseError::from_decode(e, start, bytes.len()))?;
+                Arc::from(text.as_str())
+            }
+            None => {
+                let name = Name::read(decoder)
+                    .map_err(|e| DnsParseError::from_decode(e, decoder.index(), bytes.len()))?;
+                Arc::from(name_text(&name))
+            }
+        };
+        // Offsets past 0x3fff cannot be pointed at.
+        if let Ok(at) = u16::try_from(start)
+            && at <= 0x3fff
+        {
+            self.known[self.next] = (at, Some(text.clone()));
+            self.next = (self.next + 1) % self.known.len();
+        }
+        Ok(text)
+    }
+}
+
+/// A name's text, read straight from the wire when it is the common case: plain labels
+/// (see [`name_text`]), pointers only backwards, few of them, at most 255 bytes. Returns
+/// the text and where the name ends in the message; `None` for anything else, which then
+/// goes through hickory (its errors and escaping stay the reference).
+fn plain_name_text(bytes: &[u8], start: usize) -> Option<(NameBuf, usize)> {
+    const MAX_POINTERS: usize = 16;
+    let mut text = NameBuf::default();
+    let mut pos = start;
+    let mut end = None;
+    let mut wire_len = 1;
+    let mut pointers = 0;
+    loop {
+        let b = *bytes.get(pos)?;
+        match b & 0xc0 {
+            0x00 if b == 0 => break,
+            0x00 => {
+                let label = bytes.get(pos + 1..pos + 1 + usize::from(b))?;
+                wire_len += 1 + label.len();
+                if wire_len > 255 {
+                    return None;
+                }
+                if label.first() == Some(&b'-') || !text.push_label(label) {
+                    return None;
+                }
+                pos += 1 + label.len();
+            }
+            0xc0 => {
+                let target = usize::from(u16::from_be_bytes([b & 0x3f, *bytes.get(pos + 1)?]));
+                pointers += 1;
+                if target >= pos || pointers > MAX_POINTERS {
+                    return None;
+                }
+                end.get_or_insert(pos + 2);
+                pos = target;
+            }
+            _ => return None,
+        }
+    }
+    Some((text, end.unwrap_or(pos + 1)))
+}
+
+/// Each byte lower case if it may appear unescaped in a plain label, else 0.
+const PLAIN_LOWER: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            table[c] = b.to_ascii_lowercase();
+        }
+        c += 1;
+    }
+    table
+};
+
+/// Name text on the stack: a wire name of at most 255 bytes has a shorter text form.
+struct NameBuf {
+    bytes: [u8; 256],
+    len: usize,
+}
+
+impl Default for NameBuf {
+    fn default() -> Self {
+        Self {
+            bytes: [0; 256],
+            len: 0,
+        }
+    }
+}
+
+impl NameBuf {
+    /// Appends the label lower case; false if a byte is not plain (letters, digits, `_`,
+    /// `-`; a leading `-` is the caller's check). The caller keeps the total under 255.
+    fn push_label(&mut self, label: &[u8]) -> bool {
+        if self.len > 0 {
+            self.bytes[self.len] = b'.';
+            self.len += 1;
+        }
+        let out = &mut self.bytes[self.len..self.len + label.len()];
+        let mut plain = true;
+        for (o, c) in out.iter_mut().zip(label) {
+            let lower = PLAIN_LOWER[usize::from(*c)];
+            plain &= lower != 0;
+            *o = lower;
+        }
+        self.len += label.len();
+        plain
+    }
+
+    fn as_str(&self) -> &str {
+        // Only ASCII is ever pushed.
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or_default()
+    }
+}
+
 /// Reads one record; `None` for types correlation does not use (skipped by length).
-fn read_answer(decoder: &mut BinDecoder<'_>, len: usize) -> Result<Option<Answer>, DnsParseError> {
+fn read_answer(
+    decoder: &mut BinDecoder<'_>,
+    bytes: &[u8],
+    names: &mut NamesRead,
+) -> Result<Option<Answer>, DnsParseError> {
+    let len = bytes.len();
     let err = |e: DecodeError, d: &BinDecoder<'_>| DnsParseError::from_decode(e, d.index(), len);
-    let owner = Name::read(decoder).map_err(|e| err(e, decoder))?;
+    let owner = names.read(decoder, bytes)?;
     let rtype = read_u16(decoder, len)?;
     let _class = read_u16(decoder, len)?;
     let ttl = {
@@ -363,22 +526,18 @@ fn read_answer(decoder: &mut BinDecoder<'_>, len: usize) -> Result<Option<Answer
                     "CNAME data past the end",
                 ));
             }
-            let target = Name::read(decoder).map_err(|e| err(e, decoder))?;
+            let target = names.read(decoder, bytes)?;
             if decoder.index() != rdata_start + rdlength {
                 return Err(bad_length("CNAME"));
             }
-            AnswerData::Cname(name_text(&target))
+            AnswerData::Cname(target)
         }
         _ => {
             decoder.read_slice(rdlength).map_err(|e| err(e, decoder))?;
             return Ok(None);
         }
     };
-    Ok(Some(Answer {
-        owner: name_text(&owner),
-        ttl,
-        data,
-    }))
+    Ok(Some(Answer { owner, ttl, data }))
 }
 
 /// Lower case, without the trailing dot; the root is the empty string. Labels that need

@@ -51,14 +51,14 @@ fn parses_hand_verified_fixtures() {
     assert_eq!(q.id, 0x1234);
     assert!(!q.is_response && !q.truncated);
     let question = q.question.as_ref().unwrap();
-    assert_eq!(question.name, "db.another-lab.com");
+    assert_eq!(&*question.name, "db.another-lab.com");
     assert_eq!(question.qtype, QType::A);
 
     let r = parse(&hex(FORWARDER_ANSWER_HEX)).unwrap();
     assert!(r.is_response);
     assert_eq!(r.rcode, Rcode::NOERROR);
     assert_eq!(r.answers.len(), 1);
-    assert_eq!(r.answers[0].owner, "db.another-lab.com");
+    assert_eq!(&*r.answers[0].owner, "db.another-lab.com");
     assert_eq!(r.answers[0].ttl, 300);
     assert_eq!(
         r.answers[0].data,
@@ -103,7 +103,7 @@ fn parses_nxdomain_with_soa_cname_chain_and_aaaa() {
         None,
     ))
     .unwrap();
-    assert_eq!(r.question.as_ref().unwrap().name, "www.example.com");
+    assert_eq!(&*r.question.as_ref().unwrap().name, "www.example.com");
     assert_eq!(
         r.answers[0].data,
         AnswerData::Cname("edge.cdn.example.net".into())
@@ -388,6 +388,6 @@ fn question_names_read_as_hickory_escapes_them() {
     ];
     for (labels, want) in cases {
         let msg = parse(&wire_name(labels)).unwrap();
-        assert_eq!(msg.question.unwrap().name, *want, "{labels:?}");
+        assert_eq!(&*msg.question.unwrap().name, *want, "{labels:?}");
     }
 }
