@@ -423,8 +423,9 @@ fn metrics_count_the_seed_story() {
     let conn = story.connect("db", EXTERNAL_DB.into());
     json_record_of(&agent, &story, &conn);
 
-    // In cgroup-only mode a pod is known by UID alone: its namespace and workload are unknown.
-    let pod = [("namespace", "_unknown"), ("workload", "_unknown")];
+    // In cgroup-only mode a pod is known by UID, and its namespace by the first search domain
+    // the kubelet wrote: its workload is unknown.
+    let pod = [("namespace", "simple-web-app"), ("workload", "_unknown")];
     let with = |extra: &[(&'static str, &'static str)]| -> Vec<(&'static str, &'static str)> {
         pod.iter().chain(extra).copied().collect()
     };
@@ -547,8 +548,8 @@ fn assert_json_opener(record: &Value, story: &Story, conn: &Connection) {
     );
     assert_eq!(
         record["pod"],
-        json!({"namespace": null, "name": null, "uid": story.pod_uid()}),
-        "without the API a pod is known by UID"
+        json!({"namespace": "simple-web-app", "name": null, "uid": story.pod_uid()}),
+        "without the API a pod is known by UID, its namespace by its kubelet search list"
     );
     assert_eq!(record["container_id"], json!(story.container_id()));
     assert_eq!(record["cgroup_id"], json!(story.cgroup_id()));
@@ -649,7 +650,7 @@ fn text_line_of_the_seed_story() {
             .env("NO_COLOR", ""),
     );
     let conn = story.connect("db", EXTERNAL_DB.into());
-    let who = format!("pod/{}", story.pod_uid());
+    let who = format!("simple-web-app/pod/{}", story.pod_uid());
     let line = agent.wait_for_line(RECORD_WAIT, |l| l.contains(&who));
     assert!(!line.contains('\x1b'), "no colour off a terminal: {line:?}");
     let (time, rest) = line.split_once(' ').expect("time first");

@@ -9,8 +9,8 @@ use std::{
 };
 
 use observer_tests::{
-    ConnectOutcome, ConnectReport, DnsConfig, DnsServer, Family, Host, Pod, PodSpec, TcpServer,
-    Testbed,
+    ConnectOutcome, ConnectReport, DnsConfig, DnsServer, Family, Host, Pod, PodSpec, Process,
+    TcpServer, Testbed,
     agent::observer_bin,
     otlp::{OtlpReceiver, Received},
 };
@@ -45,6 +45,10 @@ pub fn cluster_args() -> [&'static str; 4] {
 /// ndots:5; dnsmasq knows db.another-lab.com (an external host listening on 5432) and, when
 /// asked for, more records.
 pub struct Story {
+    /// The container's main process, alive as long as the story (a real container always
+    /// has one): observer reads the pod's resolv.conf through a live process of the pod,
+    /// and the helpers that resolve and connect exit within milliseconds.
+    pub main: Process,
     pub db: Host,
     pub listener: TcpServer,
     pub dns: DnsServer,
@@ -69,7 +73,13 @@ impl Story {
         let pod = tb
             .add_pod(PodSpec::new("web").search(STORY_SEARCH).ndots(5))
             .expect("pod");
+        let main = pod
+            .command("sleep")
+            .arg("300")
+            .spawn()
+            .expect("the pod's main process");
         Story {
+            main,
             db,
             listener,
             dns,
