@@ -25,15 +25,15 @@ use crate::{
     },
     export::{
         Enriched, EnrichmentState, ExportConfig, ExportIdentity, JsonWriter, Metrics, PodIdentity,
-        Readiness, SpanExporter, SpanSelection, SpanSink, TextWriter, WallClock, color_for_stdout,
-        serve_http,
+        Readiness, RedactMode, Redactor, SpanExporter, SpanSelection, SpanSink, TextWriter,
+        WallClock, color_for_stdout, serve_http,
     },
     identity::{EnrichmentStatus, Identity, IdentityConfig, KubeMode, WorkloadIdentity},
     probes::{self, BootClock, DnsPacket, Event, ProbeOptions, Probes, Protocol},
     record::{BootNs, ConnectionRecord},
     scope::ScopeKey,
 };
-use config::{ExportPolicySetting, KubeSetting, OutputFormat, Settings};
+use config::{ExportPolicySetting, KubeSetting, OutputFormat, RedactNames, Settings};
 use enrich::NodeFacts;
 use reorder::Reorder;
 use scopes::ScopeCgroups;
@@ -106,7 +106,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         }
     };
 
+    let redactor = Redactor::new(
+        match settings.redact_names {
+            RedactNames::Off => RedactMode::Off,
+            RedactNames::Hash => RedactMode::Hash,
+            RedactNames::Redact => RedactMode::Redact,
+        },
+        &settings.cluster_domain,
+    )?;
     let mut agent = Agent {
+        redactor,
         core: Correlator::new(CorrelatorConfig {
             cluster_domain: settings.cluster_domain.clone(),
             cluster_networks: cluster_networks(&settings, &identity),
@@ -228,6 +237,8 @@ impl Output {
 }
 
 struct Agent {
+    /// Applied to every record before it is counted, exported or printed.
+    redactor: Redactor,
     core: Correlator,
     tcp: TcpReassembler,
     identity: Identity,
@@ -444,7 +455,8 @@ impl Agent {
         });
     }
 
-    fn emit(&mut self, record: ConnectionRecord) {
+    fn emit(&mut self, mut record: ConnectionRecord) {
+        self.redactor.record(&mut record);
         let who = self.identity.resolve(record.cgroup_id, Some(record.pid));
         let enriched = Enriched {
             identity: enrich::export_identity(&who, &self.node),
@@ -461,7 +473,8 @@ impl Agent {
         for unanswered in self.core.tick(now) {
             let identity = self.scope_identity(&unanswered.scope);
             self.metrics.observe_unanswered_query(&identity, "");
-            tracing::debug!(name = %unanswered.name, qtype = %unanswered.qtype, scope = %unanswered.scope, "DNS query never answered");
+            let name = self.redactor.name(&unanswered.name, None);
+            tracing::debug!(%name, qtype = %unanswered.qtype, scope = %unanswered.scope, "DNS query never answered");
         }
         self.tcp.evict_idle(now);
         match probes.loss_counters() {
