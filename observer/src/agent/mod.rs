@@ -487,6 +487,18 @@ impl Agent {
             Err(e) => tracing::warn!(error = %e, "reading the kernel loss counters"),
         }
         publish_core_counters(&self.metrics, self.core.counters());
+        // DNS-over-TCP messages lost in reassembly would otherwise be lost silently.
+        let tcp = self.tcp.counters();
+        for (kind, total) in [
+            ("tcp_gaps", tcp.gaps),
+            ("tcp_cut_segments", tcp.cut_segments),
+            ("tcp_unsynced_segments", tcp.unsynced_segments),
+            ("tcp_bad_lengths", tcp.bad_lengths),
+            ("tcp_streams_evicted_cap", tcp.streams_evicted_cap),
+            ("tcp_streams_evicted_idle", tcp.streams_evicted_idle),
+        ] {
+            self.metrics.set_core_evictions(kind, total);
+        }
         self.metrics
             .set_enrichment_state(match self.identity.status() {
                 EnrichmentStatus::Disabled => EnrichmentState::CgroupOnly,
