@@ -42,7 +42,12 @@ fuzz_target!(|data: &[u8]| {
             2 => u32::from(*extra) << 24,
             _ => seq_base[slot],
         };
-        let wire_len = len as u32 + if control >> 4 == 3 { u32::from(*extra) } else { 0 };
+        let cut = if control >> 4 == 3 {
+            u32::from(*extra)
+        } else {
+            0
+        };
+        let wire_len = len as u32 + cut;
         at += u64::from(*extra) * 10;
         reassembler.push(
             TcpSegment {
@@ -68,6 +73,5 @@ fuzz_target!(|data: &[u8]| {
             reassembler.evict_idle(at);
         }
     }
-    let counters = reassembler.counters();
-    let _ = counters;
+    let _ = reassembler.counters();
 });

@@ -7,7 +7,10 @@ use observer::identity::{parse_resolv_conf, resolv::MAX_SEARCH_TOTAL_BYTES};
 fuzz_target!(|data: &[u8]| {
     if let Ok(conf) = parse_resolv_conf(data) {
         let total: usize = conf.search.iter().map(|d| d.len() + 1).sum();
-        assert!(total <= MAX_SEARCH_TOTAL_BYTES + 254, "search list of {total} bytes");
+        assert!(
+            total <= MAX_SEARCH_TOTAL_BYTES + 254,
+            "search list of {total} bytes"
+        );
         assert!(conf.ndots <= 15);
     }
 });
