@@ -6,11 +6,13 @@ use observer::identity::{parse_resolv_conf, resolv::MAX_SEARCH_TOTAL_BYTES};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(conf) = parse_resolv_conf(data) {
-        let total: usize = conf.search.iter().map(|d| d.len() + 1).sum();
+        // The bound is on the domains' bytes (what is kept), separators not counted.
+        let total: usize = conf.search.iter().map(String::len).sum();
         assert!(
-            total <= MAX_SEARCH_TOTAL_BYTES + 254,
+            total <= MAX_SEARCH_TOTAL_BYTES,
             "search list of {total} bytes"
         );
+        assert!(conf.search.iter().all(|d| !d.is_empty() && d.len() <= 253));
         assert!(conf.ndots <= 15);
     }
 });
