@@ -1,6 +1,7 @@
 //! observer's developer tasks. Every task runs the setup steps it needs first, so a
 //! fresh machine goes from clone to green with one command.
 mod bench;
+mod fuzz;
 mod setup;
 
 use std::process::Command;
@@ -42,6 +43,14 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Run the fuzz targets (fuzz/): 25 s each, or 10M executions each with --long.
+    Fuzz {
+        /// 10 million executions per target instead of a short run.
+        #[arg(long)]
+        long: bool,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -58,9 +67,22 @@ fn main() -> Result<()> {
         }
         Task::Test { args } => {
             setup::all()?;
-            test(&args)
+            test(&args)?;
+            // A short fuzz run of every parser of outside bytes; skipped for a filtered run.
+            if args.is_empty() {
+                fuzz::run(&[], fuzz::Budget::Seconds(fuzz::SHORT_SECONDS))?;
+            }
+            Ok(())
         }
         Task::Bench { quick } => bench::bench(quick),
+        Task::Fuzz { long, targets } => fuzz::run(
+            &targets,
+            if long {
+                fuzz::Budget::Runs(fuzz::LONG_RUNS)
+            } else {
+                fuzz::Budget::Seconds(fuzz::SHORT_SECONDS)
+            },
+        ),
     }
 }
 

@@ -66,6 +66,18 @@ pub struct RunArgs {
     /// Size of each kernel ring buffer in KiB (rounded up to a power of two pages).
     #[arg(long, env = "OBSERVER_RING_SIZE_KIB")]
     pub ring_size_kib: Option<u32>,
+    /// Rewrite DNS names in spans, metrics and output: `hash` (keyed per run) or `redact`;
+    /// the cluster and search domains stay visible [default: off].
+    #[arg(long, env = "OBSERVER_REDACT_NAMES")]
+    pub redact_names: Option<RedactNames>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedactNames {
+    Off,
+    Hash,
+    Redact,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -116,6 +128,7 @@ pub struct FileConfig {
     pub log_format: Option<LogFormat>,
     pub log_level: Option<String>,
     pub ring_size_kib: Option<u32>,
+    pub redact_names: Option<RedactNames>,
 }
 
 /// Effective, validated settings.
@@ -135,6 +148,7 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub log_level: String,
     pub ring_size_kib: Option<u32>,
+    pub redact_names: RedactNames,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +217,10 @@ impl Settings {
                 .or(file.log_level)
                 .unwrap_or_else(|| "info".into()),
             ring_size_kib: args.ring_size_kib.or(file.ring_size_kib),
+            redact_names: args
+                .redact_names
+                .or(file.redact_names)
+                .unwrap_or(RedactNames::Off),
         };
         settings.validate()?;
         Ok(settings)
@@ -277,6 +295,36 @@ mod tests {
         assert_eq!(s.output, OutputFormat::Text);
         assert_eq!(s.export, ExportPolicySetting::Egress);
         assert_eq!(s.sample_ratio, 1.0);
+        assert_eq!(s.redact_names, RedactNames::Off);
+    }
+
+    #[test]
+    fn redact_names_from_flag_variable_and_file() {
+        let dir =
+            std::env::temp_dir().join(format!("observer-config-redact-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("observer.toml");
+        std::fs::write(&file, "redact_names = \"redact\"\n").unwrap();
+        let f = file.to_str().unwrap();
+        assert_eq!(
+            parse(&["--config", f]).unwrap().redact_names,
+            RedactNames::Redact
+        );
+        assert_eq!(
+            parse(&["--config", f, "--redact-names", "hash"])
+                .unwrap()
+                .redact_names,
+            RedactNames::Hash
+        );
+        let err = parse(&["--redact-names", "maybe"]).unwrap_err();
+        assert!(err.contains("possible values"), "{err}");
+        std::fs::write(&file, "redact_names = \"sometimes\"\n").unwrap();
+        let err = parse(&["--config", f]).unwrap_err();
+        assert!(
+            err.contains("redact_names") || err.contains("sometimes"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

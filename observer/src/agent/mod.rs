@@ -25,15 +25,15 @@ use crate::{
     },
     export::{
         Enriched, EnrichmentState, ExportConfig, ExportIdentity, JsonWriter, Metrics, PodIdentity,
-        Readiness, SpanExporter, SpanSelection, SpanSink, TextWriter, WallClock, color_for_stdout,
-        serve_http,
+        Readiness, RedactMode, Redactor, SpanExporter, SpanSelection, SpanSink, TextWriter,
+        WallClock, color_for_stdout, serve_http,
     },
     identity::{EnrichmentStatus, Identity, IdentityConfig, KubeMode, WorkloadIdentity},
     probes::{self, BootClock, DnsPacket, Event, ProbeOptions, Probes, Protocol},
     record::{BootNs, ConnectionRecord},
     scope::ScopeKey,
 };
-use config::{ExportPolicySetting, KubeSetting, OutputFormat, Settings};
+use config::{ExportPolicySetting, KubeSetting, OutputFormat, RedactNames, Settings};
 use enrich::NodeFacts;
 use reorder::Reorder;
 use scopes::ScopeCgroups;
@@ -106,7 +106,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         }
     };
 
+    let redactor = Redactor::new(
+        match settings.redact_names {
+            RedactNames::Off => RedactMode::Off,
+            RedactNames::Hash => RedactMode::Hash,
+            RedactNames::Redact => RedactMode::Redact,
+        },
+        &settings.cluster_domain,
+    )?;
     let mut agent = Agent {
+        redactor,
         core: Correlator::new(CorrelatorConfig {
             cluster_domain: settings.cluster_domain.clone(),
             cluster_networks: cluster_networks(&settings, &identity),
@@ -230,6 +239,8 @@ impl Output {
 }
 
 struct Agent {
+    /// Applied to every record before it is counted, exported or printed.
+    redactor: Redactor,
     core: Correlator,
     tcp: TcpReassembler,
     identity: Identity,
@@ -477,7 +488,8 @@ impl Agent {
         });
     }
 
-    fn emit(&mut self, record: ConnectionRecord) {
+    fn emit(&mut self, mut record: ConnectionRecord) {
+        self.redactor.record(&mut record);
         let who = self.identity.resolve(record.cgroup_id, Some(record.pid));
         let enriched = Enriched {
             identity: enrich::export_identity(&who, &self.node),
@@ -494,7 +506,8 @@ impl Agent {
         for unanswered in self.core.tick(now) {
             let identity = self.scope_identity(&unanswered.scope);
             self.metrics.observe_unanswered_query(&identity, "");
-            tracing::debug!(name = %unanswered.name, qtype = %unanswered.qtype, scope = %unanswered.scope, "DNS query never answered");
+            let name = self.redactor.name(&unanswered.name, None);
+            tracing::debug!(%name, qtype = %unanswered.qtype, scope = %unanswered.scope, "DNS query never answered");
         }
         self.tcp.evict_idle(now);
         match probes.loss_counters() {
@@ -510,6 +523,18 @@ impl Agent {
         // Events the reorder stage had to let through out of order because it was full.
         self.metrics
             .set_core_evictions("reorder_forced", self.reorder.forced);
+        // DNS-over-TCP messages lost in reassembly would otherwise be lost silently.
+        let tcp = self.tcp.counters();
+        for (kind, total) in [
+            ("tcp_gaps", tcp.gaps),
+            ("tcp_cut_segments", tcp.cut_segments),
+            ("tcp_unsynced_segments", tcp.unsynced_segments),
+            ("tcp_bad_lengths", tcp.bad_lengths),
+            ("tcp_streams_evicted_cap", tcp.streams_evicted_cap),
+            ("tcp_streams_evicted_idle", tcp.streams_evicted_idle),
+        ] {
+            self.metrics.set_core_evictions(kind, total);
+        }
         self.metrics
             .set_enrichment_state(match self.identity.status() {
                 EnrichmentStatus::Disabled => EnrichmentState::CgroupOnly,

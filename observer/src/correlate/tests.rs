@@ -791,3 +791,60 @@ fn idle_scope_with_an_open_connect_is_kept_and_tick_terminates() {
     c.tick(client.now + 13 * idle);
     assert_eq!(c.scope_count(), 0);
 }
+
+#[test]
+fn answers_to_another_question_or_to_no_question_name_nothing() {
+    let mut c = Correlator::new(config());
+    let mut client = Client::new("pod-hostile", "198.18.1.9");
+    configured(&mut c, &client, 5);
+    // Same id and 4-tuple, but the response asks another question: not the answer.
+    let id = client.send(&mut c, "api.example.com", A);
+    let at = client.tick();
+    c.observe_dns_wire(
+        &client.scope,
+        at,
+        Direction::Ingress,
+        client.server,
+        client.addr,
+        &response(
+            id,
+            "evil.example.net",
+            A,
+            0,
+            &[addr("evil.example.net", 300, "203.0.113.66")],
+            None,
+        ),
+    )
+    .unwrap();
+    assert_eq!(c.counters().responses_mismatched, 1);
+    let r = client.connect(&mut c, 1, "203.0.113.66:443", Outcome::Established);
+    assert_eq!(r.resolution, Resolution::None);
+
+    // A response without a question, whose answer is owned by a name nobody asked for.
+    let id = client.send(&mut c, "web.example.com", A);
+    let mut bytes = response(
+        id,
+        "web.example.com",
+        A,
+        0,
+        &[addr("other.example.net", 300, "203.0.113.67")],
+        None,
+    );
+    // Drop the question: QDCOUNT 0 and its bytes (name + type + class) removed.
+    let qlen = "web.example.com".len() + 2 + 4;
+    bytes.drain(12..12 + qlen);
+    bytes[4] = 0;
+    bytes[5] = 0;
+    let at = client.tick();
+    c.observe_dns_wire(
+        &client.scope,
+        at,
+        Direction::Ingress,
+        client.server,
+        client.addr,
+        &bytes,
+    )
+    .unwrap();
+    let r = client.connect(&mut c, 2, "203.0.113.67:443", Outcome::Established);
+    assert_eq!(r.resolution, Resolution::None, "{r:?}");
+}

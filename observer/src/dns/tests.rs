@@ -391,3 +391,151 @@ fn question_names_read_as_hickory_escapes_them() {
         assert_eq!(&*msg.question.unwrap().name, *want, "{labels:?}");
     }
 }
+
+// ---- hostile cases, one property each ----
+
+fn header(flags: &str, qd: u16, an: u16, ar: u16) -> Vec<u8> {
+    let mut h = hex(&format!("beef {flags}"));
+    for n in [qd, an, 0, ar] {
+        h.extend_from_slice(&n.to_be_bytes());
+    }
+    h
+}
+
+fn labels(parts: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in parts {
+        out.push(p.len() as u8);
+        out.extend_from_slice(p);
+    }
+    out.push(0);
+    out
+}
+
+#[test]
+fn names_at_the_255_byte_limit_pass_and_one_byte_more_fails() {
+    let l63 = [b'a'; 63];
+    // 3 x (1 + 63) + (1 + 61) + root = 255 wire bytes.
+    let at_limit = labels(&[&l63, &l63, &l63, &[b'b'; 61]]);
+    assert_eq!(at_limit.len(), 255);
+    let mut ok = header("0100", 1, 0, 0);
+    ok.extend_from_slice(&at_limit);
+    ok.extend_from_slice(&hex("0001 0001"));
+    let m = parse(&ok).expect("a 255-byte name is legal");
+    assert_eq!(m.question.unwrap().name.len(), 253);
+
+    let over = labels(&[&l63, &l63, &l63, &[b'b'; 62]]);
+    let mut bad = header("0100", 1, 0, 0);
+    bad.extend_from_slice(&over);
+    bad.extend_from_slice(&hex("0001 0001"));
+    assert_eq!(parse(&bad).unwrap_err().kind, DnsParseErrorKind::BadName);
+}
+
+#[test]
+fn label_length_over_63_is_a_bad_name() {
+    // 0x40 and 0x80 are the reserved label types: neither a length nor a pointer.
+    for first in [0x40u8, 0x7f, 0x80, 0xbf] {
+        let mut m = header("0100", 1, 0, 0);
+        m.push(first);
+        m.extend_from_slice(&[b'a'; 70]);
+        m.extend_from_slice(&hex("00 0001 0001"));
+        assert_eq!(
+            parse(&m).unwrap_err().kind,
+            DnsParseErrorKind::BadName,
+            "label byte {first:#x}"
+        );
+    }
+}
+
+#[test]
+fn escaped_and_non_utf8_labels_become_printable_text() {
+    let mut m = header("0100", 1, 0, 0);
+    m.extend_from_slice(&labels(&[b"a.b", &[0xff, 0x00, b' '], b"Example"]));
+    m.extend_from_slice(&hex("0001 0001"));
+    let name = parse(&m).unwrap().question.unwrap().name;
+    // A dot inside a label must not read as a label boundary, raw bytes must not reach
+    // logs or exporters unescaped.
+    assert!(name.ends_with(".example"), "{name}");
+    assert!(name.starts_with("a\\.b."), "{name}");
+    assert!(name.is_ascii() && !name.contains('\0'), "{name:?}");
+    assert_eq!(
+        name.matches('.').count() - name.matches("\\.").count(),
+        2,
+        "{name}"
+    );
+}
+
+#[test]
+fn pointer_chains_and_self_loops_are_bad_names() {
+    // Answer owner -> pointer to itself.
+    let mut m = header("8180", 1, 1, 0);
+    m.extend_from_slice(&labels(&[b"x"]));
+    m.extend_from_slice(&hex("0001 0001"));
+    let at = m.len() as u16;
+    m.extend_from_slice(&(0xc000 | at).to_be_bytes());
+    m.extend_from_slice(&hex("0001 0001 0000003c 0004 cb00710a"));
+    assert_eq!(parse(&m).unwrap_err().kind, DnsParseErrorKind::BadName);
+    // Two pointers pointing at each other.
+    let mut m = header("8180", 1, 0, 0);
+    m.extend_from_slice(&hex("c00e c00c 0001 0001"));
+    assert_eq!(parse(&m).unwrap_err().kind, DnsParseErrorKind::BadName);
+}
+
+#[test]
+fn every_prefix_of_a_real_answer_is_a_typed_error() {
+    let full = hex(FORWARDER_ANSWER_HEX);
+    for cut in 0..full.len() {
+        let err = parse(&full[..cut]).expect_err("a cut message");
+        assert!(
+            matches!(
+                err.kind,
+                DnsParseErrorKind::Empty
+                    | DnsParseErrorKind::Truncated
+                    | DnsParseErrorKind::BadCounts
+            ),
+            "cut at {cut}: {err}"
+        );
+    }
+}
+
+#[test]
+fn edns_opt_in_the_additional_section_is_ignored() {
+    let mut m = hex(FORWARDER_ANSWER_HEX);
+    m[11] = 1; // ARCOUNT
+    // OPT: root owner, type 41, UDP size 1232, extended rcode/flags 0, one cookie option.
+    m.extend_from_slice(&hex(
+        "00 0029 04d0 00000000 000c 000a 0008 0102030405060708",
+    ));
+    let parsed = parse(&m).unwrap();
+    assert_eq!(parsed.answers.len(), 1);
+    assert_eq!(parsed.rcode, Rcode::NOERROR);
+    assert_eq!(
+        parsed.addresses().next(),
+        Some((IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10)), 300))
+    );
+}
+
+#[test]
+fn a_response_without_a_question_parses_with_none() {
+    let mut m = header("8180", 0, 1, 0);
+    m.extend_from_slice(&labels(&[b"db", b"another-lab", b"com"]));
+    m.extend_from_slice(&hex("0001 0001 0000003c 0004 cb00710a"));
+    let parsed = parse(&m).unwrap();
+    assert!(parsed.is_response);
+    assert_eq!(parsed.question, None);
+    assert_eq!(parsed.answers.len(), 1);
+}
+
+#[test]
+fn huge_answer_counts_allocate_nothing_before_the_check() {
+    for an in [65535u16, 1000, 65] {
+        let mut m = header("8180", 1, an, 0);
+        m.extend_from_slice(&labels(&[b"x"]));
+        m.extend_from_slice(&hex("0001 0001"));
+        assert_eq!(
+            parse(&m).unwrap_err().kind,
+            DnsParseErrorKind::BadCounts,
+            "{an} answers"
+        );
+    }
+}

@@ -15,6 +15,7 @@ mod exporter;
 mod http_server;
 mod metrics;
 mod output;
+mod redact;
 mod spans;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -24,6 +25,7 @@ pub use exporter::{ExportError, SpanExporter, SpanSink, Submit};
 pub use http_server::{Readiness, ServeError, serve_http};
 pub use metrics::{EnrichmentState, Metrics, MetricsLimits};
 pub use output::{JsonWriter, TextWriter, color_for_stdout};
+pub use redact::{REDACTED_LABEL, RedactKeyError, RedactMode, Redactor};
 pub use spans::{ExportTraceServiceRequest, SpanBuilder, flag_message};
 
 use crate::record::{BootNs, ConnectionRecord};

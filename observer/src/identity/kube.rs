@@ -920,6 +920,29 @@ async fn fetch_owner_parent(
     Ok(controller_of(references.as_deref()))
 }
 
+/// The kinds of API object observer reads, for [`project_api_json`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApiObjectKind {
+    Pod,
+    Service,
+    Node,
+    ServiceCidr,
+}
+
+/// Decodes one API object from the JSON the API server sends and runs it through the same
+/// projection the watches use. Returns whether the object was kept (an object without UID
+/// is not). Exposed so that the decoding of what the API sends can be fuzzed as a whole.
+pub fn project_api_json(kind: ApiObjectKind, json: &[u8]) -> Result<bool, serde_json::Error> {
+    Ok(match kind {
+        ApiObjectKind::Pod => project_pod(&serde_json::from_slice(json)?).is_some(),
+        ApiObjectKind::Service => project_service(&serde_json::from_slice(json)?).is_some(),
+        ApiObjectKind::Node => project_node(&serde_json::from_slice(json)?).is_some(),
+        ApiObjectKind::ServiceCidr => {
+            project_service_cidr(&serde_json::from_slice(json)?).is_some()
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

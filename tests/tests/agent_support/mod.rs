@@ -48,7 +48,7 @@ pub struct Story {
     /// The container's main process, alive as long as the story (a real container always
     /// has one): observer reads the pod's resolv.conf through a live process of the pod,
     /// and the helpers that resolve and connect exit within milliseconds.
-    pub main: Process,
+    _main: Process,
     pub db: Host,
     pub listener: TcpServer,
     pub dns: DnsServer,
@@ -79,7 +79,7 @@ impl Story {
             .spawn()
             .expect("the pod's main process");
         Story {
-            main,
+            _main: main,
             db,
             listener,
             dns,
