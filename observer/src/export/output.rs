@@ -108,7 +108,7 @@ impl<W: Write> TextWriter<W> {
     }
 }
 
-/// One JSON object per correlated connection per line (fields documented in README-export.md).
+/// One JSON object per correlated connection per line (fields documented in the README, "What observer reports").
 #[derive(Debug)]
 pub struct JsonWriter<W> {
     out: W,
