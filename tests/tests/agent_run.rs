@@ -406,14 +406,36 @@ fn in_cluster_connection_is_a_healthy_trace_exported_only_with_export_all() {
     stop_cleanly(agent_egress);
 }
 
+/// The body of `path` once it mentions `needle` (the agent publishes its status each second).
+fn wait_for_body(addr: std::net::SocketAddr, path: &str, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (code, body) = http_get(addr, path).expect(path);
+        assert_eq!(code, 200, "{path}: {body}");
+        if body.contains(needle) {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} never said {needle:?}: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// /metrics, read strictly, counts the seed story; /healthz and /readyz answer.
 #[test]
 fn metrics_count_the_seed_story() {
     let story = Story::new(|_, dns| dns);
     let agent = Agent::start(AgentSpec::new().args(cluster_args()));
-    for (path, body) in [("/healthz", "ok"), ("/readyz", "ready")] {
-        let (code, text) = http_get(agent.metrics_addr(), path).expect(path);
-        assert_eq!((code, text.trim_end()), (200, body), "{path}");
+    // Both say where pod metadata comes from (host mode here: no Kubernetes API).
+    for (path, first) in [("/healthz", "ok"), ("/readyz", "ready")] {
+        let body = wait_for_body(agent.metrics_addr(), path, "enrichment:");
+        assert_eq!(
+            body.lines().collect::<Vec<_>>(),
+            [first, "enrichment: cgroup-only (no Kubernetes API)"],
+            "{path}"
+        );
     }
     let scrape = || {
         parse_exposition(&agent.metrics())

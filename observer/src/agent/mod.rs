@@ -131,6 +131,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         configured: HashSet::new(),
         scope_cgroups: ScopeCgroups::default(),
         metrics: metrics.clone(),
+        readiness: readiness.clone(),
         exporter,
         output: Output::new(settings.output, wall),
         settings,
@@ -251,6 +252,7 @@ struct Agent {
     /// node process exited) is forgotten by the core and identity.
     scope_cgroups: ScopeCgroups,
     metrics: Arc<Metrics>,
+    readiness: Readiness,
     exporter: Option<SpanExporter>,
     output: Output,
     settings: Settings,
@@ -535,14 +537,23 @@ impl Agent {
         ] {
             self.metrics.set_core_evictions(kind, total);
         }
-        self.metrics
-            .set_enrichment_state(match self.identity.status() {
-                EnrichmentStatus::Disabled => EnrichmentState::CgroupOnly,
-                EnrichmentStatus::Ready => EnrichmentState::Kube,
-                EnrichmentStatus::Syncing | EnrichmentStatus::Degraded { .. } => {
-                    EnrichmentState::Degraded
-                }
-            });
+        let status = self.identity.status();
+        self.readiness.set_enrichment(&match &status {
+            EnrichmentStatus::Disabled => "cgroup-only (no Kubernetes API)".to_owned(),
+            EnrichmentStatus::Syncing => "syncing with the Kubernetes API".to_owned(),
+            EnrichmentStatus::Ready => "kube".to_owned(),
+            EnrichmentStatus::Degraded { since, last_error } => format!(
+                "degraded since {}: {last_error}",
+                humantime::format_rfc3339_seconds(*since)
+            ),
+        });
+        self.metrics.set_enrichment_state(match status {
+            EnrichmentStatus::Disabled => EnrichmentState::CgroupOnly,
+            EnrichmentStatus::Ready => EnrichmentState::Kube,
+            EnrichmentStatus::Syncing | EnrichmentStatus::Degraded { .. } => {
+                EnrichmentState::Degraded
+            }
+        });
     }
 
     /// Export identity of a whole scope (no single container): for per-scope metrics.

@@ -29,11 +29,14 @@ pub enum ServeError {
 }
 
 /// What `/readyz` reports: ready once the probes are attached and span export is running.
-/// Clones share state; the agent flips the flags as its stages come up or fail.
+/// Clones share state; the agent flips the flags as its stages come up or fail. Both health
+/// endpoints also say where pod metadata comes from: degraded enrichment is worth seeing,
+/// but never makes the agent unready, since observation goes on without it.
 #[derive(Clone, Debug, Default)]
 pub struct Readiness {
     probes_attached: Arc<AtomicBool>,
     export_running: Arc<AtomicBool>,
+    enrichment: Arc<std::sync::Mutex<String>>,
 }
 
 impl Readiness {
@@ -49,6 +52,23 @@ impl Readiness {
         self.export_running.store(running, Ordering::Relaxed);
     }
 
+    /// The enrichment status line, e.g. `kube`, `cgroup-only`, `degraded: <error>`.
+    pub fn set_enrichment(&self, status: &str) {
+        let mut current = self.enrichment.lock().unwrap_or_else(|p| p.into_inner());
+        if *current != status {
+            status.clone_into(&mut current);
+        }
+    }
+
+    fn enrichment_line(&self) -> String {
+        let current = self.enrichment.lock().unwrap_or_else(|p| p.into_inner());
+        if current.is_empty() {
+            String::new()
+        } else {
+            format!("enrichment: {current}\n")
+        }
+    }
+
     pub fn is_ready(&self) -> bool {
         self.probes_attached.load(Ordering::Relaxed) && self.export_running.load(Ordering::Relaxed)
     }
@@ -61,11 +81,12 @@ impl Readiness {
         if !self.export_running.load(Ordering::Relaxed) {
             missing.push("export not running");
         }
-        if missing.is_empty() {
+        let first = if missing.is_empty() {
             "ready\n".to_owned()
         } else {
             format!("not ready: {}\n", missing.join(", "))
-        }
+        };
+        first + &self.enrichment_line()
     }
 }
 
@@ -128,7 +149,10 @@ fn respond(
             .header(CONTENT_TYPE, OPENMETRICS)
             .body(Full::new(Bytes::from(metrics.encode())))
             .unwrap_or_default(),
-        "/healthz" => plain(StatusCode::OK, "ok\n".to_owned()),
+        "/healthz" => plain(
+            StatusCode::OK,
+            format!("ok\n{}", readiness.enrichment_line()),
+        ),
         "/readyz" => {
             let status = if readiness.is_ready() {
                 StatusCode::OK
