@@ -18,7 +18,7 @@ const BUILD_PACKAGES: &[&str] = &[
 ];
 
 /// Debian packages the testbed uses: namespaces and a real DNS server.
-const TESTBED_PACKAGES: &[&str] = &["iproute2", "dnsmasq-base", "python3"];
+const TESTBED_PACKAGES: &[&str] = &["iproute2", "dnsmasq-base", "python3", "bpftool"];
 
 /// Debian packages the deployment tests use: promtool (in `prometheus`) checks and
 /// unit-tests the alert rules; setpriv (in `util-linux`) runs the agent with exactly the
