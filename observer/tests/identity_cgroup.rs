@@ -331,3 +331,49 @@ fn resolv_conf_is_found_from_the_cgroup_before_any_pid_is_reported() {
         Some(&expected)
     );
 }
+
+#[test]
+fn resolv_conf_is_found_through_another_container_of_the_pod() {
+    // A one-shot client may exit before its lookup is read: the pod's main process in
+    // another container shows the same resolv.conf. CRI-O's conmon monitor, though, runs in
+    // the node's root: its resolv.conf is the node's and must never stand for the pod's.
+    let suffix = run_suffix();
+    let mut tree = CgroupTree::new();
+    let uid = pod_uid(&suffix, 6);
+    let pod_dir = format!(
+        "/observer-test-{suffix}/kubepods.slice/kubepods-pod{}.slice",
+        uid.replace('-', "_")
+    );
+    let client = format!("{pod_dir}/crio-{}.scope", container_id(&suffix, 6));
+    let monitor = format!("{pod_dir}/crio-conmon-{}.scope", container_id(&suffix, 7));
+    let main = format!("{pod_dir}/crio-{}.scope", container_id(&suffix, 8));
+    let client_id = tree.create(&client);
+    tree.create(&monitor);
+    tree.create(&main);
+    tree.spawn_in(&monitor);
+    assert!(
+        Path::new("/etc/resolv.conf").exists(),
+        "this test needs the node's /etc/resolv.conf"
+    );
+    let identity = Identity::host_only(
+        CgroupCache::new(&tree.mount, CgroupCacheConfig::default()),
+        ResolvCache::new(ResolvCacheConfig::default()),
+    );
+    assert_eq!(
+        identity.resolve(client_id, None).resolver,
+        None,
+        "conmon's resolv.conf was taken for the pod's"
+    );
+
+    let pid = tree.spawn_in(&main);
+    // Discovery is retried after a short interval, not on every event.
+    std::thread::sleep(Duration::from_millis(150));
+    let expected = observer::identity::parse_resolv_conf(
+        &std::fs::read(format!("/proc/{pid}/root/etc/resolv.conf")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        identity.resolve(client_id, None).resolver.as_deref(),
+        Some(&expected)
+    );
+}

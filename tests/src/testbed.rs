@@ -309,7 +309,7 @@ impl Testbed {
     }
 
     /// A pod: network namespace on the cluster segment, `/etc/netns/<ns>/resolv.conf` (the
-    /// testbed's DNS server unless the spec names nameservers), kubelet-shaped cgroups.
+    /// testbed's DNS server unless the spec names nameservers), kubelet-shaped cgroups, and a main process that runs in the container until teardown.
     pub fn add_pod(&self, spec: PodSpec) -> Result<Pod> {
         self.claim_name(&spec.name)?;
         let n = {
@@ -337,7 +337,7 @@ impl Testbed {
         std::fs::write(&resolv_path, resolv.render()).map_err(io_err("write", &resolv_path))?;
 
         let cgroup = self.kube_cgroup_numbered(spec.driver, spec.qos, u32::from(n))?;
-        Ok(Pod {
+        let pod = Pod {
             name: spec.name,
             netns,
             ipv4,
@@ -345,7 +345,13 @@ impl Testbed {
             resolv,
             resolv_path,
             cgroup,
-        })
+        };
+        // A running container always has its main process; the lookups and connects tests
+        // make come from short-lived processes beside it, as `kubectl exec` or a worker's
+        // children would.
+        let main = pod.command("sleep").arg("infinity").spawn()?;
+        self.lock().processes.push(main);
+        Ok(pod)
     }
 
     /// An in-cluster host (198.18.2.N, 2001:db8:c::2:N), e.g. a service backend.

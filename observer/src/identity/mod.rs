@@ -185,8 +185,10 @@ impl Identity {
             None => ScopeKey::Host(cgroup_id),
         };
         let resolver = inner.resolv.get_or_discover(&scope, pid, || {
-            let path = cgroup_path.as_deref().filter(|_| pod_cgroup.is_some())?;
-            first_pid_of_cgroup(inner.cgroups.root(), path)
+            match (cgroup_path.as_deref(), &pod_cgroup) {
+                (Some(path), Some(pod)) => pod_member_pids(inner.cgroups.root(), path, pod),
+                _ => Vec::new(),
+            }
         });
         let kube_generation = inner.kube.as_ref().map_or(0, KubeIdentity::generation);
         let mut memo = inner.memo.lock().unwrap_or_else(|p| p.into_inner());
@@ -286,11 +288,55 @@ impl Identity {
     }
 }
 
-/// The first pid listed in a cgroup's `cgroup.procs` (a small kernel file), if any.
-fn first_pid_of_cgroup(root: &std::path::Path, relative: &str) -> Option<u32> {
-    let procs = root
-        .join(relative.trim_start_matches('/'))
-        .join("cgroup.procs");
-    let text = std::fs::read_to_string(procs).ok()?;
-    text.lines().find_map(|l| l.trim().parse().ok())
+/// Processes that can show a pod's resolv.conf, best first: those of the event's own cgroup,
+/// then those of the pod's other containers (its main process or a sidecar outlives a
+/// one-shot client). Conmon monitors are skipped: they run in the node's root, whose
+/// resolv.conf is not the pod's. A few small kernel files are read; never many pids.
+fn pod_member_pids(root: &std::path::Path, relative: &str, pod: &PodCgroup) -> Vec<u32> {
+    const MAX: usize = 8;
+    let relative = relative.trim_start_matches('/').trim_end_matches('/');
+    let mut pids = Vec::new();
+    let add_procs = |dir: &std::path::Path, pids: &mut Vec<u32>| {
+        if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+            let room = MAX.saturating_sub(pids.len());
+            pids.extend(
+                text.lines()
+                    .filter_map(|l| l.trim().parse::<u32>().ok())
+                    .take(room),
+            );
+        }
+    };
+    if !matches!(pod.member, PodMember::ConmonMonitor { .. }) {
+        add_procs(&root.join(relative), &mut pids);
+    }
+    let pod_dir = match pod.member {
+        PodMember::PodLevel => relative,
+        _ => relative.rsplit_once('/').map_or("", |(parent, _)| parent),
+    };
+    if pod_dir.is_empty() {
+        return pids;
+    }
+    let Ok(children) = std::fs::read_dir(root.join(pod_dir)) else {
+        return pids;
+    };
+    for child in children.flatten() {
+        if pids.len() >= MAX {
+            break;
+        }
+        let Some(name) = child.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        let child_relative = format!("{pod_dir}/{name}");
+        if child_relative == relative || !child.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let sibling_is_container = matches!(
+            parse_cgroup_path(&child_relative),
+            Ok(CgroupOwner::Pod(PodCgroup { member: PodMember::Container { .. }, ref uid, .. })) if *uid == pod.uid
+        );
+        if sibling_is_container {
+            add_procs(&child.path(), &mut pids);
+        }
+    }
+    pids
 }

@@ -318,7 +318,7 @@ struct ScopeResolv {
 }
 
 /// How often a scope with no known member pid is searched for one.
-const DISCOVERY_INTERVAL: Duration = Duration::from_secs(1);
+const DISCOVERY_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Per-scope resolv.conf, read through any live process of the scope.
 pub struct ResolvCache {
@@ -341,16 +341,17 @@ impl ResolvCache {
     /// reading it when absent or older than the refresh interval. On a failed read the last
     /// good configuration is kept.
     pub fn get(&self, scope: &ScopeKey, pid: Option<u32>) -> Option<Arc<ResolvConf>> {
-        self.get_or_discover(scope, pid, || None)
+        self.get_or_discover(scope, pid, Vec::new)
     }
 
     /// As [`ResolvCache::get`]; when no pid is given and the scope has neither a
-    /// configuration nor a known pid, `discover` may name one (a member of its cgroup).
+    /// configuration nor a known pid, `discover` may name some (members of its pod), best
+    /// first.
     pub fn get_or_discover(
         &self,
         scope: &ScopeKey,
         pid: Option<u32>,
-        discover: impl FnOnce() -> Option<u32>,
+        discover: impl FnOnce() -> Vec<u32>,
     ) -> Option<Arc<ResolvConf>> {
         let now = Instant::now();
         let mut scopes = self.scopes.lock().unwrap_or_else(|p| p.into_inner());
@@ -365,27 +366,41 @@ impl ResolvCache {
             discovered_at: None,
         });
         // A pod's first DNS queries come before any event that names a process (DNS is
-        // captured without one): find a member so its first lookup is read with its own
-        // search list. At most once per interval for a scope that has none.
-        let pid = pid.or_else(|| {
-            let due = entry.conf.is_none()
-                && entry.pids.is_empty()
-                && entry
-                    .discovered_at
-                    .is_none_or(|at| now.duration_since(at) >= DISCOVERY_INTERVAL);
-            if !due {
-                return None;
+        // captured without one), and a one-shot client may be gone by the time its events
+        // are read: find members so its first lookup is read with its own search list. At
+        // most once per interval for a scope that has none.
+        let due = pid.is_none()
+            && entry.conf.is_none()
+            && entry.pids.is_empty()
+            && entry
+                .discovered_at
+                .is_none_or(|at| now.duration_since(at) >= DISCOVERY_INTERVAL);
+        let mut new_pid = false;
+        let mut remember = |pid: u32, first: bool| {
+            if entry.pids.contains(&pid) {
+                if first {
+                    entry.pids.retain(|p| *p != pid);
+                    entry.pids.insert(0, pid);
+                }
+                return;
             }
-            entry.discovered_at = Some(now);
-            discover()
-        });
-        // A process not seen before may read what the earlier ones could not.
-        let new_pid = pid.is_some_and(|pid| !entry.pids.contains(&pid));
+            // A process not seen before may read what the earlier ones could not.
+            new_pid = true;
+            if first {
+                entry.pids.insert(0, pid);
+            } else {
+                entry.pids.push(pid);
+            }
+        };
         if let Some(pid) = pid {
-            entry.pids.retain(|p| *p != pid);
-            entry.pids.insert(0, pid);
-            entry.pids.truncate(self.config.pids_per_scope);
+            remember(pid, true);
+        } else if due {
+            entry.discovered_at = Some(now);
+            for pid in discover().into_iter().take(self.config.pids_per_scope) {
+                remember(pid, false);
+            }
         }
+        entry.pids.truncate(self.config.pids_per_scope);
         let fresh = entry
             .read_at
             .is_some_and(|at| now.duration_since(at) < self.config.refresh_interval)
