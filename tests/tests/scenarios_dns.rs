@@ -68,7 +68,6 @@ fn seed_story_search_escape_is_flagged() {
         )
         .expect("dnsmasq");
     let pod = story_pod(&tb, "web");
-    let _main = main_process(&pod);
     let observed = Observed::start();
     let before = observed.metrics();
 
@@ -205,7 +204,6 @@ fn service_present_resolves_in_cluster() {
         )
         .expect("dnsmasq");
     let pod = story_pod(&tb, "web");
-    let _main = main_process(&pod);
     let observed = Observed::start();
 
     let (_, peer) = connect(&pod, "db", 5432, &dns);
@@ -249,7 +247,6 @@ fn absolute_external_name_is_egress_but_not_flagged() {
         )
         .expect("dnsmasq");
     let pod = story_pod(&tb, "web");
-    let _main = main_process(&pod);
     let observed = Observed::start();
 
     let (_, peer) = connect(&pod, "db.another-lab.com.", 5432, &dns);
@@ -292,7 +289,6 @@ fn ndots_decides_whether_a_dotted_name_walks_the_search_list() {
         .add_pod(PodSpec::new("ndots1").search(STORY_SEARCH).ndots(1))
         .expect("pod");
     let ndots5 = story_pod(&tb, "ndots5");
-    let _mains = [main_process(&ndots1), main_process(&ndots5)];
     let observed = Observed::start();
 
     for pod in [&ndots1, &ndots5] {
@@ -373,7 +369,6 @@ fn autopath_style_cname_out_of_the_cluster_is_flagged() {
         )
         .expect("dnsmasq");
     let pod = story_pod(&tb, "web");
-    let _main = main_process(&pod);
     let observed = Observed::start();
     let before = observed.metrics();
 
@@ -447,7 +442,6 @@ fn ipv6_only_search_escape_is_flagged() {
         )
         .expect("dnsmasq");
     let pod = story_pod(&tb, "web");
-    let _main = main_process(&pod);
     let observed = Observed::start();
 
     let (_, peer) = connect(&pod, "db", 5432, &dns);
@@ -517,7 +511,6 @@ fn truncated_answer_retried_over_tcp_still_classifies() {
     }
     let dns = tb.start_dns(config).expect("dnsmasq");
     let pod = story_pod(&tb, "web");
-    let _main = main_process(&pod);
     let observed = Observed::start();
 
     let (_, peer) = connect(&pod, "big", 5432, &dns);

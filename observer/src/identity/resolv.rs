@@ -4,6 +4,7 @@ use std::{
     collections::HashMap,
     io::Read,
     net::IpAddr,
+    os::fd::AsRawFd,
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -94,6 +95,8 @@ pub enum ResolvConfError {
     TooLarge { len: usize, max: usize },
     #[error("resolv.conf contains a NUL byte at offset {offset}: not a text file")]
     Binary { offset: usize },
+    #[error("process {pid} no longer belongs to {scope}: its pid was reused")]
+    NotAMember { pid: u32, scope: String },
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -266,10 +269,74 @@ pub fn read_resolv_conf_of_pid(
     proc_root: &std::path::Path,
     pid: u32,
 ) -> Result<ResolvConf, ResolvConfError> {
-    let path = proc_root.join(pid.to_string()).join("root/etc/resolv.conf");
-    let file = std::fs::File::open(&path).map_err(|source| ResolvConfError::Io {
+    read_file_bounded(&proc_root.join(pid.to_string()).join("root/etc/resolv.conf"))
+        .and_then(|bytes| parse_resolv_conf(&bytes))
+}
+
+/// As [`read_resolv_conf_of_pid`], but only while `pid` is still a member of `scope`: a pid
+/// remembered for a pod may have exited and been reused by a process elsewhere, whose
+/// resolv.conf is not the pod's. Both files are read through one open handle on
+/// `/proc/<pid>`, which stays bound to the process it was opened for: if that process exits,
+/// reads through it fail instead of reaching a newcomer with the same pid.
+pub fn read_resolv_conf_of_member(
+    proc_root: &std::path::Path,
+    pid: u32,
+    scope: &ScopeKey,
+) -> Result<ResolvConf, ResolvConfError> {
+    let dir = proc_root.join(pid.to_string());
+    let handle = std::fs::File::open(&dir).map_err(|source| ResolvConfError::Io {
         op: "open",
-        path: path.clone(),
+        path: dir.clone(),
+        source,
+    })?;
+    let base = PathBuf::from(format!("/proc/self/fd/{}", handle.as_raw_fd()));
+    let cgroups = read_file_bounded(&base.join("cgroup"))?;
+    if !member_of(&String::from_utf8_lossy(&cgroups), scope) {
+        return Err(ResolvConfError::NotAMember {
+            pid,
+            scope: scope.to_string(),
+        });
+    }
+    let bytes = read_file_bounded(&base.join("root/etc/resolv.conf"))?;
+    drop(handle);
+    parse_resolv_conf(&bytes)
+}
+
+/// Whether a process's `/proc/<pid>/cgroup` puts it in `scope`, by its cgroup2 line
+/// (`0::<path>`). The path may be relative to the agent's cgroup namespace (`/../..`), so the
+/// pod is recognised by its UID segment as the kubelet writes it under either driver
+/// (`pod<uid>`, or `pod<uid with underscores>.slice`), not by parsing the whole path.
+fn member_of(cgroup_file: &str, scope: &ScopeKey) -> bool {
+    let Some(path) = cgroup_file.lines().find_map(|l| l.strip_prefix("0::")) else {
+        return false;
+    };
+    let is_pod_segment = |segment: &str, uid: &str| {
+        let Some(rest) = segment
+            .strip_suffix(".slice")
+            .unwrap_or(segment)
+            .rsplit_once("pod")
+            .map(|(_, rest)| rest)
+        else {
+            return false;
+        };
+        rest.len() == uid.len()
+            && rest
+                .bytes()
+                .zip(uid.bytes())
+                .all(|(a, b)| a == b || (a == b'_' && b == b'-'))
+    };
+    match scope {
+        ScopeKey::Pod(uid) => path.split('/').any(|segment| is_pod_segment(segment, uid)),
+        ScopeKey::Host(_) => !path
+            .split('/')
+            .any(|segment| segment.starts_with("kubepods")),
+    }
+}
+
+fn read_file_bounded(path: &std::path::Path) -> Result<Vec<u8>, ResolvConfError> {
+    let file = std::fs::File::open(path).map_err(|source| ResolvConfError::Io {
+        op: "open",
+        path: path.to_owned(),
         source,
     })?;
     let mut bytes = Vec::new();
@@ -278,10 +345,10 @@ pub fn read_resolv_conf_of_pid(
         .read_to_end(&mut bytes)
         .map_err(|source| ResolvConfError::Io {
             op: "read",
-            path,
+            path: path.to_owned(),
             source,
         })?;
-    parse_resolv_conf(&bytes)
+    Ok(bytes)
 }
 
 #[derive(Clone, Debug)]
@@ -417,13 +484,17 @@ impl ResolvCache {
                 live.push(pid);
                 continue;
             }
-            match read_resolv_conf_of_pid(&self.config.proc_root, pid) {
+            match read_resolv_conf_of_member(&self.config.proc_root, pid, scope) {
                 Ok(conf) => {
                     found = Some(conf);
                     live.push(pid);
                 }
+                Err(ResolvConfError::NotAMember { .. }) => {
+                    // Its pid now names a process elsewhere: forget it, try the next one.
+                }
                 Err(ResolvConfError::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound =>
+                    if source.kind() == std::io::ErrorKind::NotFound
+                        || source.raw_os_error() == Some(libc::ESRCH) =>
                 {
                     // The process exited: forget it and try the next one.
                 }
@@ -647,10 +718,21 @@ nameserver 198.18.0.53 # trailing words are ignored
         base
     }
 
+    const POD_UID: &str = "3f6a2b1c-9d4e-4f5a-8b7c-0d1e2f3a4b5c";
+    const POD_CGROUP: &str = "0::/kubepods.slice/kubepods-burstable.slice/\
+        kubepods-burstable-pod3f6a2b1c_9d4e_4f5a_8b7c_0d1e2f3a4b5c.slice/\
+        cri-containerd-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.scope\n";
+
+    /// A fake `/proc/<pid>` of a process of the pod [`POD_UID`].
     fn write_pid_resolv(proc_root: &std::path::Path, pid: u32, text: &str) {
-        let etc = proc_root.join(pid.to_string()).join("root/etc");
-        std::fs::create_dir_all(&etc).unwrap();
-        std::fs::write(etc.join("resolv.conf"), text).unwrap();
+        write_pid_files(proc_root, pid, POD_CGROUP, text);
+    }
+
+    fn write_pid_files(proc_root: &std::path::Path, pid: u32, cgroup: &str, resolv: &str) {
+        let dir = proc_root.join(pid.to_string());
+        std::fs::create_dir_all(dir.join("root/etc")).unwrap();
+        std::fs::write(dir.join("cgroup"), cgroup).unwrap();
+        std::fs::write(dir.join("root/etc/resolv.conf"), resolv).unwrap();
     }
 
     #[test]
@@ -663,7 +745,7 @@ nameserver 198.18.0.53 # trailing words are ignored
             refresh_interval: Duration::from_millis(50),
             ..ResolvCacheConfig::default()
         });
-        let scope = ScopeKey::Pod(Arc::from("3f6a2b1c-9d4e-4f5a-8b7c-0d1e2f3a4b5c"));
+        let scope = ScopeKey::Pod(Arc::from(POD_UID));
         assert_eq!(cache.get(&scope, Some(200)).unwrap().ndots, 5);
         cache.get(&scope, Some(100));
         // pid 100 (most recent) exits; the file changes; after the interval it is re-read via 200.
@@ -699,5 +781,77 @@ nameserver 198.18.0.53 # trailing words are ignored
             Ok(conf) => assert_eq!(via_cache.as_deref(), Some(&conf)),
             Err(e) => panic!("this machine's /etc/resolv.conf through /proc: {e}"),
         }
+    }
+
+    #[test]
+    fn a_reused_pid_never_lends_another_pods_resolv_conf() {
+        let proc_root = fake_proc("reuse");
+        write_pid_resolv(&proc_root, 300, KUBELET);
+        let cache = ResolvCache::new(ResolvCacheConfig {
+            proc_root: proc_root.clone(),
+            refresh_interval: Duration::from_millis(20),
+            ..ResolvCacheConfig::default()
+        });
+        let pod = ScopeKey::Pod(Arc::from(POD_UID));
+        assert_eq!(cache.get(&pod, Some(300)).unwrap().ndots, 5);
+        // pid 300 exits and is reused by a process of another pod with another search list.
+        write_pid_files(
+            &proc_root,
+            300,
+            "0::/kubepods/besteffort/pod9a9a9a9a-0000-4000-8000-000000000001/abc\n",
+            "search elsewhere.svc.cluster.local\noptions ndots:1\n",
+        );
+        std::thread::sleep(Duration::from_millis(30));
+        let conf = cache.get(&pod, None).unwrap();
+        assert_eq!(
+            conf.ndots, 5,
+            "the other pod's file was taken for this pod's"
+        );
+        // A new scope that names the reused pid first gets nothing from it either.
+        let fresh = ScopeKey::Pod(Arc::from("7c7c7c7c-0000-4000-8000-000000000002"));
+        assert_eq!(cache.get(&fresh, Some(300)), None);
+        std::fs::remove_dir_all(&proc_root).unwrap();
+    }
+
+    #[test]
+    fn membership_is_read_from_the_cgroup2_line_under_any_cgroup_namespace() {
+        let pod = ScopeKey::Pod(Arc::from(POD_UID));
+        let host = ScopeKey::Host(7);
+        let systemd = POD_CGROUP;
+        let cgroupfs =
+            format!("12:memory:/whatever\n0::/kubepods/burstable/pod{POD_UID}/0123abcd\n");
+        // Seen from inside a container's own cgroup namespace: relative to its root.
+        let namespaced = "0::/../../kubepods-burstable-pod3f6a2b1c_9d4e_4f5a_8b7c_0d1e2f3a4b5c.slice/cri-containerd-ab.scope\n";
+        for file in [systemd, cgroupfs.as_str(), namespaced] {
+            assert!(member_of(file, &pod), "{file}");
+            assert!(!member_of(file, &host), "{file}");
+        }
+        let other_pod = "0::/kubepods/pod3f6a2b1c-9d4e-4f5a-8b7c-0d1e2f3a4b5d/x\n";
+        assert!(!member_of(other_pod, &pod));
+        let longer_uid = "0::/kubepods/pod3f6a2b1c-9d4e-4f5a-8b7c-0d1e2f3a4b5c0/x\n";
+        assert!(!member_of(longer_uid, &pod));
+        let node = "0::/system.slice/containerd.service\n";
+        assert!(member_of(node, &host));
+        assert!(!member_of(node, &pod));
+        // cgroup v1 only: no way to tell, so no.
+        assert!(!member_of("4:cpu:/kubepods/x\n", &pod));
+        assert!(!member_of("", &host));
+    }
+
+    #[test]
+    fn a_proc_handle_stays_bound_to_the_process_it_was_opened_for() {
+        // What read_resolv_conf_of_member relies on: after the process exits, reads through
+        // the handle fail, so a newcomer that reuses the pid is never reached.
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let handle = std::fs::File::open(format!("/proc/{}", child.id())).unwrap();
+        let base = PathBuf::from(format!("/proc/self/fd/{}", handle.as_raw_fd()));
+        assert!(std::fs::read(base.join("cgroup")).is_ok());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(std::fs::read(base.join("cgroup")).is_err());
+        assert!(std::fs::read(base.join("root/etc/resolv.conf")).is_err());
     }
 }

@@ -3,7 +3,7 @@
 use std::{net::IpAddr, time::Duration};
 
 use observer_tests::{
-    ConnectOutcome, ConnectReport, DnsServer, Pod, PodSpec, Process, Testbed,
+    ConnectOutcome, ConnectReport, DnsServer, Pod, PodSpec, Testbed,
     agent::{Agent, AgentSpec},
     otlp::OtlpReceiver,
 };
@@ -128,16 +128,6 @@ pub fn testbed() -> Testbed {
 pub fn story_pod(tb: &Testbed, name: &str) -> Pod {
     tb.add_pod(PodSpec::new(name).search(STORY_SEARCH).ndots(5))
         .expect("pod")
-}
-
-/// The container's main process, alive as long as the returned handle (a real container
-/// always has one). observer reads the pod's resolv.conf through a live process of the pod;
-/// the helpers that resolve and connect exit within milliseconds.
-pub fn main_process(pod: &Pod) -> Process {
-    pod.command("sleep")
-        .arg("120")
-        .spawn()
-        .expect("the pod's main process")
 }
 
 /// Connects from the pod and returns where it landed; panics with the DNS log otherwise.
