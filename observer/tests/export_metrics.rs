@@ -8,7 +8,7 @@ use std::{
 };
 
 use export_support::*;
-use observer::export::{EnrichmentState, Metrics, Readiness, serve_http};
+use observer::export::{EnrichmentState, Metrics, Readiness, UnmatchedReason, serve_http};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -206,6 +206,7 @@ async fn metrics_scraped_over_http() {
     metrics.set_kernel_events_lost("dns_capture", "ringbuf_full", 17);
     metrics.set_kernel_events_lost("dns_capture", "ringbuf_full", 3); // stale read: ignored
     metrics.set_core_evictions("pending_query", 42);
+    metrics.set_unmatched_responses(UnmatchedReason::OtherQuestion, 3);
     metrics.set_enrichment_state(EnrichmentState::CgroupOnly);
 
     let (status, content_type, body) = get(addr, "/metrics").await;
@@ -230,6 +231,7 @@ async fn metrics_scraped_over_http() {
         ("observer_enrichment_status", "gauge"),
         ("observer_dns_parse_errors", "counter"),
         ("observer_core_evictions", "counter"),
+        ("observer_dns_unmatched_responses", "counter"),
     ] {
         assert_eq!(
             types.get(family).map(String::as_str),
@@ -393,6 +395,22 @@ async fn metrics_scraped_over_http() {
         ),
         42.0
     );
+    // Every reason exists from the start, so alert rules see zeros rather than nothing.
+    for (reason, expected) in [
+        ("no_query", 0.0),
+        ("other_question", 3.0),
+        ("chain_evicted", 0.0),
+    ] {
+        assert_eq!(
+            value(
+                &samples,
+                "observer_dns_unmatched_responses_total",
+                &[("reason", reason)]
+            ),
+            expected,
+            "{reason}"
+        );
+    }
     for (state, expected) in [("kube", 0.0), ("cgroup-only", 1.0), ("degraded", 0.0)] {
         assert_eq!(
             value(&samples, "observer_enrichment_status", &[("state", state)]),

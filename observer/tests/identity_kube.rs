@@ -44,6 +44,9 @@ struct ApiState {
     watchers: Vec<(&'static str, Option<String>, mpsc::UnboundedSender<Bytes>)>,
     /// Every request line received (`GET /api/v1/pods?...`).
     requests: Vec<String>,
+    /// Collections answered with broken JSON (200 OK, cut mid-object), as a faulty proxy or
+    /// API server might.
+    garbage: Vec<&'static str>,
 }
 
 const PODS: &str = "/api/v1/pods";
@@ -133,6 +136,20 @@ impl ApiState {
         });
     }
 
+    /// Sends a line that is not JSON to every open watch of `collection`, then ends them.
+    fn garbage_to_watches(&mut self, collection: &'static str) {
+        let line =
+            Bytes::from_static(b"{\"type\": \"ADDED\", \"object\": {\"metadata\": \x00\xff]]\n");
+        self.watchers.retain(|(c, _, tx)| {
+            if *c == collection {
+                let _ = tx.send(line.clone());
+                false
+            } else {
+                true
+            }
+        });
+    }
+
     fn requests_to(&self, collection: &str) -> Vec<String> {
         self.requests
             .iter()
@@ -195,6 +212,18 @@ fn handle(
                 .status(StatusCode::OK)
                 .header("content-type", "application/json")
                 .body(BodyExt::boxed(StreamBody::new(stream)))
+                .unwrap();
+        }
+        if api.garbage.contains(&collection) {
+            return Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "application/json")
+                .body(
+                    Full::new(Bytes::from_static(
+                        b"{\"apiVersion\": \"v1\", \"items\": [{\"metadata\": ",
+                    ))
+                    .boxed(),
+                )
                 .unwrap();
         }
         let (api_version, kind) = list_kind(collection);
@@ -860,4 +889,76 @@ async fn an_api_without_service_cidr_is_not_an_error() {
             .any(|n| n.contains(&"198.18.130.1".parse::<IpAddr>().unwrap())),
         "{networks:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_from_the_api_degrades_without_stopping_lookups_and_recovers() {
+    // Lists of Pods come back cut mid-object (200 OK) from the start.
+    let state = cluster_state(true);
+    state.lock().unwrap().garbage.push(PODS);
+    let server = StandIn::start(Arc::clone(&state), localhost()).await;
+    let cgroups = FakeCgroupRoot::new("garbage");
+    let web_cgroup = cgroups.container(WEB_UID, WEB_CID);
+    let identity = identity_against(&server, &cgroups);
+    let kube = identity.kube().unwrap().clone();
+    let (_, last_error) = eventually("degraded by a broken list", || match identity.status() {
+        EnrichmentStatus::Degraded { since, last_error } => Some((since, last_error)),
+        _ => None,
+    })
+    .await;
+    assert!(!last_error.is_empty());
+    // Lookups answer at once from the node: pod UID and container id, no names.
+    let started = Instant::now();
+    let web = identity.resolve(web_cgroup, None);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(web.scope, ScopeKey::Pod(Arc::from(WEB_UID)));
+    assert!(web.pod.is_none());
+
+    // The API answers properly: the watcher's own retries fill the store.
+    state.lock().unwrap().garbage.clear();
+    eventually("pods listed", || kube.pod_by_uid(WEB_UID).map(|_| ())).await;
+    eventually("ready", || {
+        (identity.status() == EnrichmentStatus::Ready).then_some(())
+    })
+    .await;
+
+    // A watch stream carries a line that is not JSON, and ends.
+    state.lock().unwrap().garbage_to_watches(PODS);
+    eventually("degraded by a broken watch event", || {
+        matches!(identity.status(), EnrichmentStatus::Degraded { .. }).then_some(())
+    })
+    .await;
+    let web = identity.resolve(web_cgroup, None);
+    assert_eq!(
+        web.pod.as_ref().map(|p| &*p.name),
+        Some("web-7d4b9c8f6d-x2x7k"),
+        "what was known is kept"
+    );
+    // The watch comes back by itself and hears of new pods again.
+    eventually("watching again", || {
+        let api = state.lock().unwrap();
+        api.watchers
+            .iter()
+            .any(|(c, _, tx)| *c == PODS && !tx.is_closed())
+            .then_some(())
+    })
+    .await;
+    state.lock().unwrap().upsert(
+        PODS,
+        pod(
+            "solo",
+            "shop",
+            LATE_UID,
+            NODE,
+            "198.18.1.11",
+            None,
+            &[("solo", LATE_CID)],
+        ),
+        true,
+    );
+    eventually("new pod seen", || kube.pod_by_uid(LATE_UID).map(|_| ())).await;
+    eventually("ready again", || {
+        (identity.status() == EnrichmentStatus::Ready).then_some(())
+    })
+    .await;
 }

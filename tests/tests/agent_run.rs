@@ -24,7 +24,8 @@ use serde_json::{Value, json};
 const RECORD_WAIT: Duration = Duration::from_secs(10);
 /// Batches leave every 2 s; retries and a loaded machine need a margin.
 const TRACE_WAIT: Duration = Duration::from_secs(15);
-/// `observer run` lets its exporter flush for 5 s on SIGTERM.
+/// `observer run` lets its exporter flush for 5 s on SIGTERM; a loaded 2-core machine adds
+/// scheduling delay on top. A hang guard, not a speed figure.
 const STOP_WITHIN: Duration = Duration::from_secs(8);
 
 /// What glibc asks, in order, for `db` with the story's search list and ndots:5, and what
@@ -837,7 +838,7 @@ fn without_a_collector_the_agent_observes_and_counts_export_failures() {
     stop_cleanly(agent);
 }
 
-/// SIGTERM: the agent detaches its kernel programs, says so, and exits 0 at once.
+/// SIGTERM: the agent detaches its kernel programs, says so, and exits 0 within its bound.
 #[test]
 fn sigterm_detaches_and_exits_zero() {
     let agent = Agent::start(AgentSpec::new().args(cluster_args()));
@@ -846,10 +847,7 @@ fn sigterm_detaches_and_exits_zero() {
     let (status, log) = agent.stop_with_log();
     let took = started.elapsed();
     assert!(status.success(), "exit status on SIGTERM: {status}\n{log}");
-    assert!(
-        took < Duration::from_secs(3),
-        "took {took:?} to stop\n{log}"
-    );
+    assert!(took < STOP_WITHIN, "took {took:?} to stop\n{log}");
     assert!(log.contains("terminated: detaching"), "{log}");
     assert!(log.contains("kernel programs detached"), "{log}");
     let lower = log.to_ascii_lowercase();

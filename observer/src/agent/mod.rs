@@ -26,7 +26,7 @@ use crate::{
     export::{
         Enriched, EnrichmentState, ExportConfig, ExportIdentity, JsonWriter, Metrics, PodIdentity,
         Readiness, RedactMode, Redactor, SpanExporter, SpanSelection, SpanSink, TextWriter,
-        WallClock, color_for_stdout, serve_http,
+        UnmatchedReason, WallClock, color_for_stdout, serve_http,
     },
     identity::{EnrichmentStatus, Identity, IdentityConfig, KubeMode, WorkloadIdentity},
     probes::{self, BootClock, DnsPacket, Event, ProbeOptions, Probes, Protocol},
@@ -613,5 +613,12 @@ fn publish_core_counters(metrics: &Metrics, c: &correlate::CoreCounters) {
         ("connects_expired", c.connects_expired),
     ] {
         metrics.set_core_evictions(kind, total);
+    }
+    for (reason, total) in [
+        (UnmatchedReason::NoQuery, c.responses_unmatched),
+        (UnmatchedReason::OtherQuestion, c.responses_mismatched),
+        (UnmatchedReason::ChainEvicted, c.responses_orphaned),
+    ] {
+        metrics.set_unmatched_responses(reason, total);
     }
 }

@@ -147,6 +147,30 @@ struct StateLabels {
 type HistogramFamily = Family<SourceLabels, Histogram, fn() -> Histogram>;
 
 /// The registry and every series observer exports. Shared as `Arc<Metrics>`.
+/// Why a DNS response answered none of a pod's pending queries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnmatchedReason {
+    NoQuery,
+    OtherQuestion,
+    ChainEvicted,
+}
+
+impl UnmatchedReason {
+    pub const ALL: [UnmatchedReason; 3] = [
+        UnmatchedReason::NoQuery,
+        UnmatchedReason::OtherQuestion,
+        UnmatchedReason::ChainEvicted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnmatchedReason::NoQuery => "no_query",
+            UnmatchedReason::OtherQuestion => "other_question",
+            UnmatchedReason::ChainEvicted => "chain_evicted",
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     connections: Family<ConnectionLabels, Counter>,
@@ -163,6 +187,7 @@ pub struct Metrics {
     enrichment: Family<StateLabels, Gauge>,
     parse_errors: Family<KindLabels, Counter>,
     evictions: Family<KindLabels, Counter>,
+    unmatched_responses: Family<ReasonLabels, Counter>,
     caps: Mutex<Caps>,
 }
 
@@ -271,6 +296,12 @@ impl Metrics {
             "Entries the correlation core evicted to stay within its memory bounds, by kind",
             evictions.clone(),
         );
+        let unmatched_responses = Family::default();
+        registry.register(
+            "dns_unmatched_responses",
+            "DNS responses seen by a pod that answered none of its pending queries, by reason",
+            unmatched_responses.clone(),
+        );
         let metrics = Self {
             registry,
             connections,
@@ -287,11 +318,15 @@ impl Metrics {
             enrichment,
             parse_errors,
             evictions,
+            unmatched_responses,
             caps: Mutex::new(Caps::new(limits)),
         };
         // Export health series exist from the start, so `rate()` and alert rules see zeros.
         for reason in DROP_REASONS {
             metrics.spans_dropped(reason, 0);
+        }
+        for reason in UnmatchedReason::ALL {
+            metrics.set_unmatched_responses(reason, 0);
         }
         for reason in FAILURE_REASONS {
             metrics
@@ -422,6 +457,17 @@ impl Metrics {
     pub fn set_core_evictions(&self, kind: &str, total: u64) {
         let kind = self.caps().small(SmallSet::EvictionKind, kind);
         raise_to(&self.evictions.get_or_create(&KindLabels { kind }), total);
+    }
+
+    /// Sets the total of responses the correlation core could not use, by `reason`:
+    /// `no_query` (no pending query with that id and 4-tuple), `other_question` (the id and
+    /// 4-tuple matched, the question did not), `chain_evicted` (the query's chain was evicted
+    /// before the answer came). A fixed set of reasons: no cap needed.
+    pub fn set_unmatched_responses(&self, reason: UnmatchedReason, total: u64) {
+        let labels = ReasonLabels {
+            reason: reason.as_str().to_owned(),
+        };
+        raise_to(&self.unmatched_responses.get_or_create(&labels), total);
     }
 
     pub fn set_enrichment_state(&self, current: EnrichmentState) {
