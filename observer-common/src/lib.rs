@@ -46,6 +46,10 @@ pub const DNS_FLAG_TRUNCATED: u8 = 1 << 0;
 
 /// A DNS message (UDP) or a DNS-port TCP segment's payload, seen by a socket on the node.
 ///
+/// On the ring a record is only as long as it needs to be: the fields before `payload`
+/// ([`DNS_EVENT_HEADER_LEN`] bytes) and then `captured_len` payload bytes. A typical answer
+/// takes a tenth of the ring space a full-size record would.
+///
 /// Ports are in host byte order. IPv4 addresses sit in the first four bytes of the
 /// 16-byte address fields; the rest is zero.
 #[repr(C)]
@@ -74,6 +78,9 @@ pub struct DnsEvent {
     pub _pad: [u8; 4],
     pub payload: [u8; DNS_PAYLOAD_MAX],
 }
+
+/// Bytes of a [`DnsEvent`] before its payload: the fixed part of every DNS ring record.
+pub const DNS_EVENT_HEADER_LEN: usize = core::mem::offset_of!(DnsEvent, payload);
 
 /// `ConnectEvent::kind`.
 pub const CONNECT_OPEN: u8 = 1;
@@ -284,6 +291,7 @@ mod tests {
         assert_eq!(offset_of!(DnsEvent, family), 72);
         assert_eq!(offset_of!(DnsEvent, flags), 75);
         assert_eq!(offset_of!(DnsEvent, payload), 80);
+        assert_eq!(DNS_EVENT_HEADER_LEN, 80);
         assert_eq!(size_of::<DnsEvent>(), 80 + DNS_PAYLOAD_MAX);
         assert_eq!(align_of::<DnsEvent>(), 8);
     }

@@ -87,34 +87,45 @@ fn remember_requested(ctx: &TracePointContext) {
     if uservaddr == 0 || addrlen < 2 {
         return;
     }
-    let Ok(family) = (unsafe { bpf_probe_read_user(uservaddr as *const u16) }) else {
-        count(LossCounter::ConnectReadError);
+    // One read of the largest sockaddr the length allows: the family is its first field.
+    let raw: [u8; 24] = if addrlen >= SOCKADDR_IN6_LEN {
+        match unsafe { bpf_probe_read_user(uservaddr as *const [u8; 24]) } {
+            Ok(raw) => raw,
+            Err(_) => {
+                count(LossCounter::ConnectReadError);
+                return;
+            }
+        }
+    } else if addrlen >= SOCKADDR_IN_LEN {
+        match unsafe { bpf_probe_read_user(uservaddr as *const [u8; 16]) } {
+            Ok(short) => {
+                let mut raw = [0u8; 24];
+                raw[..16].copy_from_slice(&short);
+                raw
+            }
+            Err(_) => {
+                count(LossCounter::ConnectReadError);
+                return;
+            }
+        }
+    } else {
         return;
     };
+    let family = u16::from_ne_bytes([raw[0], raw[1]]);
     let mut requested = Requested {
         addr: [0; 16],
-        port: 0,
+        port: u16::from_be_bytes([raw[2], raw[3]]),
         family: 0,
         _pad: [0; 5],
     };
     match family {
-        AF_INET if addrlen >= SOCKADDR_IN_LEN => {
-            // sockaddr_in: family, port (big endian), address.
-            let Ok(raw) = (unsafe { bpf_probe_read_user(uservaddr as *const [u8; 8]) }) else {
-                count(LossCounter::ConnectReadError);
-                return;
-            };
-            requested.port = u16::from_be_bytes([raw[2], raw[3]]);
+        // sockaddr_in: family, port (big endian), address.
+        AF_INET => {
             requested.addr[..4].copy_from_slice(&raw[4..8]);
             requested.family = FAMILY_IPV4;
         }
+        // sockaddr_in6: family, port, flowinfo, address.
         AF_INET6 if addrlen >= SOCKADDR_IN6_LEN => {
-            // sockaddr_in6: family, port, flowinfo, address.
-            let Ok(raw) = (unsafe { bpf_probe_read_user(uservaddr as *const [u8; 24]) }) else {
-                count(LossCounter::ConnectReadError);
-                return;
-            };
-            requested.port = u16::from_be_bytes([raw[2], raw[3]]);
             requested.addr.copy_from_slice(&raw[8..24]);
             requested.family = FAMILY_IPV6;
         }

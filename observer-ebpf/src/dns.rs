@@ -12,12 +12,12 @@ use aya_ebpf::{
         bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_skb_cgroup_id, bpf_skb_load_bytes,
     },
     macros::{cgroup_skb, map},
-    maps::{Array, RingBuf},
+    maps::{Array, PerCpuArray, RingBuf},
     programs::SkBuffContext,
 };
 use observer_common::{
-    DIRECTION_EGRESS, DIRECTION_INGRESS, DNS_FLAG_TRUNCATED, DNS_PAYLOAD_MAX, DNS_PORT_SLOTS,
-    DnsEvent, FAMILY_IPV4, FAMILY_IPV6, LossCounter, PROTO_TCP, PROTO_UDP,
+    DIRECTION_EGRESS, DIRECTION_INGRESS, DNS_EVENT_HEADER_LEN, DNS_FLAG_TRUNCATED, DNS_PAYLOAD_MAX,
+    DNS_PORT_SLOTS, DnsEvent, FAMILY_IPV4, FAMILY_IPV6, LossCounter, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{loss::count, ring::submit_flags};
@@ -25,6 +25,11 @@ use crate::{loss::count, ring::submit_flags};
 /// Resized by the agent at load time.
 #[map]
 static DNS_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 21, 0);
+
+/// Where a record is assembled before it is copied to the ring at its real length: the
+/// ring cannot reserve a length that is known only at run time.
+#[map]
+static DNS_SCRATCH: PerCpuArray<DnsEvent> = PerCpuArray::with_max_entries(1, 0);
 
 /// One byte per port: non-zero means "DNS is spoken on this port". Filled by the agent.
 #[map]
@@ -208,11 +213,9 @@ fn capture(skb: *mut __sk_buff, packet: Packet) {
     let cut = payload_len > PAYLOAD_MAX;
     let captured_len = if cut { PAYLOAD_MAX } else { payload_len };
 
-    let Some(mut entry) = DNS_EVENTS.reserve::<DnsEvent>(0) else {
-        count(LossCounter::DnsRingFull);
+    let Some(event) = DNS_SCRATCH.get_ptr_mut(0) else {
         return;
     };
-    let event = entry.as_mut_ptr();
     let addresses_read = unsafe {
         if packet.family == FAMILY_IPV4 {
             match read::<[u8; 8]>(skb, 12) {
@@ -238,7 +241,6 @@ fn capture(skb: *mut __sk_buff, packet: Packet) {
         }
     };
     if !addresses_read {
-        entry.discard(0);
         count(LossCounter::DnsReadError);
         return;
     }
@@ -257,7 +259,6 @@ fn capture(skb: *mut __sk_buff, packet: Packet) {
         )
     };
     if payload_read != 0 {
-        entry.discard(0);
         count(LossCounter::DnsReadError);
         return;
     }
@@ -280,5 +281,15 @@ fn capture(skb: *mut __sk_buff, packet: Packet) {
         (*event).flags = if cut { DNS_FLAG_TRUNCATED } else { 0 };
         (*event)._pad = [0; 4];
     }
-    entry.submit(submit_flags(&DNS_EVENTS, size_of::<DnsEvent>()));
+    // `read_len` is the verifier-bounded twin of `captured_len`: the record ends there.
+    let record_len = DNS_EVENT_HEADER_LEN + read_len as usize;
+    // SAFETY: `event` points to a whole DnsEvent in the scratch map, and record_len is at
+    // most its size.
+    let record = unsafe { core::slice::from_raw_parts(event.cast::<u8>(), record_len) };
+    if DNS_EVENTS
+        .output::<[u8]>(record, submit_flags(&DNS_EVENTS, record_len))
+        .is_err()
+    {
+        count(LossCounter::DnsRingFull);
+    }
 }

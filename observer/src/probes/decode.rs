@@ -5,8 +5,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use bytes::Bytes;
 use observer_common::{
     CONNECT_FLAG_REQUESTED, CONNECT_OPEN, CONNECT_OUTCOME, ConnectEvent, DIRECTION_EGRESS,
-    DIRECTION_INGRESS, DNS_FLAG_TRUNCATED, DNS_PAYLOAD_MAX, DnsEvent, FAMILY_IPV4, FAMILY_IPV6,
-    OUTCOME_ESTABLISHED, OUTCOME_REFUSED, OUTCOME_TIMEOUT, PROTO_TCP, PROTO_UDP,
+    DIRECTION_INGRESS, DNS_EVENT_HEADER_LEN, DNS_FLAG_TRUNCATED, DNS_PAYLOAD_MAX, DnsEvent,
+    FAMILY_IPV4, FAMILY_IPV6, OUTCOME_ESTABLISHED, OUTCOME_REFUSED, OUTCOME_TIMEOUT, PROTO_TCP,
+    PROTO_UDP,
 };
 
 use crate::record::{BootNs, Outcome};
@@ -207,9 +208,27 @@ fn ip(record: &'static str, family: u8, raw: &[u8; 16]) -> Result<IpAddr, Decode
     }
 }
 
-/// Decodes one `DNS_EVENTS` ring record.
+/// Decodes one `DNS_EVENTS` ring record: a [`DnsEvent`] cut right after its captured
+/// payload bytes.
 pub fn decode_dns(bytes: &[u8]) -> Result<DnsPacket, DecodeError> {
-    let raw: DnsEvent = read_record(DNS_RECORD, bytes)?;
+    let Some(header) = bytes.get(..DNS_EVENT_HEADER_LEN) else {
+        return Err(DecodeError::WrongSize {
+            record: DNS_RECORD,
+            expected: DNS_EVENT_HEADER_LEN,
+            actual: bytes.len(),
+        });
+    };
+    // SAFETY: `DnsEvent: Pod` is valid as all zeroes; only its header bytes are written
+    // below, its payload field is never read.
+    let mut raw: DnsEvent = unsafe { std::mem::zeroed() };
+    // SAFETY: `header` is DNS_EVENT_HEADER_LEN bytes, the offset of `payload` within `raw`.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            header.as_ptr(),
+            (&mut raw as *mut DnsEvent).cast::<u8>(),
+            DNS_EVENT_HEADER_LEN,
+        );
+    }
     let protocol = match raw.protocol {
         PROTO_UDP => Protocol::Udp,
         PROTO_TCP => Protocol::Tcp,
@@ -228,6 +247,13 @@ pub fn decode_dns(bytes: &[u8]) -> Result<DnsPacket, DecodeError> {
             limit: DNS_PAYLOAD_MAX,
         });
     }
+    if bytes.len() != DNS_EVENT_HEADER_LEN + captured {
+        return Err(DecodeError::WrongSize {
+            record: DNS_RECORD,
+            expected: DNS_EVENT_HEADER_LEN + captured,
+            actual: bytes.len(),
+        });
+    }
     Ok(DnsPacket {
         timestamp: raw.timestamp_ns,
         cgroup_id: raw.cgroup_id,
@@ -238,7 +264,7 @@ pub fn decode_dns(bytes: &[u8]) -> Result<DnsPacket, DecodeError> {
         destination: SocketAddr::new(ip(DNS_RECORD, raw.family, &raw.dst_addr)?, raw.dst_port),
         tcp_seq: (protocol == Protocol::Tcp).then_some(raw.tcp_seq),
         payload_len: raw.payload_len,
-        payload: Bytes::copy_from_slice(&raw.payload[..captured]),
+        payload: Bytes::copy_from_slice(&bytes[DNS_EVENT_HEADER_LEN..]),
         truncated: raw.flags & DNS_FLAG_TRUNCATED != 0,
     })
 }
@@ -329,6 +355,14 @@ mod tests {
             .to_vec()
     }
 
+    /// A DNS event as the kernel puts it on the ring: cut after its captured bytes (or after
+    /// the whole payload field when `captured_len` claims more than it holds).
+    fn dns_record(event: &DnsEvent) -> Vec<u8> {
+        let mut bytes = as_bytes(event);
+        bytes.truncate(DNS_EVENT_HEADER_LEN + event.captured_len as usize);
+        bytes
+    }
+
     fn dns_event() -> DnsEvent {
         let mut src = [0u8; 16];
         src[..4].copy_from_slice(&[198, 18, 0, 5]);
@@ -383,7 +417,7 @@ mod tests {
 
     #[test]
     fn decodes_a_udp_query() {
-        let packet = decode_dns(&as_bytes(&dns_event())).unwrap();
+        let packet = decode_dns(&dns_record(&dns_event())).unwrap();
         assert_eq!(packet.source, "198.18.0.5:40000".parse().unwrap());
         assert_eq!(packet.destination, "198.18.0.2:53".parse().unwrap());
         assert_eq!(packet.direction, Direction::Egress);
@@ -404,7 +438,7 @@ mod tests {
         raw.payload_len = 5000;
         raw.captured_len = DNS_PAYLOAD_MAX as u32;
         raw.flags = DNS_FLAG_TRUNCATED;
-        let packet = decode_dns(&as_bytes(&raw)).unwrap();
+        let packet = decode_dns(&dns_record(&raw)).unwrap();
         assert_eq!(packet.source, "[2001:db8::53]:40000".parse().unwrap());
         assert_eq!(packet.tcp_seq, Some(1234));
         assert_eq!(packet.payload.len(), DNS_PAYLOAD_MAX);
@@ -415,7 +449,7 @@ mod tests {
 
     #[test]
     fn rejects_malformed_dns_records() {
-        let good = as_bytes(&dns_event());
+        let good = dns_record(&dns_event());
         assert_eq!(
             decode_dns(&good[..good.len() - 1]),
             Err(DecodeError::WrongSize {
@@ -432,7 +466,7 @@ mod tests {
         let mut raw = dns_event();
         raw.family = 9;
         assert_eq!(
-            decode_dns(&as_bytes(&raw)),
+            decode_dns(&dns_record(&raw)),
             Err(DecodeError::UnknownFamily {
                 record: "DNS",
                 family: 9
@@ -442,14 +476,14 @@ mod tests {
         let mut raw = dns_event();
         raw.protocol = 1;
         assert_eq!(
-            decode_dns(&as_bytes(&raw)),
+            decode_dns(&dns_record(&raw)),
             Err(DecodeError::UnknownProtocol(1))
         );
 
         let mut raw = dns_event();
         raw.direction = 2;
         assert_eq!(
-            decode_dns(&as_bytes(&raw)),
+            decode_dns(&dns_record(&raw)),
             Err(DecodeError::UnknownDirection(2))
         );
 
@@ -457,7 +491,7 @@ mod tests {
         raw.captured_len = DNS_PAYLOAD_MAX as u32 + 1;
         raw.payload_len = u32::MAX;
         assert!(matches!(
-            decode_dns(&as_bytes(&raw)),
+            decode_dns(&dns_record(&raw)),
             Err(DecodeError::BadCaptureLength { .. })
         ));
 
@@ -465,7 +499,7 @@ mod tests {
         raw.captured_len = 10;
         raw.payload_len = 4;
         assert!(matches!(
-            decode_dns(&as_bytes(&raw)),
+            decode_dns(&dns_record(&raw)),
             Err(DecodeError::BadCaptureLength { .. })
         ));
     }
@@ -553,8 +587,14 @@ mod tests {
 
     #[test]
     fn ring_dispatches_to_its_decoder() {
-        let dns = as_bytes(&dns_event());
+        let dns = dns_record(&dns_event());
         assert!(matches!(Ring::Dns.decode(&dns), Ok(Event::Dns(_))));
+        // A record must end where its captured bytes end: not shorter, not padded.
+        let padded = as_bytes(&dns_event());
+        assert!(matches!(
+            Ring::Dns.decode(&padded),
+            Err(DecodeError::WrongSize { expected: 84, .. })
+        ));
         assert!(matches!(
             Ring::Connect.decode(&dns),
             Err(DecodeError::WrongSize { .. })

@@ -83,8 +83,8 @@ impl KernelLogLevel {
 pub struct ProbeOptions {
     /// Ports whose UDP datagrams and TCP segments (either direction, either end) are DNS.
     pub dns_ports: Vec<u16>,
-    /// Size of the DNS ring in bytes: a power of two, multiple of the page size. Each DNS
-    /// record takes a fixed 2 KiB + 88 bytes whatever the message size.
+    /// Size of the DNS ring in bytes: a power of two, multiple of the page size. A DNS
+    /// record takes 88 bytes plus the captured message, rounded up to 8.
     pub dns_ring_bytes: u32,
     /// Size of the connect ring in bytes (same rules); records are 120 bytes.
     pub connect_ring_bytes: u32,

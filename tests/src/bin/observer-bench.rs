@@ -41,8 +41,9 @@ fn main() -> ExitCode {
         Some("run") => run(&Args::parse(&args[1..])),
         Some("connect-loop") => connect_loop_cmd(&Args::parse(&args[1..])),
         Some("load") => load_cmd(&Args::parse(&args[1..])),
+        Some("kernel") => kernel_cmd(&Args::parse(&args[1..])),
         _ => Err(anyhow::anyhow!(
-            "usage: observer-bench run --agent BIN --out DIR [--core-log FILE] [--quick] | connect-loop --to ADDR --secs S | load --dns-rate N --connect-rate N --secs S"
+            "usage: observer-bench run --agent BIN --out DIR [--core-log FILE] [--quick] | kernel [--quick] | connect-loop --to ADDR --secs S | load --dns-rate N --connect-rate N --secs S"
         )),
     };
     match result {
@@ -89,6 +90,13 @@ impl Args {
     fn switch(&self, flag: &str) -> bool {
         self.0.iter().any(|a| a == flag)
     }
+}
+
+/// The in-kernel cost phase alone, printed as JSON: for iterating on the kernel programs.
+fn kernel_cmd(args: &Args) -> anyhow::Result<()> {
+    let cost = kernel::measure(args.switch("--quick"))?;
+    println!("{}", serde_json::to_string_pretty(&cost)?);
+    Ok(())
 }
 
 fn connect_loop_cmd(args: &Args) -> anyhow::Result<()> {
