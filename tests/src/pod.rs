@@ -11,7 +11,7 @@ use std::{
 use crate::{
     cgroup::{CgroupDriver, KubeCgroup, QosClass},
     error::{Result, TestbedError},
-    exec::PYTHON3,
+    exec::{CommandOutput, PYTHON3},
     netns::{NetNs, TestCommand},
     probe::{DnsProbe, ProbeReport},
 };
@@ -276,16 +276,9 @@ impl Pod {
             .arg(fam)
             .timeout(timeout * 4 + Duration::from_secs(10))
             .output()?;
-        let unexpected = || TestbedError::UnexpectedOutput {
-            what: format!("connect to {host}:{port} from pod {}", self.name),
-            output: format!("{}{}", out.stdout, out.stderr),
-        };
-        let mut lines = out.stdout.lines();
-        let pid = lines
-            .next()
-            .and_then(|l| l.strip_prefix("pid "))
-            .and_then(|p| p.parse().ok())
-            .ok_or_else(unexpected)?;
+        let what = format!("connect to {host}:{port} from pod {}", self.name);
+        let unexpected = || unexpected_output(&what, &out);
+        let (pid, mut lines) = pid_then_lines(&out.stdout).ok_or_else(unexpected)?;
         let result = lines.next().ok_or_else(unexpected)?;
         let words: Vec<&str> = result.split_whitespace().collect();
         let outcome = match words.as_slice() {
@@ -318,16 +311,9 @@ impl Pod {
             .command(PYTHON3.path()?)
             .args(["-c", RESOLVE_SCRIPT, host, family.as_arg()])
             .output()?;
-        let unexpected = || TestbedError::UnexpectedOutput {
-            what: format!("resolve {host} in pod {}", self.name),
-            output: format!("{}{}", out.stdout, out.stderr),
-        };
-        let mut lines = out.stdout.lines();
-        let pid = lines
-            .next()
-            .and_then(|l| l.strip_prefix("pid "))
-            .and_then(|p| p.parse().ok())
-            .ok_or_else(unexpected)?;
+        let what = format!("resolve {host} in pod {}", self.name);
+        let unexpected = || unexpected_output(&what, &out);
+        let (pid, lines) = pid_then_lines(&out.stdout).ok_or_else(unexpected)?;
         let rest: Vec<&str> = lines.collect();
         let addrs = match rest.first() {
             Some(l) if l.starts_with("resolve-failed") => {
@@ -368,20 +354,17 @@ impl Pod {
     }
 }
 
-/// A further container of a pod (see [`crate::Testbed::add_container`]): its own container
-/// cgroup under the pod's directory, sharing the pod's network namespace and resolv.conf.
-#[derive(Clone, Debug)]
-pub struct Container {
-    /// 64 hex digits, as in the cgroup directory's name.
-    pub id: String,
-    pub cgroup: crate::cgroup::CgroupDir,
-    pub(crate) netns: NetNs,
+/// The scripts' output starts with `pid <pid>`: the pid, and the lines after it.
+fn pid_then_lines(stdout: &str) -> Option<(u32, std::str::Lines<'_>)> {
+    let mut lines = stdout.lines();
+    let pid = lines.next()?.strip_prefix("pid ")?.parse().ok()?;
+    Some((pid, lines))
 }
 
-impl Container {
-    /// A program to run in this container: the pod's network namespace and resolv.conf, this
-    /// container's cgroup.
-    pub fn command(&self, program: impl AsRef<OsStr>) -> TestCommand {
-        self.netns.command(program).in_cgroup(&self.cgroup)
+/// The error for a script whose output is not what it prints.
+fn unexpected_output(what: &str, out: &CommandOutput) -> TestbedError {
+    TestbedError::UnexpectedOutput {
+        what: what.to_owned(),
+        output: format!("{}{}", out.stdout, out.stderr),
     }
 }

@@ -16,7 +16,7 @@ use crate::{
     host::{Host, HostKind},
     names::RunId,
     netns::{self, NetNs},
-    pod::{Container, Pod, PodSpec},
+    pod::{Pod, PodSpec},
 };
 
 /// The address plan. Every testbed has its own switch namespace, so parallel testbeds reuse
@@ -465,8 +465,9 @@ impl Testbed {
         })
     }
 
-    /// A second container of `pod` (a sidecar): a new container cgroup with its own id under
-    /// the same pod cgroup, sharing the pod's network namespace and resolv.conf. The returned
+    /// Another container of `pod` (a sidecar): a container cgroup of its own beside the pod's
+    /// first one, in the same pod directory (same pod UID), named as the kubelet and containerd
+    /// name containers, sharing the pod's network namespace and resolv.conf. The returned
     /// [`Pod`] runs its processes in the new container; it is removed with the pod.
     pub fn add_sidecar(&self, pod: &Pod) -> Result<Pod> {
         let base = &pod.cgroup;
@@ -487,21 +488,6 @@ impl Testbed {
                 ..base.clone()
             },
             ..pod.clone()
-        })
-    }
-
-    /// Another container of `pod` (a sidecar): a container cgroup of its own beside the pod's
-    /// first one, in the same pod directory (same pod UID), named as the kubelet and containerd
-    /// name containers. It is removed with the pod's cgroups.
-    pub fn add_container(&self, pod: &Pod) -> Result<Container> {
-        let cg = pod.cgroup();
-        let id = self.run.container_id();
-        let (_, relative) = cgroup::kubelet_paths(cg.driver, cg.qos, &cg.pod_uid, &id);
-        let cgroup = cgroup::create_dirs(&self.cgroup_root, &relative)?;
-        Ok(Container {
-            id,
-            cgroup,
-            netns: pod.netns().clone(),
         })
     }
 

@@ -241,7 +241,7 @@ fn each_pod_gets_its_own_resolution() {
     // A sidecar (a second container of pod c) resolves `db`; the app container connects to
     // the address it got, as an IP literal (no DNS of its own). One pod, one scope: the
     // connect carries the sidecar's chain, and the app container's identity.
-    let sidecar = tb.add_container(&pod_c).expect("sidecar container");
+    let sidecar = tb.add_sidecar(&pod_c).expect("sidecar container");
     let resolved = client(|python| sidecar.command(python), &["resolve", "db"]);
     assert_eq!(
         resolved["addrs"],
@@ -270,10 +270,12 @@ fn each_pod_gets_its_own_resolution() {
     assert_eq!(app["flagged"], true, "{app}");
     assert_chain(&app, &walk("db", "c", 4));
     assert!(
-        agent.records_of_cgroup(sidecar.cgroup.id()).is_empty(),
+        agent
+            .records_of_cgroup(sidecar.cgroup().container.id())
+            .is_empty(),
         "the sidecar only resolved; it made no connection"
     );
-    assert_ne!(sidecar.cgroup.id(), cg.container.id());
+    assert_ne!(sidecar.cgroup().container.id(), cg.container.id());
     agent.stop();
 }
 
