@@ -49,6 +49,9 @@ pub fn free_local_port() -> u16 {
 pub struct AgentSpec {
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// A program the agent is started through (e.g. `setpriv` with its flags), the agent
+    /// binary and its arguments appended.
+    pub launcher: Option<(PathBuf, Vec<String>)>,
 }
 
 impl AgentSpec {
@@ -74,6 +77,24 @@ impl AgentSpec {
         self.env.push((key.into(), value.into()));
         self
     }
+
+    /// Starts the agent as `program args... <agent binary> run ...`.
+    pub fn launcher<I, S>(mut self, program: impl Into<PathBuf>, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.launcher = Some((program.into(), args.into_iter().map(Into::into).collect()));
+        self
+    }
+}
+
+/// An agent that exited before it was ready.
+#[derive(Debug)]
+pub struct AgentExited {
+    pub status: ExitStatus,
+    /// Its whole log (standard error).
+    pub stderr: String,
 }
 
 /// A running agent.
@@ -87,8 +108,19 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts `observer run` and waits until /readyz says the probes are attached.
+    /// Starts `observer run` and waits until /readyz says the probes are attached; panics
+    /// with the agent's log when it exits first.
     pub fn start(spec: AgentSpec) -> Agent {
+        Agent::try_start(spec).unwrap_or_else(|exited| {
+            panic!(
+                "the agent exited before it was ready ({}); its log:\n{}",
+                exited.status, exited.stderr
+            )
+        })
+    }
+
+    /// As [`Agent::start`]; an agent that exits before it is ready is returned as such.
+    pub fn try_start(spec: AgentSpec) -> Result<Agent, AgentExited> {
         let has = |flag: &str| {
             spec.args
                 .iter()
@@ -125,7 +157,14 @@ impl Agent {
             args.extend(["--kube".to_owned(), "off".to_owned()]);
         }
         args.extend(spec.args.iter().cloned());
-        let mut cmd = Command::new(observer_bin());
+        let mut cmd = match &spec.launcher {
+            Some((program, launcher_args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(launcher_args).arg(observer_bin());
+                cmd
+            }
+            None => Command::new(observer_bin()),
+        };
         cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -181,15 +220,15 @@ impl Agent {
             stderr,
             readers: vec![out_reader, err_reader],
         };
-        agent.wait_ready(Duration::from_secs(30));
-        agent
+        agent.wait_ready(Duration::from_secs(30))?;
+        Ok(agent)
     }
 
     pub fn metrics_addr(&self) -> SocketAddr {
         self.metrics_addr
     }
 
-    fn wait_ready(&mut self, within: Duration) {
+    fn wait_ready(&mut self, within: Duration) -> Result<(), AgentExited> {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self
@@ -197,13 +236,17 @@ impl Agent {
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                panic!(
-                    "the agent exited before it was ready ({status}); its log:\n{}",
-                    self.stderr()
-                );
+                self.child = None;
+                for reader in self.readers.drain(..) {
+                    let _ = reader.join();
+                }
+                return Err(AgentExited {
+                    status,
+                    stderr: self.stderr(),
+                });
             }
             if http_get(self.metrics_addr, "/readyz").is_ok_and(|(code, _)| code == 200) {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,
@@ -243,21 +286,32 @@ impl Agent {
 
     /// Waits for a record matching `pred`; panics with what was seen when none comes.
     pub fn wait_for_record(&self, within: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        self.poll_for_record(within, pred).unwrap_or_else(|| {
+            panic!(
+                "no matching record within {within:?}; records seen:\n{}\nagent log:\n{}",
+                self.records()
+                    .iter()
+                    .map(Value::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                self.stderr()
+            )
+        })
+    }
+
+    /// Waits at most `within` for a record matching `pred`; None when none came.
+    pub fn poll_for_record(
+        &self,
+        within: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Option<Value> {
         let deadline = Instant::now() + within;
         loop {
             if let Some(found) = self.records().into_iter().find(|r| pred(r)) {
-                return found;
+                return Some(found);
             }
             if Instant::now() >= deadline {
-                panic!(
-                    "no matching record within {within:?}; records seen:\n{}\nagent log:\n{}",
-                    self.records()
-                        .iter()
-                        .map(Value::to_string)
-                        .collect::<Vec<_>>()
-                        .join("\n"),
-                    self.stderr()
-                );
+                return None;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -281,6 +335,24 @@ impl Agent {
     /// The agent's log so far (standard error).
     pub fn stderr(&self) -> String {
         self.stderr.lock().expect("stderr lock").clone()
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .expect("the agent runs until stopped once")
+            .id()
+    }
+
+    /// SIGKILL: no handler runs, nothing is detached by the agent itself.
+    pub fn kill(mut self) {
+        let mut child = self
+            .child
+            .take()
+            .expect("the agent runs until stopped once");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reaping the agent");
     }
 
     /// SIGTERM, then waits (bounded) for a clean exit; returns its status.

@@ -7,6 +7,7 @@
 //! TCP listeners. Every name carries a per-run suffix, and everything is removed when the
 //! testbed drops, also on panic. See the README, "The testbed" at the repository root.
 pub mod agent;
+pub mod bpf;
 pub mod cgroup;
 pub mod cleanup;
 pub mod dns;
@@ -18,7 +19,9 @@ pub mod netns;
 pub mod otlp;
 pub mod pod;
 pub mod probe;
+pub mod story;
 pub mod testbed;
+pub mod traces;
 
 pub use cgroup::{CgroupDir, CgroupDriver, KubeCgroup, QosClass, cgroup_of_pid, cgroup2_mount};
 pub use cleanup::{LeftoverReport, cleanup_leftovers};
@@ -28,8 +31,6 @@ pub use exec::{CommandOutput, Process, REQUIRED_PACKAGES};
 pub use host::{CLOSED_PORT, Host, HostKind, TcpServer};
 pub use names::RunId;
 pub use netns::{NetNs, TestCommand};
-pub use pod::{
-    ConnectOutcome, ConnectReport, Container, Family, Pod, PodSpec, ResolvConf, ResolveReport,
-};
+pub use pod::{ConnectOutcome, ConnectReport, Family, Pod, PodSpec, ResolvConf, ResolveReport};
 pub use probe::{DnsProbe, ProbeReport, Transport};
 pub use testbed::{Testbed, plan, require_root};

@@ -17,6 +17,8 @@ use observer_tests::{
     ConnectOutcome,
     agent::{Agent, AgentSpec, free_local_port, http_get},
     otlp::{OtlpReceiver, Via},
+    story::*,
+    traces::*,
 };
 use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind, status::StatusCode};
 use serde_json::{Value, json};
@@ -208,7 +210,7 @@ fn seed_story_span_tree(protocol: &str, via: Via) {
         Via::Grpc => receiver.grpc_url(),
         Via::Http => receiver.http_base_url(),
     };
-    let story = Story::new(|_, dns| dns);
+    let story = Story::new();
     let agent = Agent::start(
         AgentSpec::new()
             .args(cluster_args())
@@ -309,7 +311,7 @@ fn in_cluster_connection_is_a_healthy_trace_exported_only_with_export_all() {
     let egress = rt.block_on(OtlpReceiver::start()).expect("receiver");
     let cache = std::cell::RefCell::new(None);
     let service = std::cell::RefCell::new(None);
-    let story = Story::new(|tb, dns| {
+    let story = Story::with(|tb, dns| {
         let svc = tb.add_cluster_host("db-svc").expect("cluster host");
         let ext = tb.add_external_host("cache").expect("external host");
         let dns = dns
@@ -427,7 +429,7 @@ fn wait_for_body(addr: std::net::SocketAddr, path: &str, needle: &str) -> String
 /// /metrics, read strictly, counts the seed story; /healthz and /readyz answer.
 #[test]
 fn metrics_count_the_seed_story() {
-    let story = Story::new(|_, dns| dns);
+    let story = Story::new();
     let agent = Agent::start(AgentSpec::new().args(cluster_args()));
     // Both say where pod metadata comes from (host mode here: no Kubernetes API).
     for (path, first) in [("/healthz", "ok"), ("/readyz", "ready")] {
@@ -611,7 +613,7 @@ fn json_chain(chain: &[(&str, &str, &str)]) -> Value {
 /// The JSON line of the seed story and of a healthy connection, field by field.
 #[test]
 fn json_lines_of_the_seed_story_and_a_healthy_connection() {
-    let story = Story::new(|_, dns| dns);
+    let story = Story::new();
     let svc = story.tb.add_cluster_host("db-svc").expect("cluster host");
     let _svc_listener = svc.listen_tcp(DB_PORT).expect("listener");
     let agent = Agent::start(AgentSpec::new().args(cluster_args()));
@@ -664,7 +666,7 @@ fn json_lines_of_the_seed_story_and_a_healthy_connection() {
 /// standard output is not a terminal.
 #[test]
 fn text_line_of_the_seed_story() {
-    let story = Story::new(|_, dns| dns);
+    let story = Story::new();
     let agent = Agent::start(
         AgentSpec::new()
             .args(cluster_args())
@@ -748,7 +750,12 @@ fn bad_flags_fail_fast_with_a_clear_message() {
             let env: Vec<(&str, &str)> = backtrace
                 .map(|b| vec![("RUST_BACKTRACE", b), ("RUST_LIB_BACKTRACE", b)])
                 .unwrap_or_default();
-            let exited = run_to_exit(&agent_bin(), &args, &env, Duration::from_secs(10));
+            let exited = run_to_exit(
+                &observer_tests::agent::observer_bin(),
+                &args,
+                &env,
+                Duration::from_secs(10),
+            );
             assert_clean_failure(
                 &exited,
                 names,
@@ -762,7 +769,7 @@ fn bad_flags_fail_fast_with_a_clear_message() {
 /// An unprivileged user gets a message naming the capabilities it lacks.
 #[test]
 fn without_privileges_the_agent_names_the_missing_capabilities() {
-    let bin = agent_bin();
+    let bin = observer_tests::agent::observer_bin();
     let bin = bin.to_str().expect("utf-8 path");
     let metrics = format!("127.0.0.1:{}", free_local_port());
     for backtrace in ["0", "1"] {
@@ -795,7 +802,7 @@ fn without_privileges_the_agent_names_the_missing_capabilities() {
 /// still stops cleanly.
 #[test]
 fn without_a_collector_the_agent_observes_and_counts_export_failures() {
-    let story = Story::new(|_, dns| dns);
+    let story = Story::new();
     let closed = free_local_port();
     let agent = Agent::start(
         AgentSpec::new()

@@ -8,7 +8,6 @@ mod deploy_support;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
@@ -16,9 +15,10 @@ use std::{
 
 use deploy_support::*;
 use observer_tests::{
-    CLOSED_PORT, DnsConfig, Family, PodSpec, Testbed,
-    agent::{Agent, AgentSpec},
+    CLOSED_PORT, DnsConfig, Family, PodSpec,
+    agent::{Agent, AgentExited, AgentSpec},
     plan,
+    story::{EXTERNAL_DB, story_pod, testbed},
 };
 use serde_json::Value;
 
@@ -27,12 +27,6 @@ const KUBERNETES_VERSIONS: [&str; 6] = ["1.30.0", "1.31.0", "1.32.0", "1.33.0", 
 /// Labels Prometheus puts on every scraped series of the agent (the ServiceMonitor adds
 /// `node`; `instance` and `job` come with every target).
 const TARGET_LABELS: [&str; 3] = ["instance", "job", "node"];
-const STORY_SEARCH: [&str; 4] = [
-    "simple-web-app.svc.cluster.local",
-    "svc.cluster.local",
-    "cluster.local",
-    "another-lab.com",
-];
 const WAIT: Duration = Duration::from_secs(10);
 
 fn yaml_files(dir: &Path) -> Vec<PathBuf> {
@@ -566,9 +560,9 @@ fn alert_annotations_only_use_labels_the_alert_keeps() {
 /// series, label and matched value the rules use against it.
 #[test]
 fn rules_use_series_and_labels_the_agent_really_exports() {
-    let tb = Testbed::new().expect("building the testbed (run as root)");
+    let tb = testbed();
     let db = tb
-        .add_external_host_at("db", Ipv4Addr::new(203, 0, 113, 10))
+        .add_external_host_at("db", EXTERNAL_DB)
         .expect("external host");
     let _db_listener = db.listen_tcp(5432).expect("listener");
     let in_cluster = tb.add_cluster_host("db-svc").expect("cluster host");
@@ -585,9 +579,7 @@ fn rules_use_series_and_labels_the_agent_really_exports() {
                 ),
         )
         .expect("dnsmasq");
-    let web = tb
-        .add_pod(PodSpec::new("web").search(STORY_SEARCH).ndots(5))
-        .expect("pod");
+    let web = story_pod(&tb, "web");
     let lonely = tb
         .add_pod(
             PodSpec::new("lonely")
@@ -729,9 +721,9 @@ fn the_manifests_capability_set_is_enough_and_each_capability_is_needed() {
         "no CAP_SYS_ADMIN: {caps:?}"
     );
 
-    let tb = Testbed::new().expect("building the testbed (run as root)");
+    let tb = testbed();
     let db = tb
-        .add_external_host_at("db", Ipv4Addr::new(203, 0, 113, 10))
+        .add_external_host_at("db", EXTERNAL_DB)
         .expect("external host");
     let _listener = db.listen_tcp(5432).expect("listener");
     let _dns = tb
@@ -741,9 +733,7 @@ fn the_manifests_capability_set_is_enough_and_each_capability_is_needed() {
                 .record("db.another-lab.com", db.ipv4()),
         )
         .expect("dnsmasq");
-    let story = tb
-        .add_pod(PodSpec::new("web").search(STORY_SEARCH).ndots(5))
-        .expect("pod");
+    let story = story_pod(&tb, "web");
     // A search list Kubernetes did not write (dnsConfig.searches): only the pod's own
     // resolv.conf tells the agent it is one.
     let custom = tb
@@ -766,27 +756,28 @@ fn the_manifests_capability_set_is_enough_and_each_capability_is_needed() {
     let flagged_db = |r: &Value| r["query_name"] == "db" && r["flagged"] == true;
     let args = ["--cluster-cidr", "198.18.0.0/15"];
 
-    let Start::Ready(agent) = (match ConfinedAgent::start(uid, &caps, &args) {
-        Start::Exited { status, stderr } => panic!(
-            "with the manifest's capabilities {caps:?} the agent exited ({status}):\n{stderr}"
-        ),
-        ready => ready,
-    }) else {
-        unreachable!()
+    let agent =
+        confined_agent(uid, &caps, &args).unwrap_or_else(|AgentExited { status, stderr }| {
+            panic!(
+                "with the manifest's capabilities {caps:?} the agent exited ({status}):\n{stderr}"
+            )
+        });
+    let flagged_in = |cgroup: u64, within: Duration| {
+        agent.poll_for_record(within, |r| {
+            r["cgroup_id"].as_u64() == Some(cgroup) && flagged_db(r)
+        })
     };
     run_in(&story);
     run_in(&custom);
     for pod in [&story, &custom] {
-        let record = agent
-            .wait_for_record(pod.cgroup().container.id(), WAIT, flagged_db)
-            .unwrap_or_else(|| {
-                panic!(
-                    "with {caps:?} the escape of pod {} was not flagged: {:#?}\n{}",
-                    pod.name(),
-                    agent.records_of_cgroup(pod.cgroup().container.id()),
-                    agent.stderr()
-                )
-            });
+        let record = flagged_in(pod.cgroup().container.id(), WAIT).unwrap_or_else(|| {
+            panic!(
+                "with {caps:?} the escape of pod {} was not flagged: {:#?}\n{}",
+                pod.name(),
+                agent.records_of_cgroup(pod.cgroup().container.id()),
+                agent.stderr()
+            )
+        });
         assert_eq!(record["search_domain"], "another-lab.com");
         assert_eq!(record["server_address"], "db.another-lab.com");
     }
@@ -795,20 +786,22 @@ fn the_manifests_capability_set_is_enough_and_each_capability_is_needed() {
     for missing in &caps {
         let fewer: Vec<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
         let name = format!("CAP_{missing}");
-        match ConfinedAgent::start(uid, &fewer, &args) {
-            Start::Exited { status, stderr } => {
+        match confined_agent(uid, &fewer, &args) {
+            Err(AgentExited { status, stderr }) => {
                 assert!(!status.success());
                 assert!(
                     stderr.contains(&name),
                     "without {name} the agent exited, but its message does not name it:\n{stderr}"
                 );
             }
-            Start::Ready(agent) => {
+            Ok(agent) => {
                 // Still running: the capability is needed for part of the job. That part
                 // must be missing and the log must say which capability would give it.
                 run_in(&custom);
                 let cgroup = custom.cgroup().container.id();
-                let flagged = agent.wait_for_record(cgroup, Duration::from_secs(3), flagged_db);
+                let flagged = agent.poll_for_record(Duration::from_secs(3), |r| {
+                    r["cgroup_id"].as_u64() == Some(cgroup) && flagged_db(r)
+                });
                 assert!(
                     flagged.is_none(),
                     "without {name} the agent still did everything: is {name} needed at all?"

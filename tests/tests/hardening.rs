@@ -7,13 +7,12 @@ mod hardening_support;
 
 use std::time::Duration;
 
-use hardening_support::{
-    HostileServer, RawAgent, Story, attached_to_cgroup_root, eventually, program_exists,
-    program_ids_of, run_hostile_client,
-};
+use hardening_support::{HostileServer, eventually, run_hostile_client};
 use observer_tests::{
-    CgroupDriver, QosClass,
+    CgroupDriver, Family, QosClass,
     agent::{Agent, AgentSpec, http_get, metric_sum},
+    bpf::{attached_to_cgroup_root, program_exists, program_ids_of},
+    story::{EXTERNAL_DB, Story},
 };
 use serde_json::Value;
 
@@ -50,7 +49,7 @@ fn hostile_dns_is_counted_and_the_agent_keeps_classifying() {
         .map(|k| parse_errors(&agent, k))
         .collect();
 
-    let run = run_hostile_client(&story.web, evil.addr(), 5, Duration::from_secs(3));
+    let run = run_hostile_client(&story.pod, evil.addr(), 5, Duration::from_secs(3));
     // Every crafted answer reached the client: the kernel programs never drop traffic.
     for kind in ["loop", "cut", "counts", "noquestion", "random"] {
         assert_eq!(run.answered[kind], 5, "{kind} answers: {:?}", run.answered);
@@ -93,8 +92,8 @@ fn hostile_dns_is_counted_and_the_agent_keeps_classifying() {
     }
 
     // The seed story is still classified exactly.
-    story.connect_db();
-    let cgroup = story.web_cgroup();
+    story.connect_family("db", Family::V4, EXTERNAL_DB.into());
+    let cgroup = story.cgroup_id();
     let record = agent.wait_for_record(RECORD_WAIT, |r| is_story_record(r, cgroup));
     assert_eq!(record["resolution"], "search-escape", "{record}");
     assert_eq!(record["query_name"], "db", "{record}");
@@ -125,7 +124,7 @@ fn hostile_dns_is_counted_and_the_agent_keeps_classifying() {
 
 #[test]
 fn sigkill_leaves_no_program_attached_and_a_restart_attaches_once() {
-    let first = RawAgent::start();
+    let first = Agent::start(AgentSpec::new().args(["--output", "none"]));
     let first_ids = program_ids_of(first.pid());
     assert_eq!(first_ids.len(), 6, "six programs loaded: {first_ids:?}");
     let attached = attached_to_cgroup_root();
@@ -140,7 +139,7 @@ fn sigkill_leaves_no_program_attached_and_a_restart_attaches_once() {
         "DNS ingress and egress on the cgroup2 root: {attached:?}"
     );
 
-    first.kill9();
+    first.kill();
     // The kernel drops the links with the process's fds: nothing stays attached or loaded.
     let gone = eventually(Duration::from_secs(5), || {
         first_ids.iter().all(|id| !program_exists(*id))
@@ -157,7 +156,7 @@ fn sigkill_leaves_no_program_attached_and_a_restart_attaches_once() {
         "still attached to the cgroup2 root after SIGKILL: {attached:?}"
     );
 
-    let second = RawAgent::start();
+    let second = Agent::start(AgentSpec::new().args(["--output", "none"]));
     let second_ids = program_ids_of(second.pid());
     assert_eq!(
         second_ids.len(),
@@ -177,7 +176,7 @@ fn sigkill_leaves_no_program_attached_and_a_restart_attaches_once() {
         2,
         "the restarted agent attaches its two cgroup programs once: {attached:?}"
     );
-    let (code, _) = http_get(second.metrics_addr, "/readyz").expect("/readyz");
+    let (code, _) = http_get(second.metrics_addr(), "/readyz").expect("/readyz");
     assert_eq!(code, 200);
     drop(second);
 }
@@ -215,8 +214,8 @@ fn a_cgroup_removed_while_its_events_are_in_flight_costs_nothing() {
         assert_eq!(code, 200, "{path}: {body}");
     }
     // Still classifying after the vanished scope.
-    story.connect_db();
-    let cgroup_web = story.web_cgroup();
+    story.connect_family("db", Family::V4, EXTERNAL_DB.into());
+    let cgroup_web = story.cgroup_id();
     let record = agent.wait_for_record(RECORD_WAIT, |r| is_story_record(r, cgroup_web));
     assert_eq!(record["resolution"], "search-escape", "{record}");
     let status = agent.stop();
@@ -227,8 +226,8 @@ fn a_cgroup_removed_while_its_events_are_in_flight_costs_nothing() {
 fn hashed_names_stay_joinable_and_never_leave_the_agent_in_clear() {
     let story = Story::new();
     let agent = agent_for(&story, &["--redact-names", "hash"]);
-    story.connect_db();
-    let cgroup = story.web_cgroup();
+    story.connect_family("db", Family::V4, EXTERNAL_DB.into());
+    let cgroup = story.cgroup_id();
     let record = agent.wait_for_record(RECORD_WAIT, |r| is_story_record(r, cgroup));
     let query = record["query_name"]
         .as_str()

@@ -8,7 +8,6 @@ mod support;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -18,7 +17,9 @@ use observer::probes::{
 use observer_common::LossCounter;
 use observer_tests::{
     CLOSED_PORT, ConnectOutcome, DnsConfig, DnsProbe, Family, Host, Pod, PodSpec, ProbeReport,
-    TestCommand, Transport, dns_probe_client_bin,
+    TestCommand, Transport,
+    bpf::{BpfFds, bpf_fds, program_exists},
+    dns_probe_client_bin,
     exec::{DNSMASQ, PYTHON3, Process},
     plan,
     probe::qtype,
@@ -660,80 +661,13 @@ fn a_full_ring_counts_what_it_drops_and_never_drops_traffic() {
     assert_eq!(capture.probes().decode_errors(), 0);
 }
 
-/// bpf objects this process holds (programs, maps, links, and the perf events tracepoint
-/// programs are attached through), by anonymous inode kind, and the ids of its programs.
-fn bpf_fds() -> (Vec<String>, Vec<u32>) {
-    let mut kinds = Vec::new();
-    let mut prog_ids = Vec::new();
-    for entry in std::fs::read_dir("/proc/self/fd")
-        .expect("fd dir")
-        .flatten()
-    {
-        let Ok(target) = std::fs::read_link(entry.path()) else {
-            continue;
-        };
-        let target = target.to_string_lossy().into_owned();
-        let Some(kind) = target.strip_prefix("anon_inode:") else {
-            continue;
-        };
-        if !matches!(kind, "bpf-prog" | "bpf-map" | "bpf_link" | "[perf_event]") {
-            continue;
-        }
-        if kind == "bpf-prog" {
-            let info =
-                std::fs::read_to_string(Path::new("/proc/self/fdinfo").join(entry.file_name()))
-                    .unwrap_or_default();
-            if let Some(id) = info
-                .lines()
-                .find_map(|l| l.strip_prefix("prog_id:"))
-                .and_then(|v| v.trim().parse().ok())
-            {
-                prog_ids.push(id);
-            }
-        }
-        kinds.push(kind.to_owned());
-    }
-    (kinds, prog_ids)
-}
-
-/// Whether the kernel still has a program with this id (BPF_PROG_GET_FD_BY_ID).
-fn program_exists(id: u32) -> bool {
-    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
-    #[repr(C)]
-    struct GetFdById {
-        id: u32,
-        next_id: u32,
-        open_flags: u32,
-    }
-    let attr = GetFdById {
-        id,
-        next_id: 0,
-        open_flags: 0,
-    };
-    // SAFETY: bpf(2) reads `size_of::<GetFdById>()` bytes of a live, initialised struct.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_GET_FD_BY_ID,
-            &attr as *const GetFdById,
-            size_of::<GetFdById>(),
-        )
-    };
-    if fd >= 0 {
-        // SAFETY: a fd the call above just returned to us.
-        unsafe { libc::close(fd as libc::c_int) };
-        return true;
-    }
-    std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOENT)
-}
-
 #[test]
 fn dropping_the_probes_detaches_everything() {
     let tb = testbed();
     let dns = tb.start_dns(dns_config()).expect("dnsmasq");
     let (pod, cgroup) = kernel_test_pod(&tb, "detach");
     let _alone = exclusive();
-    let (before, _) = bpf_fds();
+    let before = bpf_fds("self").kinds;
     assert!(
         before.is_empty(),
         "no bpf objects before loading: {before:?}"
@@ -749,7 +683,10 @@ fn dropping_the_probes_detaches_everything() {
         let _enter = runtime.enter();
         first.events().expect("events")
     };
-    let (loaded, prog_ids) = bpf_fds();
+    let BpfFds {
+        kinds: loaded,
+        program_ids: prog_ids,
+    } = bpf_fds("self");
     assert_eq!(prog_ids.len(), 6, "six programs: {loaded:?}");
     assert_eq!(
         loaded.iter().filter(|k| *k == "bpf_link").count(),
@@ -787,10 +724,10 @@ fn dropping_the_probes_detaches_everything() {
     assert!(ended.is_ok(), "the event stream ends when the probes drop");
     // The readers are aborted on drop and release their ring fds as the runtime gets to them.
     let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    let mut after = bpf_fds().0;
+    let mut after = bpf_fds("self").kinds;
     while !after.is_empty() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
-        after = bpf_fds().0;
+        after = bpf_fds("self").kinds;
     }
     assert!(
         after.is_empty(),
@@ -818,26 +755,10 @@ fn dropping_the_probes_detaches_everything() {
     drop(second);
 }
 
-/// target/debug/observer, next to target/debug/deps/<this test>.
-fn agent_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("observer"))
-        .expect("target dir");
-    assert!(
-        bin.is_file(),
-        "{} is missing: run `cargo build -p observer` (cargo xtask test builds it)",
-        bin.display()
-    );
-    bin
-}
-
 fn run_agent_with(setpriv_args: &[&str]) -> observer_tests::CommandOutput {
     TestCommand::new("/usr/bin/setpriv")
         .args(setpriv_args)
-        .arg(agent_binary())
+        .arg(observer_tests::agent::observer_bin())
         .args(["events", "--ring-size-kib", "64"])
         // What a user sees by default (the test runner's environment may ask for backtraces).
         .env("RUST_BACKTRACE", "0")

@@ -8,7 +8,7 @@ mod scenario_support;
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use observer_tests::{DnsConfig, PodSpec, QueryOutcome, agent::metric_sum};
+use observer_tests::{DnsConfig, Family, PodSpec, QueryOutcome, agent::metric_sum};
 use scenario_support::*;
 use serde_json::Value;
 
@@ -55,26 +55,15 @@ fn assert_not_flagged(record: &Value) {
 /// and escapes through another-lab.com to an address outside the cluster.
 #[test]
 fn seed_story_search_escape_is_flagged() {
-    let tb = testbed();
-    let db = tb
-        .add_external_host_at("db", Ipv4Addr::new(203, 0, 113, 10))
-        .expect("external host");
-    let _listener = db.listen_tcp(5432).expect("listener");
-    let dns = tb
-        .start_dns(
-            DnsConfig::dnsmasq()
-                .local_zone("another-lab.com")
-                .record("db.another-lab.com", db.ipv4()),
-        )
-        .expect("dnsmasq");
-    let pod = story_pod(&tb, "web");
+    let story = Story::new();
+    let Story { db, dns, pod, .. } = &story;
     let observed = Observed::start();
     let before = observed.metrics();
 
-    let (report, peer) = connect(&pod, "db", 5432, &dns);
+    let (report, peer) = connect(pod, "db", 5432, Family::Any, dns);
     assert_eq!(peer, IpAddr::V4(db.ipv4()));
 
-    let record = observed.record_of(&pod, 5432);
+    let record = observed.record_of(pod, 5432);
     assert_eq!(record["query_name"], "db", "{record:#}");
     assert_eq!(record["resolution"], "search-escape", "{record:#}");
     assert_eq!(record["server_address"], "db.another-lab.com");
@@ -107,28 +96,46 @@ fn seed_story_search_escape_is_flagged() {
     assert_eq!(chain(&record), owned(&expected), "{record:#}");
 
     // The same story as a trace: the connection's root span and one child per DNS query.
-    let trace = observed.trace_of(&pod);
+    let trace = observed.trace_of(pod);
     let root = &trace[0];
-    assert_eq!(str_attr(root, "server.address"), Some("db.another-lab.com"));
-    assert_eq!(int_attr(root, "server.port"), Some(5432));
-    assert_eq!(str_attr(root, "network.peer.address"), Some("203.0.113.10"));
-    assert_eq!(str_attr(root, "network.type"), Some("ipv4"));
-    assert_eq!(bool_attr(root, "observer.egress"), Some(true));
-    assert_eq!(bool_attr(root, "observer.flagged"), Some(true));
-    assert_eq!(str_attr(root, "observer.resolution"), Some("search-escape"));
-    assert_eq!(str_attr(root, "observer.query.name"), Some("db"));
     assert_eq!(
-        str_attr(root, "observer.search_domain"),
+        str_attr(&root.attributes, "server.address"),
+        Some("db.another-lab.com")
+    );
+    assert_eq!(int_attr(&root.attributes, "server.port"), Some(5432));
+    assert_eq!(
+        str_attr(&root.attributes, "network.peer.address"),
+        Some("203.0.113.10")
+    );
+    assert_eq!(str_attr(&root.attributes, "network.type"), Some("ipv4"));
+    assert_eq!(bool_attr(&root.attributes, "observer.egress"), Some(true));
+    assert_eq!(bool_attr(&root.attributes, "observer.flagged"), Some(true));
+    assert_eq!(
+        str_attr(&root.attributes, "observer.resolution"),
+        Some("search-escape")
+    );
+    assert_eq!(
+        str_attr(&root.attributes, "observer.query.name"),
+        Some("db")
+    );
+    assert_eq!(
+        str_attr(&root.attributes, "observer.search_domain"),
         Some("another-lab.com")
     );
-    assert_eq!(int_attr(root, "observer.dns.wasted_queries"), Some(3));
-    assert_eq!(bool_attr(root, "observer.dns.ndots_walk"), Some(false));
     assert_eq!(
-        str_attr(root, "observer.connect.outcome"),
+        int_attr(&root.attributes, "observer.dns.wasted_queries"),
+        Some(3)
+    );
+    assert_eq!(
+        bool_attr(&root.attributes, "observer.dns.ndots_walk"),
+        Some(false)
+    );
+    assert_eq!(
+        str_attr(&root.attributes, "observer.connect.outcome"),
         Some("established")
     );
     assert_eq!(
-        str_attr(root, "k8s.pod.uid"),
+        str_attr(&root.attributes, "k8s.pod.uid"),
         Some(pod.cgroup().pod_uid.as_str())
     );
     assert_eq!(
@@ -142,13 +149,13 @@ fn seed_story_search_escape_is_flagged() {
         .iter()
         .map(|s| {
             (
-                str_attr(s, "dns.question.name")
+                str_attr(&s.attributes, "dns.question.name")
                     .unwrap_or_default()
                     .to_owned(),
-                str_attr(s, "observer.dns.question.type")
+                str_attr(&s.attributes, "observer.dns.question.type")
                     .unwrap_or_default()
                     .to_owned(),
-                str_attr(s, "observer.dns.response_code").map(str::to_owned),
+                str_attr(&s.attributes, "observer.dns.response_code").map(str::to_owned),
             )
         })
         .collect();
@@ -157,12 +164,12 @@ fn seed_story_search_escape_is_flagged() {
     let answer = children
         .iter()
         .find(|s| {
-            str_attr(s, "dns.question.name") == Some("db.another-lab.com")
-                && str_attr(s, "observer.dns.question.type") == Some("A")
+            str_attr(&s.attributes, "dns.question.name") == Some("db.another-lab.com")
+                && str_attr(&s.attributes, "observer.dns.question.type") == Some("A")
         })
         .expect("the answering query's span");
     assert_eq!(
-        strings_attr(answer, "dns.answers"),
+        str_array_attr(&answer.attributes, "dns.answers"),
         Some(vec!["203.0.113.10".to_owned()])
     );
 
@@ -206,7 +213,7 @@ fn service_present_resolves_in_cluster() {
     let pod = story_pod(&tb, "web");
     let observed = Observed::start();
 
-    let (_, peer) = connect(&pod, "db", 5432, &dns);
+    let (_, peer) = connect(&pod, "db", 5432, Family::Any, &dns);
     assert_eq!(peer, IpAddr::V4(svc.ipv4()));
     assert_eq!(svc.ipv4().octets()[..2], [198, 18]);
 
@@ -234,25 +241,14 @@ fn service_present_resolves_in_cluster() {
 /// leaves the cluster on purpose: egress, `external`, not an escape, not flagged.
 #[test]
 fn absolute_external_name_is_egress_but_not_flagged() {
-    let tb = testbed();
-    let db = tb
-        .add_external_host_at("db", Ipv4Addr::new(203, 0, 113, 10))
-        .expect("external host");
-    let _listener = db.listen_tcp(5432).expect("listener");
-    let dns = tb
-        .start_dns(
-            DnsConfig::dnsmasq()
-                .local_zone("another-lab.com")
-                .record("db.another-lab.com", db.ipv4()),
-        )
-        .expect("dnsmasq");
-    let pod = story_pod(&tb, "web");
+    let story = Story::new();
+    let Story { db, dns, pod, .. } = &story;
     let observed = Observed::start();
 
-    let (_, peer) = connect(&pod, "db.another-lab.com.", 5432, &dns);
+    let (_, peer) = connect(pod, "db.another-lab.com.", 5432, Family::Any, dns);
     assert_eq!(peer, IpAddr::V4(db.ipv4()));
 
-    let record = observed.record_of(&pod, 5432);
+    let record = observed.record_of(pod, 5432);
     assert_eq!(record["query_name"], "db.another-lab.com.", "{record:#}");
     assert_eq!(record["resolution"], "external", "{record:#}");
     assert_eq!(record["server_address"], "db.another-lab.com");
@@ -292,7 +288,7 @@ fn ndots_decides_whether_a_dotted_name_walks_the_search_list() {
     let observed = Observed::start();
 
     for pod in [&ndots1, &ndots5] {
-        let (_, peer) = connect(pod, "db.another-lab.com", 5432, &dns);
+        let (_, peer) = connect(pod, "db.another-lab.com", 5432, Family::Any, &dns);
         assert_eq!(peer, IpAddr::V4(db.ipv4()));
     }
 
@@ -332,47 +328,40 @@ fn ndots_decides_whether_a_dotted_name_walks_the_search_list() {
 
     let direct_span = &observed.trace_of(&ndots1)[0];
     assert_eq!(
-        bool_attr(direct_span, "observer.dns.ndots_walk"),
+        bool_attr(&direct_span.attributes, "observer.dns.ndots_walk"),
         Some(false)
     );
     assert_eq!(
-        int_attr(direct_span, "observer.dns.wasted_queries"),
+        int_attr(&direct_span.attributes, "observer.dns.wasted_queries"),
         Some(0)
     );
     let walked_span = &observed.trace_of(&ndots5)[0];
     assert_eq!(
-        bool_attr(walked_span, "observer.dns.ndots_walk"),
+        bool_attr(&walked_span.attributes, "observer.dns.ndots_walk"),
         Some(true)
     );
     assert_eq!(
-        int_attr(walked_span, "observer.dns.wasted_queries"),
+        int_attr(&walked_span.attributes, "observer.dns.wasted_queries"),
         Some(4)
     );
-    assert_eq!(bool_attr(walked_span, "observer.flagged"), Some(false));
+    assert_eq!(
+        bool_attr(&walked_span.attributes, "observer.flagged"),
+        Some(false)
+    );
 }
 
 /// Scenario 5: CoreDNS autopath: the pod's first query is answered with a CNAME out of the cluster
 /// domain and the target's address, so no NXDOMAIN is ever seen. Still an escape.
 #[test]
 fn autopath_style_cname_out_of_the_cluster_is_flagged() {
-    let tb = testbed();
-    let db = tb
-        .add_external_host_at("db", Ipv4Addr::new(203, 0, 113, 10))
-        .expect("external host");
-    let _listener = db.listen_tcp(5432).expect("listener");
-    let dns = tb
-        .start_dns(
-            DnsConfig::dnsmasq()
-                .local_zone("another-lab.com")
-                .record("db.another-lab.com", db.ipv4())
-                .cname("db.simple-web-app.svc.cluster.local", "db.another-lab.com"),
-        )
-        .expect("dnsmasq");
-    let pod = story_pod(&tb, "web");
+    let story = Story::with(|_, dns| {
+        dns.cname("db.simple-web-app.svc.cluster.local", "db.another-lab.com")
+    });
+    let Story { db, dns, pod, .. } = &story;
     let observed = Observed::start();
     let before = observed.metrics();
 
-    let (_, peer) = connect(&pod, "db", 5432, &dns);
+    let (_, peer) = connect(pod, "db", 5432, Family::Any, dns);
     assert_eq!(peer, IpAddr::V4(db.ipv4()));
     let log = dns.queries().expect("dns log");
     assert!(
@@ -380,7 +369,7 @@ fn autopath_style_cname_out_of_the_cluster_is_flagged() {
         "the CNAME answered the first query: {log:#?}"
     );
 
-    let record = observed.record_of(&pod, 5432);
+    let record = observed.record_of(pod, 5432);
     assert_eq!(record["query_name"], "db", "{record:#}");
     assert_eq!(record["resolution"], "cname-escape", "{record:#}");
     assert_eq!(
@@ -402,13 +391,16 @@ fn autopath_style_cname_out_of_the_cluster_is_flagged() {
         "{record:#}"
     );
 
-    let root = &observed.trace_of(&pod)[0];
-    assert_eq!(str_attr(root, "observer.resolution"), Some("cname-escape"));
+    let root = &observed.trace_of(pod)[0];
     assert_eq!(
-        strings_attr(root, "observer.dns.cname_chain"),
+        str_attr(&root.attributes, "observer.resolution"),
+        Some("cname-escape")
+    );
+    assert_eq!(
+        str_array_attr(&root.attributes, "observer.dns.cname_chain"),
         Some(vec!["db.another-lab.com".to_owned()])
     );
-    assert_eq!(bool_attr(root, "observer.flagged"), Some(true));
+    assert_eq!(bool_attr(&root.attributes, "observer.flagged"), Some(true));
 
     let after = observed.metrics();
     let flagged = |m: &str| {
@@ -444,7 +436,7 @@ fn ipv6_only_search_escape_is_flagged() {
     let pod = story_pod(&tb, "web");
     let observed = Observed::start();
 
-    let (_, peer) = connect(&pod, "db", 5432, &dns);
+    let (_, peer) = connect(&pod, "db", 5432, Family::Any, &dns);
     assert_eq!(peer, IpAddr::V6(db.ipv6()));
 
     let record = observed.record_of(&pod, 5432);
@@ -476,9 +468,9 @@ fn ipv6_only_search_escape_is_flagged() {
     assert_eq!(chain(&record), owned(&expected), "{record:#}");
 
     let root = &observed.trace_of(&pod)[0];
-    assert_eq!(str_attr(root, "network.type"), Some("ipv6"));
+    assert_eq!(str_attr(&root.attributes, "network.type"), Some("ipv6"));
     assert_eq!(
-        str_attr(root, "network.peer.address").map(|a| a.parse::<IpAddr>()),
+        str_attr(&root.attributes, "network.peer.address").map(|a| a.parse::<IpAddr>()),
         Some(Ok(IpAddr::V6(db.ipv6())))
     );
 }
@@ -513,7 +505,7 @@ fn truncated_answer_retried_over_tcp_still_classifies() {
     let pod = story_pod(&tb, "web");
     let observed = Observed::start();
 
-    let (_, peer) = connect(&pod, "big", 5432, &dns);
+    let (_, peer) = connect(&pod, "big", 5432, Family::Any, &dns);
     let IpAddr::V4(peer_v4) = peer else {
         panic!("connected over IPv6 to {peer}")
     };
@@ -577,10 +569,10 @@ fn truncated_answer_retried_over_tcp_still_classifies() {
     let answers: Vec<Vec<String>> = trace[1..]
         .iter()
         .filter(|s| {
-            str_attr(s, "dns.question.name") == Some("big.another-lab.com")
-                && str_attr(s, "observer.dns.question.type") == Some("A")
+            str_attr(&s.attributes, "dns.question.name") == Some("big.another-lab.com")
+                && str_attr(&s.attributes, "observer.dns.question.type") == Some("A")
         })
-        .filter_map(|s| strings_attr(s, "dns.answers"))
+        .filter_map(|s| str_array_attr(&s.attributes, "dns.answers"))
         .collect();
     assert!(
         answers.iter().any(|a| {

@@ -8,27 +8,12 @@ use std::{
 
 use observer_tests::{
     CLOSED_PORT, CgroupDriver, ConnectOutcome, DnsConfig, DnsProbe, Family, LoggedQuery, PodSpec,
-    QosClass, QueryOutcome, TestCommand, Testbed, Transport, cgroup_of_pid, dns_probe_client_bin,
-    plan, probe::qtype,
+    QosClass, QueryOutcome, TestCommand, Transport, cgroup_of_pid, dns_probe_client_bin, plan,
+    probe::qtype,
+    story::{CONNECT_TIMEOUT, story_pod, testbed},
 };
 
-const STORY_SEARCH: [&str; 4] = [
-    "simple-web-app.svc.cluster.local",
-    "svc.cluster.local",
-    "cluster.local",
-    "another-lab.com",
-];
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const LOG_WAIT: Duration = Duration::from_secs(5);
-
-fn testbed() -> Testbed {
-    Testbed::new().expect("building the testbed (these tests must run as root)")
-}
-
-fn story_pod(tb: &Testbed) -> observer_tests::Pod {
-    tb.add_pod(PodSpec::new("web").search(STORY_SEARCH).ndots(5))
-        .expect("pod")
-}
 
 /// The names glibc asked for, with their outcome, for A queries only, in order.
 fn a_queries(log: &[LoggedQuery]) -> Vec<(String, QueryOutcome)> {
@@ -52,7 +37,7 @@ fn the_search_list_escape_reproduces() {
                 .record("db.another-lab.com", db.ipv4()),
         )
         .expect("dnsmasq");
-    let pod = story_pod(&tb);
+    let pod = story_pod(&tb, "web");
 
     let report = pod
         .connect_tcp("db", 5432, Family::Any, CONNECT_TIMEOUT)
@@ -110,7 +95,7 @@ fn a_record_added_at_run_time_keeps_the_pod_in_the_cluster() {
                 .record("db.another-lab.com", external.ipv4()),
         )
         .expect("dnsmasq");
-    let pod = story_pod(&tb);
+    let pod = story_pod(&tb, "web");
 
     let first = pod
         .connect_tcp("db", 5432, Family::V4, CONNECT_TIMEOUT)
@@ -247,7 +232,7 @@ fn processes_land_in_kubelet_shaped_cgroups_of_both_drivers() {
 fn nothing_of_the_run_remains_after_drop() {
     let tb = testbed();
     let dns = tb.start_dns(DnsConfig::dnsmasq()).expect("dnsmasq");
-    let pod = story_pod(&tb);
+    let pod = story_pod(&tb, "web");
     let ext = tb.add_external_host("ext").expect("external");
     let _listener = ext.listen_tcp(80).expect("listen");
     tb.host_cgroup("host").expect("host cgroup");

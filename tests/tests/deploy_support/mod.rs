@@ -2,16 +2,11 @@
 //! as data, the external validators (kubernetes-validate, promtool, setpriv) found or named,
 //! and the agent run under an exact capability set.
 use std::{
-    io::{BufRead, BufReader, Read},
-    net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex},
-    thread::JoinHandle,
-    time::{Duration, Instant},
+    process::Command,
 };
 
-use observer_tests::agent::{free_local_port, http_get, observer_bin};
+use observer_tests::agent::{Agent, AgentExited, AgentSpec};
 use serde_json::Value;
 
 /// The repository's `deploy/` directory.
@@ -90,157 +85,29 @@ pub fn manifest_capabilities(daemonset: &Value) -> Vec<String> {
 
 /// The agent started through `setpriv` with exactly `caps` (Kubernetes spelling) as its
 /// permitted, effective, inheritable, ambient and bounding sets, as user `uid`.
-pub struct ConfinedAgent {
-    child: Option<Child>,
-    records: Arc<Mutex<Vec<Value>>>,
-    stderr: Arc<Mutex<String>>,
-    readers: Vec<JoinHandle<()>>,
-}
-
-/// How a confined start ended.
-pub enum Start {
-    Ready(ConfinedAgent),
-    Exited { status: ExitStatus, stderr: String },
-}
-
-impl ConfinedAgent {
-    pub fn start(uid: u32, caps: &[String], args: &[&str]) -> Start {
-        let setpriv = require_tool("setpriv", "the Debian package util-linux");
-        let set = std::iter::once("-all".to_owned())
-            .chain(caps.iter().map(|c| format!("+{}", c.to_ascii_lowercase())))
-            .collect::<Vec<_>>()
-            .join(",");
-        let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_local_port())
-            .parse()
-            .expect("loopback address");
-        let mut child = Command::new(setpriv)
-            .arg(format!("--reuid={uid}"))
-            .arg(format!("--regid={uid}"))
-            .arg("--clear-groups")
-            .arg(format!("--inh-caps={set}"))
-            .arg(format!("--ambient-caps={set}"))
-            .arg(format!("--bounding-set={set}"))
-            .arg("--")
-            .arg(observer_bin())
-            .args(["run", "--kube", "off", "--output", "json", "--metrics-addr"])
-            .arg(metrics_addr.to_string())
-            .args(args)
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            .env("NO_COLOR", "1")
-            .env("RUST_BACKTRACE", "0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting the agent through setpriv");
-        let records = Arc::new(Mutex::new(Vec::new()));
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let out = child.stdout.take().expect("piped stdout");
-        let err = child.stderr.take().expect("piped stderr");
-        let into = Arc::clone(&records);
-        let out_reader = std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    into.lock().expect("records lock").push(v);
-                }
-            }
-        });
-        let err_text = Arc::clone(&stderr);
-        let err_reader = std::thread::spawn(move || {
-            let mut reader = BufReader::new(err);
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = reader.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                err_text
-                    .lock()
-                    .expect("stderr lock")
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        let mut agent = ConfinedAgent {
-            child: Some(child),
-            records,
-            stderr,
-            readers: vec![out_reader, err_reader],
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let exited = agent
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().expect("waiting for the agent"));
-            if let Some(status) = exited {
-                agent.child = None;
-                for r in agent.readers.drain(..) {
-                    let _ = r.join();
-                }
-                return Start::Exited {
-                    status,
-                    stderr: agent.stderr(),
-                };
-            }
-            if http_get(metrics_addr, "/readyz").is_ok_and(|(code, _)| code == 200) {
-                return Start::Ready(agent);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the confined agent neither got ready nor exited within 30 s; its log:\n{}",
-                agent.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    pub fn stderr(&self) -> String {
-        self.stderr.lock().expect("stderr lock").clone()
-    }
-
-    pub fn records_of_cgroup(&self, cgroup_id: u64) -> Vec<Value> {
-        self.records
-            .lock()
-            .expect("records lock")
-            .iter()
-            .filter(|r| r["cgroup_id"].as_u64() == Some(cgroup_id))
-            .cloned()
-            .collect()
-    }
-
-    /// Waits for a record of `cgroup_id` matching `pred`; None when none came.
-    pub fn wait_for_record(
-        &self,
-        cgroup_id: u64,
-        within: Duration,
-        pred: impl Fn(&Value) -> bool,
-    ) -> Option<Value> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(r) = self.records_of_cgroup(cgroup_id).into_iter().find(&pred) {
-                return Some(r);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for ConfinedAgent {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill(2) with a pid we own and a valid signal number.
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+pub fn confined_agent(uid: u32, caps: &[String], args: &[&str]) -> Result<Agent, AgentExited> {
+    let setpriv = require_tool("setpriv", "the Debian package util-linux");
+    let set = std::iter::once("-all".to_owned())
+        .chain(caps.iter().map(|c| format!("+{}", c.to_ascii_lowercase())))
+        .collect::<Vec<_>>()
+        .join(",");
+    Agent::try_start(
+        AgentSpec::new()
+            .launcher(
+                setpriv,
+                [
+                    format!("--reuid={uid}"),
+                    format!("--regid={uid}"),
+                    "--clear-groups".to_owned(),
+                    format!("--inh-caps={set}"),
+                    format!("--ambient-caps={set}"),
+                    format!("--bounding-set={set}"),
+                    "--".to_owned(),
+                ],
+            )
+            .args(args.iter().copied())
+            .env("RUST_BACKTRACE", "0"),
+    )
 }
 
 /// The sample lines of a Prometheus text exposition: (metric name, labels).

@@ -1,25 +1,16 @@
-//! What the DNS scenarios share: the real agent with a real OTLP receiver, the motivating
-//! story's pod, and readers for the agent's JSON lines and spans.
+//! What the DNS scenarios share: the real agent with a real OTLP receiver, and readers for
+//! the agent's JSON lines.
 use std::{net::IpAddr, time::Duration};
 
 use observer_tests::{
-    ConnectOutcome, ConnectReport, DnsServer, Pod, PodSpec, Testbed,
+    Pod,
     agent::{Agent, AgentSpec},
     otlp::OtlpReceiver,
 };
-use opentelemetry_proto::tonic::{
-    common::v1::{AnyValue, any_value::Value as OtlpValue},
-    trace::v1::Span,
-};
+pub use observer_tests::{story::*, traces::*};
+use opentelemetry_proto::tonic::trace::v1::Span;
 use serde_json::Value;
 
-pub const STORY_SEARCH: [&str; 4] = [
-    "simple-web-app.svc.cluster.local",
-    "svc.cluster.local",
-    "cluster.local",
-    "another-lab.com",
-];
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long the agent may take from the connect's outcome to its JSON line.
 pub const RECORD_WAIT: Duration = Duration::from_secs(10);
 /// Spans leave in batches (at most every 2 s), then cross gRPC.
@@ -45,12 +36,7 @@ impl Observed {
             .expect("starting the OTLP receiver");
         let agent = Agent::start(
             AgentSpec::new()
-                .args([
-                    "--cluster-cidr",
-                    "198.18.0.0/15",
-                    "--cluster-cidr",
-                    "2001:db8:c::/64",
-                ])
+                .args(cluster_args())
                 .env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.grpc_url())
                 .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
         );
@@ -82,68 +68,17 @@ impl Observed {
 
     /// The spans of the pod's connection's trace: the root first, then its DNS children.
     pub fn trace_of(&self, pod: &Pod) -> Vec<Span> {
-        let cgroup_id = pod.cgroup().container.id();
-        let deadline = std::time::Instant::now() + SPAN_WAIT;
-        loop {
-            let spans: Vec<Span> = self
-                .receiver
-                .received()
-                .into_iter()
-                .flat_map(|r| r.request.resource_spans)
-                .flat_map(|r| r.scope_spans)
-                .flat_map(|s| s.spans)
-                .collect();
-            if let Some(root) = spans.iter().find(|s| {
-                int_attr(s, "observer.cgroup.id").is_some_and(|id| id as u64 == cgroup_id)
-            }) {
-                let mut trace = vec![root.clone()];
-                trace.extend(
-                    spans
-                        .iter()
-                        .filter(|s| s.trace_id == root.trace_id && s.span_id != root.span_id)
-                        .cloned(),
-                );
-                return trace;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no span of cgroup {cgroup_id} within {SPAN_WAIT:?}; spans received: {}; agent log:\n{}",
-                spans.len(),
-                self.agent.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let trace = wait_for_trace(
+            &self.receiver,
+            pod.cgroup().container.id(),
+            SPAN_WAIT,
+            |_| true,
+        );
+        std::iter::once(trace.root).chain(trace.others).collect()
     }
 
     pub fn metrics(&self) -> String {
         self.agent.metrics()
-    }
-}
-
-pub fn testbed() -> Testbed {
-    Testbed::new().expect("building the testbed (these tests must run as root)")
-}
-
-/// The pod of the motivating incident: `ndots:5` and the search list ending in another-lab.com.
-pub fn story_pod(tb: &Testbed, name: &str) -> Pod {
-    tb.add_pod(PodSpec::new(name).search(STORY_SEARCH).ndots(5))
-        .expect("pod")
-}
-
-/// Connects from the pod and returns where it landed; panics with the DNS log otherwise.
-pub fn connect(pod: &Pod, host: &str, port: u16, dns: &DnsServer) -> (ConnectReport, IpAddr) {
-    let report = pod
-        .connect_tcp(host, port, observer_tests::Family::Any, CONNECT_TIMEOUT)
-        .expect("connect helper");
-    match report.outcome {
-        ConnectOutcome::Connected { peer, .. } => {
-            let ip = peer.ip();
-            (report, ip)
-        }
-        ref other => panic!(
-            "the pod did not connect to {host}:{port}: {other:?}; dns log:\n{}",
-            dns.raw_log().unwrap_or_default()
-        ),
     }
 }
 
@@ -179,48 +114,4 @@ pub fn destination_ip(record: &Value) -> IpAddr {
         .as_str()
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("destination.address is an IP: {record}"))
-}
-
-fn attr<'a>(span: &'a Span, key: &str) -> Option<&'a OtlpValue> {
-    span.attributes
-        .iter()
-        .find(|kv| kv.key == key)
-        .and_then(|kv| kv.value.as_ref())
-        .and_then(|v: &AnyValue| v.value.as_ref())
-}
-
-pub fn str_attr<'a>(span: &'a Span, key: &str) -> Option<&'a str> {
-    match attr(span, key)? {
-        OtlpValue::StringValue(s) => Some(s),
-        _ => None,
-    }
-}
-
-pub fn int_attr(span: &Span, key: &str) -> Option<i64> {
-    match attr(span, key)? {
-        OtlpValue::IntValue(i) => Some(*i),
-        _ => None,
-    }
-}
-
-pub fn bool_attr(span: &Span, key: &str) -> Option<bool> {
-    match attr(span, key)? {
-        OtlpValue::BoolValue(b) => Some(*b),
-        _ => None,
-    }
-}
-
-pub fn strings_attr(span: &Span, key: &str) -> Option<Vec<String>> {
-    match attr(span, key)? {
-        OtlpValue::ArrayValue(a) => Some(
-            a.values
-                .iter()
-                .filter_map(|v| match v.value.as_ref()? {
-                    OtlpValue::StringValue(s) => Some(s.clone()),
-                    _ => None,
-                })
-                .collect(),
-        ),
-        _ => None,
-    }
 }

@@ -21,11 +21,8 @@ use std::{
 use observer::probes::{
     Connect, ConnectOutcome, Direction, DnsPacket, Event, ProbeOptions, Probes, Protocol,
 };
-use observer_tests::{Host, Testbed};
-
-pub fn testbed() -> Testbed {
-    Testbed::new().expect("building the testbed (these tests must run as root)")
-}
+use observer_tests::Host;
+pub use observer_tests::story::testbed;
 
 /// Programs attached to the cgroup2 root see every test's traffic, and a test that compares
 /// "with and without programs" or counts its own process's bpf objects needs no other test
