@@ -12,7 +12,7 @@ use aya_ebpf::{
         generated::{bpf_get_current_cgroup_id, bpf_ktime_get_boot_ns},
     },
     macros::{map, tracepoint},
-    maps::{LruHashMap, RingBuf},
+    maps::{Array, RingBuf},
     programs::TracePointContext,
 };
 use aya_log_ebpf::warn;
@@ -30,18 +30,48 @@ use crate::{loss::count, ring::submit_flags};
 #[map]
 static CONNECT_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 19, 0);
 
-/// Address passed to an in-flight connect(2), by pid_tgid. LRU so that a missed exit can
-/// never fill it for good.
+/// Address passed to an in-flight connect(2), in a slot chosen by thread id. An array, not
+/// a hash: a slot costs an index, where every hash-map insert and delete paid hundreds of
+/// nanoseconds on each connect. Each slot names its thread (`pid_tgid`), so two threads
+/// sharing a slot never take each other's address: the one overwritten loses only its
+/// requested address, never gets a wrong one.
 #[map]
-static CONNECT_ARGS: LruHashMap<u64, Requested> = LruHashMap::with_max_entries(8192, 0);
+static CONNECT_ARGS: Array<Requested> = Array::with_max_entries(CONNECT_ARG_SLOTS, 0);
 
-/// Opens awaiting their outcome, by socket address.
+/// A power of two, far above the connect(2) calls in flight at once on a node.
+const CONNECT_ARG_SLOTS: u32 = 16384;
+
+#[inline(always)]
+fn arg_slot(pid_tgid: u64) -> u32 {
+    (pid_tgid as u32) & (CONNECT_ARG_SLOTS - 1)
+}
+
+/// Opens awaiting their outcome, in a slot chosen by socket address (an array for the same
+/// reason as [`CONNECT_ARGS`]). Each slot names its socket (`open.sock_id`, 0 when free).
+/// An open whose slot holds another live open takes it over: the displaced connect loses
+/// its outcome, and that is counted as `connect_track_full`.
 #[map]
-static CONNECT_TRACK: LruHashMap<u64, Tracked> = LruHashMap::with_max_entries(16384, 0);
+static CONNECT_TRACK: Array<Tracked> = Array::with_max_entries(CONNECT_TRACK_SLOTS, 0);
+
+/// A power of two, far above the connects awaiting their outcome at once on a node.
+const CONNECT_TRACK_SLOTS: u32 = 16384;
+
+/// An open older than this waits for nothing any more (the kernel gives up on a SYN after
+/// about two minutes): taking over its slot loses nothing.
+const TRACK_STALE_NS: u64 = 300 * 1_000_000_000;
+
+#[inline(always)]
+fn track_slot(skaddr: u64) -> u32 {
+    // Socket addresses share their low bits (slab alignment): mix, keep the top bits.
+    (skaddr.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - CONNECT_TRACK_SLOTS.trailing_zeros()))
+        as u32
+}
 
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Requested {
+    /// Whose address this is; 0 when the slot is free.
+    pid_tgid: u64,
     addr: [u8; 16],
     port: u16,
     family: u8,
@@ -112,7 +142,9 @@ fn remember_requested(ctx: &TracePointContext) {
         return;
     };
     let family = u16::from_ne_bytes([raw[0], raw[1]]);
+    let pid_tgid = bpf_get_current_pid_tgid();
     let mut requested = Requested {
+        pid_tgid,
         addr: [0; 16],
         port: u16::from_be_bytes([raw[2], raw[3]]),
         family: 0,
@@ -131,18 +163,21 @@ fn remember_requested(ctx: &TracePointContext) {
         }
         _ => return,
     }
-    if CONNECT_ARGS
-        .insert(bpf_get_current_pid_tgid(), requested, 0)
-        .is_err()
-    {
-        count(LossCounter::ConnectTrackFull);
+    if let Some(slot) = CONNECT_ARGS.get_ptr_mut(arg_slot(pid_tgid)) {
+        unsafe { *slot = requested };
     }
 }
 
 #[tracepoint]
 pub fn connect_exit(_ctx: TracePointContext) -> u32 {
-    // Absent for non-inet connects: nothing to do then.
-    let _ = CONNECT_ARGS.remove(bpf_get_current_pid_tgid());
+    // Frees the thread's slot, so that a later connect made by the kernel in this thread's
+    // context (no connect(2) of its own) never finds this call's address.
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if let Some(slot) = CONNECT_ARGS.get_ptr_mut(arg_slot(pid_tgid))
+        && unsafe { (*slot).pid_tgid } == pid_tgid
+    {
+        unsafe { (*slot).pid_tgid = 0 };
+    }
     0
 }
 
@@ -170,7 +205,9 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     let skaddr: u64 = field(&ctx, rst_tp::SKADDR);
     // Only tracked sockets, i.e. opens still awaiting their outcome, are marked; the
     // CLOSE that follows the reset reports the refusal.
-    if let Some(tracked) = CONNECT_TRACK.get_ptr_mut(skaddr) {
+    if let Some(tracked) = CONNECT_TRACK.get_ptr_mut(track_slot(skaddr))
+        && unsafe { (*tracked).open.sock_id } == skaddr
+    {
         unsafe { (*tracked).reset_seen = 1 };
     }
     0
@@ -246,16 +283,24 @@ fn open(ctx: &TracePointContext, skaddr: u64) {
     if !fill_tuple(ctx, &mut tracked.open) {
         return;
     }
-    if let Some(requested) = unsafe { CONNECT_ARGS.get(pid_tgid) }
+    if let Some(requested) = CONNECT_ARGS.get(arg_slot(pid_tgid))
+        && requested.pid_tgid == pid_tgid
         && requested.family == tracked.open.family
     {
         tracked.open.requested_addr = requested.addr;
         tracked.open.requested_port = requested.port;
         tracked.open.flags |= CONNECT_FLAG_REQUESTED;
     }
-    if let Err(err) = CONNECT_TRACK.insert(skaddr, tracked, 0) {
-        count(LossCounter::ConnectTrackFull);
-        warn!(ctx, "connect tracking insert failed: {}", err);
+    if let Some(slot) = CONNECT_TRACK.get_ptr_mut(track_slot(skaddr)) {
+        let (held, held_since) = unsafe { ((*slot).open.sock_id, (*slot).open.timestamp_ns) };
+        if held != 0
+            && held != skaddr
+            && tracked.open.timestamp_ns.saturating_sub(held_since) < TRACK_STALE_NS
+        {
+            count(LossCounter::ConnectTrackFull);
+            warn!(ctx, "connect tracking slot taken over: an outcome will be missing");
+        }
+        unsafe { *slot = tracked };
     }
     if CONNECT_EVENTS
         .output::<ConnectEvent>(
@@ -271,11 +316,14 @@ fn open(ctx: &TracePointContext, skaddr: u64) {
 /// Softirq context possible: everything about the caller comes from the tracked open.
 #[inline(always)]
 fn outcome(ctx: &TracePointContext, skaddr: u64, established: bool) {
-    let Some(tracked) = CONNECT_TRACK.get_ptr(skaddr) else {
+    let Some(tracked) = CONNECT_TRACK.get_ptr_mut(track_slot(skaddr)) else {
         return;
     };
+    if unsafe { (*tracked).open.sock_id } != skaddr {
+        return;
+    }
     let (mut event, reset_seen) = unsafe { ((*tracked).open, (*tracked).reset_seen) };
-    let _ = CONNECT_TRACK.remove(skaddr);
+    unsafe { (*tracked).open.sock_id = 0 };
     event.timestamp_ns = unsafe { bpf_ktime_get_boot_ns() };
     event.kind = CONNECT_OUTCOME;
     event.outcome = if established {
