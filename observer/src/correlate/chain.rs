@@ -110,7 +110,13 @@ impl Chain {
     pub fn step_name(&self, step: usize) -> String {
         match &self.steps[step].kind {
             StepKind::AsIs => self.base.to_string(),
-            StepKind::Search(d) => format!("{}.{}", self.base, d),
+            StepKind::Search(d) => {
+                let mut name = String::with_capacity(self.base.len() + 1 + d.len());
+                name.push_str(&self.base);
+                name.push('.');
+                name.push_str(d);
+                name
+            }
         }
     }
 
@@ -146,19 +152,33 @@ impl Chain {
             return m.clone();
         }
         let answer_step = self.answer.as_ref().map(|a| a.step as usize);
-        let mut queries: Vec<DnsQueryRecord> = Vec::new();
+        let mut server_address = String::new();
+        let mut queries: Vec<DnsQueryRecord> =
+            Vec::with_capacity(self.steps.iter().map(|s| s.queries.len()).sum());
         for (i, step) in self.steps.iter().enumerate() {
             let name = self.step_name(i);
-            for q in &step.queries {
+            if Some(i) == answer_step {
+                server_address.clone_from(&name);
+            }
+            // Each query owns its name: the step's text is built once, copied for all but
+            // the last query, and moved into that one.
+            let mut name = Some(name);
+            let last = step.queries.len().saturating_sub(1);
+            for (k, q) in step.queries.iter().enumerate() {
+                let name = if k == last {
+                    name.take().unwrap_or_default()
+                } else {
+                    name.clone().unwrap_or_default()
+                };
                 queries.push(DnsQueryRecord {
-                    name: name.clone(),
+                    name,
                     qtype: QType(q.qtype).mnemonic().into_owned(),
                     rcode: q.answered().then(|| Rcode(q.rcode).mnemonic().into_owned()),
                     answers: q
                         .answers
                         .iter()
                         .map(|a| match a {
-                            AnswerItem::Addr(ip) => ip.to_string(),
+                            AnswerItem::Addr(ip) => ip_text(ip),
                             AnswerItem::Cname(c) => c.to_string(),
                         })
                         .collect(),
@@ -167,17 +187,18 @@ impl Chain {
                 });
             }
         }
-        queries.sort_by_key(|q| q.sent_at);
-        let (server_address, search_domain, cname_chain) = match (&self.answer, answer_step) {
+        if !queries.is_sorted_by_key(|q| q.sent_at) {
+            queries.sort_by_key(|q| q.sent_at);
+        }
+        let (search_domain, cname_chain) = match (&self.answer, answer_step) {
             (Some(a), Some(step)) => (
-                self.step_name(step),
                 match &self.steps[step].kind {
                     StepKind::Search(d) => Some(d.to_string()),
                     StepKind::AsIs => None,
                 },
                 a.cnames.iter().map(|c| c.to_string()).collect(),
             ),
-            _ => (String::new(), None, Vec::new()),
+            _ => (None, Vec::new()),
         };
         let chain = Arc::new(ResolutionChain {
             query_name: self.query_name().into_owned(),
@@ -194,6 +215,29 @@ impl Chain {
         });
         self.materialized = Some(chain.clone());
         chain
+    }
+}
+
+/// An address as its `Display` text; IPv4 (nearly every answer) without the formatter.
+pub(super) fn ip_text(ip: &IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut text = String::with_capacity(15);
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    text.push('.');
+                }
+                if octet >= 100 {
+                    text.push(char::from(b'0' + octet / 100));
+                }
+                if octet >= 10 {
+                    text.push(char::from(b'0' + octet / 10 % 10));
+                }
+                text.push(char::from(b'0' + octet % 10));
+            }
+            text
+        }
+        IpAddr::V6(v6) => v6.to_string(),
     }
 }
 
@@ -366,9 +410,30 @@ pub(super) struct Lookup {
     pub items: Vec<AnswerItem>,
     /// CNAME targets followed from the question name.
     pub cnames: Vec<Arc<str>>,
+    /// The smallest TTL along the CNAME chain.
+    ttl_cap: u32,
+    /// NOERROR: only then do the answers name the question's addresses.
+    usable: bool,
+}
+
+impl Lookup {
     /// Addresses owned by the question name or its CNAME targets, with the smallest TTL
-    /// along the way; v4-mapped v6 addresses as v4.
-    pub addresses: Vec<(IpAddr, u32)>,
+    /// along the way; v4-mapped v6 addresses as v4. Read from the message again rather
+    /// than kept: cheaper than a list per response.
+    pub fn addresses<'a>(
+        &'a self,
+        qname: &'a str,
+        msg: &'a DnsMessage,
+    ) -> impl Iterator<Item = (IpAddr, u32)> + 'a {
+        msg.answers
+            .iter()
+            .filter(|_| self.usable)
+            .filter_map(move |a| {
+                let ip = a.data.address()?;
+                let owned = &*a.owner == qname || self.cnames.iter().any(|c| **c == *a.owner);
+                owned.then(|| (ip.to_canonical(), a.ttl.min(self.ttl_cap)))
+            })
+    }
 }
 
 pub(super) fn follow_answer(qname: &str, msg: &DnsMessage, max_hops: usize) -> Lookup {
@@ -382,39 +447,28 @@ pub(super) fn follow_answer(qname: &str, msg: &DnsMessage, max_hops: usize) -> L
         })
         .collect();
     let mut cnames: Vec<Arc<str>> = Vec::new();
-    let mut addresses = Vec::new();
-    if msg.rcode != Rcode::NOERROR {
-        return Lookup {
-            items,
-            cnames,
-            addresses,
-        };
-    }
     let mut ttl_cap = u32::MAX;
-    let mut current: &str = qname;
-    for _ in 0..max_hops {
-        let next = msg.answers.iter().find_map(|a| match &a.data {
-            AnswerData::Cname(t) if &*a.owner == current => Some((t, a.ttl)),
-            _ => None,
-        });
-        let Some((target, ttl)) = next else { break };
-        if cnames.iter().any(|c| **c == **target) || &**target == qname {
-            break;
-        }
-        ttl_cap = ttl_cap.min(ttl);
-        cnames.push(target.clone());
-        current = target;
-    }
-    for a in &msg.answers {
-        let Some(ip) = a.data.address() else { continue };
-        let owned = &*a.owner == qname || cnames.iter().any(|c| **c == *a.owner);
-        if owned {
-            addresses.push((ip.to_canonical(), a.ttl.min(ttl_cap)));
+    let usable = msg.rcode == Rcode::NOERROR;
+    if usable {
+        let mut current: &str = qname;
+        for _ in 0..max_hops {
+            let next = msg.answers.iter().find_map(|a| match &a.data {
+                AnswerData::Cname(t) if &*a.owner == current => Some((t, a.ttl)),
+                _ => None,
+            });
+            let Some((target, ttl)) = next else { break };
+            if cnames.iter().any(|c| **c == **target) || &**target == qname {
+                break;
+            }
+            ttl_cap = ttl_cap.min(ttl);
+            cnames.push(target.clone());
+            current = target;
         }
     }
     Lookup {
         items,
         cnames,
-        addresses,
+        ttl_cap,
+        usable,
     }
 }

@@ -12,6 +12,7 @@ mod tests;
 use std::{
     cmp::Reverse,
     collections::{BTreeSet, BinaryHeap, HashMap, VecDeque, hash_map::Entry},
+    hash::{Hash, Hasher},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -19,7 +20,7 @@ use std::{
 pub use types::*;
 
 use crate::{
-    dns::{self, DnsParseErrorKind},
+    dns::{self, DnsMessage, DnsParseErrorKind},
     record::{BootNs, ConnectionRecord, Resolution},
     scope::ScopeKey,
 };
@@ -30,11 +31,34 @@ use chain::{Chain, ChainAnswer, QueryState, StepKind};
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// A query waiting for its response, keyed by what the response will carry reversed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct PendingKey {
     id: u16,
     client: SocketAddr,
     server: SocketAddr,
+}
+
+/// Hashed on every query and response: packed into as few words as the addresses allow
+/// (one for IPv4 on both ends) rather than field by field.
+impl Hash for PendingKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let ports = u128::from(self.id)
+            | u128::from(self.client.port()) << 16
+            | u128::from(self.server.port()) << 32;
+        match (self.client.ip(), self.server.ip()) {
+            (IpAddr::V4(c), IpAddr::V4(s)) => state
+                .write_u128(ports | u128::from(c.to_bits()) << 48 | u128::from(s.to_bits()) << 80),
+            (c, s) => {
+                state.write_u128(ports | 1 << 127);
+                for ip in [c, s] {
+                    match ip {
+                        IpAddr::V4(v4) => state.write_u32(v4.to_bits()),
+                        IpAddr::V6(v6) => state.write_u128(v6.to_bits()),
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -72,6 +96,9 @@ struct Resolver {
 }
 
 struct Scope {
+    key: ScopeKey,
+    /// Unique per scope created: tells a reused table id's scope from the one before.
+    serial: u64,
     resolver: Resolver,
     drift_key: Arc<str>,
     /// Set by identity (resolver or drift key): kept while idle, until `remove_scope`.
@@ -97,14 +124,70 @@ struct Scope {
 struct OpenConnect {
     record: ConnectionRecord,
     deadline: BootNs,
+    /// The scope whose open-connect count this connect holds: (table id, serial).
+    scope: Option<(u32, u64)>,
+}
+
+/// Scopes by small id: the per-scope state sits in one table, looked up by key once per
+/// event; the wakeup queue and open connects refer to scopes by id.
+#[derive(Default)]
+struct ScopeTable {
+    ids: FastMap<ScopeKey, u32>,
+    slots: Vec<Option<Scope>>,
+    free: Vec<u32>,
+    next_serial: u64,
+}
+
+impl ScopeTable {
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    fn id(&self, key: &ScopeKey) -> Option<u32> {
+        self.ids.get(key).copied()
+    }
+
+    fn get_mut(&mut self, id: u32) -> Option<&mut Scope> {
+        self.slots.get_mut(id as usize).and_then(Option::as_mut)
+    }
+
+    /// The scope of an open connect, if it is still the same scope.
+    fn get_serial_mut(&mut self, (id, serial): (u32, u64)) -> Option<&mut Scope> {
+        self.get_mut(id).filter(|s| s.serial == serial)
+    }
+
+    fn insert(&mut self, mut scope: Scope) -> u32 {
+        scope.serial = self.next_serial;
+        self.next_serial += 1;
+        let key = scope.key.clone();
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.slots[id as usize] = Some(scope);
+                id
+            }
+            None => {
+                self.slots.push(Some(scope));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.ids.insert(key, id);
+        id
+    }
+
+    fn remove(&mut self, id: u32) -> Option<Scope> {
+        let scope = self.slots.get_mut(id as usize)?.take()?;
+        self.ids.remove(&scope.key);
+        self.free.push(id);
+        Some(scope)
+    }
 }
 
 /// The correlation core. See the module docs.
 pub struct Correlator {
     config: CorrelatorConfig,
-    scopes: FastMap<ScopeKey, Scope>,
-    /// (next deadline, scope): which scopes `tick` must visit.
-    wakeups: BTreeSet<(BootNs, ScopeKey)>,
+    scopes: ScopeTable,
+    /// (next deadline, scope id): which scopes `tick` must visit.
+    wakeups: BTreeSet<(BootNs, u32)>,
     connects: FastMap<u64, OpenConnect>,
     connect_order: VecDeque<(BootNs, u64)>,
     /// drift key -> query name -> when it last resolved in-cluster. Nested so that a
@@ -121,7 +204,7 @@ impl Correlator {
     pub fn new(config: CorrelatorConfig) -> Self {
         Self {
             config,
-            scopes: FastMap::default(),
+            scopes: ScopeTable::default(),
             wakeups: BTreeSet::new(),
             connects: FastMap::default(),
             connect_order: VecDeque::new(),
@@ -176,7 +259,7 @@ impl Correlator {
             .map(|d| Arc::from(normalize_name(d)))
             .filter(|d: &Arc<str>| !d.is_empty())
             .collect();
-        let state = self.scope_mut(scope, 0)?;
+        let (_, state) = self.scope_mut(scope, 0)?;
         state.resolver = Resolver {
             search,
             ndots: resolver.ndots,
@@ -188,7 +271,7 @@ impl Correlator {
 
     /// The workload identity that drift is tracked under (default: the scope itself).
     pub fn set_drift_key(&mut self, scope: &ScopeKey, key: &str) -> Result<(), ScopeLimitReached> {
-        let state = self.scope_mut(scope, 0)?;
+        let (_, state) = self.scope_mut(scope, 0)?;
         state.drift_key = Arc::from(key);
         state.pinned = true;
         Ok(())
@@ -197,10 +280,13 @@ impl Correlator {
     /// The pod is gone: forget everything about it now (connects already open still
     /// get their records).
     pub fn remove_scope(&mut self, scope: &ScopeKey) {
-        if let Some(state) = self.scopes.remove(scope) {
+        if let Some(state) = self.scopes.id(scope).and_then(|id| {
+            let state = self.scopes.remove(id)?;
             if let Some(at) = state.scheduled {
-                self.wakeups.remove(&(at, scope.clone()));
+                self.wakeups.remove(&(at, id));
             }
+            Some(state)
+        }) {
             self.answers_total -= state.index.len();
             self.pending_total -= state.pending.len();
             self.counters.scopes_removed += 1;
@@ -220,14 +306,7 @@ impl Correlator {
     ) -> Result<(), dns::DnsParseError> {
         match dns::parse(bytes) {
             Ok(message) => {
-                self.observe_dns(DnsObservation {
-                    scope: scope.clone(),
-                    at,
-                    direction,
-                    src,
-                    dst,
-                    message,
-                });
+                self.observe_message(scope, at, direction, src, dst, message);
                 Ok(())
             }
             Err(e) => {
@@ -250,40 +329,66 @@ impl Correlator {
     }
 
     pub fn observe_dns(&mut self, obs: DnsObservation) {
+        self.observe_message(
+            &obs.scope,
+            obs.at,
+            obs.direction,
+            obs.src,
+            obs.dst,
+            obs.message,
+        );
+    }
+
+    /// [`Self::observe_dns`] without building an observation (no scope key clone).
+    fn observe_message(
+        &mut self,
+        scope: &ScopeKey,
+        at: BootNs,
+        direction: Direction,
+        src: SocketAddr,
+        dst: SocketAddr,
+        message: DnsMessage,
+    ) {
         self.counters.dns_messages += 1;
-        if !dns::is_standard_query(&obs.message) {
+        if !dns::is_standard_query(&message) {
             self.counters.dns_ignored_opcode += 1;
             return;
         }
-        match (obs.direction, obs.message.is_response) {
-            (Direction::Egress, false) => self.on_query(obs),
-            (Direction::Ingress, true) => self.on_response(obs),
+        match (direction, message.is_response) {
+            (Direction::Egress, false) => self.on_query(scope, at, src, dst, message),
+            (Direction::Ingress, true) => self.on_response(scope, at, src, dst, message),
             // The server's own socket: the client's side of the same exchange is what counts.
             _ => self.counters.dns_server_side_ignored += 1,
         }
     }
 
-    fn on_query(&mut self, obs: DnsObservation) {
-        let Some(question) = obs.message.question else {
+    fn on_query(
+        &mut self,
+        scope_key: &ScopeKey,
+        at: BootNs,
+        src: SocketAddr,
+        dst: SocketAddr,
+        message: DnsMessage,
+    ) {
+        let Some(question) = message.question else {
             self.counters.queries_without_question += 1;
             return;
         };
         self.counters.queries += 1;
-        let at = obs.at;
         let key = PendingKey {
-            id: obs.message.id,
-            client: obs.src,
-            server: obs.dst,
+            id: message.id,
+            client: src,
+            server: dst,
         };
         let query_timeout = self.config.query_timeout_ns;
         let limits = self.config.limits;
         let chain_window = self.config.chain_window_ns;
-        let Ok(scope) = scope_entry(
+        let Ok((scope_id, scope)) = scope_entry(
             &mut self.scopes,
             &mut self.wakeups,
             &mut self.counters,
             &self.config,
-            &obs.scope,
+            scope_key,
             at,
         ) else {
             return;
@@ -373,21 +478,32 @@ impl Correlator {
         }
         schedule(
             &mut self.wakeups,
-            &obs.scope,
+            scope_id,
             scope,
             0,
             self.config.scope_idle_ns,
         );
     }
 
-    fn on_response(&mut self, obs: DnsObservation) {
+    fn on_response(
+        &mut self,
+        scope_key: &ScopeKey,
+        at: BootNs,
+        src: SocketAddr,
+        dst: SocketAddr,
+        message: DnsMessage,
+    ) {
         self.counters.responses += 1;
         let key = PendingKey {
-            id: obs.message.id,
-            client: obs.dst,
-            server: obs.src,
+            id: message.id,
+            client: dst,
+            server: src,
         };
-        let Some(scope) = self.scopes.get_mut(&obs.scope) else {
+        let Some((scope_id, scope)) = self
+            .scopes
+            .id(scope_key)
+            .and_then(|id| Some((id, self.scopes.get_mut(id)?)))
+        else {
             self.counters.responses_unmatched += 1;
             return;
         };
@@ -395,7 +511,7 @@ impl Correlator {
             self.counters.responses_unmatched += 1;
             return;
         };
-        if let Some(q) = &obs.message.question
+        if let Some(q) = &message.question
             && (*q.name != *pending.name || q.qtype.0 != pending.qtype)
         {
             // Same id and tuple but another question: not the answer to this query.
@@ -416,12 +532,12 @@ impl Correlator {
             }
             scope.pending_order.pop_front();
         }
-        scope.last_activity = obs.at;
+        scope.last_activity = at;
         self.counters.responses_matched += 1;
-        if obs.message.truncated {
+        if message.truncated {
             self.counters.responses_truncated += 1;
         }
-        if obs.message.answers_capped {
+        if message.answers_capped {
             self.counters.responses_answers_capped += 1;
         }
         let Some(chain) = scope
@@ -433,8 +549,7 @@ impl Correlator {
             self.counters.responses_orphaned += 1;
             return;
         };
-        let at = obs.at;
-        let msg = &obs.message;
+        let msg = &message;
         let mut lookup =
             chain::follow_answer(&pending.name, msg, self.config.limits.max_cname_hops);
         let q = &mut chain.steps[pending.step as usize].queries[pending.query as usize];
@@ -444,7 +559,7 @@ impl Correlator {
         q.truncated = msg.truncated;
         chain.materialized = None;
 
-        if lookup.addresses.is_empty() {
+        if lookup.addresses(&pending.name, msg).next().is_none() {
             return;
         }
         match &chain.answer {
@@ -455,13 +570,15 @@ impl Correlator {
             Some(_) => {}
             None => {
                 let step = &chain.steps[pending.step as usize];
-                let server = chain.step_name(pending.step as usize);
+                // The query joined this step because its name is the step's name.
+                let server = &*pending.name;
+                debug_assert_eq!(chain.step_name(pending.step as usize), server);
                 let search_domain = match &step.kind {
                     StepKind::Search(d) => Some(&**d),
                     StepKind::AsIs => None,
                 };
                 let class = classify(
-                    &server,
+                    server,
                     search_domain,
                     lookup.cnames.last().map(|c| &**c),
                     &self.config.cluster_domain,
@@ -469,7 +586,7 @@ impl Correlator {
                 chain.answer = Some(ChainAnswer {
                     step: pending.step,
                     class,
-                    cnames: std::mem::take(&mut lookup.cnames),
+                    cnames: lookup.cnames.clone(),
                     answered_at: at,
                 });
                 if class == Resolution::InCluster {
@@ -501,13 +618,13 @@ impl Correlator {
         }
         let grace = self.config.answer_grace_ns;
         let mut latest = chain.free_at;
-        for (_, ttl) in &lookup.addresses {
-            let expires_at = at + u64::from(*ttl) * 1_000_000_000;
+        for (_, ttl) in lookup.addresses(&pending.name, msg) {
+            let expires_at = at + u64::from(ttl) * 1_000_000_000;
             latest = latest.max(expires_at + grace);
         }
         chain.free_at = latest;
         let (slot, generation) = (pending.slot, pending.generation);
-        for (ip, ttl) in lookup.addresses {
+        for (ip, ttl) in lookup.addresses(&pending.name, msg) {
             let expires_at = at + u64::from(ttl) * 1_000_000_000;
             index_answer(
                 scope,
@@ -524,7 +641,7 @@ impl Correlator {
         }
         schedule(
             &mut self.wakeups,
-            &obs.scope,
+            scope_id,
             scope,
             0,
             self.config.scope_idle_ns,
@@ -540,7 +657,8 @@ impl Correlator {
         let mut resolution = Resolution::None;
         let mut chain_record = None;
         let mut drift = false;
-        if let Ok(scope) = scope_entry(
+        let mut scope_ref = None;
+        if let Ok((scope_id, scope)) = scope_entry(
             &mut self.scopes,
             &mut self.wakeups,
             &mut self.counters,
@@ -554,6 +672,7 @@ impl Correlator {
                 return;
             }
             scope.open_connects += 1;
+            scope_ref = Some((scope_id, scope.serial));
             if let Some(answer) = scope.index.get(&ip).copied() {
                 let chain = scope
                     .slots
@@ -621,12 +740,17 @@ impl Correlator {
         {
             self.evict_oldest_connect();
         }
-        let previous = self
-            .connects
-            .insert(open.sock_id, OpenConnect { record, deadline });
+        let previous = self.connects.insert(
+            open.sock_id,
+            OpenConnect {
+                record,
+                deadline,
+                scope: scope_ref,
+            },
+        );
         if let Some(prev) = previous {
             self.counters.connects_replaced += 1;
-            self.release_connect_slot(&prev.record.scope);
+            self.release_connect_slot(prev.scope);
         }
         self.connect_order.push_back((deadline, open.sock_id));
         if self.connect_order.len() > 2 * limits.max_open_connects_total + 1024 {
@@ -642,8 +766,8 @@ impl Correlator {
             self.counters.outcomes_unmatched += 1;
             return None;
         };
+        self.release_connect_slot(open.scope);
         let mut record = open.record;
-        self.release_connect_slot(&record.scope);
         record.outcome = outcome.outcome;
         record.outcome_at = outcome.at;
         if outcome.source.is_some() {
@@ -653,8 +777,8 @@ impl Correlator {
         Some(record)
     }
 
-    fn release_connect_slot(&mut self, scope: &ScopeKey) {
-        if let Some(s) = self.scopes.get_mut(scope) {
+    fn release_connect_slot(&mut self, scope: Option<(u32, u64)>) {
+        if let Some(s) = scope.and_then(|r| self.scopes.get_serial_mut(r)) {
             s.open_connects = s.open_connects.saturating_sub(1);
         }
     }
@@ -667,7 +791,7 @@ impl Correlator {
                 .is_some_and(|c| c.deadline == deadline)
             {
                 let c = self.connects.remove(&id).expect("checked");
-                self.release_connect_slot(&c.record.scope);
+                self.release_connect_slot(c.scope);
                 self.counters.connects_evicted_cap += 1;
                 return;
             }
@@ -683,9 +807,9 @@ impl Correlator {
             if *due > now {
                 break;
             }
-            let (_, key) = self.wakeups.pop_first().expect("first exists");
+            let (_, id) = self.wakeups.pop_first().expect("first exists");
             let remove = {
-                let Some(scope) = self.scopes.get_mut(&key) else {
+                let Some(scope) = self.scopes.get_mut(id) else {
                     continue;
                 };
                 scope.scheduled = None;
@@ -709,7 +833,7 @@ impl Correlator {
                             .and_then(|s| s.chain.as_ref())
                             .map(|c| c.query_name().into_owned());
                         unanswered.push(UnansweredQuery {
-                            scope: key.clone(),
+                            scope: scope.key.clone(),
                             name: p.name.to_string(),
                             qtype: dns::QType(p.qtype).mnemonic().into_owned(),
                             query_name: asked,
@@ -752,10 +876,10 @@ impl Correlator {
                 idle && now.saturating_sub(scope.last_activity) >= self.config.scope_idle_ns
             };
             if remove {
-                self.scopes.remove(&key);
+                self.scopes.remove(id);
                 self.counters.scopes_idle_evicted += 1;
             } else {
-                self.reschedule_after(&key, now);
+                self.reschedule_after(id, now);
             }
         }
         while let Some((deadline, id)) = self.connect_order.front().copied() {
@@ -769,7 +893,7 @@ impl Correlator {
                 .is_some_and(|c| c.deadline == deadline)
             {
                 let c = self.connects.remove(&id).expect("checked");
-                self.release_connect_slot(&c.record.scope);
+                self.release_connect_slot(c.scope);
                 self.counters.connects_expired += 1;
             }
         }
@@ -779,19 +903,17 @@ impl Correlator {
     /// As `schedule`, from within `tick(now)`: everything due by `now` was handled, so
     /// only the idle check can be due; a scope kept alive (open connects) is looked at
     /// again one idle period later rather than on every tick.
-    fn reschedule_after(&mut self, key: &ScopeKey, now: BootNs) {
-        if let Some(scope) = self.scopes.get_mut(key) {
-            schedule(
-                &mut self.wakeups,
-                key,
-                scope,
-                now,
-                self.config.scope_idle_ns,
-            );
+    fn reschedule_after(&mut self, id: u32, now: BootNs) {
+        if let Some(scope) = self.scopes.get_mut(id) {
+            schedule(&mut self.wakeups, id, scope, now, self.config.scope_idle_ns);
         }
     }
 
-    fn scope_mut(&mut self, key: &ScopeKey, at: BootNs) -> Result<&mut Scope, ScopeLimitReached> {
+    fn scope_mut(
+        &mut self,
+        key: &ScopeKey,
+        at: BootNs,
+    ) -> Result<(u32, &mut Scope), ScopeLimitReached> {
         scope_entry(
             &mut self.scopes,
             &mut self.wakeups,
@@ -803,21 +925,21 @@ impl Correlator {
     }
 }
 
-/// The scope's state, created (and scheduled for its idle check) on first sight. One hash
-/// lookup on the hot path; the fields are passed apart so that callers keep the others.
+/// The scope's id and state, created (and scheduled for its idle check) on first sight.
+/// One hash lookup, no key clone, on the hot path; the fields are passed apart so that
+/// callers keep the others.
 fn scope_entry<'a>(
-    scopes: &'a mut FastMap<ScopeKey, Scope>,
-    wakeups: &mut BTreeSet<(BootNs, ScopeKey)>,
+    scopes: &'a mut ScopeTable,
+    wakeups: &mut BTreeSet<(BootNs, u32)>,
     counters: &mut CoreCounters,
     config: &CorrelatorConfig,
     key: &ScopeKey,
     at: BootNs,
-) -> Result<&'a mut Scope, ScopeLimitReached> {
-    let len = scopes.len();
-    match scopes.entry(key.clone()) {
-        Entry::Occupied(e) => Ok(e.into_mut()),
-        Entry::Vacant(e) => {
-            if len >= config.limits.max_scopes {
+) -> Result<(u32, &'a mut Scope), ScopeLimitReached> {
+    match scopes.id(key) {
+        Some(id) => Ok((id, scopes.get_mut(id).expect("ids name live scopes"))),
+        None => {
+            if scopes.len() >= config.limits.max_scopes {
                 counters.scopes_refused += 1;
                 return Err(ScopeLimitReached {
                     scope: key.clone(),
@@ -830,7 +952,9 @@ fn scope_entry<'a>(
                 ScopeKey::Pod(_) => 5,
                 ScopeKey::Host(_) => 1,
             };
-            let scope = e.insert(Scope {
+            let id = scopes.insert(Scope {
+                key: key.clone(),
+                serial: 0,
                 resolver: Resolver {
                     search: Vec::new(),
                     ndots,
@@ -851,8 +975,9 @@ fn scope_entry<'a>(
                 last_activity: at,
                 scheduled: None,
             });
-            schedule(wakeups, key, scope, 0, config.scope_idle_ns);
-            Ok(scope)
+            let scope = scopes.get_mut(id).expect("just inserted");
+            schedule(wakeups, id, scope, 0, config.scope_idle_ns);
+            Ok((id, scope))
         }
     }
 }
@@ -860,8 +985,8 @@ fn scope_entry<'a>(
 /// Makes sure `tick` visits the scope no later than its earliest deadline (`now` as in
 /// [`Correlator::reschedule_after`], 0 outside `tick`).
 fn schedule(
-    wakeups: &mut BTreeSet<(BootNs, ScopeKey)>,
-    key: &ScopeKey,
+    wakeups: &mut BTreeSet<(BootNs, u32)>,
+    id: u32,
     scope: &mut Scope,
     now: BootNs,
     scope_idle: BootNs,
@@ -880,9 +1005,9 @@ fn schedule(
         Some(booked) if booked <= next => {}
         booked => {
             if let Some(b) = booked {
-                wakeups.remove(&(b, key.clone()));
+                wakeups.remove(&(b, id));
             }
-            wakeups.insert((next, key.clone()));
+            wakeups.insert((next, id));
             scope.scheduled = Some(next);
         }
     }

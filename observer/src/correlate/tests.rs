@@ -848,3 +848,18 @@ fn answers_to_another_question_or_to_no_question_name_nothing() {
     let r = client.connect(&mut c, 2, "203.0.113.67:443", Outcome::Established);
     assert_eq!(r.resolution, Resolution::None, "{r:?}");
 }
+
+#[test]
+fn answer_addresses_are_written_as_their_display_text() {
+    let mut v4s: Vec<IpAddr> = (0..=255u8)
+        .map(|o| IpAddr::V4(std::net::Ipv4Addr::new(o, 255 - o, o / 10, o % 100)))
+        .collect();
+    v4s.push(ip("0.0.0.0"));
+    v4s.push(ip("255.255.255.255"));
+    for v6 in ["2001:db8::1", "::ffff:203.0.113.10", "::", "fe80::1:2:3:4"] {
+        v4s.push(ip(v6));
+    }
+    for a in v4s {
+        assert_eq!(chain::ip_text(&a), a.to_string());
+    }
+}

@@ -1,7 +1,8 @@
 //! DNS wire format, parsed once into observer's own typed [`DnsMessage`].
 //!
-//! hickory-proto does the byte-level work (header, names with compression, question),
-//! except that plain names are read directly (see `plain_name_text`); nothing outside
+//! hickory-proto does the byte-level work (names with compression, fields), except that
+//! the fixed header and plain names are read directly (see `WireHeader`,
+//! `plain_name_text`); nothing outside
 //! this module sees wire bytes or hickory types. Only what correlation
 //! needs is kept: header flags, the first question, and the answer section's address and
 //! CNAME records (at most [`MAX_ANSWERS`]). Authority and additional sections are not
@@ -19,7 +20,7 @@ use std::{
 };
 
 use hickory_proto::{
-    op::{Header, MessageType, OpCode},
+    op::OpCode,
     rr::{Name, RecordType},
     serialize::binary::{BinDecodable, BinDecoder, DecodeError},
 };
@@ -249,7 +250,13 @@ pub fn parse(bytes: &[u8]) -> Result<DnsMessage, DnsParseError> {
     }
     let mut decoder = BinDecoder::new(bytes);
     let err = |e: DecodeError, d: &BinDecoder<'_>| DnsParseError::from_decode(e, d.index(), len);
-    let Header { metadata, counts } = Header::read(&mut decoder).map_err(|e| err(e, &decoder))?;
+    // The header's fields are at fixed offsets and any value is valid, so they are read
+    // directly (the same bits hickory's `Header::read` would decode).
+    let header = WireHeader::read(bytes);
+    let counts = &header;
+    decoder
+        .read_slice(HEADER_LEN)
+        .map_err(|e| err(e, &decoder))?;
 
     if counts.queries > MAX_QUESTIONS {
         return Err(DnsParseError::new(
@@ -302,15 +309,44 @@ pub fn parse(bytes: &[u8]) -> Result<DnsMessage, DnsParseError> {
     }
 
     Ok(DnsMessage {
-        id: metadata.id,
-        is_response: metadata.message_type == MessageType::Response,
-        opcode: u8::from(metadata.op_code),
-        truncated: metadata.truncation,
-        rcode: Rcode(u16::from(metadata.response_code.low())),
+        id: header.id,
+        is_response: header.is_response,
+        opcode: header.opcode,
+        truncated: header.truncated,
+        rcode: Rcode(u16::from(header.rcode)),
         question,
         answers,
         answers_capped: wanted > MAX_ANSWERS,
     })
+}
+
+/// The fixed 12-byte header, as far as observer reads it.
+struct WireHeader {
+    id: u16,
+    is_response: bool,
+    opcode: u8,
+    truncated: bool,
+    /// The 4 header bits (extended codes from EDNS are not read).
+    rcode: u8,
+    queries: u16,
+    answers: u16,
+}
+
+impl WireHeader {
+    /// `bytes` holds at least [`HEADER_LEN`] bytes (checked by the caller).
+    fn read(bytes: &[u8]) -> Self {
+        let u16_at = |i: usize| u16::from_be_bytes([bytes[i], bytes[i + 1]]);
+        let flags = bytes[2];
+        Self {
+            id: u16_at(0),
+            is_response: flags & 0x80 != 0,
+            opcode: (flags & 0x78) >> 3,
+            truncated: flags & 0x02 != 0,
+            rcode: bytes[3] & 0x0f,
+            queries: u16_at(4),
+            answers: u16_at(6),
+        }
+    }
 }
 
 fn read_u16(decoder: &mut BinDecoder<'_>, len: usize) -> Result<u16, DnsParseError> {

@@ -539,3 +539,22 @@ fn huge_answer_counts_allocate_nothing_before_the_check() {
         );
     }
 }
+
+/// Every byte value inside a label, read directly or through hickory, gives the text that
+/// hickory's own decoding gives.
+#[test]
+fn every_label_byte_reads_as_hickory_decodes_it() {
+    use hickory_proto::{
+        rr::Name,
+        serialize::binary::{BinDecodable, BinDecoder},
+    };
+    for b in 0..=255u8 {
+        let mut q = hex("abcd 0100 0001 0000 0000 0000");
+        let name_wire = [3, b'x', b, b'Z', 1, b'c', 0];
+        q.extend_from_slice(&name_wire);
+        q.extend_from_slice(&[0, 1, 0, 1]);
+        let want = super::escaped_name_text(&Name::read(&mut BinDecoder::new(&name_wire)).unwrap());
+        let msg = parse(&q).unwrap();
+        assert_eq!(*msg.question.unwrap().name, *want, "byte {b:#04x}");
+    }
+}
