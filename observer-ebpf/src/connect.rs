@@ -298,7 +298,10 @@ fn open(ctx: &TracePointContext, skaddr: u64) {
             && tracked.open.timestamp_ns.saturating_sub(held_since) < TRACK_STALE_NS
         {
             count(LossCounter::ConnectTrackFull);
-            warn!(ctx, "connect tracking slot taken over: an outcome will be missing");
+            warn!(
+                ctx,
+                "connect tracking slot taken over: an outcome will be missing"
+            );
         }
         unsafe { *slot = tracked };
     }
