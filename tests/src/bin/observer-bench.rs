@@ -544,8 +544,27 @@ fn core_rows(
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|v| v.parse().ok())
     };
-    let dns = number_after("dns: ").unwrap_or(f64::NAN);
-    let connects = number_after("connects: ").unwrap_or(f64::NAN);
+    // The warm core is the agent's steady state; the cold figures go in the notes.
+    // A summary that no longer reads as expected is an error, never a silent blank row.
+    let required = |prefix: &str| {
+        number_after(prefix).with_context(|| {
+            format!(
+                "no `{prefix}<number>` line in {}: the correlate benchmark's summary changed",
+                path.display()
+            )
+        })
+    };
+    let dns = required("dns steady: ")?;
+    let dns_cold = number_after("dns cold: ").unwrap_or(f64::NAN);
+    let connects = required("connects steady: ")?;
+    let connects_cold = number_after("connects cold: ").unwrap_or(f64::NAN);
+    let connects_again = text
+        .lines()
+        .find(|l| l.starts_with("connects steady: "))
+        .and_then(|l| l.split("(materialised), ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(f64::NAN);
     let peak = text
         .lines()
         .find(|l| l.starts_with("memory: "))
@@ -571,7 +590,9 @@ fn core_rows(
             Goal::AtLeast,
             500_000.0,
         )
-        .note("one core, `cargo bench -p observer --bench correlate` summary (best of 3)"),
+        .note(format!(
+            "one core, `cargo bench -p observer --bench correlate` summary: warm core (a fresh core: {dns_cold:.0}/s)"
+        )),
     );
     rows.push(
         Row::new(
@@ -581,7 +602,9 @@ fn core_rows(
             Goal::AtLeast,
             2_000_000.0,
         )
-        .note("one core, open + outcome + record, same benchmark"),
+        .note(format!(
+            "one core, same benchmark: open + outcome + record for a chain's first connect, warm core (fresh core: {connects_cold:.0}/s; a later connect of the same chain, its record already built: {connects_again:.0}/s)"
+        )),
     );
     details.insert("core_log".into(), json!(text));
     Ok(())
