@@ -18,6 +18,9 @@ pub mod names {
     pub const DNS_EVENTS: &str = "DNS_EVENTS";
     pub const CONNECT_EVENTS: &str = "CONNECT_EVENTS";
     pub const DNS_PORTS: &str = "DNS_PORTS";
+    /// Globals: the lowest and highest configured DNS port.
+    pub const DNS_PORT_MIN: &str = "DNS_PORT_MIN";
+    pub const DNS_PORT_MAX: &str = "DNS_PORT_MAX";
     pub const LOSS_COUNTERS: &str = "LOSS_COUNTERS";
 
     /// Programs, by function name in the kernel crate.

@@ -76,11 +76,22 @@ fn load<T>(skb: *mut __sk_buff, offset: u32) -> Option<T> {
     (ret == 0).then(|| unsafe { value.assume_init() })
 }
 
+/// The lowest and highest DNS port, set by the agent at load time. Read-only data, so the
+/// verifier knows them as constants: the ports of most packets fall outside the range and
+/// never reach the map.
+#[unsafe(no_mangle)]
+static DNS_PORT_MIN: u16 = 0;
+#[unsafe(no_mangle)]
+static DNS_PORT_MAX: u16 = u16::MAX;
+
 #[inline(always)]
 fn is_dns_port(port: u16) -> bool {
-    DNS_PORTS
-        .get(u32::from(port))
-        .is_some_and(|slot| *slot != 0)
+    let (min, max) = unsafe { (read_volatile(&DNS_PORT_MIN), read_volatile(&DNS_PORT_MAX)) };
+    port >= min
+        && port <= max
+        && DNS_PORTS
+            .get(u32::from(port))
+            .is_some_and(|slot| *slot != 0)
 }
 
 /// Reads packet bytes directly when they sit in the linear part of the skb (the usual case

@@ -370,10 +370,15 @@ impl Probes {
         system::verify_tracepoints(&tracefs, tracepoints::ASSUMED)?;
 
         let log_level = options.kernel_log.aya_level();
+        // No port at all: an empty range, nothing is DNS.
+        let port_min: u16 = options.dns_ports.iter().copied().min().unwrap_or(1);
+        let port_max: u16 = options.dns_ports.iter().copied().max().unwrap_or(0);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::DNS_EVENTS, options.dns_ring_bytes)
             .map_max_entries(names::CONNECT_EVENTS, options.connect_ring_bytes)
             .override_global(aya_log::LEVEL, &log_level, false)
+            .override_global(names::DNS_PORT_MIN, &port_min, true)
+            .override_global(names::DNS_PORT_MAX, &port_max, true)
             .load(KERNEL_OBJECT)
             .map_err(|e| match e {
                 EbpfError::MapError(MapError::CreateError { io_error, .. })
