@@ -2,10 +2,12 @@
 //! connection, with the DNS that led to it. Timestamps are kernel CLOCK_BOOTTIME
 //! nanoseconds (`BootNs`); exporters turn them into wall-clock time.
 use std::{
+    fmt,
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
+pub use crate::dns::{QType, Rcode};
 use crate::scope::ScopeKey;
 
 /// Nanoseconds of CLOCK_BOOTTIME, as stamped by the kernel programs.
@@ -61,17 +63,36 @@ impl Resolution {
     }
 }
 
-/// One DNS query of a resolution chain, with its response when one came.
+/// One address or CNAME target of a DNS answer; `Display` gives its text form.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// v4-mapped IPv6 addresses are kept as IPv4.
+    Address(IpAddr),
+    /// Lower case, without the trailing dot.
+    Cname(Arc<str>),
+}
+
+impl fmt::Display for Answer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Answer::Address(ip) => fmt::Display::fmt(ip, f),
+            Answer::Cname(target) => f.write_str(target),
+        }
+    }
+}
+
+/// One DNS query of a resolution chain, with its response when one came. Names are shared
+/// with the correlation core, so that building a record copies no text.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DnsQueryRecord {
     /// Fully qualified, without the trailing dot, lower case.
-    pub name: String,
-    /// Record type mnemonic: "A", "AAAA", ...
-    pub qtype: String,
-    /// Response code mnemonic ("NOERROR", "NXDOMAIN", ...), `None` if never answered.
-    pub rcode: Option<String>,
-    /// Addresses and CNAME targets in the answer, in answer order, as text.
-    pub answers: Vec<String>,
+    pub name: Arc<str>,
+    /// Record type; `mnemonic()` gives "A", "AAAA", ...
+    pub qtype: QType,
+    /// Response code (`mnemonic()`: "NOERROR", "NXDOMAIN", ...), `None` if never answered.
+    pub rcode: Option<Rcode>,
+    /// Addresses and CNAME targets in the answer, in answer order.
+    pub answers: Vec<Answer>,
     pub sent_at: BootNs,
     pub answered_at: Option<BootNs>,
 }
@@ -80,13 +101,13 @@ pub struct DnsQueryRecord {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ResolutionChain {
     /// What the application asked for, as it asked: `db`, or `db.another-lab.com.`.
-    pub query_name: String,
+    pub query_name: Arc<str>,
     /// The name whose answer held the destination (before any CNAME): `db.another-lab.com`.
-    pub server_address: String,
+    pub server_address: Arc<str>,
     /// The search domain that completed `query_name`, if one did.
-    pub search_domain: Option<String>,
+    pub search_domain: Option<Arc<str>>,
     /// CNAME targets followed from `server_address`, in order.
-    pub cname_chain: Vec<String>,
+    pub cname_chain: Vec<Arc<str>>,
     /// Names tried before the answer that got no address (A/AAAA pairs count once).
     pub wasted_queries: u32,
     /// A name with dots walked the search list because it had fewer than `ndots` dots.

@@ -433,8 +433,8 @@ async fn server_address_cardinality_is_capped() {
     for i in 0..1000 {
         let mut e = seed_story();
         let chain = std::sync::Arc::make_mut(e.record.chain.as_mut().unwrap());
-        chain.server_address = format!("host-{i}.another-lab.com");
-        chain.query_name = format!("host-{i}");
+        chain.server_address = format!("host-{i}.another-lab.com").into();
+        chain.query_name = format!("host-{i}").into();
         metrics.observe_connection(&e);
     }
     let (_, _, body) = get(addr, "/metrics").await;

@@ -202,7 +202,7 @@ fn assert_seed_trace(spans: &[(BTreeMap<String, V>, Span)]) {
         };
         let expected: BTreeMap<String, V> = [
             ("dns.question.name", s(&query.name)),
-            ("observer.dns.question.type", s(&query.qtype)),
+            ("observer.dns.question.type", s(&query.qtype.mnemonic())),
             ("observer.dns.response_code", s(rcode)),
             ("dns.answers", V::A(answers)),
         ]

@@ -8,7 +8,7 @@ use std::{borrow::Cow, net::IpAddr, sync::Arc};
 use super::{Resolver, Scope};
 use crate::{
     dns::{AnswerData, DnsMessage, QType, Rcode},
-    record::{BootNs, DnsQueryRecord, Resolution, ResolutionChain},
+    record::{Answer, BootNs, DnsQueryRecord, Resolution, ResolutionChain},
 };
 
 /// Search domains learned per scope when resolv.conf is unknown.
@@ -21,19 +21,13 @@ pub(super) enum StepKind {
 }
 
 #[derive(Clone, Debug)]
-pub(super) enum AnswerItem {
-    Addr(IpAddr),
-    Cname(Arc<str>),
-}
-
-#[derive(Clone, Debug)]
 pub(super) struct QueryState {
     pub qtype: u16,
     /// `NO_RCODE` until answered.
     pub rcode: u16,
     pub sent_at: BootNs,
     pub answered_at: BootNs,
-    pub answers: Vec<AnswerItem>,
+    pub answers: Vec<Answer>,
     /// The answer had TC set: the resolver asks the same question again (over TCP).
     pub truncated: bool,
 }
@@ -57,15 +51,15 @@ impl QueryState {
     }
 
     fn has_address(&self) -> bool {
-        self.answers
-            .iter()
-            .any(|a| matches!(a, AnswerItem::Addr(_)))
+        self.answers.iter().any(|a| matches!(a, Answer::Address(_)))
     }
 }
 
 #[derive(Clone, Debug)]
 pub(super) struct Step {
     pub kind: StepKind,
+    /// The name queried: the first query's question name, shared with the records.
+    pub name: Arc<str>,
     pub queries: Vec<QueryState>,
 }
 
@@ -94,30 +88,12 @@ pub(super) struct Chain {
 }
 
 impl Chain {
-    fn step_is(&self, step: &Step, name: &str) -> bool {
-        let base = &*self.base;
-        match &step.kind {
-            StepKind::AsIs => name == base,
-            StepKind::Search(d) => {
-                name.len() == base.len() + 1 + d.len()
-                    && name.starts_with(base)
-                    && name.as_bytes()[base.len()] == b'.'
-                    && name.ends_with(&**d)
-            }
-        }
+    fn step_is(step: &Step, name: &str) -> bool {
+        *step.name == *name
     }
 
-    pub fn step_name(&self, step: usize) -> String {
-        match &self.steps[step].kind {
-            StepKind::AsIs => self.base.to_string(),
-            StepKind::Search(d) => {
-                let mut name = String::with_capacity(self.base.len() + 1 + d.len());
-                name.push_str(&self.base);
-                name.push('.');
-                name.push_str(d);
-                name
-            }
-        }
+    pub fn step_name(&self, step: usize) -> &Arc<str> {
+        &self.steps[step].name
     }
 
     /// What the application asked for, as it asked.
@@ -135,8 +111,8 @@ impl Chain {
             .flat_map(|s| s.queries.iter())
             .flat_map(|q| q.answers.iter())
             .filter_map(|a| match a {
-                AnswerItem::Addr(ip) => Some(*ip),
-                AnswerItem::Cname(_) => None,
+                Answer::Address(ip) => Some(*ip),
+                Answer::Cname(_) => None,
             })
     }
 
@@ -152,36 +128,15 @@ impl Chain {
             return m.clone();
         }
         let answer_step = self.answer.as_ref().map(|a| a.step as usize);
-        let mut server_address = String::new();
         let mut queries: Vec<DnsQueryRecord> =
             Vec::with_capacity(self.steps.iter().map(|s| s.queries.len()).sum());
-        for (i, step) in self.steps.iter().enumerate() {
-            let name = self.step_name(i);
-            if Some(i) == answer_step {
-                server_address.clone_from(&name);
-            }
-            // Each query owns its name: the step's text is built once, copied for all but
-            // the last query, and moved into that one.
-            let mut name = Some(name);
-            let last = step.queries.len().saturating_sub(1);
-            for (k, q) in step.queries.iter().enumerate() {
-                let name = if k == last {
-                    name.take().unwrap_or_default()
-                } else {
-                    name.clone().unwrap_or_default()
-                };
+        for step in &self.steps {
+            for q in &step.queries {
                 queries.push(DnsQueryRecord {
-                    name,
-                    qtype: QType(q.qtype).mnemonic().into_owned(),
-                    rcode: q.answered().then(|| Rcode(q.rcode).mnemonic().into_owned()),
-                    answers: q
-                        .answers
-                        .iter()
-                        .map(|a| match a {
-                            AnswerItem::Addr(ip) => ip_text(ip),
-                            AnswerItem::Cname(c) => c.to_string(),
-                        })
-                        .collect(),
+                    name: step.name.clone(),
+                    qtype: QType(q.qtype),
+                    rcode: q.answered().then_some(Rcode(q.rcode)),
+                    answers: q.answers.clone(),
                     sent_at: q.sent_at,
                     answered_at: q.answered().then_some(q.answered_at),
                 });
@@ -190,18 +145,27 @@ impl Chain {
         if !queries.is_sorted_by_key(|q| q.sent_at) {
             queries.sort_by_key(|q| q.sent_at);
         }
-        let (search_domain, cname_chain) = match (&self.answer, answer_step) {
-            (Some(a), Some(step)) => (
-                match &self.steps[step].kind {
-                    StepKind::Search(d) => Some(d.to_string()),
-                    StepKind::AsIs => None,
-                },
-                a.cnames.iter().map(|c| c.to_string()).collect(),
-            ),
-            _ => (None, Vec::new()),
+        let (server_address, search_domain, cname_chain) = match (&self.answer, answer_step) {
+            (Some(a), Some(step)) => {
+                let step = &self.steps[step];
+                (
+                    step.name.clone(),
+                    match &step.kind {
+                        StepKind::Search(d) => Some(d.clone()),
+                        StepKind::AsIs => None,
+                    },
+                    a.cnames.clone(),
+                )
+            }
+            _ => (Arc::from(""), None, Vec::new()),
+        };
+        let query_name = if self.asked_absolute {
+            Arc::from(self.query_name().as_ref())
+        } else {
+            self.base.clone()
         };
         let chain = Arc::new(ResolutionChain {
-            query_name: self.query_name().into_owned(),
+            query_name,
             server_address,
             search_domain,
             cname_chain,
@@ -215,29 +179,6 @@ impl Chain {
         });
         self.materialized = Some(chain.clone());
         chain
-    }
-}
-
-/// An address as its `Display` text; IPv4 (nearly every answer) without the formatter.
-pub(super) fn ip_text(ip: &IpAddr) -> String {
-    match ip {
-        IpAddr::V4(v4) => {
-            let mut text = String::with_capacity(15);
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    text.push('.');
-                }
-                if octet >= 100 {
-                    text.push(char::from(b'0' + octet / 100));
-                }
-                if octet >= 10 {
-                    text.push(char::from(b'0' + octet / 10 % 10));
-                }
-                text.push(char::from(b'0' + octet % 10));
-            }
-            text
-        }
-        IpAddr::V6(v6) => v6.to_string(),
     }
 }
 
@@ -258,7 +199,7 @@ fn dots(name: &str) -> usize {
 /// if it is new. Open chains idle past the window are closed on the way.
 pub(super) fn find_continuation(
     scope: &mut Scope,
-    name: &str,
+    name: &Arc<str>,
     qtype: u16,
     at: BootNs,
     window: BootNs,
@@ -286,12 +227,12 @@ pub(super) fn find_continuation(
                 .rev()
                 .find(|q| q.qtype == qtype)
                 .is_none_or(|q| q.truncated);
-            if chain.step_is(step, name) && retry_or_new_family {
+            if Chain::step_is(step, name) && retry_or_new_family {
                 return Some((slot, generation, answer.step));
             }
             continue;
         }
-        if let Some(k) = chain.steps.iter().position(|s| chain.step_is(s, name)) {
+        if let Some(k) = chain.steps.iter().position(|s| Chain::step_is(s, name)) {
             return Some((slot, generation, k as u16));
         }
         let Some(suffix) = suffix_of(&chain.base, name) else {
@@ -323,6 +264,7 @@ pub(super) fn find_continuation(
         };
         chain.steps.push(Step {
             kind,
+            name: name.clone(),
             queries: Vec::with_capacity(2),
         });
         return Some((slot, generation, (chain.steps.len() - 1) as u16));
@@ -373,6 +315,7 @@ pub(super) fn start_chain(
         asked_absolute,
         steps: vec![Step {
             kind,
+            name: name.clone(),
             queries: Vec::with_capacity(2),
         }],
         last_query_at: at,
@@ -407,7 +350,7 @@ fn infer_kubernetes_search(resolver: &mut Resolver, name: &str, cluster_domain: 
 /// What a response says about its question.
 pub(super) struct Lookup {
     /// Every address and CNAME target, in answer order.
-    pub items: Vec<AnswerItem>,
+    pub items: Vec<Answer>,
     /// CNAME targets followed from the question name.
     pub cnames: Vec<Arc<str>>,
     /// The smallest TTL along the CNAME chain.
@@ -441,9 +384,9 @@ pub(super) fn follow_answer(qname: &str, msg: &DnsMessage, max_hops: usize) -> L
         .answers
         .iter()
         .map(|a| match &a.data {
-            AnswerData::A(v4) => AnswerItem::Addr(IpAddr::V4(*v4)),
-            AnswerData::Aaaa(v6) => AnswerItem::Addr(IpAddr::V6(*v6).to_canonical()),
-            AnswerData::Cname(t) => AnswerItem::Cname(t.clone()),
+            AnswerData::A(v4) => Answer::Address(IpAddr::V4(*v4)),
+            AnswerData::Aaaa(v6) => Answer::Address(IpAddr::V6(*v6).to_canonical()),
+            AnswerData::Cname(t) => Answer::Cname(t.clone()),
         })
         .collect();
     let mut cnames: Vec<Arc<str>> = Vec::new();

@@ -572,7 +572,7 @@ impl Correlator {
                 let step = &chain.steps[pending.step as usize];
                 // The query joined this step because its name is the step's name.
                 let server = &*pending.name;
-                debug_assert_eq!(chain.step_name(pending.step as usize), server);
+                debug_assert_eq!(&**chain.step_name(pending.step as usize), server);
                 let search_domain = match &step.kind {
                     StepKind::Search(d) => Some(&**d),
                     StepKind::AsIs => None,
@@ -692,7 +692,7 @@ impl Correlator {
                             drift = self
                                 .in_cluster_seen
                                 .get(&*scope.drift_key)
-                                .and_then(|names| names.get(materialized.query_name.as_str()))
+                                .and_then(|names| names.get(&*materialized.query_name))
                                 .is_some_and(|seen| *seen <= answered_at);
                         }
                         chain_record = Some(materialized);

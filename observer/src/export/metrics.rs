@@ -3,7 +3,7 @@
 //! into `_other`, so a pod resolving random names cannot blow up the series count.
 use std::{
     collections::{HashMap, HashSet, VecDeque},
-    sync::{Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard},
 };
 
 use prometheus_client::{
@@ -545,8 +545,8 @@ struct Caps {
     workloads: HashSet<(String, String)>,
     names: HashMap<(SourceLabels, NameKind), HashSet<String>>,
     small: HashMap<SmallSet, HashSet<String>>,
-    seen_chains: HashSet<(ScopeKey, u64, String)>,
-    seen_order: VecDeque<(ScopeKey, u64, String)>,
+    seen_chains: HashSet<(ScopeKey, u64, Arc<str>)>,
+    seen_order: VecDeque<(ScopeKey, u64, Arc<str>)>,
 }
 
 impl Caps {

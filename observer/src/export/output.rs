@@ -1,10 +1,13 @@
 //! Line output: `--output text` for people, `--output json` for scripts.
-use std::io::{self, IsTerminal, Write};
+use std::{
+    borrow::Cow,
+    io::{self, IsTerminal, Write},
+};
 
 use serde::Serialize;
 
 use super::{Enriched, WallClock, Workload, spans::flag_message};
-use crate::record::Outcome;
+use crate::record::{Outcome, Rcode};
 
 /// Colour only on a terminal, and never when `NO_COLOR` is set to something.
 pub fn color_for_stdout() -> bool {
@@ -51,7 +54,7 @@ impl<W: Write> TextWriter<W> {
             let asked = chain.query_name.trim_end_matches('.');
             line.push(' ');
             line.push_str(asked);
-            if asked != chain.server_address {
+            if asked != &*chain.server_address {
                 line.push_str(" -> ");
                 line.push_str(&chain.server_address);
             }
@@ -67,7 +70,7 @@ impl<W: Write> TextWriter<W> {
                     .queries
                     .iter()
                     .filter(|q| q.name != chain.server_address)
-                    .all(|q| q.rcode.as_deref() == Some("NXDOMAIN"));
+                    .all(|q| q.rcode == Some(Rcode::NXDOMAIN));
                 let what = if all_nxdomain { "NXDOMAIN" } else { "wasted" };
                 notes.push(format!("{} {what}", chain.wasted_queries));
             }
@@ -132,8 +135,8 @@ struct JsonAddress {
 struct JsonQuery<'a> {
     name: &'a str,
     #[serde(rename = "type")]
-    qtype: &'a str,
-    rcode: Option<&'a str>,
+    qtype: Cow<'static, str>,
+    rcode: Option<Cow<'static, str>>,
 }
 
 #[derive(Serialize)]
@@ -197,16 +200,16 @@ impl<W: Write> JsonWriter<W> {
                 port: record.destination.port(),
             },
             outcome: record.outcome.as_str(),
-            query_name: chain.map(|c| c.query_name.as_str()),
-            server_address: chain.map(|c| c.server_address.as_str()),
+            query_name: chain.map(|c| &*c.query_name),
+            server_address: chain.map(|c| &*c.server_address),
             resolution: record.resolution.as_str(),
             search_chain: chain.map_or_else(Vec::new, |c| {
                 c.queries
                     .iter()
                     .map(|q| JsonQuery {
                         name: &q.name,
-                        qtype: &q.qtype,
-                        rcode: q.rcode.as_deref(),
+                        qtype: q.qtype.mnemonic(),
+                        rcode: q.rcode.map(Rcode::mnemonic),
                     })
                     .collect()
             }),
@@ -226,9 +229,8 @@ impl<W: Write> JsonWriter<W> {
                 port: s.port(),
             }),
             search_domain: chain.and_then(|c| c.search_domain.as_deref()),
-            cname_chain: chain.map_or_else(Vec::new, |c| {
-                c.cname_chain.iter().map(String::as_str).collect()
-            }),
+            cname_chain: chain
+                .map_or_else(Vec::new, |c| c.cname_chain.iter().map(|t| &**t).collect()),
             wasted_queries: chain.map_or(0, |c| c.wasted_queries),
             message: flag_message(record),
         };

@@ -16,7 +16,7 @@ use std::{net::IpAddr, sync::Arc};
 
 use ring::{hmac, rand::SystemRandom};
 
-use crate::record::ConnectionRecord;
+use crate::record::{Answer, ConnectionRecord};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum RedactMode {
@@ -119,16 +119,21 @@ impl Redactor {
         let mut chain = (**shared).clone();
         let search = chain.search_domain.clone();
         let search = search.as_deref();
-        chain.query_name = self.name(&chain.query_name, search);
-        chain.server_address = self.name(&chain.server_address, search);
+        let name = |name: &str| -> Arc<str> { self.name(name, search).into() };
+        chain.query_name = name(&chain.query_name);
+        chain.server_address = name(&chain.server_address);
         for target in &mut chain.cname_chain {
-            *target = self.name(target, search);
+            *target = name(target);
         }
         for query in &mut chain.queries {
-            query.name = self.name(&query.name, search);
+            query.name = name(&query.name);
             for answer in &mut query.answers {
-                if answer.parse::<IpAddr>().is_err() {
-                    *answer = self.name(answer, search);
+                // Only names are hidden; a CNAME target that reads as an address stays
+                // as it was written before answers were typed.
+                if let Answer::Cname(target) = answer
+                    && target.parse::<IpAddr>().is_err()
+                {
+                    *target = name(target);
                 }
             }
         }
@@ -150,16 +155,22 @@ fn hash_label(key: &hmac::Key, label: &str) -> String {
 mod tests {
     use super::*;
     use crate::{
-        record::{DnsQueryRecord, Outcome, Resolution, ResolutionChain},
+        record::{DnsQueryRecord, Outcome, QType, Rcode, Resolution, ResolutionChain},
         scope::ScopeKey,
     };
 
     fn story() -> ConnectionRecord {
-        let query = |name: &str, rcode: &str, answers: &[&str]| DnsQueryRecord {
+        let query = |name: &str, rcode: Rcode, answers: &[&str]| DnsQueryRecord {
             name: name.into(),
-            qtype: "A".into(),
-            rcode: Some(rcode.into()),
-            answers: answers.iter().map(|a| a.to_string()).collect(),
+            qtype: QType::A,
+            rcode: Some(rcode),
+            answers: answers
+                .iter()
+                .map(|a| match a.parse() {
+                    Ok(ip) => Answer::Address(ip),
+                    Err(_) => Answer::Cname((*a).into()),
+                })
+                .collect(),
             sent_at: 1,
             answered_at: Some(2),
         };
@@ -182,10 +193,10 @@ mod tests {
                 wasted_queries: 3,
                 ndots_walk: false,
                 queries: vec![
-                    query("db.simple-web-app.svc.cluster.local", "NXDOMAIN", &[]),
+                    query("db.simple-web-app.svc.cluster.local", Rcode::NXDOMAIN, &[]),
                     query(
                         "db.another-lab.com",
-                        "NOERROR",
+                        Rcode::NOERROR,
                         &["pg.secret-vendor.net", "203.0.113.10"],
                     ),
                 ],
@@ -215,7 +226,7 @@ mod tests {
             db.starts_with('h') && db.len() == 1 + HASH_HEX_DIGITS,
             "{db}"
         );
-        assert_eq!(chain.server_address, format!("{db}.another-lab.com"));
+        assert_eq!(*chain.server_address, format!("{db}.another-lab.com"));
         assert_eq!(chain.search_domain.as_deref(), Some("another-lab.com"));
         let in_cluster = &chain.queries[0].name;
         assert!(in_cluster.starts_with(&format!("{db}.")), "{in_cluster}");
@@ -228,10 +239,13 @@ mod tests {
             "{:?}",
             chain.cname_chain
         );
-        assert_eq!(chain.queries[1].answers[0], chain.cname_chain[0]);
-        assert_eq!(chain.queries[1].answers[1], "203.0.113.10");
+        assert_eq!(
+            chain.queries[1].answers[0],
+            Answer::Cname(chain.cname_chain[0].clone())
+        );
+        assert_eq!(chain.queries[1].answers[1].to_string(), "203.0.113.10");
         // Stable within a run, case-insensitive, absolute names keep their dot.
-        assert_eq!(r.name("DB", None), *db);
+        assert_eq!(r.name("DB", None), **db);
         assert_eq!(
             r.name("db.another-lab.com.", Some("another-lab.com")),
             format!("{db}.another-lab.com.")
@@ -239,7 +253,7 @@ mod tests {
         assert_eq!(r.name("cluster.local", None), "cluster.local");
         // A new run (a new key) gives other hashes.
         let other = Redactor::new(RedactMode::Hash, "cluster.local").unwrap();
-        assert_ne!(other.name("db", None), *db);
+        assert_ne!(other.name("db", None), **db);
     }
 
     #[test]
@@ -248,10 +262,10 @@ mod tests {
         let mut record = story();
         r.record(&mut record);
         let chain = record.chain.as_deref().unwrap();
-        assert_eq!(chain.query_name, "redacted");
-        assert_eq!(chain.server_address, "redacted.another-lab.com");
-        assert_eq!(chain.queries[0].name, "redacted.cluster.local");
-        assert_eq!(chain.cname_chain, ["redacted"]);
+        assert_eq!(&*chain.query_name, "redacted");
+        assert_eq!(&*chain.server_address, "redacted.another-lab.com");
+        assert_eq!(&*chain.queries[0].name, "redacted.cluster.local");
+        assert_eq!(chain.cname_chain, [Arc::<str>::from("redacted")]);
         // The flag sentence is built from the record, so it carries only redacted names.
         let message = crate::export::flag_message(&record).unwrap_or_default();
         assert!(!message.contains("db"), "{message}");

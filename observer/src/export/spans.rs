@@ -158,7 +158,7 @@ impl SpanBuilder {
                 trace_id: trace_id.to_vec(),
                 span_id: random_id::<8>().to_vec(),
                 parent_span_id: root_id.to_vec(),
-                name: format!("dns {} {}", query.qtype, query.name),
+                name: format!("dns {} {}", query.qtype.mnemonic(), query.name),
                 kind: SpanKind::Client as i32,
                 start_time_unix_nano: self.clock.unix_ns(query.sent_at),
                 end_time_unix_nano: self.clock.unix_ns(end),
@@ -196,7 +196,7 @@ fn root_attributes(enriched: &Enriched) -> Vec<KeyValue> {
     let dest = record.destination;
     let mut a = Vec::with_capacity(24);
     if let Some(chain) = &record.chain {
-        a.push(kv_str("server.address", &chain.server_address));
+        a.push(kv_str("server.address", &*chain.server_address));
     }
     a.push(kv_int("server.port", dest.port().into()));
     a.push(kv_str("network.peer.address", dest.ip().to_string()));
@@ -216,9 +216,9 @@ fn root_attributes(enriched: &Enriched) -> Vec<KeyValue> {
     a.push(kv_str("observer.resolution", record.resolution.as_str()));
     a.push(kv_str("observer.connect.outcome", record.outcome.as_str()));
     if let Some(chain) = &record.chain {
-        a.push(kv_str("observer.query.name", &chain.query_name));
+        a.push(kv_str("observer.query.name", &*chain.query_name));
         if let Some(domain) = &chain.search_domain {
-            a.push(kv_str("observer.search_domain", domain));
+            a.push(kv_str("observer.search_domain", &**domain));
         }
         a.push(kv_int(
             "observer.dns.wasted_queries",
@@ -293,7 +293,7 @@ pub fn flag_message(record: &ConnectionRecord) -> Option<String> {
         });
     }
     if record.drift {
-        let name = chain.map_or_else(|| ip.to_string(), |c| c.server_address.clone());
+        let name = chain.map_or_else(|| ip.to_string(), |c| c.server_address.to_string());
         return Some(format!(
             "{name} resolved to {ip}, outside the cluster, where this workload resolved it inside the cluster before"
         ));
@@ -303,18 +303,18 @@ pub fn flag_message(record: &ConnectionRecord) -> Option<String> {
 
 fn query_attributes(query: &DnsQueryRecord) -> Vec<KeyValue> {
     let mut a = vec![
-        kv_str("dns.question.name", &query.name),
-        kv_str("observer.dns.question.type", &query.qtype),
+        kv_str("dns.question.name", &*query.name),
+        kv_str("observer.dns.question.type", query.qtype.mnemonic()),
     ];
-    if let Some(rcode) = &query.rcode {
-        a.push(kv_str("observer.dns.response_code", rcode));
+    if let Some(rcode) = query.rcode {
+        a.push(kv_str("observer.dns.response_code", rcode.mnemonic()));
         a.push(kv_str_array("dns.answers", &query.answers));
     }
     a
 }
 
 fn query_status(query: &DnsQueryRecord) -> Status {
-    match query.rcode.as_deref() {
+    match query.rcode.as_ref().map(|r| r.mnemonic()).as_deref() {
         None => error("no response".to_owned()),
         Some(rcode @ ("SERVFAIL" | "REFUSED" | "FORMERR" | "NOTIMP")) => {
             error(format!("response code {rcode}"))
@@ -365,14 +365,14 @@ fn kv_bool(key: &str, value: bool) -> KeyValue {
     kv(key, Value::BoolValue(value))
 }
 
-fn kv_str_array(key: &str, values: &[String]) -> KeyValue {
+fn kv_str_array(key: &str, values: &[impl std::fmt::Display]) -> KeyValue {
     kv(
         key,
         Value::ArrayValue(ArrayValue {
             values: values
                 .iter()
                 .map(|v| AnyValue {
-                    value: Some(Value::StringValue(v.clone())),
+                    value: Some(Value::StringValue(v.to_string())),
                 })
                 .collect(),
         }),

@@ -7,7 +7,10 @@ use observer::{
     export::{
         ContainerIdentity, Enriched, ExportIdentity, PodIdentity, WallClock, Workload, WorkloadKind,
     },
-    record::{ConnectionRecord, DnsQueryRecord, Outcome, Resolution, ResolutionChain},
+    record::{
+        Answer, ConnectionRecord, DnsQueryRecord, Outcome, QType, Rcode, Resolution,
+        ResolutionChain,
+    },
     scope::ScopeKey,
 };
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
@@ -55,11 +58,15 @@ pub fn seed_story() -> Enriched {
         let sent = T0 + i as u64 * 2_000_000;
         let last = i == SEARCH_LIST.len() - 1;
         queries.push(DnsQueryRecord {
-            name: name.clone(),
-            qtype: "A".into(),
-            rcode: Some(if last { "NOERROR" } else { "NXDOMAIN" }.into()),
+            name: name.as_str().into(),
+            qtype: QType::A,
+            rcode: Some(if last {
+                Rcode::NOERROR
+            } else {
+                Rcode::NXDOMAIN
+            }),
             answers: if last {
-                vec!["203.0.113.10".into()]
+                vec![Answer::Address("203.0.113.10".parse().unwrap())]
             } else {
                 vec![]
             },
@@ -67,9 +74,13 @@ pub fn seed_story() -> Enriched {
             answered_at: Some(sent + 1_000_000),
         });
         queries.push(DnsQueryRecord {
-            name,
-            qtype: "AAAA".into(),
-            rcode: Some(if last { "NOERROR" } else { "NXDOMAIN" }.into()),
+            name: name.into(),
+            qtype: QType::AAAA,
+            rcode: Some(if last {
+                Rcode::NOERROR
+            } else {
+                Rcode::NXDOMAIN
+            }),
             answers: vec![],
             sent_at: sent + 100_000,
             answered_at: Some(sent + 1_200_000),
@@ -132,15 +143,15 @@ pub fn healthy_in_cluster() -> Enriched {
                 queries: vec![
                     DnsQueryRecord {
                         name: "postgres.data.svc.cluster.local".into(),
-                        qtype: "A".into(),
-                        rcode: Some("NOERROR".into()),
-                        answers: vec!["198.18.1.20".into()],
+                        qtype: QType::A,
+                        rcode: Some(Rcode::NOERROR),
+                        answers: vec![Answer::Address("198.18.1.20".parse().unwrap())],
                         sent_at: t,
                         answered_at: Some(t + 500_000),
                     },
                     DnsQueryRecord {
                         name: "postgres.data.svc.cluster.local".into(),
-                        qtype: "AAAA".into(),
+                        qtype: QType::AAAA,
                         rcode: None,
                         answers: vec![],
                         sent_at: t + 50_000,
