@@ -217,7 +217,13 @@ fn a_cgroup_removed_while_its_events_are_in_flight_costs_nothing() {
     story.connect_family("db", Family::V4, EXTERNAL_DB.into());
     let cgroup_web = story.cgroup_id();
     let record = agent.wait_for_record(RECORD_WAIT, |r| is_story_record(r, cgroup_web));
-    assert_eq!(record["resolution"], "search-escape", "{record}");
+    assert_eq!(
+        record["resolution"],
+        "search-escape",
+        "{record}\nkernel events lost: {}\nagent log:\n{}",
+        metric_sum(&agent.metrics(), "observer_kernel_events_lost_total", &[]),
+        agent.stderr()
+    );
     let status = agent.stop();
     assert!(status.success(), "exit after SIGTERM: {status}");
 }
