@@ -481,6 +481,19 @@ const SIDECAR_CID: &str = "b0b1b2b3b4b5b6b7b8b9babbbcbdbebfc0c1c2c3c4c5c6c7c8c9c
 const JOB_CID: &str = "c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00";
 const LATE_CID: &str = "d00dd00dd00dd00dd00dd00dd00dd00dd00dd00dd00dd00dd00dd00dd00dd00d";
 
+/// A bare pod (no owner) that arrives after the first list.
+fn late_pod() -> Value {
+    pod(
+        "solo",
+        "shop",
+        LATE_UID,
+        NODE,
+        "198.18.1.11",
+        None,
+        &[("solo", LATE_CID)],
+    )
+}
+
 fn cluster_state(service_cidr_api: bool) -> Arc<Mutex<ApiState>> {
     let mut api = ApiState {
         service_cidr_api,
@@ -735,19 +748,7 @@ async fn pods_of_this_node_resolve_to_workloads_and_deleted_pods_disappear() {
 
     // An ADDED event brings a new pod in.
     let late_cgroup = cgroups.container(LATE_UID, LATE_CID);
-    state.lock().unwrap().upsert(
-        PODS,
-        pod(
-            "solo",
-            "shop",
-            LATE_UID,
-            NODE,
-            "198.18.1.11",
-            None,
-            &[("solo", LATE_CID)],
-        ),
-        true,
-    );
+    state.lock().unwrap().upsert(PODS, late_pod(), true);
     let late = eventually("new pod", || {
         let id = identity.resolve(late_cgroup, None);
         id.pod.is_some().then_some(id)
@@ -779,19 +780,7 @@ async fn a_410_gone_watch_error_rebuilds_the_store_from_a_relist() {
     {
         let mut api = state.lock().unwrap();
         api.delete(PODS, WEB_UID, false);
-        api.upsert(
-            PODS,
-            pod(
-                "solo",
-                "shop",
-                LATE_UID,
-                NODE,
-                "198.18.1.11",
-                None,
-                &[("solo", LATE_CID)],
-            ),
-            false,
-        );
+        api.upsert(PODS, late_pod(), false);
         api.expire_watches(PODS);
     }
     eventually("relisted store", || {
@@ -943,19 +932,7 @@ async fn garbage_from_the_api_degrades_without_stopping_lookups_and_recovers() {
             .then_some(())
     })
     .await;
-    state.lock().unwrap().upsert(
-        PODS,
-        pod(
-            "solo",
-            "shop",
-            LATE_UID,
-            NODE,
-            "198.18.1.11",
-            None,
-            &[("solo", LATE_CID)],
-        ),
-        true,
-    );
+    state.lock().unwrap().upsert(PODS, late_pod(), true);
     eventually("new pod seen", || kube.pod_by_uid(LATE_UID).map(|_| ())).await;
     eventually("ready again", || {
         (identity.status() == EnrichmentStatus::Ready).then_some(())
