@@ -35,12 +35,21 @@ fn parse_errors(agent: &Agent, kind: &str) -> f64 {
     )
 }
 
+/// The port-53 flood saturates both cores and every agent on the machine: the other tests
+/// of this file never run beside it, so that what they assert is not the flood's doing.
+static FLOOD: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn beside_no_flood() -> std::sync::RwLockReadGuard<'static, ()> {
+    FLOOD.read().unwrap_or_else(|p| p.into_inner())
+}
+
 fn is_story_record(r: &Value, cgroup: u64) -> bool {
     r["cgroup_id"].as_u64() == Some(cgroup) && r["destination"]["port"].as_u64() == Some(5432)
 }
 
 #[test]
 fn hostile_dns_is_counted_and_the_agent_keeps_classifying() {
+    let _alone = FLOOD.write().unwrap_or_else(|p| p.into_inner());
     let story = Story::new();
     let evil = HostileServer::start(&story.tb);
     let agent = agent_for(&story, &[]);
@@ -124,6 +133,7 @@ fn hostile_dns_is_counted_and_the_agent_keeps_classifying() {
 
 #[test]
 fn sigkill_leaves_no_program_attached_and_a_restart_attaches_once() {
+    let _shared = beside_no_flood();
     let first = Agent::start(AgentSpec::new().args(["--output", "none"]));
     let first_ids = program_ids_of(first.pid());
     assert_eq!(first_ids.len(), 6, "six programs loaded: {first_ids:?}");
@@ -183,6 +193,7 @@ fn sigkill_leaves_no_program_attached_and_a_restart_attaches_once() {
 
 #[test]
 fn a_cgroup_removed_while_its_events_are_in_flight_costs_nothing() {
+    let _shared = beside_no_flood();
     let story = Story::new();
     let agent = agent_for(&story, &[]);
     let cgroup = story
@@ -220,8 +231,13 @@ fn a_cgroup_removed_while_its_events_are_in_flight_costs_nothing() {
     assert_eq!(
         record["resolution"],
         "search-escape",
-        "{record}\nkernel events lost: {}\nagent log:\n{}",
+        "{record}\nkernel events lost: {}, let through out of order: {}\nagent log:\n{}",
         metric_sum(&agent.metrics(), "observer_kernel_events_lost_total", &[]),
+        metric_sum(
+            &agent.metrics(),
+            "observer_core_evictions_total",
+            &[("kind", "reorder_forced")]
+        ),
         agent.stderr()
     );
     let status = agent.stop();
@@ -230,6 +246,7 @@ fn a_cgroup_removed_while_its_events_are_in_flight_costs_nothing() {
 
 #[test]
 fn hashed_names_stay_joinable_and_never_leave_the_agent_in_clear() {
+    let _shared = beside_no_flood();
     let story = Story::new();
     let agent = agent_for(&story, &["--redact-names", "hash"]);
     story.connect_family("db", Family::V4, EXTERNAL_DB.into());
