@@ -86,15 +86,38 @@ pub fn program_exists(id: u32) -> bool {
 }
 
 /// Program ids attached to the cgroup2 root (bpftool's view of the kernel's attach lists).
+///
+/// Other tests' agents attach and detach on the same root at any time, under bpftool's
+/// listing: an output that does not parse is taken again a few times, then the test fails
+/// with what bpftool said.
 pub fn attached_to_cgroup_root() -> Vec<u32> {
     let root = crate::cgroup2_mount().expect("finding the cgroup2 mount");
-    let out = Command::new("bpftool")
-        .args(["-j", "cgroup", "show"])
-        .arg(&root)
-        .output()
-        .expect("running bpftool (package bpftool)");
-    assert!(out.status.success(), "bpftool cgroup show: {out:?}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    let mut attempt = 0;
+    let v: serde_json::Value = loop {
+        attempt += 1;
+        let out = Command::new("bpftool")
+            .args(["-j", "cgroup", "show"])
+            .arg(&root)
+            .output()
+            .expect("running bpftool (package bpftool)");
+        let parsed = if !out.status.success() {
+            Err(format!("exit {}", out.status))
+        } else if out.stdout.trim_ascii().is_empty() {
+            // Nothing attached: bpftool prints no JSON at all, not an empty array.
+            Ok(serde_json::Value::Array(Vec::new()))
+        } else {
+            serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+        };
+
+        match parsed {
+            Ok(v) => break v,
+            Err(e) if attempt < 5 => {
+                eprintln!("bpftool cgroup show, attempt {attempt}: {e}; taking it again");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => panic!("bpftool cgroup show: {e}: {out:?}"),
+        }
+    };
     let mut ids: Vec<u32> = v
         .as_array()
         .into_iter()
