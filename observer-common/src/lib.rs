@@ -21,15 +21,17 @@ pub mod names {
     /// Globals: the lowest and highest configured DNS port.
     pub const DNS_PORT_MIN: &str = "DNS_PORT_MIN";
     pub const DNS_PORT_MAX: &str = "DNS_PORT_MAX";
+    /// Globals: ring backlog, in bytes, above which the reader is woken early.
+    pub const DNS_RING_WAKE_BYTES: &str = "DNS_RING_WAKE_BYTES";
+    pub const CONNECT_RING_WAKE_BYTES: &str = "CONNECT_RING_WAKE_BYTES";
     pub const LOSS_COUNTERS: &str = "LOSS_COUNTERS";
 
     /// Programs, by function name in the kernel crate.
     pub const PROG_DNS_INGRESS: &str = "dns_ingress";
     pub const PROG_DNS_EGRESS: &str = "dns_egress";
-    pub const PROG_CONNECT_ENTER: &str = "connect_enter";
-    pub const PROG_CONNECT_EXIT: &str = "connect_exit";
-    pub const PROG_SOCK_SET_STATE: &str = "sock_set_state";
-    pub const PROG_TCP_RECEIVE_RESET: &str = "tcp_receive_reset";
+    pub const PROG_CONNECT4: &str = "connect4";
+    pub const PROG_CONNECT6: &str = "connect6";
+    pub const PROG_CONNECT_SOCK_OPS: &str = "connect_sock_ops";
 }
 
 /// `DnsEvent::family` and `ConnectEvent::family`.
@@ -142,20 +144,18 @@ pub enum LossCounter {
     DnsCaptureCut = 2,
     /// The connect ring was full.
     ConnectRingFull = 3,
-    /// Reading the tracepoint or connect(2) arguments failed.
-    ConnectReadError = 4,
-    /// The map of connects awaiting an outcome was full; the outcome will be missing.
-    ConnectTrackFull = 5,
+    /// The slot of a connect awaiting its outcome was taken by another; the outcome will be
+    /// missing.
+    ConnectTrackFull = 4,
 }
 
 impl LossCounter {
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 5;
     pub const ALL: [LossCounter; Self::COUNT as usize] = [
         LossCounter::DnsRingFull,
         LossCounter::DnsReadError,
         LossCounter::DnsCaptureCut,
         LossCounter::ConnectRingFull,
-        LossCounter::ConnectReadError,
         LossCounter::ConnectTrackFull,
     ];
 
@@ -166,7 +166,6 @@ impl LossCounter {
             LossCounter::DnsReadError => "dns_read_error",
             LossCounter::DnsCaptureCut => "dns_capture_cut",
             LossCounter::ConnectRingFull => "connect_ring_full",
-            LossCounter::ConnectReadError => "connect_read_error",
             LossCounter::ConnectTrackFull => "connect_track_full",
         }
     }
@@ -180,91 +179,6 @@ impl LossCounter {
             _ => "connect",
         }
     }
-}
-
-/// Tracepoint field offsets the kernel programs read at. They come from
-/// `/sys/kernel/tracing/events/<category>/<name>/format`; the agent parses those files at
-/// load time and refuses to attach if the running kernel disagrees with any entry here.
-pub mod tracepoints {
-    /// One field the kernel programs read: name as in the format file, offset and size.
-    pub struct Field {
-        pub name: &'static str,
-        pub offset: usize,
-        pub size: usize,
-    }
-
-    /// One tracepoint and the fields of it that are read.
-    pub struct Tracepoint {
-        pub category: &'static str,
-        pub name: &'static str,
-        pub fields: &'static [Field],
-    }
-
-    pub mod sys_enter_connect {
-        pub const USERVADDR: usize = 24;
-        pub const ADDRLEN: usize = 32;
-    }
-
-    pub mod inet_sock_set_state {
-        pub const SKADDR: usize = 8;
-        pub const OLDSTATE: usize = 16;
-        pub const NEWSTATE: usize = 20;
-        pub const SPORT: usize = 24;
-        pub const DPORT: usize = 26;
-        pub const FAMILY: usize = 28;
-        pub const PROTOCOL: usize = 30;
-        pub const SADDR: usize = 32;
-        pub const DADDR: usize = 36;
-        pub const SADDR_V6: usize = 40;
-        pub const DADDR_V6: usize = 56;
-    }
-
-    pub mod tcp_receive_reset {
-        pub const SKADDR: usize = 8;
-    }
-
-    const fn field(name: &'static str, offset: usize, size: usize) -> Field {
-        Field { name, offset, size }
-    }
-
-    /// Every tracepoint the kernel programs attach to, with the fields they read.
-    pub const ASSUMED: &[Tracepoint] = &[
-        Tracepoint {
-            category: "syscalls",
-            name: "sys_enter_connect",
-            fields: &[
-                field("uservaddr", sys_enter_connect::USERVADDR, 8),
-                field("addrlen", sys_enter_connect::ADDRLEN, 8),
-            ],
-        },
-        Tracepoint {
-            category: "syscalls",
-            name: "sys_exit_connect",
-            fields: &[],
-        },
-        Tracepoint {
-            category: "sock",
-            name: "inet_sock_set_state",
-            fields: &[
-                field("skaddr", inet_sock_set_state::SKADDR, 8),
-                field("oldstate", inet_sock_set_state::OLDSTATE, 4),
-                field("newstate", inet_sock_set_state::NEWSTATE, 4),
-                field("sport", inet_sock_set_state::SPORT, 2),
-                field("dport", inet_sock_set_state::DPORT, 2),
-                field("family", inet_sock_set_state::FAMILY, 2),
-                field("protocol", inet_sock_set_state::PROTOCOL, 2),
-                field("saddr", inet_sock_set_state::SADDR, 4),
-                field("daddr", inet_sock_set_state::DADDR, 4),
-                field("saddr_v6", inet_sock_set_state::SADDR_V6, 16),
-                field("daddr_v6", inet_sock_set_state::DADDR_V6, 16),
-            ],
-        },
-        Tracepoint {
-            category: "tcp",
-            name: "tcp_receive_reset",
-            fields: &[field("skaddr", tcp_receive_reset::SKADDR, 8)],
-        },
-    ];
 }
 
 #[cfg(feature = "user")]

@@ -20,7 +20,10 @@ use observer_common::{
     DNS_PORT_SLOTS, DnsEvent, FAMILY_IPV4, FAMILY_IPV6, LossCounter, PROTO_TCP, PROTO_UDP,
 };
 
-use crate::{loss::count, ring::submit_flags};
+use crate::{
+    loss::count,
+    ring::{Ring, submit_flags},
+};
 
 /// Resized by the agent at load time.
 #[map]
@@ -298,7 +301,7 @@ fn capture(skb: *mut __sk_buff, packet: Packet) {
     // most its size.
     let record = unsafe { core::slice::from_raw_parts(event.cast::<u8>(), record_len) };
     if DNS_EVENTS
-        .output::<[u8]>(record, submit_flags(&DNS_EVENTS, record_len))
+        .output::<[u8]>(record, submit_flags(&DNS_EVENTS, Ring::Dns, record_len))
         .is_err()
     {
         count(LossCounter::DnsRingFull);

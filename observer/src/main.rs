@@ -124,7 +124,7 @@ fn run_events(args: EventsArgs) -> anyhow::Result<()> {
         let mut terminate = signal(SignalKind::terminate()).context("handling SIGTERM")?;
         let mut interrupt = signal(SignalKind::interrupt()).context("handling SIGINT")?;
         eprintln!(
-            "observer: DNS programs attached to {}, connect tracepoints attached; Ctrl-C to stop",
+            "observer: DNS and connect programs attached to {}; Ctrl-C to stop",
             probes.cgroup().display()
         );
         loop {

@@ -31,9 +31,12 @@ use std::{
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{Array, MapData, MapError, PerCpuArray, RingBuf},
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, ProgramError, TracePoint},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, Program, ProgramError,
+        SockOps,
+    },
 };
-use observer_common::{LossCounter, names, tracepoints};
+use observer_common::{LossCounter, names};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::mpsc,
@@ -46,7 +49,7 @@ pub use decode::{
     Ring, decode_connect, decode_dns,
 };
 pub use display::{describe, format_utc};
-pub use system::{FormatError, FormatField, LayoutError, Mount, cgroup2_root, parse_mountinfo};
+pub use system::{Mount, cgroup2_root, parse_mountinfo};
 
 /// The kernel programs, built by build.rs for bpfel-unknown-none.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
@@ -144,14 +147,6 @@ pub enum ProbeError {
         #[source]
         source: io::Error,
     },
-    #[error("tracefs is not mounted and mounting it at {path} failed")]
-    TracefsUnavailable {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("this kernel's tracepoints differ from what the kernel programs read")]
-    TracepointLayout(#[from] LayoutError),
     #[error("{ring} ring size {bytes} is not a power of two multiple of the page size")]
     InvalidRingSize { ring: &'static str, bytes: u32 },
     #[error("loading the kernel object")]
@@ -226,11 +221,11 @@ const CGROUP_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
     (names::PROG_DNS_EGRESS, CgroupSkbAttachType::Egress),
 ];
 
-const TRACEPOINT_PROGRAMS: [(&str, &str, &str); 4] = [
-    (names::PROG_CONNECT_ENTER, "syscalls", "sys_enter_connect"),
-    (names::PROG_CONNECT_EXIT, "syscalls", "sys_exit_connect"),
-    (names::PROG_SOCK_SET_STATE, "sock", "inet_sock_set_state"),
-    (names::PROG_TCP_RECEIVE_RESET, "tcp", "tcp_receive_reset"),
+/// connect(2) hooks for each family, then the per-socket TCP callbacks.
+const CONNECT_PROGRAMS: [&str; 3] = [
+    names::PROG_CONNECT4,
+    names::PROG_CONNECT6,
+    names::PROG_CONNECT_SOCK_OPS,
 ];
 
 /// Loaded and attached kernel programs. Dropping it detaches them and stops the readers.
@@ -349,7 +344,7 @@ fn attach_error(program: &'static str, source: ProgramError) -> ProbeError {
 
 impl Probes {
     /// Loads the kernel programs and attaches them: DNS on the cgroup2 root (or
-    /// `options.cgroup`), connects on tracepoints. No runtime needed; see [`Probes::events`].
+    /// `options.cgroup`), connects on the same cgroup. No runtime needed; see [`Probes::events`].
     pub fn load(options: &ProbeOptions) -> Result<Self, ProbeError> {
         for (ring, bytes) in [
             (names::DNS_EVENTS, options.dns_ring_bytes),
@@ -360,25 +355,27 @@ impl Probes {
             }
         }
         let mounts = system::read_mounts()?;
-        let tracefs_mounted = mounts.iter().any(|m| m.fs_type == "tracefs");
-        system::check_capabilities(!tracefs_mounted)?;
+        system::check_capabilities()?;
         let cgroup = match &options.cgroup {
             Some(path) => path.clone(),
             None => cgroup2_root(&mounts).ok_or(ProbeError::NoCgroup2Mount)?,
         };
-        let tracefs = system::ensure_tracefs(&mounts)?;
-        system::verify_tracepoints(&tracefs, tracepoints::ASSUMED)?;
 
         let log_level = options.kernel_log.aya_level();
         // No port at all: an empty range, nothing is DNS.
         let port_min: u16 = options.dns_ports.iter().copied().min().unwrap_or(1);
         let port_max: u16 = options.dns_ports.iter().copied().max().unwrap_or(0);
+        // The kernel programs wake the reader early once a ring is an eighth full.
+        let dns_wake = u64::from(options.dns_ring_bytes / 8);
+        let connect_wake = u64::from(options.connect_ring_bytes / 8);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::DNS_EVENTS, options.dns_ring_bytes)
             .map_max_entries(names::CONNECT_EVENTS, options.connect_ring_bytes)
             .override_global(aya_log::LEVEL, &log_level, false)
             .override_global(names::DNS_PORT_MIN, &port_min, true)
             .override_global(names::DNS_PORT_MAX, &port_max, true)
+            .override_global(names::DNS_RING_WAKE_BYTES, &dns_wake, true)
+            .override_global(names::CONNECT_RING_WAKE_BYTES, &connect_wake, true)
             .load(KERNEL_OBJECT)
             .map_err(|e| match e {
                 EbpfError::MapError(MapError::CreateError { io_error, .. })
@@ -399,18 +396,7 @@ impl Probes {
             source,
         })?;
         for (name, attach_type) in CGROUP_PROGRAMS {
-            let program: &mut CgroupSkb = ebpf
-                .program_mut(name)
-                .ok_or(ProbeError::Missing {
-                    kind: "program",
-                    name,
-                })?
-                .try_into()
-                .map_err(|source| ProbeError::Program {
-                    op: "typing",
-                    program: name,
-                    source,
-                })?;
+            let program: &mut CgroupSkb = typed(&mut ebpf, name)?;
             program.load().map_err(|e| load_error(name, e))?;
             // Single: a bpf_link per program. Several agents (or tests) can still attach
             // their own links to the same cgroup at once.
@@ -418,24 +404,19 @@ impl Probes {
                 .attach(&cgroup_dir, attach_type, CgroupAttachMode::Single)
                 .map_err(|e| attach_error(name, e))?;
         }
-        for (name, category, tracepoint) in TRACEPOINT_PROGRAMS {
-            let program: &mut TracePoint = ebpf
-                .program_mut(name)
-                .ok_or(ProbeError::Missing {
-                    kind: "program",
-                    name,
-                })?
-                .try_into()
-                .map_err(|source| ProbeError::Program {
-                    op: "typing",
-                    program: name,
-                    source,
-                })?;
+        for name in [names::PROG_CONNECT4, names::PROG_CONNECT6] {
+            let program: &mut CgroupSockAddr = typed(&mut ebpf, name)?;
             program.load().map_err(|e| load_error(name, e))?;
             program
-                .attach(category, tracepoint)
+                .attach(&cgroup_dir, CgroupAttachMode::Single)
                 .map_err(|e| attach_error(name, e))?;
         }
+        let name = names::PROG_CONNECT_SOCK_OPS;
+        let program: &mut SockOps = typed(&mut ebpf, name)?;
+        program.load().map_err(|e| load_error(name, e))?;
+        program
+            .attach(&cgroup_dir, CgroupAttachMode::Single)
+            .map_err(|e| attach_error(name, e))?;
 
         Ok(Self {
             readers: Vec::new(),
@@ -559,7 +540,7 @@ impl Probes {
         CGROUP_PROGRAMS
             .iter()
             .map(|(name, _)| *name)
-            .chain(TRACEPOINT_PROGRAMS.iter().map(|(name, _, _)| *name))
+            .chain(CONNECT_PROGRAMS)
             .map(|name| {
                 let program = self.ebpf.program(name).ok_or(ProbeError::Missing {
                     kind: "program",
@@ -578,6 +559,24 @@ impl Probes {
             })
             .collect()
     }
+}
+
+/// The program `name` of the object, as its expected type.
+fn typed<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, ProbeError>
+where
+    &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(ProbeError::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|source| ProbeError::Program {
+            op: "typing",
+            program: name,
+            source,
+        })
 }
 
 fn configure_dns_ports(ebpf: &mut Ebpf, ports: &[u16]) -> Result<(), ProbeError> {

@@ -1,21 +1,14 @@
-//! What the loader needs from the running system: mounts (cgroup2, tracefs), capabilities,
-//! and the tracepoint format files whose offsets the kernel programs assume.
+//! What the loader needs from the running system: the cgroup2 mount and capabilities.
 use std::{
-    ffi::CString,
     fs,
     os::unix::ffi::OsStrExt as _,
     path::{Path, PathBuf},
 };
 
-use observer_common::tracepoints::Tracepoint;
-
 use super::ProbeError;
 
 pub(crate) const MOUNTINFO: &str = "/proc/self/mountinfo";
 const STATUS: &str = "/proc/self/status";
-/// Where tracefs is mounted when nothing has mounted it yet.
-pub(crate) const TRACEFS_DEFAULT: &str = "/sys/kernel/tracing";
-const TRACEFS_LEGACY: &str = "/sys/kernel/debug/tracing";
 
 /// One line of `/proc/<pid>/mountinfo`, the parts observer uses.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,54 +79,13 @@ pub(crate) fn read_mounts() -> Result<Vec<Mount>, ProbeError> {
     Ok(parse_mountinfo(&text))
 }
 
-/// Finds tracefs, mounting it at its usual place when nothing has.
-pub(crate) fn ensure_tracefs(mounts: &[Mount]) -> Result<PathBuf, ProbeError> {
-    let tracefs = |path: &str| {
-        mounts
-            .iter()
-            .any(|m| m.fs_type == "tracefs" && m.mount_point == Path::new(path))
-    };
-    if tracefs(TRACEFS_DEFAULT) {
-        return Ok(TRACEFS_DEFAULT.into());
-    }
-    if tracefs(TRACEFS_LEGACY) {
-        return Ok(TRACEFS_LEGACY.into());
-    }
-    mount_tracefs(Path::new(TRACEFS_DEFAULT))?;
-    Ok(TRACEFS_DEFAULT.into())
-}
-
-fn mount_tracefs(target: &Path) -> Result<(), ProbeError> {
-    let failed = |source| ProbeError::TracefsUnavailable {
-        path: target.to_owned(),
-        source,
-    };
-    let target_c = CString::new(target.as_os_str().as_bytes())
-        .map_err(|_| failed(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
-    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call;
-    // `data` may be null for tracefs.
-    let ret = unsafe {
-        libc::mount(
-            c"nodev".as_ptr(),
-            target_c.as_ptr(),
-            c"tracefs".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if ret != 0 {
-        return Err(failed(std::io::Error::last_os_error()));
-    }
-    Ok(())
-}
-
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 /// Capabilities the probes need that the effective set lacks, by name.
-pub fn missing_capabilities(effective: u64, need_mount: bool) -> Vec<&'static str> {
+pub fn missing_capabilities(effective: u64) -> Vec<&'static str> {
     let has = |cap: u32| effective & (1u64 << cap) != 0;
     let admin = has(CAP_SYS_ADMIN);
     let mut missing = Vec::new();
@@ -147,9 +99,6 @@ pub fn missing_capabilities(effective: u64, need_mount: bool) -> Vec<&'static st
     if !has(CAP_NET_ADMIN) {
         missing.push("CAP_NET_ADMIN");
     }
-    if need_mount && !admin {
-        missing.push("CAP_SYS_ADMIN");
-    }
     missing
 }
 
@@ -161,7 +110,7 @@ pub fn parse_effective_capabilities(status: &str) -> Option<u64> {
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
 }
 
-pub(crate) fn check_capabilities(need_mount: bool) -> Result<(), ProbeError> {
+pub(crate) fn check_capabilities() -> Result<(), ProbeError> {
     let status = fs::read_to_string(STATUS).map_err(|source| ProbeError::ReadSystemFile {
         path: STATUS.into(),
         source,
@@ -171,7 +120,7 @@ pub(crate) fn check_capabilities(need_mount: bool) -> Result<(), ProbeError> {
             path: STATUS.into(),
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, "no CapEff line"),
         })?;
-    let missing = missing_capabilities(effective, need_mount);
+    let missing = missing_capabilities(effective);
     if missing.is_empty() {
         Ok(())
     } else {
@@ -179,245 +128,18 @@ pub(crate) fn check_capabilities(need_mount: bool) -> Result<(), ProbeError> {
     }
 }
 
-/// One `field:` line of a tracepoint format file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FormatField {
-    pub name: String,
-    pub offset: usize,
-    pub size: usize,
-}
-
-/// Why a tracepoint format file could not be parsed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FormatError {
-    #[error("line {line}: {reason}")]
-    BadField { line: usize, reason: &'static str },
-    #[error("no fields")]
-    NoFields,
-}
-
-/// The declared name in `unsigned short common_type`, `__u8 saddr[4]`, `struct sockaddr * uservaddr`.
-fn declared_name(declaration: &str) -> Option<&str> {
-    let last = declaration.split_whitespace().last()?;
-    let name = last.trim_start_matches('*');
-    let name = name.split('[').next()?;
-    (!name.is_empty()).then_some(name)
-}
-
-/// Parses `events/<category>/<name>/format`.
-pub fn parse_format(text: &str) -> Result<Vec<FormatField>, FormatError> {
-    let mut fields = Vec::new();
-    for (index, line) in text.lines().enumerate() {
-        let line_no = index + 1;
-        let Some(rest) = line.trim_start().strip_prefix("field:") else {
-            continue;
-        };
-        let bad = |reason| FormatError::BadField {
-            line: line_no,
-            reason,
-        };
-        let mut parts = rest.split(';').map(str::trim);
-        let declaration = parts.next().ok_or(bad("empty field"))?;
-        let name = declared_name(declaration).ok_or(bad("no field name"))?;
-        let mut offset = None;
-        let mut size = None;
-        for part in parts {
-            if let Some(v) = part.strip_prefix("offset:") {
-                offset = Some(v.parse().map_err(|_| bad("offset is not a number"))?);
-            } else if let Some(v) = part.strip_prefix("size:") {
-                size = Some(v.parse().map_err(|_| bad("size is not a number"))?);
-            }
-        }
-        fields.push(FormatField {
-            name: name.to_owned(),
-            offset: offset.ok_or(bad("no offset"))?,
-            size: size.ok_or(bad("no size"))?,
-        });
-    }
-    if fields.is_empty() {
-        return Err(FormatError::NoFields);
-    }
-    Ok(fields)
-}
-
-/// Compares what the kernel programs assume about one tracepoint with its format file text.
-pub fn check_layout(assumed: &Tracepoint, format: &str) -> Result<(), LayoutError> {
-    let fields = parse_format(format).map_err(|source| LayoutError::Format {
-        tracepoint: format!("{}/{}", assumed.category, assumed.name),
-        source,
-    })?;
-    for want in assumed.fields {
-        let found = fields.iter().find(|f| f.name == want.name);
-        if found.is_none_or(|f| f.offset != want.offset || f.size != want.size) {
-            return Err(LayoutError::Mismatch {
-                tracepoint: format!("{}/{}", assumed.category, assumed.name),
-                field: want.name,
-                expected_offset: want.offset,
-                expected_size: want.size,
-                found: found.map(|f| (f.offset, f.size)),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// A tracepoint on this kernel does not look the way the kernel programs read it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum LayoutError {
-    #[error("tracepoint {tracepoint}: unreadable format file: {source}")]
-    Format {
-        tracepoint: String,
-        source: FormatError,
-    },
-    #[error(
-        "tracepoint {tracepoint}: field `{field}` expected at offset {expected_offset} size {expected_size}, kernel has {}",
-        match found { Some((o, s)) => format!("offset {o} size {s}"), None => "no such field".to_owned() }
-    )]
-    Mismatch {
-        tracepoint: String,
-        field: &'static str,
-        expected_offset: usize,
-        expected_size: usize,
-        found: Option<(usize, usize)>,
-    },
-}
-
-/// Checks every tracepoint the programs read against this kernel's format files.
-pub(crate) fn verify_tracepoints(tracefs: &Path, assumed: &[Tracepoint]) -> Result<(), ProbeError> {
-    for tracepoint in assumed {
-        let path = tracefs
-            .join("events")
-            .join(tracepoint.category)
-            .join(tracepoint.name)
-            .join("format");
-        let text = fs::read_to_string(&path).map_err(|source| ProbeError::ReadSystemFile {
-            path: path.clone(),
-            source,
-        })?;
-        check_layout(tracepoint, &text)?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use observer_common::tracepoints::{ASSUMED, Field};
-
-    const SET_STATE: &str = include_str!("testdata/inet_sock_set_state.format");
-    const ENTER_CONNECT: &str = include_str!("testdata/sys_enter_connect.format");
-    const EXIT_CONNECT: &str = include_str!("testdata/sys_exit_connect.format");
-    const RESET: &str = include_str!("testdata/tcp_receive_reset.format");
     const MOUNTINFO_HYBRID: &str = include_str!("testdata/mountinfo.txt");
 
-    fn fixture(name: &str) -> &'static str {
-        match name {
-            "inet_sock_set_state" => SET_STATE,
-            "sys_enter_connect" => ENTER_CONNECT,
-            "sys_exit_connect" => EXIT_CONNECT,
-            "tcp_receive_reset" => RESET,
-            other => panic!("no fixture for {other}"),
-        }
-    }
-
     #[test]
-    fn parses_fields_of_a_real_format_file() {
-        let fields = parse_format(SET_STATE).unwrap();
-        let get = |n: &str| fields.iter().find(|f| f.name == n).unwrap();
-        assert_eq!(fields[0].name, "common_type");
-        assert_eq!((get("skaddr").offset, get("skaddr").size), (8, 8));
-        assert_eq!((get("saddr").offset, get("saddr").size), (32, 4));
-        assert_eq!((get("daddr_v6").offset, get("daddr_v6").size), (56, 16));
-        let enter = parse_format(ENTER_CONNECT).unwrap();
-        assert!(
-            enter
-                .iter()
-                .any(|f| f.name == "uservaddr" && f.offset == 24 && f.size == 8)
-        );
-    }
-
-    #[test]
-    fn programs_match_this_kernels_format_files() {
-        for tracepoint in ASSUMED {
-            check_layout(tracepoint, fixture(tracepoint.name)).unwrap();
-        }
-    }
-
-    #[test]
-    fn a_moved_field_is_reported_with_both_layouts() {
-        let moved = SET_STATE.replace("offset:20;", "offset:22;");
-        let err = check_layout(
-            ASSUMED
-                .iter()
-                .find(|t| t.name == "inet_sock_set_state")
-                .unwrap(),
-            &moved,
-        )
-        .unwrap_err();
-        assert_eq!(
-            err,
-            LayoutError::Mismatch {
-                tracepoint: "sock/inet_sock_set_state".into(),
-                field: "newstate",
-                expected_offset: 20,
-                expected_size: 4,
-                found: Some((22, 4)),
-            }
-        );
-        assert!(err.to_string().contains("kernel has offset 22 size 4"));
-    }
-
-    #[test]
-    fn a_missing_field_is_reported() {
-        let assumed = Tracepoint {
-            category: "tcp",
-            name: "tcp_receive_reset",
-            fields: &[Field {
-                name: "oldstate",
-                offset: 16,
-                size: 4,
-            }],
-        };
-        assert!(matches!(
-            check_layout(&assumed, RESET),
-            Err(LayoutError::Mismatch { found: None, .. })
-        ));
-    }
-
-    #[test]
-    fn malformed_format_files_are_errors_not_panics() {
-        assert_eq!(parse_format(""), Err(FormatError::NoFields));
-        assert_eq!(
-            parse_format("name: x\nformat:\n"),
-            Err(FormatError::NoFields)
-        );
-        assert!(matches!(
-            parse_format("\tfield:int x;\toffset:abc;\tsize:4;"),
-            Err(FormatError::BadField { line: 1, .. })
-        ));
-        assert!(matches!(
-            parse_format("\tfield:int x;\tsize:4;"),
-            Err(FormatError::BadField { line: 1, .. })
-        ));
-        assert!(matches!(
-            parse_format("\tfield:;offset:0;size:4;"),
-            Err(FormatError::BadField { .. })
-        ));
-    }
-
-    #[test]
-    fn finds_cgroup2_and_tracefs_in_a_hybrid_mountinfo() {
+    fn finds_cgroup2_in_a_hybrid_mountinfo() {
         let mounts = parse_mountinfo(MOUNTINFO_HYBRID);
         assert_eq!(
             cgroup2_root(&mounts),
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
-        assert!(
-            mounts
-                .iter()
-                .any(|m| m.fs_type == "tracefs" && m.mount_point == Path::new(TRACEFS_DEFAULT))
-        );
-        assert_eq!(ensure_tracefs(&mounts).unwrap(), Path::new(TRACEFS_DEFAULT));
     }
 
     #[test]
@@ -439,13 +161,15 @@ garbage line
         let status = include_str!("testdata/mountinfo.txt");
         assert_eq!(parse_effective_capabilities(status), None);
         let root = parse_effective_capabilities("CapInh:\t0\nCapEff:\t000001fffeffffff\n").unwrap();
-        assert!(missing_capabilities(root, true).is_empty());
+        assert!(missing_capabilities(root).is_empty());
         assert_eq!(
-            missing_capabilities(0, true),
-            vec!["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_SYS_ADMIN"]
+            missing_capabilities(0),
+            vec!["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"]
         );
         let bpf_only = (1 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_NET_ADMIN);
-        assert!(missing_capabilities(bpf_only, false).is_empty());
-        assert_eq!(missing_capabilities(bpf_only, true), vec!["CAP_SYS_ADMIN"]);
+        assert!(missing_capabilities(bpf_only).is_empty());
+        // Kernels older than CAP_BPF and CAP_PERFMON accept CAP_SYS_ADMIN for both.
+        let admin = (1 << CAP_SYS_ADMIN) | (1 << CAP_NET_ADMIN);
+        assert!(missing_capabilities(admin).is_empty());
     }
 }

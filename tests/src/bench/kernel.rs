@@ -106,10 +106,9 @@ pub fn measure(quick: bool) -> anyhow::Result<KernelCost> {
     let stats = BpfStats::enable()?;
     let dns_programs = [names::PROG_DNS_INGRESS, names::PROG_DNS_EGRESS];
     let connect_programs = [
-        names::PROG_CONNECT_ENTER,
-        names::PROG_CONNECT_EXIT,
-        names::PROG_SOCK_SET_STATE,
-        names::PROG_TCP_RECEIVE_RESET,
+        names::PROG_CONNECT4,
+        names::PROG_CONNECT6,
+        names::PROG_CONNECT_SOCK_OPS,
     ];
     let mut phases = BTreeMap::new();
 
