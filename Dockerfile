@@ -33,7 +33,7 @@ COPY --from=build /out/observer /usr/local/bin/observer
 # The DaemonSet runs it as uid 0 with every capability dropped but BPF, PERFMON,
 # NET_ADMIN and SYS_PTRACE (deploy/manifests/40-daemonset.yaml explains why uid 0 plus
 # four capabilities is less privilege than a non-root uid, which would need file
-# capabilities, allowPrivilegeEscalation and CAP_DAC_READ_SEARCH for the host's tracefs).
+# capabilities and allowPrivilegeEscalation).
 # No file capabilities are set here on purpose: they would be ignored under
 # allowPrivilegeEscalation: false anyway.
 USER 0:0
