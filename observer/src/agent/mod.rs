@@ -418,11 +418,17 @@ impl Agent {
     }
 
     fn dns(&mut self, packet: DnsPacket) {
-        let who = self.who(packet.cgroup_id, None);
         let direction = match packet.direction {
             probes::Direction::Egress => correlate::Direction::Egress,
             probes::Direction::Ingress => correlate::Direction::Ingress,
         };
+        // A node's DNS server (CoreDNS, a node-local cache) sees every exchange reversed: its
+        // side is told by the header alone, so it costs neither a parse nor an identity.
+        if packet.protocol == Protocol::Udp && is_server_side(direction, &packet.payload) {
+            self.core.count_server_side();
+            return;
+        }
+        let who = self.who(packet.cgroup_id, None);
         match packet.protocol {
             Protocol::Udp => {
                 if packet.truncated {
@@ -467,6 +473,10 @@ impl Agent {
         direction: correlate::Direction,
         bytes: &[u8],
     ) {
+        if is_server_side(direction, bytes) {
+            self.core.count_server_side();
+            return;
+        }
         let message = match dns::parse(bytes) {
             Ok(message) => message,
             Err(e) => {
@@ -620,5 +630,34 @@ fn publish_core_counters(metrics: &Metrics, c: &correlate::CoreCounters) {
         (UnmatchedReason::ChainEvicted, c.responses_orphaned),
     ] {
         metrics.set_unmatched_responses(reason, total);
+    }
+}
+
+/// A query received or a response sent: the server's socket, not a client's lookup.
+fn is_server_side(direction: correlate::Direction, message: &[u8]) -> bool {
+    match dns::is_response(message) {
+        Some(response) => response != (direction == correlate::Direction::Ingress),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use correlate::Direction::{Egress, Ingress};
+
+    #[test]
+    fn the_servers_side_is_told_from_the_header_alone() {
+        let query = dns::build::query(7, "db.another-lab.com.", 1);
+        let response = dns::build::response(7, "db.another-lab.com.", 1, 3, &[], None);
+        // A client sends queries and receives responses.
+        assert!(!is_server_side(Egress, &query));
+        assert!(!is_server_side(Ingress, &response));
+        // A server receives queries and sends responses.
+        assert!(is_server_side(Ingress, &query));
+        assert!(is_server_side(Egress, &response));
+        // Too short for a header: left to the parser, which counts it.
+        assert!(!is_server_side(Ingress, &query[..11]));
+        assert!(!is_server_side(Egress, &[]));
     }
 }

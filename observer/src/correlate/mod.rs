@@ -328,6 +328,13 @@ impl Correlator {
         }
     }
 
+    /// Counts a message the caller recognised from its header as the DNS server's side of an
+    /// exchange (a query received, a response sent) and did not parse: it would be ignored.
+    pub fn count_server_side(&mut self) {
+        self.counters.dns_messages += 1;
+        self.counters.dns_server_side_ignored += 1;
+    }
+
     pub fn observe_dns(&mut self, obs: DnsObservation) {
         self.observe_message(
             &obs.scope,

@@ -229,6 +229,12 @@ impl DnsParseError {
     }
 }
 
+/// The header's QR bit, read without parsing: `Some(true)` for a response, `None` when the
+/// bytes are too short to hold a header (the parser then reports them).
+pub fn is_response(bytes: &[u8]) -> Option<bool> {
+    (bytes.len() >= HEADER_LEN).then(|| bytes[2] & 0x80 != 0)
+}
+
 /// Parses one DNS message (UDP payload, or one TCP message without its length prefix).
 pub fn parse(bytes: &[u8]) -> Result<DnsMessage, DnsParseError> {
     let len = bytes.len();
