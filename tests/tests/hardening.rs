@@ -69,14 +69,16 @@ fn hostile_dns_is_counted_and_the_agent_keeps_classifying() {
         run.flood_sent
     );
 
-    // Each crafted answer is seen twice (the server's egress, the pod's ingress).
+    // Each crafted answer crosses two sockets, but only the pod's ingress is parsed: the
+    // server's egress is a response sent, told from its header as the server's side of the
+    // exchange and skipped unparsed. Five answers of a kind, five parse errors.
     let expect = |i: usize, kind: &str| {
         let grew = eventually(RECORD_WAIT, || {
-            parse_errors(&agent, kind) - before[i] >= 10.0
+            parse_errors(&agent, kind) - before[i] >= 5.0
         });
         assert!(
             grew,
-            "{kind} parse errors rose by {} (expected >= 10); metrics:\n{}",
+            "{kind} parse errors rose by {} (expected >= 5); metrics:\n{}",
             parse_errors(&agent, kind) - before[i],
             agent.metrics()
         );
