@@ -22,6 +22,10 @@ use observer::{
     scope::ScopeKey,
 };
 
+/// The agent's allocator (see `main.rs`): the figures are the agent's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const SCOPES: usize = 10_000;
 const MS: u64 = 1_000_000;
 
@@ -304,12 +308,13 @@ fn memory_summary() {
     black_box(&c);
 }
 
-/// Rounds of each summary measurement (best kept): `CORRELATE_ROUNDS=1` under callgrind.
+/// Rounds of each summary measurement (best kept: on a shared machine, the fastest round
+/// is the one least slowed by others): `CORRELATE_ROUNDS=1` under callgrind.
 fn rounds() -> u64 {
     std::env::var("CORRELATE_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(3)
+        .unwrap_or(5)
 }
 
 // Separate, never inlined, so that an instruction profile (callgrind) shows each phase's

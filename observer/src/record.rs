@@ -8,6 +8,8 @@ use std::{
 };
 
 pub use crate::dns::{QType, Rcode};
+use compact_str::CompactString;
+
 use crate::scope::ScopeKey;
 
 /// Nanoseconds of CLOCK_BOOTTIME, as stamped by the kernel programs.
@@ -92,9 +94,11 @@ pub struct DnsQueryRecord {
     /// Response code (`mnemonic()`: "NOERROR", "NXDOMAIN", ...), `None` if never answered.
     pub rcode: Option<Rcode>,
     /// Addresses and CNAME targets in the answer, in answer order.
-    pub answers: Vec<Answer>,
+    pub answers: Box<[Answer]>,
     pub sent_at: BootNs,
     pub answered_at: Option<BootNs>,
+    /// The response had TC set: the resolver asks the same question again (over TCP).
+    pub truncated: bool,
 }
 
 /// A pod's walk through its search list for one name the application asked for.
@@ -112,8 +116,9 @@ pub struct ResolutionChain {
     pub wasted_queries: u32,
     /// A name with dots walked the search list because it had fewer than `ndots` dots.
     pub ndots_walk: bool,
-    /// Every query of the chain in the order sent.
-    pub queries: Vec<DnsQueryRecord>,
+    /// Every query of the chain in the order sent. Shared with the correlation core's
+    /// chain: a connect's record costs no copy of it (`Arc::make_mut` to change one).
+    pub queries: Arc<Vec<DnsQueryRecord>>,
 }
 
 /// One TCP active open, joined to the DNS that named its destination, classified.
@@ -122,7 +127,7 @@ pub struct ConnectionRecord {
     pub scope: ScopeKey,
     pub cgroup_id: u64,
     pub pid: u32,
-    pub comm: String,
+    pub comm: CompactString,
     /// The address the application asked for.
     pub destination: SocketAddr,
     pub source: Option<SocketAddr>,

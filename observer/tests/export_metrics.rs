@@ -193,7 +193,8 @@ async fn metrics_scraped_over_http() {
     metrics.observe_connection(&host_ip_literal());
     let mut drifted = seed_story();
     drifted.record.drift = true;
-    std::sync::Arc::make_mut(drifted.record.chain.as_mut().unwrap()).queries[0].sent_at += 1;
+    let chain = std::sync::Arc::make_mut(drifted.record.chain.as_mut().unwrap());
+    std::sync::Arc::make_mut(&mut chain.queries)[0].sent_at += 1;
     metrics.observe_connection(&drifted);
     let identity = seed_identity();
     for _ in 0..6 {

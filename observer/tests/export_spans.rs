@@ -170,7 +170,7 @@ fn assert_seed_trace(spans: &[(BTreeMap<String, V>, Span)]) {
             "dns AAAA db.another-lab.com",
         ]
     );
-    for (child, query) in children.iter().zip(queries) {
+    for (child, query) in children.iter().zip(queries.iter()) {
         assert_eq!(child.kind, SpanKind::Client as i32);
         assert_eq!(
             child.start_time_unix_nano,

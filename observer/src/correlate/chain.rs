@@ -20,47 +20,26 @@ pub(super) enum StepKind {
     Search(Arc<str>),
 }
 
-#[derive(Clone, Debug)]
-pub(super) struct QueryState {
-    pub qtype: u16,
-    /// `NO_RCODE` until answered.
-    pub rcode: u16,
-    pub sent_at: BootNs,
-    pub answered_at: BootNs,
-    pub answers: Vec<Answer>,
-    /// The answer had TC set: the resolver asks the same question again (over TCP).
-    pub truncated: bool,
+/// Queries one chain keeps: a walk through a long search list, A and AAAA per name, and
+/// retries fit many times over. A chain that reaches it takes no more (the next query
+/// starts a chain of its own), so that a pod repeating one unanswered name cannot grow a
+/// chain without bound.
+pub(super) const MAX_QUERIES_PER_CHAIN: usize = 64;
+
+fn answered(q: &DnsQueryRecord) -> bool {
+    q.rcode.is_some()
 }
 
-pub(super) const NO_RCODE: u16 = u16::MAX;
-
-impl QueryState {
-    pub fn sent(qtype: u16, at: BootNs) -> Self {
-        Self {
-            qtype,
-            rcode: NO_RCODE,
-            sent_at: at,
-            answered_at: 0,
-            answers: Vec::new(),
-            truncated: false,
-        }
-    }
-
-    fn answered(&self) -> bool {
-        self.rcode != NO_RCODE
-    }
-
-    fn has_address(&self) -> bool {
-        self.answers.iter().any(|a| matches!(a, Answer::Address(_)))
-    }
+fn has_address(q: &DnsQueryRecord) -> bool {
+    q.answers.iter().any(|a| matches!(a, Answer::Address(_)))
 }
 
 #[derive(Clone, Debug)]
 pub(super) struct Step {
     pub kind: StepKind,
-    /// The name queried: the first query's question name, shared with the records.
+    /// The name queried: the first query's question name. Every query of the step holds
+    /// this same `Arc`, which is how a query is told to belong to it.
     pub name: Arc<str>,
-    pub queries: Vec<QueryState>,
 }
 
 #[derive(Clone, Debug)]
@@ -68,7 +47,7 @@ pub(super) struct ChainAnswer {
     /// The first step whose response held addresses.
     pub step: u16,
     pub class: Resolution,
-    pub cnames: Vec<Arc<str>>,
+    pub cnames: Box<[Arc<str>]>,
     pub answered_at: BootNs,
 }
 
@@ -78,6 +57,9 @@ pub(super) struct Chain {
     /// Tried as-is first with fewer dots than ndots: only an absolute name does that.
     pub asked_absolute: bool,
     pub steps: Vec<Step>,
+    /// Every query in arrival order, already in the form a record carries: a connect's
+    /// record shares the list, and the chain copies it only if it changes while shared.
+    pub queries: Arc<Vec<DnsQueryRecord>>,
     pub last_query_at: BootNs,
     pub answer: Option<ChainAnswer>,
     /// Not before this may the chain be freed (window after its last query, answers'
@@ -106,9 +88,8 @@ impl Chain {
     }
 
     pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
-        self.steps
+        self.queries
             .iter()
-            .flat_map(|s| s.queries.iter())
             .flat_map(|q| q.answers.iter())
             .filter_map(|a| match a {
                 Answer::Address(ip) => Some(*ip),
@@ -116,11 +97,51 @@ impl Chain {
             })
     }
 
-    /// Every step before the last was answered and held no address.
+    /// The queries of step `step`.
+    pub fn step_queries(&self, step: usize) -> impl DoubleEndedIterator<Item = &DnsQueryRecord> {
+        let name = &self.steps[step].name;
+        self.queries.iter().filter(|q| Arc::ptr_eq(&q.name, name))
+    }
+
+    /// Every query of the last step was answered and none held an address.
     fn last_step_failed(&self) -> bool {
-        self.steps.last().is_some_and(|s| {
-            s.queries.iter().all(|q| q.answered()) && !s.queries.iter().any(|q| q.has_address())
-        })
+        !self.steps.is_empty() && {
+            let mut queries = self.step_queries(self.steps.len() - 1);
+            queries.all(|q| answered(q) && !has_address(q))
+        }
+    }
+
+    /// Records a query sent for step `step`; returns its index in [`Self::queries`].
+    pub fn push_query(&mut self, step: usize, qtype: u16, at: BootNs) -> u16 {
+        let queries = Arc::make_mut(&mut self.queries);
+        queries.push(DnsQueryRecord {
+            name: self.steps[step].name.clone(),
+            qtype: QType(qtype),
+            rcode: None,
+            answers: Box::default(),
+            sent_at: at,
+            answered_at: None,
+            truncated: false,
+        });
+        self.materialized = None;
+        (queries.len() - 1) as u16
+    }
+
+    /// Records the response to query `query`.
+    pub fn answer_query(
+        &mut self,
+        query: usize,
+        rcode: Rcode,
+        at: BootNs,
+        answers: Vec<Answer>,
+        truncated: bool,
+    ) {
+        let q = &mut Arc::make_mut(&mut self.queries)[query];
+        q.rcode = Some(rcode);
+        q.answered_at = Some(at);
+        q.answers = answers.into_boxed_slice();
+        q.truncated = truncated;
+        self.materialized = None;
     }
 
     pub fn materialize(&mut self) -> Arc<ResolutionChain> {
@@ -128,23 +149,15 @@ impl Chain {
             return m.clone();
         }
         let answer_step = self.answer.as_ref().map(|a| a.step as usize);
-        let mut queries: Vec<DnsQueryRecord> =
-            Vec::with_capacity(self.steps.iter().map(|s| s.queries.len()).sum());
-        for step in &self.steps {
-            for q in &step.queries {
-                queries.push(DnsQueryRecord {
-                    name: step.name.clone(),
-                    qtype: QType(q.qtype),
-                    rcode: q.answered().then_some(Rcode(q.rcode)),
-                    answers: q.answers.clone(),
-                    sent_at: q.sent_at,
-                    answered_at: q.answered().then_some(q.answered_at),
-                });
-            }
-        }
-        if !queries.is_sorted_by_key(|q| q.sent_at) {
-            queries.sort_by_key(|q| q.sent_at);
-        }
+        // Queries are kept in arrival order, which is the order sent unless the events came
+        // out of order: only then does the record get a sorted copy.
+        let queries = if self.queries.is_sorted_by_key(|q| q.sent_at) {
+            self.queries.clone()
+        } else {
+            let mut sorted = (*self.queries).clone();
+            sorted.sort_by_key(|q| q.sent_at);
+            Arc::new(sorted)
+        };
         let (server_address, search_domain, cname_chain) = match (&self.answer, answer_step) {
             (Some(a), Some(step)) => {
                 let step = &self.steps[step];
@@ -154,7 +167,7 @@ impl Chain {
                         StepKind::Search(d) => Some(d.clone()),
                         StepKind::AsIs => None,
                     },
-                    a.cnames.clone(),
+                    a.cnames.to_vec(),
                 )
             }
             _ => (Arc::from(""), None, Vec::new()),
@@ -217,15 +230,17 @@ pub(super) fn find_continuation(
             .chain
             .as_mut()
             .expect("open chains are live");
+        if chain.queries.len() >= MAX_QUERIES_PER_CHAIN {
+            continue;
+        }
         if let Some(answer) = &chain.answer {
             // A resolved chain takes only the other address family of its answering step, or
             // the retry of a question whose answer was truncated (the same name over TCP).
             let step = &chain.steps[answer.step as usize];
-            let retry_or_new_family = step
-                .queries
-                .iter()
+            let retry_or_new_family = chain
+                .step_queries(answer.step as usize)
                 .rev()
-                .find(|q| q.qtype == qtype)
+                .find(|q| q.qtype.0 == qtype)
                 .is_none_or(|q| q.truncated);
             if Chain::step_is(step, name) && retry_or_new_family {
                 return Some((slot, generation, answer.step));
@@ -265,7 +280,6 @@ pub(super) fn find_continuation(
         chain.steps.push(Step {
             kind,
             name: name.clone(),
-            queries: Vec::with_capacity(2),
         });
         return Some((slot, generation, (chain.steps.len() - 1) as u16));
     }
@@ -316,8 +330,8 @@ pub(super) fn start_chain(
         steps: vec![Step {
             kind,
             name: name.clone(),
-            queries: Vec::with_capacity(2),
         }],
+        queries: Arc::new(Vec::with_capacity(2)),
         last_query_at: at,
         answer: None,
         free_at: at + window,

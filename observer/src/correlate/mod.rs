@@ -24,7 +24,7 @@ use crate::{
     record::{BootNs, ConnectionRecord, Resolution},
     scope::ScopeKey,
 };
-use chain::{Chain, ChainAnswer, QueryState, StepKind};
+use chain::{Chain, ChainAnswer, StepKind};
 
 /// Keys come from pods (names, addresses, ids they chose), so the hasher is seeded at
 /// random per map: fast, without letting a pod pick colliding keys.
@@ -73,12 +73,40 @@ struct Pending {
     deadline: BootNs,
 }
 
-/// Where an address was learned: one chain, until `expires_at` (TTL) plus grace.
+/// Where an address was learned: one chain, until `expires_s` (TTL) plus grace.
+/// Kept to 12 bytes: with its address, an index entry takes 32 bytes rather than 40, and
+/// a node caches a million of them.
 #[derive(Clone, Copy, Debug)]
 struct AnswerRef {
     slot: u32,
     generation: u32,
-    expires_at: BootNs,
+    /// When the TTL runs out, in whole seconds of boot time, rounded up (u32 seconds
+    /// last 136 years; the grace period dwarfs the rounding).
+    expires_s: u32,
+}
+
+impl AnswerRef {
+    fn expires_at(&self) -> BootNs {
+        u64::from(self.expires_s) * 1_000_000_000
+    }
+}
+
+/// An address as an index key: IPv4 as its v4-mapped IPv6 form, 16 plain bytes. With
+/// alignment 1 (`IpAddr` has a tag), an index entry takes 28 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct AddrKey([u8; 16]);
+
+impl From<IpAddr> for AddrKey {
+    fn from(ip: IpAddr) -> Self {
+        AddrKey(match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            IpAddr::V6(v6) => v6.octets(),
+        })
+    }
+}
+
+fn seconds_up(at: BootNs) -> u32 {
+    u32::try_from(at.div_ceil(1_000_000_000)).unwrap_or(u32::MAX)
 }
 
 struct ChainSlot {
@@ -115,7 +143,7 @@ struct Scope {
     chain_order: VecDeque<(u32, u32)>,
     /// When each chain may be freed (lazy: re-checked against the chain when popped).
     chain_expiry: BinaryHeap<Reverse<(BootNs, u32, u32)>>,
-    index: FastMap<IpAddr, AnswerRef>,
+    index: FastMap<AddrKey, AnswerRef>,
     open_connects: usize,
     last_activity: BootNs,
     scheduled: Option<BootNs>,
@@ -441,10 +469,9 @@ impl Correlator {
             .expect("slot just found or inserted");
         chain.last_query_at = at;
         chain.free_at = chain.free_at.max(at + chain_window);
-        chain.materialized = None;
-        let queries = &mut chain.steps[step as usize].queries;
-        let query = queries.len() as u16;
-        queries.push(QueryState::sent(qtype, at));
+        let query = chain.push_query(step as usize, qtype, at);
+        // The step's own name: the message's copy is freed with it.
+        let name = chain.step_name(step as usize).clone();
 
         // Room for the new pending query: the scope's oldest goes first, then the total.
         while scope.pending.len() >= limits.max_pending_per_scope
@@ -559,12 +586,13 @@ impl Correlator {
         let msg = &message;
         let mut lookup =
             chain::follow_answer(&pending.name, msg, self.config.limits.max_cname_hops);
-        let q = &mut chain.steps[pending.step as usize].queries[pending.query as usize];
-        q.rcode = msg.rcode.0;
-        q.answered_at = at;
-        q.answers = std::mem::take(&mut lookup.items);
-        q.truncated = msg.truncated;
-        chain.materialized = None;
+        chain.answer_query(
+            pending.query as usize,
+            msg.rcode,
+            at,
+            std::mem::take(&mut lookup.items),
+            msg.truncated,
+        );
 
         if lookup.addresses(&pending.name, msg).next().is_none() {
             return;
@@ -593,7 +621,7 @@ impl Correlator {
                 chain.answer = Some(ChainAnswer {
                     step: pending.step,
                     class,
-                    cnames: lookup.cnames.clone(),
+                    cnames: lookup.cnames.as_slice().into(),
                     answered_at: at,
                 });
                 if class == Resolution::InCluster {
@@ -642,7 +670,7 @@ impl Correlator {
                 AnswerRef {
                     slot,
                     generation,
-                    expires_at,
+                    expires_s: seconds_up(expires_at),
                 },
             );
         }
@@ -680,14 +708,14 @@ impl Correlator {
             }
             scope.open_connects += 1;
             scope_ref = Some((scope_id, scope.serial));
-            if let Some(answer) = scope.index.get(&ip).copied() {
+            if let Some(answer) = scope.index.get(&AddrKey::from(ip)).copied() {
                 let chain = scope
                     .slots
                     .get_mut(answer.slot as usize)
                     .filter(|s| s.generation == answer.generation)
                     .and_then(|s| s.chain.as_mut());
                 match chain {
-                    Some(chain) if open.at <= answer.expires_at + grace => {
+                    Some(chain) if open.at <= answer.expires_at() + grace => {
                         let a = chain
                             .answer
                             .as_ref()
@@ -1030,7 +1058,8 @@ fn index_answer(
     ip: IpAddr,
     answer: AnswerRef,
 ) {
-    if let Some(existing) = scope.index.get_mut(&ip) {
+    let key = AddrKey::from(ip);
+    if let Some(existing) = scope.index.get_mut(&key) {
         *existing = answer;
         counters.answers_indexed += 1;
         return;
@@ -1052,7 +1081,7 @@ fn index_answer(
             counters.answers_evicted_total_cap += removed.answers as u64;
         }
     }
-    scope.index.insert(ip, answer);
+    scope.index.insert(key, answer);
     *answers_total += 1;
     counters.answers_indexed += 1;
 }
@@ -1102,12 +1131,13 @@ fn free_chain(scope: &mut Scope, slot: u32) -> usize {
     }
     let mut removed = 0;
     for ip in chain.addresses() {
+        let key = AddrKey::from(ip);
         if scope
             .index
-            .get(&ip)
+            .get(&key)
             .is_some_and(|a| a.slot == slot && a.generation == generation)
         {
-            scope.index.remove(&ip);
+            scope.index.remove(&key);
             removed += 1;
         }
     }

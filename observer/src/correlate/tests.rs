@@ -8,7 +8,7 @@ use std::{
 use super::*;
 use crate::{
     dns::build::{WireAnswer, query, response},
-    record::{Answer, ConnectionRecord, Outcome, Rcode, Resolution},
+    record::{Answer, ConnectionRecord, Outcome, QType, Rcode, Resolution},
 };
 
 const SEC: u64 = 1_000_000_000;
@@ -228,8 +228,8 @@ fn seed_story_is_a_flagged_search_escape_with_or_without_resolv_conf() {
         );
         assert_eq!(chain.queries[0].rcode, Some(Rcode::NXDOMAIN));
         assert_eq!(
-            chain.queries[6].answers,
-            vec![Answer::Address(ip("203.0.113.10"))]
+            &*chain.queries[6].answers,
+            [Answer::Address(ip("203.0.113.10"))]
         );
         assert_eq!(chain.queries[7].qtype.mnemonic(), "AAAA");
         assert_eq!(c.counters().chains_started, 1);
@@ -315,8 +315,8 @@ fn aaaa_only_answer_joins_a_v6_connect() {
     assert_eq!(chain.queries[6].rcode, Some(Rcode::NOERROR));
     assert!(chain.queries[6].answers.is_empty(), "A was NODATA");
     assert_eq!(
-        chain.queries[7].answers,
-        vec![Answer::Address(ip("2001:db8::10"))]
+        &*chain.queries[7].answers,
+        [Answer::Address(ip("2001:db8::10"))]
     );
     // A dual-stack socket asking for the v4-mapped form of an A answer joins it too.
     let mapped = "203.0.113.10"
@@ -873,4 +873,55 @@ fn answer_addresses_are_written_as_their_display_text() {
     for a in v4s {
         assert_eq!(Answer::Address(a).to_string(), a.to_string());
     }
+}
+
+#[test]
+fn a_record_keeps_the_chain_as_it_was_at_its_connect() {
+    let mut c = Correlator::new(config());
+    let mut client = Client::new("pod-cow", "198.18.1.7");
+    configured(&mut c, &client, 5);
+    for d in &SEARCH[..3] {
+        client.lookup(&mut c, &format!("db.{d}"), Reply::Nx);
+    }
+    let name = "db.another-lab.com";
+    let answer = Reply::Addrs(vec![addr(name, 300, "203.0.113.10")]);
+    let a = client.send(&mut c, name, A);
+    client.receive(&mut c, a, name, A, &answer);
+    let first = client.connect(&mut c, 1, "203.0.113.10:5432", Outcome::Established);
+
+    // The AAAA of the answering step comes late: the chain grows, the record does not.
+    let aaaa = client.send(&mut c, name, AAAA);
+    client.receive(&mut c, aaaa, name, AAAA, &Reply::NoData);
+    let second = client.connect(&mut c, 2, "203.0.113.10:5432", Outcome::Established);
+
+    let before = first.chain.expect("joined");
+    let after = second.chain.expect("joined");
+    assert_eq!(before.queries.len(), 7, "{before:?}");
+    assert_eq!(after.queries.len(), 8, "{after:?}");
+    assert_eq!(after.queries[7].qtype, QType::AAAA);
+    assert_eq!(after.queries[7].rcode, Some(Rcode::NOERROR));
+    assert_eq!(before.queries[..], after.queries[..7]);
+    assert_eq!(c.counters().chains_started, 1);
+}
+
+#[test]
+fn a_chain_stops_taking_queries_at_its_cap() {
+    let mut c = Correlator::new(config());
+    let mut client = Client::new("pod-repeat", "198.18.1.8");
+    configured(&mut c, &client, 5);
+    // The same unanswered name, asked again and again with new ids.
+    for _ in 0..100 {
+        client.send(&mut c, "db.simple-web-app.svc.cluster.local", A);
+    }
+    assert_eq!(c.counters().queries, 100);
+    assert_eq!(c.counters().chains_started, 2, "{:?}", c.counters());
+    let scope = c.scopes.id(&client.scope).unwrap();
+    let scope = c.scopes.get_mut(scope).unwrap();
+    let longest = scope
+        .slots
+        .iter()
+        .filter_map(|s| s.chain.as_ref())
+        .map(|chain| chain.queries.len())
+        .max();
+    assert_eq!(longest, Some(chain::MAX_QUERIES_PER_CHAIN));
 }

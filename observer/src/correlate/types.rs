@@ -1,6 +1,7 @@
 //! The core's inputs, outputs, settings and counters.
 use std::net::SocketAddr;
 
+use compact_str::CompactString;
 use ipnet::IpNet;
 
 use crate::{
@@ -37,7 +38,7 @@ pub struct ConnectOpen {
     pub at: BootNs,
     pub cgroup_id: u64,
     pub pid: u32,
-    pub comm: String,
+    pub comm: CompactString,
     /// What the application asked for (before any socket-level rewrite).
     pub destination: SocketAddr,
     pub source: Option<SocketAddr>,

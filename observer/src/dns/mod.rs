@@ -370,6 +370,8 @@ fn read_u16(decoder: &mut BinDecoder<'_>, len: usize) -> Result<u16, DnsParseErr
 struct NamesRead {
     known: [(u16, Option<Arc<str>>); 4],
     next: usize,
+    /// Where plain names are assembled: one per message, reused by each name.
+    text: NameBuf,
 }
 
 impl NamesRead {
@@ -394,12 +396,12 @@ impl NamesRead {
                 return Ok(name);
             }
         }
-        let text: Arc<str> = match plain_name_text(bytes, start) {
-            Some((text, end)) => {
+        let text: Arc<str> = match plain_name_text(bytes, start, &mut self.text) {
+            Some(end) => {
                 decoder
                     .read_slice(end - start)
                     .map_err(|e| DnsParseError::from_decode(e, start, bytes.len()))?;
-                Arc::from(text.as_str())
+                Arc::from(self.text.as_str())
             }
             None => {
                 let name = Name::read(decoder)
@@ -419,12 +421,12 @@ impl NamesRead {
 }
 
 /// A name's text, read straight from the wire when it is the common case: plain labels
-/// (see [`name_text`]), pointers only backwards, few of them, at most 255 bytes. Returns
-/// the text and where the name ends in the message; `None` for anything else, which then
+/// (see [`name_text`]), pointers only backwards, few of them, at most 255 bytes. Leaves the
+/// text in `text` and returns where the name ends in the message; `None` for anything else, which then
 /// goes through hickory (its errors and escaping stay the reference).
-fn plain_name_text(bytes: &[u8], start: usize) -> Option<(NameBuf, usize)> {
+fn plain_name_text(bytes: &[u8], start: usize, text: &mut NameBuf) -> Option<usize> {
     const MAX_POINTERS: usize = 16;
-    let mut text = NameBuf::default();
+    text.len = 0;
     let mut pos = start;
     let mut end = None;
     let mut wire_len = 1;
@@ -456,7 +458,7 @@ fn plain_name_text(bytes: &[u8], start: usize) -> Option<(NameBuf, usize)> {
             _ => return None,
         }
     }
-    Some((text, end.unwrap_or(pos + 1)))
+    Some(end.unwrap_or(pos + 1))
 }
 
 /// Each byte lower case if it may appear unescaped in a plain label, else 0.

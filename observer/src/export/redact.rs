@@ -125,7 +125,7 @@ impl Redactor {
         for target in &mut chain.cname_chain {
             *target = name(target);
         }
-        for query in &mut chain.queries {
+        for query in Arc::make_mut(&mut chain.queries) {
             query.name = name(&query.name);
             for answer in &mut query.answers {
                 // Only names are hidden; a CNAME target that reads as an address stays
@@ -173,6 +173,7 @@ mod tests {
                 .collect(),
             sent_at: 1,
             answered_at: Some(2),
+            truncated: false,
         };
         ConnectionRecord {
             scope: ScopeKey::Host(7),
@@ -192,14 +193,14 @@ mod tests {
                 cname_chain: vec!["pg.secret-vendor.net".into()],
                 wasted_queries: 3,
                 ndots_walk: false,
-                queries: vec![
+                queries: Arc::new(vec![
                     query("db.simple-web-app.svc.cluster.local", Rcode::NXDOMAIN, &[]),
                     query(
                         "db.another-lab.com",
                         Rcode::NOERROR,
                         &["pg.secret-vendor.net", "203.0.113.10"],
                     ),
-                ],
+                ]),
             })),
             egress: true,
             flagged: true,

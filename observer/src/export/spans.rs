@@ -249,7 +249,7 @@ fn root_attributes(enriched: &Enriched) -> Vec<KeyValue> {
         }
     }
     a.push(kv_int("process.pid", record.pid.into()));
-    a.push(kv_str("process.executable.name", &record.comm));
+    a.push(kv_str("process.executable.name", record.comm.as_str()));
     a
 }
 

@@ -3,6 +3,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bytes::Bytes;
+use compact_str::CompactString;
 use observer_common::{
     CONNECT_FLAG_REQUESTED, CONNECT_OPEN, CONNECT_OUTCOME, ConnectEvent, DIRECTION_EGRESS,
     DIRECTION_INGRESS, DNS_EVENT_HEADER_LEN, DNS_FLAG_TRUNCATED, DNS_PAYLOAD_MAX, DnsEvent,
@@ -81,7 +82,7 @@ pub struct Connect {
     pub pid: u32,
     /// Thread id of the caller.
     pub tid: u32,
-    pub comm: String,
+    pub comm: CompactString,
     /// At the open the kernel may not have picked the source port yet: port 0 then.
     pub source: SocketAddr,
     pub destination: SocketAddr,
@@ -269,9 +270,9 @@ pub fn decode_dns(bytes: &[u8]) -> Result<DnsPacket, DecodeError> {
     })
 }
 
-fn comm(raw: &[u8; 16]) -> String {
+fn comm(raw: &[u8; 16]) -> CompactString {
     let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-    String::from_utf8_lossy(&raw[..end]).into_owned()
+    CompactString::from_utf8_lossy(&raw[..end])
 }
 
 fn connect_addr(family: u8, raw: &[u8; 16], port: u16) -> Result<SocketAddr, DecodeError> {

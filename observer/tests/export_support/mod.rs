@@ -66,12 +66,13 @@ pub fn seed_story() -> Enriched {
                 Rcode::NXDOMAIN
             }),
             answers: if last {
-                vec![Answer::Address("203.0.113.10".parse().unwrap())]
+                vec![Answer::Address("203.0.113.10".parse().unwrap())].into()
             } else {
-                vec![]
+                Box::default()
             },
             sent_at: sent,
             answered_at: Some(sent + 1_000_000),
+            truncated: false,
         });
         queries.push(DnsQueryRecord {
             name: name.into(),
@@ -81,9 +82,10 @@ pub fn seed_story() -> Enriched {
             } else {
                 Rcode::NXDOMAIN
             }),
-            answers: vec![],
+            answers: Box::default(),
             sent_at: sent + 100_000,
             answered_at: Some(sent + 1_200_000),
+            truncated: false,
         });
     }
     let opened_at = T0 + 7_400_000;
@@ -106,7 +108,7 @@ pub fn seed_story() -> Enriched {
                 cname_chain: vec![],
                 wasted_queries: 3,
                 ndots_walk: false,
-                queries,
+                queries: queries.into(),
             })),
             egress: true,
             flagged: true,
@@ -140,24 +142,26 @@ pub fn healthy_in_cluster() -> Enriched {
                 cname_chain: vec![],
                 wasted_queries: 0,
                 ndots_walk: false,
-                queries: vec![
+                queries: std::sync::Arc::new(vec![
                     DnsQueryRecord {
                         name: "postgres.data.svc.cluster.local".into(),
                         qtype: QType::A,
                         rcode: Some(Rcode::NOERROR),
-                        answers: vec![Answer::Address("198.18.1.20".parse().unwrap())],
+                        answers: vec![Answer::Address("198.18.1.20".parse().unwrap())].into(),
                         sent_at: t,
                         answered_at: Some(t + 500_000),
+                        truncated: false,
                     },
                     DnsQueryRecord {
                         name: "postgres.data.svc.cluster.local".into(),
                         qtype: QType::AAAA,
                         rcode: None,
-                        answers: vec![],
+                        answers: Box::default(),
                         sent_at: t + 50_000,
                         answered_at: None,
+                        truncated: false,
                     },
-                ],
+                ]),
             })),
             egress: false,
             flagged: false,
