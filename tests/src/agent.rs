@@ -361,21 +361,26 @@ impl Agent {
     }
 
     /// As [`Agent::stop`], with the agent's whole log (standard error), up to its exit.
-    pub fn stop_with_log(mut self) -> (ExitStatus, String) {
-        let status = self.terminate(Duration::from_secs(15));
+    pub fn stop_with_log(self) -> (ExitStatus, String) {
+        self.signal_with_log(libc::SIGTERM)
+    }
+
+    /// As [`Agent::stop_with_log`], with another signal (SIGINT: Ctrl-C in a terminal).
+    pub fn signal_with_log(mut self, signal: libc::c_int) -> (ExitStatus, String) {
+        let status = self.terminate(Duration::from_secs(15), signal);
         for reader in self.readers.drain(..) {
             let _ = reader.join();
         }
         (status, self.stderr())
     }
 
-    fn terminate(&mut self, within: Duration) -> ExitStatus {
+    fn terminate(&mut self, within: Duration, signal: libc::c_int) -> ExitStatus {
         let mut child = self
             .child
             .take()
             .expect("the agent runs until stopped once");
         // SAFETY: kill(2) with a pid we own and a valid signal number.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        unsafe { libc::kill(child.id() as libc::pid_t, signal) };
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = child.try_wait().expect("waiting for the agent") {
@@ -385,7 +390,7 @@ impl Agent {
                 let _ = child.kill();
                 let _ = child.wait();
                 panic!(
-                    "the agent did not exit within {within:?} of SIGTERM; its log:\n{}",
+                    "the agent did not exit within {within:?} of signal {signal}; its log:\n{}",
                     self.stderr()
                 );
             }

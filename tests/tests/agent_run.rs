@@ -867,3 +867,17 @@ fn sigterm_detaches_and_exits_zero() {
         "nothing serves /healthz after exit"
     );
 }
+
+/// SIGINT (Ctrl-C) is handled as SIGTERM is, also when it comes while the agent is busy
+/// with events: its listener lives as long as the event loop.
+#[test]
+fn sigint_detaches_and_exits_zero() {
+    let agent = Agent::start(AgentSpec::new().args(cluster_args()));
+    let started = Instant::now();
+    let (status, log) = agent.signal_with_log(libc::SIGINT);
+    let took = started.elapsed();
+    assert!(status.success(), "exit status on SIGINT: {status}\n{log}");
+    assert!(took < STOP_WITHIN, "took {took:?} to stop\n{log}");
+    assert!(log.contains("interrupted: detaching"), "{log}");
+    assert!(log.contains("kernel programs detached"), "{log}");
+}

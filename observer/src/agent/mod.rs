@@ -4,6 +4,7 @@
 //! plain single-threaded value; the exporters and the HTTP server run beside it.
 pub mod config;
 pub mod enrich;
+mod memory;
 pub mod reorder;
 pub mod scopes;
 
@@ -140,6 +141,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         horizon: 0,
         ready: Vec::new(),
     };
+    // Loading parsed the kernel's BTF and the programs' ELF: megabytes freed since.
+    memory::release_freed();
     readiness.set_probes_attached(true);
     readiness.set_export_running(true);
     tracing::info!(cgroup = %probes.cgroup().display(), "observing");
@@ -277,9 +280,14 @@ impl Agent {
         release.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let progress = probes.progress();
         let mut last_refresh = Instant::now();
+        // Both listeners live as long as the loop: one created anew on each turn would miss
+        // a signal that arrived while the loop was busy handling events.
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                 .context("installing the SIGTERM handler")?;
+        let mut interrupt =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+                .context("installing the SIGINT handler")?;
         loop {
             tokio::select! {
                 event = events.recv() => match event {
@@ -306,7 +314,7 @@ impl Agent {
                         self.refresh();
                     }
                 }
-                _ = tokio::signal::ctrl_c() => {
+                _ = interrupt.recv() => {
                     tracing::info!("interrupted: detaching");
                     break;
                 }
@@ -585,6 +593,7 @@ impl Agent {
     }
 
     fn refresh(&mut self) {
+        memory::release_freed();
         self.identity.refresh_cgroups();
         self.forget_departed_scopes();
         let networks = cluster_networks(&self.settings, &self.identity);
