@@ -10,7 +10,6 @@ pub mod scopes;
 
 use std::{
     collections::HashSet,
-    io::Write,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -207,20 +206,25 @@ fn cluster_networks(settings: &Settings, identity: &Identity) -> Vec<ipnet::IpNe
     }
 }
 
+/// Standard output, written in blocks: one write per release of events (every 20 ms at
+/// most) rather than one per connection.
+type Stdout = std::io::BufWriter<std::io::Stdout>;
+
+const STDOUT_BUFFER: usize = 64 * 1024;
+
 /// Where correlated connections are printed.
 enum Output {
-    Text(TextWriter<std::io::Stdout>),
-    Json(JsonWriter<std::io::Stdout>),
+    Text(TextWriter<Stdout>),
+    Json(JsonWriter<Stdout>),
     None,
 }
 
 impl Output {
     fn new(format: OutputFormat, wall: WallClock) -> Output {
+        let stdout = || std::io::BufWriter::with_capacity(STDOUT_BUFFER, std::io::stdout());
         match format {
-            OutputFormat::Text => {
-                Output::Text(TextWriter::new(std::io::stdout(), wall, color_for_stdout()))
-            }
-            OutputFormat::Json => Output::Json(JsonWriter::new(std::io::stdout(), wall)),
+            OutputFormat::Text => Output::Text(TextWriter::new(stdout(), wall, color_for_stdout())),
+            OutputFormat::Json => Output::Json(JsonWriter::new(stdout(), wall)),
             OutputFormat::None => Output::None,
         }
     }
@@ -238,7 +242,14 @@ impl Output {
     }
 
     fn flush(&mut self) {
-        let _ = std::io::stdout().flush();
+        let flushed = match self {
+            Output::Text(w) => w.flush(),
+            Output::Json(w) => w.flush(),
+            Output::None => Ok(()),
+        };
+        if let Err(e) = flushed {
+            tracing::debug!(error = %e, "flushing standard output");
+        }
     }
 }
 
@@ -302,6 +313,7 @@ impl Agent {
                         self.hold(event);
                     }
                     self.release(horizon);
+                    self.output.flush();
                 }
                 _ = tick.tick() => {
                     // The core's clock is the horizon, not the wall clock: an agent running

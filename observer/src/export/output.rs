@@ -35,6 +35,10 @@ impl<W: Write> TextWriter<W> {
         Self { out, clock, color }
     }
 
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+
     /// Writes the line if the connection is egress or flagged; `Ok(false)` when it is not.
     pub fn write(&mut self, enriched: &Enriched) -> io::Result<bool> {
         let record = &enriched.record;
@@ -176,6 +180,10 @@ struct JsonConnection<'a> {
 impl<W: Write> JsonWriter<W> {
     pub fn new(out: W, clock: WallClock) -> Self {
         Self { out, clock }
+    }
+
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
     }
 
     pub fn write(&mut self, enriched: &Enriched) -> io::Result<()> {

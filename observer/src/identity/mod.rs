@@ -175,6 +175,34 @@ impl Identity {
     pub fn resolve(&self, cgroup_id: u64, pid: Option<u32>) -> Arc<WorkloadIdentity> {
         let inner = &self.inner;
         let cgroup_path = inner.cgroups.path_of(cgroup_id);
+        let kube_generation = inner.kube.as_ref().map_or(0, KubeIdentity::generation);
+        // Every event asks: what the path says is read from the identity memoised for the
+        // same path rather than parsed again.
+        let memoised = {
+            let memo = inner.memo.lock().unwrap_or_else(|p| p.into_inner());
+            memo.get(&cgroup_id)
+                .filter(|hit| {
+                    hit.kube_generation == kube_generation
+                        && hit.identity.cgroup_path == cgroup_path
+                })
+                .map(|hit| Arc::clone(&hit.identity))
+        };
+        if let Some(hit) = memoised {
+            let resolver = inner.resolv.get_or_discover(&hit.scope, pid, || {
+                match (hit.cgroup_path.as_deref(), &hit.pod_cgroup) {
+                    (Some(path), Some(pod)) => pod_member_pids(inner.cgroups.root(), path, pod),
+                    _ => Vec::new(),
+                }
+            });
+            let same_resolver = match (&hit.resolver, &resolver) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if same_resolver {
+                return hit;
+            }
+        }
         let (pod_cgroup, cgroup_error) = match cgroup_path.as_deref().map(parse_cgroup_path) {
             Some(Ok(CgroupOwner::Pod(pod))) => (Some(pod), None),
             Some(Err(e)) => (None, Some(e)),
@@ -190,21 +218,7 @@ impl Identity {
                 _ => Vec::new(),
             }
         });
-        let kube_generation = inner.kube.as_ref().map_or(0, KubeIdentity::generation);
         let mut memo = inner.memo.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(hit) = memo.get(&cgroup_id) {
-            let same_resolver = match (&hit.identity.resolver, &resolver) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                (None, None) => true,
-                _ => false,
-            };
-            if hit.kube_generation == kube_generation
-                && same_resolver
-                && hit.identity.cgroup_path == cgroup_path
-            {
-                return Arc::clone(&hit.identity);
-            }
-        }
         let (pod, container_name, workload) = match (&inner.kube, &pod_cgroup) {
             (Some(kube), Some(pc)) => match kube.pod_by_uid(pc.uid.as_str()) {
                 Some(meta) => {
