@@ -32,6 +32,12 @@ pub mod names {
     pub const PROG_CONNECT4: &str = "connect4";
     pub const PROG_CONNECT6: &str = "connect6";
     pub const PROG_CONNECT_SOCK_OPS: &str = "connect_sock_ops";
+
+    /// Empty programs on the same hooks, for the cost benchmark only (`ProbeOptions::baseline`).
+    pub const PROG_BASELINE_SKB_INGRESS: &str = "baseline_skb_ingress";
+    pub const PROG_BASELINE_SKB_EGRESS: &str = "baseline_skb_egress";
+    pub const PROG_BASELINE_CONNECT4: &str = "baseline_connect4";
+    pub const PROG_BASELINE_SOCK_OPS: &str = "baseline_sock_ops";
 }
 
 /// `DnsEvent::family` and `ConnectEvent::family`.

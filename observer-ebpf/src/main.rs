@@ -2,14 +2,17 @@
 //!
 //! - `dns`: cgroup_skb ingress/egress on the cgroup2 root, copies DNS-port UDP datagrams and
 //!   TCP segments into the `DNS_EVENTS` ring.
-//! - `connect`: tracepoints that follow each TCP active open from connect(2) to its outcome
-//!   and report both into the `CONNECT_EVENTS` ring.
+//! - `connect`: cgroup connect4/connect6 and sock_ops programs that follow each TCP active
+//!   open from connect(2) to its outcome and report both into the `CONNECT_EVENTS` ring.
+//! - `baseline`: empty programs on the same hooks, for the cost benchmark only.
 //!
 //! Every program fails open: packets always pass, and whatever cannot be delivered is
 //! counted in `LOSS_COUNTERS`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+#[cfg(target_arch = "bpf")]
+mod baseline;
 #[cfg(target_arch = "bpf")]
 mod connect;
 #[cfg(target_arch = "bpf")]

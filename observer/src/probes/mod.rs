@@ -101,6 +101,10 @@ pub struct ProbeOptions {
     /// cgroup2 directory to attach the DNS programs to; `None`: the cgroup2 root found in
     /// /proc/self/mountinfo (sees every socket on the node).
     pub cgroup: Option<PathBuf>,
+    /// Also attach empty programs on the same hooks (`baseline_*`), whose run time is the
+    /// floor of any program there: the cost benchmark reports observer's work above it.
+    /// The agent never sets it.
+    pub baseline: bool,
 }
 
 impl Default for ProbeOptions {
@@ -113,6 +117,7 @@ impl Default for ProbeOptions {
             poll_interval: Duration::from_millis(20),
             kernel_log: KernelLogLevel::default(),
             cgroup: None,
+            baseline: false,
         }
     }
 }
@@ -221,6 +226,14 @@ const CGROUP_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
     (names::PROG_DNS_EGRESS, CgroupSkbAttachType::Egress),
 ];
 
+/// Empty programs on the same hooks (`ProbeOptions::baseline`).
+const BASELINE_PROGRAMS: [&str; 4] = [
+    names::PROG_BASELINE_SKB_INGRESS,
+    names::PROG_BASELINE_SKB_EGRESS,
+    names::PROG_BASELINE_CONNECT4,
+    names::PROG_BASELINE_SOCK_OPS,
+];
+
 /// connect(2) hooks for each family, then the per-socket TCP callbacks.
 const CONNECT_PROGRAMS: [&str; 3] = [
     names::PROG_CONNECT4,
@@ -233,6 +246,8 @@ pub struct Probes {
     // Readers first: they are aborted before the programs and maps go away.
     readers: Vec<JoinHandle<()>>,
     ebpf: Ebpf,
+    /// The `baseline_*` programs are attached too.
+    baseline: bool,
     cgroup: PathBuf,
     channel_capacity: usize,
     poll_interval: Duration,
@@ -417,10 +432,14 @@ impl Probes {
         program
             .attach(&cgroup_dir, CgroupAttachMode::Single)
             .map_err(|e| attach_error(name, e))?;
+        if options.baseline {
+            attach_baseline(&mut ebpf, &cgroup_dir)?;
+        }
 
         Ok(Self {
             readers: Vec::new(),
             ebpf,
+            baseline: options.baseline,
             cgroup,
             channel_capacity: options.channel_capacity.max(1),
             poll_interval: options.poll_interval.max(Duration::from_millis(1)),
@@ -537,10 +556,16 @@ impl Probes {
     /// Run time and count of every program; the kernel fills them only while
     /// `kernel.bpf_stats_enabled` is 1.
     pub fn program_stats(&self) -> Result<Vec<ProgramStats>, ProbeError> {
+        let baseline: &[&'static str] = if self.baseline {
+            &BASELINE_PROGRAMS
+        } else {
+            &[]
+        };
         CGROUP_PROGRAMS
             .iter()
             .map(|(name, _)| *name)
             .chain(CONNECT_PROGRAMS)
+            .chain(baseline.iter().copied())
             .map(|name| {
                 let program = self.ebpf.program(name).ok_or(ProbeError::Missing {
                     kind: "program",
@@ -559,6 +584,36 @@ impl Probes {
             })
             .collect()
     }
+}
+
+/// Loads and attaches the empty `baseline_*` programs beside observer's own.
+fn attach_baseline(ebpf: &mut Ebpf, cgroup_dir: &File) -> Result<(), ProbeError> {
+    for (name, attach_type) in [
+        (
+            names::PROG_BASELINE_SKB_INGRESS,
+            CgroupSkbAttachType::Ingress,
+        ),
+        (names::PROG_BASELINE_SKB_EGRESS, CgroupSkbAttachType::Egress),
+    ] {
+        let program: &mut CgroupSkb = typed(ebpf, name)?;
+        program.load().map_err(|e| load_error(name, e))?;
+        program
+            .attach(cgroup_dir, attach_type, CgroupAttachMode::Single)
+            .map_err(|e| attach_error(name, e))?;
+    }
+    let name = names::PROG_BASELINE_CONNECT4;
+    let program: &mut CgroupSockAddr = typed(ebpf, name)?;
+    program.load().map_err(|e| load_error(name, e))?;
+    program
+        .attach(cgroup_dir, CgroupAttachMode::Single)
+        .map_err(|e| attach_error(name, e))?;
+    let name = names::PROG_BASELINE_SOCK_OPS;
+    let program: &mut SockOps = typed(ebpf, name)?;
+    program.load().map_err(|e| load_error(name, e))?;
+    program
+        .attach(cgroup_dir, CgroupAttachMode::Single)
+        .map_err(|e| attach_error(name, e))?;
+    Ok(())
 }
 
 /// The program `name` of the object, as its expected type.

@@ -36,6 +36,11 @@ pub struct KernelCost {
     pub connects: u64,
     /// Per program, over the connect phase: runs per connect and ns per run.
     pub connect_breakdown: BTreeMap<String, (f64, f64)>,
+    /// The same, for empty programs on the same hooks in the same phases: the floor any
+    /// program there pays (the hook's call and bpf_stats' clock reads).
+    pub non_dns_floor_ns_per_run: f64,
+    pub dns_floor_ns_per_run: f64,
+    pub connect_floor_ns_per_connect: f64,
     pub phases: BTreeMap<String, BTreeMap<String, ProgramDelta>>,
 }
 
@@ -95,6 +100,7 @@ pub fn measure(quick: bool) -> anyhow::Result<KernelCost> {
         .build()?;
     let options = ProbeOptions {
         dns_ports: vec![53, dns_port],
+        baseline: true,
         ..ProbeOptions::default()
     };
     let mut probes = Probes::load(&options)?;
@@ -105,6 +111,11 @@ pub fn measure(quick: bool) -> anyhow::Result<KernelCost> {
     }
     let stats = BpfStats::enable()?;
     let dns_programs = [names::PROG_DNS_INGRESS, names::PROG_DNS_EGRESS];
+    let skb_floor = [
+        names::PROG_BASELINE_SKB_INGRESS,
+        names::PROG_BASELINE_SKB_EGRESS,
+    ];
+    let connect_floor = [names::PROG_BASELINE_CONNECT4, names::PROG_BASELINE_SOCK_OPS];
     let connect_programs = [
         names::PROG_CONNECT4,
         names::PROG_CONNECT6,
@@ -118,6 +129,7 @@ pub fn measure(quick: bool) -> anyhow::Result<KernelCost> {
     udp_exchanges(&plain_a, &plain_b, packets / 2, &payload, &payload)?;
     let non_dns = delta(&s0, &snapshot(&probes)?);
     let non_dns_ns = per_run(&non_dns, &dns_programs);
+    let non_dns_floor = per_run(&non_dns, &skb_floor);
     phases.insert("non_dns".to_owned(), non_dns);
 
     eprintln!("[kernel] {exchanges} DNS exchanges (query + response) on loopback");
@@ -131,6 +143,7 @@ pub fn measure(quick: bool) -> anyhow::Result<KernelCost> {
     )?;
     let dns = delta(&s0, &snapshot(&probes)?);
     let dns_ns = per_run(&dns, &dns_programs);
+    let dns_floor = per_run(&dns, &skb_floor);
     phases.insert("dns".to_owned(), dns);
 
     eprintln!("[kernel] {connects} TCP connects on loopback");
@@ -150,6 +163,7 @@ pub fn measure(quick: bool) -> anyhow::Result<KernelCost> {
     );
     drop(stats);
     let total: u64 = connect_programs.iter().map(|p| conn[*p].run_time_ns).sum();
+    let floor: u64 = connect_floor.iter().map(|p| conn[*p].run_time_ns).sum();
     let connect_breakdown = connect_programs
         .iter()
         .map(|p| {
@@ -174,6 +188,9 @@ pub fn measure(quick: bool) -> anyhow::Result<KernelCost> {
         connect_ns_per_connect: total as f64 / made.max(1) as f64,
         connects: made,
         connect_breakdown,
+        non_dns_floor_ns_per_run: non_dns_floor,
+        dns_floor_ns_per_run: dns_floor,
+        connect_floor_ns_per_connect: floor as f64 / made.max(1) as f64,
         phases,
     })
 }
