@@ -60,6 +60,9 @@ pub(super) struct Chain {
     /// Every query in arrival order, already in the form a record carries: a connect's
     /// record shares the list, and the chain copies it only if it changes while shared.
     pub queries: Arc<Vec<DnsQueryRecord>>,
+    /// Arrival order is send order (events came in order): a record can share the list.
+    /// Kept as queries arrive, so that a connect need not read the whole list to know.
+    pub queries_in_order: bool,
     pub last_query_at: BootNs,
     pub answer: Option<ChainAnswer>,
     /// Not before this may the chain be freed (window after its last query, answers'
@@ -114,6 +117,9 @@ impl Chain {
     /// Records a query sent for step `step`; returns its index in [`Self::queries`].
     pub fn push_query(&mut self, step: usize, qtype: u16, at: BootNs) -> u16 {
         let queries = Arc::make_mut(&mut self.queries);
+        if queries.last().is_some_and(|last| last.sent_at > at) {
+            self.queries_in_order = false;
+        }
         queries.push(DnsQueryRecord {
             name: self.steps[step].name.clone(),
             qtype: QType(qtype),
@@ -151,7 +157,7 @@ impl Chain {
         let answer_step = self.answer.as_ref().map(|a| a.step as usize);
         // Queries are kept in arrival order, which is the order sent unless the events came
         // out of order: only then does the record get a sorted copy.
-        let queries = if self.queries.is_sorted_by_key(|q| q.sent_at) {
+        let queries = if self.queries_in_order {
             self.queries.clone()
         } else {
             let mut sorted = (*self.queries).clone();
@@ -230,24 +236,30 @@ pub(super) fn find_continuation(
             .chain
             .as_mut()
             .expect("open chains are live");
-        if chain.queries.len() >= MAX_QUERIES_PER_CHAIN {
-            continue;
-        }
+        // The query list sits in its own allocation: it is read only for a chain that the
+        // name continues, not for every open chain looked at.
+        let full = |chain: &Chain| chain.queries.len() >= MAX_QUERIES_PER_CHAIN;
         if let Some(answer) = &chain.answer {
             // A resolved chain takes only the other address family of its answering step, or
             // the retry of a question whose answer was truncated (the same name over TCP).
             let step = &chain.steps[answer.step as usize];
+            if !Chain::step_is(step, name) || full(chain) {
+                continue;
+            }
             let retry_or_new_family = chain
                 .step_queries(answer.step as usize)
                 .rev()
                 .find(|q| q.qtype.0 == qtype)
                 .is_none_or(|q| q.truncated);
-            if Chain::step_is(step, name) && retry_or_new_family {
+            if retry_or_new_family {
                 return Some((slot, generation, answer.step));
             }
             continue;
         }
         if let Some(k) = chain.steps.iter().position(|s| Chain::step_is(s, name)) {
+            if full(chain) {
+                continue;
+            }
             return Some((slot, generation, k as u16));
         }
         let Some(suffix) = suffix_of(&chain.base, name) else {
@@ -277,6 +289,9 @@ pub(super) fn find_continuation(
             }
             StepKind::Search(scope.resolver.search[idx].clone())
         };
+        if full(chain) {
+            continue;
+        }
         chain.steps.push(Step {
             kind,
             name: name.clone(),
@@ -332,6 +347,7 @@ pub(super) fn start_chain(
             name: name.clone(),
         }],
         queries: Arc::new(Vec::with_capacity(2)),
+        queries_in_order: true,
         last_query_at: at,
         answer: None,
         free_at: at + window,

@@ -925,3 +925,56 @@ fn a_chain_stops_taking_queries_at_its_cap() {
         .max();
     assert_eq!(longest, Some(chain::MAX_QUERIES_PER_CHAIN));
 }
+
+#[test]
+fn a_record_lists_queries_in_the_order_sent_even_when_they_arrived_out_of_order() {
+    let mut c = Correlator::new(config());
+    let client = Client::new("pod-order", "198.18.1.9");
+    configured(&mut c, &client, 1);
+    let name = "db.another-lab.com";
+    let send = |c: &mut Correlator, id: u16, qtype: u16, at: u64| {
+        c.observe_dns_wire(
+            &client.scope,
+            at,
+            Direction::Egress,
+            client.addr,
+            client.server,
+            &query(id, name, qtype),
+        )
+        .unwrap();
+    };
+    // The AAAA was sent first but its event is handed over second.
+    send(&mut c, 2, A, 101 * SEC);
+    send(&mut c, 3, AAAA, 100 * SEC);
+    let answers = [addr(name, 300, "203.0.113.10")];
+    c.observe_dns_wire(
+        &client.scope,
+        102 * SEC,
+        Direction::Ingress,
+        client.server,
+        client.addr,
+        &response(2, name, A, NOERROR, &answers, None),
+    )
+    .unwrap();
+    c.connect_open(ConnectOpen {
+        scope: client.scope.clone(),
+        sock_id: 9,
+        at: 103 * SEC,
+        cgroup_id: 7,
+        pid: 1234,
+        comm: "app".into(),
+        destination: "203.0.113.10:5432".parse().unwrap(),
+        source: None,
+    });
+    let record = c
+        .connect_outcome(ConnectOutcome {
+            sock_id: 9,
+            at: 104 * SEC,
+            outcome: Outcome::Established,
+            source: None,
+        })
+        .expect("an open gets its record");
+    let chain = record.chain.expect("joined");
+    let sent: Vec<(QType, u64)> = chain.queries.iter().map(|q| (q.qtype, q.sent_at)).collect();
+    assert_eq!(sent, [(QType::AAAA, 100 * SEC), (QType::A, 101 * SEC)]);
+}
