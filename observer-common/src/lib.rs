@@ -27,17 +27,17 @@ pub mod names {
     pub const LOSS_COUNTERS: &str = "LOSS_COUNTERS";
 
     /// Programs, by function name in the kernel crate.
-    pub const PROG_DNS_INGRESS: &str = "dns_ingress";
-    pub const PROG_DNS_EGRESS: &str = "dns_egress";
+    pub const PROG_PACKET_INGRESS: &str = "packet_ingress";
+    pub const PROG_PACKET_EGRESS: &str = "packet_egress";
     pub const PROG_CONNECT4: &str = "connect4";
     pub const PROG_CONNECT6: &str = "connect6";
-    pub const PROG_CONNECT_SOCK_OPS: &str = "connect_sock_ops";
+    pub const PROG_CONNECT_RELEASE: &str = "connect_release";
 
     /// Empty programs on the same hooks, for the cost benchmark only (`ProbeOptions::baseline`).
     pub const PROG_BASELINE_SKB_INGRESS: &str = "baseline_skb_ingress";
     pub const PROG_BASELINE_SKB_EGRESS: &str = "baseline_skb_egress";
     pub const PROG_BASELINE_CONNECT4: &str = "baseline_connect4";
-    pub const PROG_BASELINE_SOCK_OPS: &str = "baseline_sock_ops";
+    pub const PROG_BASELINE_SOCK_RELEASE: &str = "baseline_sock_release";
 }
 
 /// `DnsEvent::family` and `ConnectEvent::family`.

@@ -3,8 +3,8 @@
 //! hook's call, bpf_stats' own clock reads), measured in the same run. The agent never
 //! loads them.
 use aya_ebpf::{
-    macros::{cgroup_skb, cgroup_sock_addr, sock_ops},
-    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr},
+    programs::{SkBuffContext, SockAddrContext, SockContext},
 };
 
 #[cgroup_skb(ingress)]
@@ -22,7 +22,7 @@ pub fn baseline_connect4(_ctx: SockAddrContext) -> i32 {
     1
 }
 
-#[sock_ops]
-pub fn baseline_sock_ops(_ctx: SockOpsContext) -> u32 {
+#[cgroup_sock(sock_release)]
+pub fn baseline_sock_release(_ctx: SockContext) -> i32 {
     1
 }

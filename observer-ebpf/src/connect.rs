@@ -3,35 +3,38 @@
 //! - `connect4`/`connect6` (cgroup sock_addr) run inside connect(2), in the caller's context:
 //!   they note who connects (cgroup, process) and the address the application asked for,
 //!   straight from the call's own arguments.
-//! - `connect_sock_ops` (cgroup sock_ops) runs when the SYN is about to leave: the socket's
-//!   tuple is complete, and the open is reported. It then asks for state-change callbacks on
-//!   that one socket, until its outcome, which may run in softirq context: everything about
-//!   the caller comes from what connect4/6 noted.
+//! - The packet programs (`packet`) see the handshake: the SYN leaving a socket in SYN_SENT
+//!   reports the open (its tuple is final by then), and the SYN-ACK or reset that answers
+//!   it reports the outcome. Those programs run for every packet anyway; a segment that is
+//!   not a handshake segment costs them one byte read.
+//! - `connect_release` (cgroup sock_release) runs when a socket is closed: a TCP socket
+//!   closed before any answer came (the application gave up, the kernel gave up on its SYNs,
+//!   an ICMP error) reports the outcome `timeout`.
 //!
-//! These hooks run only for TCP sockets and only around connects. The syscall and
-//! state-change tracepoints they replace ran for every connect(2) of every protocol and for
-//! every state change of every TCP socket, and a syscall tracepoint slows every syscall of
-//! the node.
+//! The outcome may be seen in softirq context: everything about the caller comes from what
+//! connect4/6 noted. A program run costs about 60 ns here before it does anything, and
+//! every helper call is dear (see the README's cost section): per connect this design runs
+//! two programs of its own, where per-socket `sock_ops` callbacks ran ten on a loopback
+//! connect, and syscall and state-change tracepoints ran for every connect(2) of every
+//! protocol and every state change of every TCP socket.
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        bpf_sock_addr, bpf_sock_ops,
-    },
+    bindings::{__sk_buff, bpf_sock, bpf_sock_addr},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid,
         generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
     },
-    macros::{cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_sock, cgroup_sock_addr, map},
     maps::{Array, RingBuf},
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{SockAddrContext, SockContext},
 };
 use aya_log_ebpf::warn;
 use observer_common::{
-    CONNECT_FLAG_REQUESTED, CONNECT_OPEN, CONNECT_OUTCOME, ConnectEvent, FAMILY_IPV4, FAMILY_IPV6,
-    LossCounter, OUTCOME_ESTABLISHED, OUTCOME_NONE, OUTCOME_REFUSED, OUTCOME_TIMEOUT,
+    CONNECT_FLAG_REQUESTED, CONNECT_OPEN, CONNECT_OUTCOME, ConnectEvent, DIRECTION_EGRESS,
+    FAMILY_IPV4, FAMILY_IPV6, LossCounter, OUTCOME_ESTABLISHED, OUTCOME_NONE, OUTCOME_REFUSED,
+    OUTCOME_TIMEOUT,
 };
 
 use crate::{
@@ -85,25 +88,25 @@ const PHASE_OPEN: u8 = 2;
 struct Tracked {
     open: ConnectEvent,
     phase: u8,
-    /// The state callbacks were switched on by this program (not already on for another
-    /// program's sake), so they are switched off again at the outcome.
-    state_cb_ours: u8,
-    _pad: [u8; 6],
+    _pad: [u8; 7],
 }
 
 /// sock_addr verdict: let the connect proceed. Observation never refuses a connect.
 const ALLOW: i32 = 1;
-/// sock_ops verdict: success; the reply field is left to other programs.
-const SOCK_OPS_OK: u32 = 1;
+/// cgroup sock verdict: carry on.
+const SOCK_OK: i32 = 1;
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const IPPROTO_TCP: u32 = 6;
 
-const TCP_ESTABLISHED: u32 = 1;
 const TCP_SYN_SENT: u32 = 2;
-const TCP_SYN_RECV: u32 = 3;
 const TCP_CLOSE: u32 = 7;
+
+/// TCP header flags.
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
@@ -153,8 +156,7 @@ fn requested(ctx: &SockAddrContext, family: u8) {
             _pad: [0; 6],
         },
         phase: PHASE_REQUESTED,
-        state_cb_ours: 0,
-        _pad: [0; 6],
+        _pad: [0; 7],
     };
     let Some(slot) = CONNECT_TRACK.get_ptr_mut(track_slot(cookie)) else {
         return;
@@ -170,48 +172,129 @@ fn requested(ctx: &SockAddrContext, family: u8) {
     unsafe { *slot = tracked };
 }
 
-#[sock_ops]
-pub fn connect_sock_ops(ctx: SockOpsContext) -> u32 {
-    let ops: &bpf_sock_ops = unsafe { &*ctx.ops };
-    match ops.op {
-        BPF_SOCK_OPS_TCP_CONNECT_CB => open(&ctx),
-        BPF_SOCK_OPS_STATE_CB => {
-            let (old, new) = (ctx.arg(0), ctx.arg(1));
-            // SYN_SENT -> SYN_RECV (simultaneous open) keeps waiting.
-            if (old == TCP_SYN_SENT || old == TCP_SYN_RECV)
-                && (new == TCP_ESTABLISHED || new == TCP_CLOSE)
-            {
-                outcome(&ctx, new == TCP_ESTABLISHED);
-            }
-        }
-        _ => {}
-    }
-    SOCK_OPS_OK
+/// What a handshake segment says of the open it belongs to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// The SYN leaves: the open is reported.
+    Syn,
+    /// The answer arrives: the outcome is reported.
+    Answer(u8),
 }
 
-/// Family, ports and addresses of the socket as they are now.
+/// Called by the packet programs for every TCP segment. Anything but the SYN of an active
+/// open, or the SYN-ACK or reset answering it, returns after a few compares: the flags
+/// first, the socket's state only for the handful of segments that carry SYN or RST.
 #[inline(always)]
-fn fill_tuple(ctx: &SockOpsContext, event: &mut ConnectEvent) -> bool {
-    let ops: &bpf_sock_ops = unsafe { &*ctx.ops };
-    match ops.family {
+pub fn handshake(skb: *mut __sk_buff, direction: u8, flags: u8) {
+    let step = if direction == DIRECTION_EGRESS {
+        if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+            return;
+        }
+        Step::Syn
+    } else if flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+        Step::Answer(OUTCOME_ESTABLISHED)
+    } else if flags & (TCP_RST | TCP_ACK) == TCP_RST | TCP_ACK {
+        // In SYN_SENT the kernel heeds only a reset that acknowledges the SYN.
+        Step::Answer(OUTCOME_REFUSED)
+    } else {
+        return;
+    };
+    // The packet's socket: cgroup programs run only for full sockets.
+    let sk: *mut bpf_sock = unsafe { (*skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return;
+    }
+    // A SYN from a socket in any other state is a retransmit or a passive open's answer; a
+    // SYN-ACK or reset reaching any other state answers nothing this file follows.
+    if unsafe { read_volatile(&(*sk).state) } != TCP_SYN_SENT {
+        return;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
+    let Some(slot) = CONNECT_TRACK.get_ptr_mut(track_slot(cookie)) else {
+        return;
+    };
+    match step {
+        Step::Syn => opened(slot, cookie, sk),
+        Step::Answer(outcome) => answered(slot, cookie, outcome),
+    }
+}
+
+/// The SYN left: connect(2) chose the source, the tuple is final.
+#[inline(always)]
+fn opened(slot: *mut Tracked, cookie: u64, sk: *mut bpf_sock) {
+    // Only opens that came through connect(2) (or a fast-open send) are followed, and only
+    // their first SYN: one made by the kernel itself belongs to no application.
+    if unsafe { (*slot).open.sock_id != cookie || (*slot).phase != PHASE_REQUESTED } {
+        return;
+    }
+    let mut event = unsafe { (*slot).open };
+    let requested_family = event.family;
+    if !fill_tuple(sk, &mut event) {
+        return;
+    }
+    if event.family != requested_family {
+        event.flags &= !CONNECT_FLAG_REQUESTED;
+    }
+    event.timestamp_ns = unsafe { bpf_ktime_get_boot_ns() };
+    unsafe {
+        (*slot).open = event;
+        (*slot).phase = PHASE_OPEN;
+    }
+    report(&event);
+}
+
+/// The open was answered, or given up on: its outcome ends its tracking.
+#[inline(always)]
+fn answered(slot: *mut Tracked, cookie: u64, outcome: u8) {
+    if unsafe { (*slot).open.sock_id != cookie || (*slot).phase != PHASE_OPEN } {
+        return;
+    }
+    let mut event = unsafe { (*slot).open };
+    unsafe { (*slot).phase = PHASE_FREE };
+    event.timestamp_ns = unsafe { bpf_ktime_get_boot_ns() };
+    event.kind = CONNECT_OUTCOME;
+    event.outcome = outcome;
+    report(&event);
+}
+
+#[inline(always)]
+fn report(event: &ConnectEvent) {
+    if CONNECT_EVENTS
+        .output::<ConnectEvent>(
+            event,
+            submit_flags(&CONNECT_EVENTS, Ring::Connect, size_of::<ConnectEvent>()),
+        )
+        .is_err()
+    {
+        count(LossCounter::ConnectRingFull);
+    }
+}
+
+/// Family, ports and addresses of the socket as they are now, as the socket sees them: a
+/// dual-stack socket reaching an IPv4 peer reports the v4-mapped IPv6 form, like the
+/// address its connect(2) asked for.
+#[inline(always)]
+fn fill_tuple(sk: *mut bpf_sock, event: &mut ConnectEvent) -> bool {
+    let sk: &bpf_sock = unsafe { &*sk };
+    match unsafe { read_volatile(&sk.family) } {
         AF_INET => {
             event.family = FAMILY_IPV4;
             event.src_addr = [0; 16];
             event.dst_addr = [0; 16];
-            event.src_addr[..4].copy_from_slice(&ops.local_ip4.to_ne_bytes());
-            event.dst_addr[..4].copy_from_slice(&ops.remote_ip4.to_ne_bytes());
+            let (src, dst) = unsafe { (read_volatile(&sk.src_ip4), read_volatile(&sk.dst_ip4)) };
+            event.src_addr[..4].copy_from_slice(&src.to_ne_bytes());
+            event.dst_addr[..4].copy_from_slice(&dst.to_ne_bytes());
         }
         AF_INET6 => {
             event.family = FAMILY_IPV6;
-            event.src_addr = ip6(&ops.local_ip6);
-            event.dst_addr = ip6(&ops.remote_ip6);
+            event.src_addr = ip6(&sk.src_ip6);
+            event.dst_addr = ip6(&sk.dst_ip6);
         }
         _ => return false,
     }
-    // local_port is in host order; remote_port is the network-order port in a
-    // network-order 32-bit word.
-    event.src_port = ops.local_port as u16;
-    event.dst_port = u32::from_be(ops.remote_port) as u16;
+    // src_port is in host order, dst_port in network order.
+    event.src_port = unsafe { read_volatile(&sk.src_port) } as u16;
+    event.dst_port = u16::from_be(unsafe { read_volatile(&sk.dst_port) });
     true
 }
 
@@ -227,82 +310,31 @@ fn ip6(words: &[u32; 4]) -> [u8; 16] {
     out
 }
 
-/// The SYN is about to leave: connect(2) chose the source, the tuple is final.
-#[inline(always)]
-fn open(ctx: &SockOpsContext) {
+#[cgroup_sock(sock_release)]
+pub fn connect_release(ctx: SockContext) -> i32 {
+    let sk: &bpf_sock = unsafe { &*ctx.sock };
+    // Most sockets leave here: not TCP, or past their handshake.
+    if unsafe { read_volatile(&sk.protocol) } != IPPROTO_TCP {
+        return SOCK_OK;
+    }
+    let state = unsafe { read_volatile(&sk.state) };
+    if state != TCP_SYN_SENT && state != TCP_CLOSE {
+        return SOCK_OK;
+    }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let Some(slot) = CONNECT_TRACK.get_ptr_mut(track_slot(cookie)) else {
-        return;
+        return SOCK_OK;
     };
-    // Only opens that came through connect(2) (or a fast-open send) are followed: one
-    // made by the kernel itself belongs to no application.
-    if unsafe { (*slot).open.sock_id != cookie || (*slot).phase != PHASE_REQUESTED } {
-        return;
+    if unsafe { (*slot).open.sock_id } != cookie {
+        return SOCK_OK;
     }
-    let mut event = unsafe { (*slot).open };
-    let requested_family = event.family;
-    if !fill_tuple(ctx, &mut event) {
-        return;
+    match unsafe { (*slot).phase } {
+        // Closed with no answer seen: the SYN went unanswered, an ICMP error ended it, or
+        // the application stopped waiting.
+        PHASE_OPEN => answered(slot, cookie, OUTCOME_TIMEOUT),
+        // connect(2) failed before any SYN left (no route, a bad address): nothing to report.
+        PHASE_REQUESTED => unsafe { (*slot).phase = PHASE_FREE },
+        _ => {}
     }
-    if event.family != requested_family {
-        event.flags &= !CONNECT_FLAG_REQUESTED;
-    }
-    event.timestamp_ns = unsafe { bpf_ktime_get_boot_ns() };
-    let flags = ctx.cb_flags();
-    let state_cb_ours = flags & BPF_SOCK_OPS_STATE_CB_FLAG == 0
-        && ctx
-            .set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
-            .is_ok();
-    unsafe {
-        (*slot).open = event;
-        (*slot).phase = PHASE_OPEN;
-        (*slot).state_cb_ours = u8::from(state_cb_ours);
-    }
-    if CONNECT_EVENTS
-        .output::<ConnectEvent>(
-            &event,
-            submit_flags(&CONNECT_EVENTS, Ring::Connect, size_of::<ConnectEvent>()),
-        )
-        .is_err()
-    {
-        count(LossCounter::ConnectRingFull);
-    }
-}
-
-/// Softirq context possible: everything about the caller comes from the tracked open.
-#[inline(always)]
-fn outcome(ctx: &SockOpsContext, established: bool) {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(slot) = CONNECT_TRACK.get_ptr_mut(track_slot(cookie)) else {
-        return;
-    };
-    if unsafe { (*slot).open.sock_id != cookie || (*slot).phase != PHASE_OPEN } {
-        return;
-    }
-    let (mut event, state_cb_ours) = unsafe { ((*slot).open, (*slot).state_cb_ours) };
-    unsafe { (*slot).phase = PHASE_FREE };
-    if state_cb_ours != 0 {
-        // Later state changes of this socket are of no interest: stop paying for them.
-        let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-    }
-    event.timestamp_ns = unsafe { bpf_ktime_get_boot_ns() };
-    event.kind = CONNECT_OUTCOME;
-    event.outcome = if established {
-        OUTCOME_ESTABLISHED
-    } else if unsafe { (*ctx.ops).segs_in } != 0 {
-        // A SYN_SENT socket closed by a segment from the peer: its reset.
-        OUTCOME_REFUSED
-    } else {
-        // Closed with nothing received: the SYN went unanswered (or an ICMP error).
-        OUTCOME_TIMEOUT
-    };
-    if CONNECT_EVENTS
-        .output::<ConnectEvent>(
-            &event,
-            submit_flags(&CONNECT_EVENTS, Ring::Connect, size_of::<ConnectEvent>()),
-        )
-        .is_err()
-    {
-        count(LossCounter::ConnectRingFull);
-    }
+    SOCK_OK
 }

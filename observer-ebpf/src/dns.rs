@@ -1,8 +1,7 @@
-//! DNS capture on the cgroup2 root: every socket's packets pass through here, with skb data
-//! starting at the IP header.
+//! DNS capture: DNS-port UDP datagrams and TCP segments, found by `packet`, copied whole
+//! into the `DNS_EVENTS` ring.
 use core::{
     ffi::c_void,
-    mem::{MaybeUninit, size_of},
     ptr::{addr_of_mut, read_volatile},
 };
 
@@ -11,17 +10,17 @@ use aya_ebpf::{
     helpers::generated::{
         bpf_get_socket_cookie, bpf_ktime_get_boot_ns, bpf_skb_cgroup_id, bpf_skb_load_bytes,
     },
-    macros::{cgroup_skb, map},
+    macros::map,
     maps::{Array, PerCpuArray, RingBuf},
-    programs::SkBuffContext,
 };
 use observer_common::{
-    DIRECTION_EGRESS, DIRECTION_INGRESS, DNS_EVENT_HEADER_LEN, DNS_FLAG_TRUNCATED, DNS_PAYLOAD_MAX,
-    DNS_PORT_SLOTS, DnsEvent, FAMILY_IPV4, FAMILY_IPV6, LossCounter, PROTO_TCP, PROTO_UDP,
+    DNS_EVENT_HEADER_LEN, DNS_FLAG_TRUNCATED, DNS_PAYLOAD_MAX, DNS_PORT_SLOTS, DnsEvent,
+    FAMILY_IPV4, LossCounter, PROTO_TCP,
 };
 
 use crate::{
     loss::count,
+    packet::{Packet, read},
     ring::{Ring, submit_flags},
 };
 
@@ -38,46 +37,9 @@ static DNS_SCRATCH: PerCpuArray<DnsEvent> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static DNS_PORTS: Array<u8> = Array::with_max_entries(DNS_PORT_SLOTS, 0);
 
-/// cgroup_skb verdict: let the packet through. Observation never drops traffic.
-const PASS: i32 = 1;
-
-/// IPv6 extension headers walked before giving up on finding the transport header.
-const MAX_IPV6_EXTENSIONS: usize = 4;
-const IPV6_HOP_BY_HOP: u8 = 0;
-const IPV6_ROUTING: u8 = 43;
-const IPV6_FRAGMENT: u8 = 44;
-const IPV6_AUTH: u8 = 51;
-const IPV6_DEST_OPTS: u8 = 60;
-
 const PAYLOAD_MAX: u32 = DNS_PAYLOAD_MAX as u32;
 // The length mask below relies on it.
 const _: () = assert!(PAYLOAD_MAX.is_power_of_two());
-
-#[cgroup_skb(ingress)]
-pub fn dns_ingress(ctx: SkBuffContext) -> i32 {
-    observe(ctx.skb.skb, DIRECTION_INGRESS);
-    PASS
-}
-
-#[cgroup_skb(egress)]
-pub fn dns_egress(ctx: SkBuffContext) -> i32 {
-    observe(ctx.skb.skb, DIRECTION_EGRESS);
-    PASS
-}
-
-#[inline(always)]
-fn load<T>(skb: *mut __sk_buff, offset: u32) -> Option<T> {
-    let mut value = MaybeUninit::<T>::uninit();
-    let ret = unsafe {
-        bpf_skb_load_bytes(
-            skb as *const c_void,
-            offset,
-            value.as_mut_ptr().cast(),
-            size_of::<T>() as u32,
-        )
-    };
-    (ret == 0).then(|| unsafe { value.assume_init() })
-}
 
 /// The lowest and highest DNS port, set by the agent at load time. Read-only data, so the
 /// verifier knows them as constants: the ports of most packets fall outside the range and
@@ -88,7 +50,7 @@ static DNS_PORT_MIN: u16 = 0;
 static DNS_PORT_MAX: u16 = u16::MAX;
 
 #[inline(always)]
-fn is_dns_port(port: u16) -> bool {
+pub fn is_dns_port(port: u16) -> bool {
     let (min, max) = unsafe { (read_volatile(&DNS_PORT_MIN), read_volatile(&DNS_PORT_MAX)) };
     port >= min
         && port <= max
@@ -97,114 +59,9 @@ fn is_dns_port(port: u16) -> bool {
             .is_some_and(|slot| *slot != 0)
 }
 
-/// Reads packet bytes directly when they sit in the linear part of the skb (the usual case
-/// for headers), through the helper otherwise.
-#[inline(always)]
-fn read<T: Copy>(skb: *mut __sk_buff, offset: u32) -> Option<T> {
-    let data = unsafe { (*skb).data } as usize;
-    let end = unsafe { (*skb).data_end } as usize;
-    let at = data + offset as usize;
-    if at + size_of::<T>() <= end {
-        Some(unsafe { (at as *const T).read_unaligned() })
-    } else {
-        load(skb, offset)
-    }
-}
-
-/// The fast path: decide with as few reads as possible whether this is a DNS packet.
-#[inline(always)]
-fn observe(skb: *mut __sk_buff, direction: u8) {
-    // Enough for the IPv4 protocol byte and the IPv6 next header.
-    let Some(head) = read::<[u8; 12]>(skb, 0) else {
-        return;
-    };
-    let (family, protocol, l4_offset) = match head[0] >> 4 {
-        4 => {
-            let fragment_offset = u16::from_be_bytes([head[6], head[7]]) & 0x1fff;
-            let protocol = head[9];
-            // Later fragments carry no transport header.
-            if fragment_offset != 0 || (protocol != PROTO_UDP && protocol != PROTO_TCP) {
-                return;
-            }
-            (FAMILY_IPV4, protocol, u32::from(head[0] & 0x0f) * 4)
-        }
-        6 => {
-            let next = head[6];
-            if next == PROTO_UDP || next == PROTO_TCP {
-                (FAMILY_IPV6, next, 40)
-            } else {
-                match skip_ipv6_extensions(skb, next) {
-                    Some((protocol, offset)) => (FAMILY_IPV6, protocol, offset),
-                    None => return,
-                }
-            }
-        }
-        _ => return,
-    };
-    let Some(ports) = read::<[u8; 4]>(skb, l4_offset) else {
-        return;
-    };
-    let src_port = u16::from_be_bytes([ports[0], ports[1]]);
-    let dst_port = u16::from_be_bytes([ports[2], ports[3]]);
-    if !is_dns_port(src_port) && !is_dns_port(dst_port) {
-        return;
-    }
-    capture(
-        skb,
-        Packet {
-            direction,
-            family,
-            protocol,
-            l4_offset,
-            src_port,
-            dst_port,
-        },
-    );
-}
-
-#[inline(always)]
-fn skip_ipv6_extensions(skb: *mut __sk_buff, first: u8) -> Option<(u8, u32)> {
-    let mut next = first;
-    let mut offset = 40u32;
-    for _ in 0..MAX_IPV6_EXTENSIONS {
-        match next {
-            PROTO_UDP | PROTO_TCP => return Some((next, offset)),
-            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
-                let ext = read::<[u8; 2]>(skb, offset)?;
-                next = ext[0];
-                offset += (u32::from(ext[1]) + 1) * 8;
-            }
-            IPV6_FRAGMENT => {
-                let ext = read::<[u8; 4]>(skb, offset)?;
-                if u16::from_be_bytes([ext[2], ext[3]]) & 0xfff8 != 0 {
-                    return None;
-                }
-                next = ext[0];
-                offset += 8;
-            }
-            IPV6_AUTH => {
-                let ext = read::<[u8; 2]>(skb, offset)?;
-                next = ext[0];
-                offset += (u32::from(ext[1]) + 2) * 4;
-            }
-            _ => return None,
-        }
-    }
-    (next == PROTO_UDP || next == PROTO_TCP).then_some((next, offset))
-}
-
-struct Packet {
-    direction: u8,
-    family: u8,
-    protocol: u8,
-    l4_offset: u32,
-    src_port: u16,
-    dst_port: u16,
-}
-
 /// The slow path, for DNS-port packets only.
 #[inline(always)]
-fn capture(skb: *mut __sk_buff, packet: Packet) {
+pub fn capture(skb: *mut __sk_buff, packet: Packet) {
     let skb_len = unsafe { (*skb).len };
     let (header_len, tcp_seq) = if packet.protocol == PROTO_TCP {
         let Some(tcp) = read::<[u8; 13]>(skb, packet.l4_offset) else {

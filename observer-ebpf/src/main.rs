@@ -1,9 +1,11 @@
 //! observer's kernel programs.
 //!
-//! - `dns`: cgroup_skb ingress/egress on the cgroup2 root, copies DNS-port UDP datagrams and
-//!   TCP segments into the `DNS_EVENTS` ring.
-//! - `connect`: cgroup connect4/connect6 and sock_ops programs that follow each TCP active
-//!   open from connect(2) to its outcome and report both into the `CONNECT_EVENTS` ring.
+//! - `packet`: cgroup_skb ingress/egress on the cgroup2 root, where every packet is sorted:
+//!   DNS-port packets go to `dns`, TCP handshake segments to `connect`.
+//! - `dns`: copies DNS-port UDP datagrams and TCP segments into the `DNS_EVENTS` ring.
+//! - `connect`: cgroup connect4/connect6 and sock_release programs, with the handshake
+//!   segments, follow each TCP active open from connect(2) to its outcome and report both
+//!   into the `CONNECT_EVENTS` ring.
 //! - `baseline`: empty programs on the same hooks, for the cost benchmark only.
 //!
 //! Every program fails open: packets always pass, and whatever cannot be delivered is
@@ -19,6 +21,8 @@ mod connect;
 mod dns;
 #[cfg(target_arch = "bpf")]
 mod loss;
+#[cfg(target_arch = "bpf")]
+mod packet;
 #[cfg(target_arch = "bpf")]
 mod ring;
 

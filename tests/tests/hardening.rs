@@ -145,7 +145,8 @@ fn sigkill_leaves_no_program_attached_and_a_restart_attaches_once() {
         .copied()
         .filter(|id| attached.contains(id))
         .collect();
-    // Every program is a cgroup program: DNS ingress and egress, connect4, connect6, sock_ops.
+    // Every program is a cgroup program: packet ingress and egress, connect4, connect6,
+    // sock_release.
     assert_eq!(
         first_cgroup.len(),
         5,

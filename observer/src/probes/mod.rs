@@ -32,8 +32,8 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{Array, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, Program, ProgramError,
-        SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Program,
+        ProgramError,
     },
 };
 use observer_common::{LossCounter, names};
@@ -98,7 +98,7 @@ pub struct ProbeOptions {
     /// wakes the reader early once a backlog builds).
     pub poll_interval: Duration,
     pub kernel_log: KernelLogLevel,
-    /// cgroup2 directory to attach the DNS programs to; `None`: the cgroup2 root found in
+    /// cgroup2 directory to attach the programs to; `None`: the cgroup2 root found in
     /// /proc/self/mountinfo (sees every socket on the node).
     pub cgroup: Option<PathBuf>,
     /// Also attach empty programs on the same hooks (`baseline_*`), whose run time is the
@@ -221,9 +221,9 @@ pub struct ProgramStats {
     pub run_count: u64,
 }
 
-const CGROUP_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
-    (names::PROG_DNS_INGRESS, CgroupSkbAttachType::Ingress),
-    (names::PROG_DNS_EGRESS, CgroupSkbAttachType::Egress),
+const PACKET_PROGRAMS: [(&str, CgroupSkbAttachType); 2] = [
+    (names::PROG_PACKET_INGRESS, CgroupSkbAttachType::Ingress),
+    (names::PROG_PACKET_EGRESS, CgroupSkbAttachType::Egress),
 ];
 
 /// Empty programs on the same hooks (`ProbeOptions::baseline`).
@@ -231,14 +231,15 @@ const BASELINE_PROGRAMS: [&str; 4] = [
     names::PROG_BASELINE_SKB_INGRESS,
     names::PROG_BASELINE_SKB_EGRESS,
     names::PROG_BASELINE_CONNECT4,
-    names::PROG_BASELINE_SOCK_OPS,
+    names::PROG_BASELINE_SOCK_RELEASE,
 ];
 
-/// connect(2) hooks for each family, then the per-socket TCP callbacks.
+/// connect(2) hooks for each family, then the socket-release hook (the packet programs
+/// see the handshake itself).
 const CONNECT_PROGRAMS: [&str; 3] = [
     names::PROG_CONNECT4,
     names::PROG_CONNECT6,
-    names::PROG_CONNECT_SOCK_OPS,
+    names::PROG_CONNECT_RELEASE,
 ];
 
 /// Loaded and attached kernel programs. Dropping it detaches them and stops the readers.
@@ -410,7 +411,7 @@ impl Probes {
             path: cgroup.clone(),
             source,
         })?;
-        for (name, attach_type) in CGROUP_PROGRAMS {
+        for (name, attach_type) in PACKET_PROGRAMS {
             let program: &mut CgroupSkb = typed(&mut ebpf, name)?;
             program.load().map_err(|e| load_error(name, e))?;
             // Single: a bpf_link per program. Several agents (or tests) can still attach
@@ -426,8 +427,8 @@ impl Probes {
                 .attach(&cgroup_dir, CgroupAttachMode::Single)
                 .map_err(|e| attach_error(name, e))?;
         }
-        let name = names::PROG_CONNECT_SOCK_OPS;
-        let program: &mut SockOps = typed(&mut ebpf, name)?;
+        let name = names::PROG_CONNECT_RELEASE;
+        let program: &mut CgroupSock = typed(&mut ebpf, name)?;
         program.load().map_err(|e| load_error(name, e))?;
         program
             .attach(&cgroup_dir, CgroupAttachMode::Single)
@@ -454,7 +455,7 @@ impl Probes {
         self.progress.clone()
     }
 
-    /// The cgroup the DNS programs are attached to.
+    /// The cgroup the programs are attached to.
     pub fn cgroup(&self) -> &std::path::Path {
         &self.cgroup
     }
@@ -561,7 +562,7 @@ impl Probes {
         } else {
             &[]
         };
-        CGROUP_PROGRAMS
+        PACKET_PROGRAMS
             .iter()
             .map(|(name, _)| *name)
             .chain(CONNECT_PROGRAMS)
@@ -607,8 +608,8 @@ fn attach_baseline(ebpf: &mut Ebpf, cgroup_dir: &File) -> Result<(), ProbeError>
     program
         .attach(cgroup_dir, CgroupAttachMode::Single)
         .map_err(|e| attach_error(name, e))?;
-    let name = names::PROG_BASELINE_SOCK_OPS;
-    let program: &mut SockOps = typed(ebpf, name)?;
+    let name = names::PROG_BASELINE_SOCK_RELEASE;
+    let program: &mut CgroupSock = typed(ebpf, name)?;
     program.load().map_err(|e| load_error(name, e))?;
     program
         .attach(cgroup_dir, CgroupAttachMode::Single)

@@ -31,11 +31,16 @@ pub struct KernelCost {
     /// ns per cgroup_skb run that captured a DNS message.
     pub dns_ns_per_capture: f64,
     pub dns_messages: u64,
-    /// Sum over the connect programs, divided by the connects made.
+    /// What a connect adds, per connect: the connect programs' run time (connect4/6 and
+    /// sock_release), plus the packet programs' run time over the connect phase above what
+    /// the same packets cost when they are no handshake (runs x `non_dns_ns_per_run`).
     pub connect_ns_per_connect: f64,
     pub connects: u64,
     /// Per program, over the connect phase: runs per connect and ns per run.
     pub connect_breakdown: BTreeMap<String, (f64, f64)>,
+    /// The packet programs' handshake work (SYN, SYN-ACK), ns per connect: their run time
+    /// over the connect phase less runs x `non_dns_ns_per_run`.
+    pub handshake_ns_per_connect: f64,
     /// The same, for empty programs on the same hooks in the same phases: the floor any
     /// program there pays (the hook's call and bpf_stats' clock reads).
     pub non_dns_floor_ns_per_run: f64,
@@ -110,16 +115,19 @@ pub fn measure(quick: bool) -> anyhow::Result<KernelCost> {
         runtime.spawn(async move { while events.recv().await.is_some() {} });
     }
     let stats = BpfStats::enable()?;
-    let dns_programs = [names::PROG_DNS_INGRESS, names::PROG_DNS_EGRESS];
+    let packet_programs = [names::PROG_PACKET_INGRESS, names::PROG_PACKET_EGRESS];
     let skb_floor = [
         names::PROG_BASELINE_SKB_INGRESS,
         names::PROG_BASELINE_SKB_EGRESS,
     ];
-    let connect_floor = [names::PROG_BASELINE_CONNECT4, names::PROG_BASELINE_SOCK_OPS];
+    let connect_floor = [
+        names::PROG_BASELINE_CONNECT4,
+        names::PROG_BASELINE_SOCK_RELEASE,
+    ];
     let connect_programs = [
         names::PROG_CONNECT4,
         names::PROG_CONNECT6,
-        names::PROG_CONNECT_SOCK_OPS,
+        names::PROG_CONNECT_RELEASE,
     ];
     let mut phases = BTreeMap::new();
 
@@ -128,7 +136,7 @@ pub fn measure(quick: bool) -> anyhow::Result<KernelCost> {
     let s0 = snapshot(&probes)?;
     udp_exchanges(&plain_a, &plain_b, packets / 2, &payload, &payload)?;
     let non_dns = delta(&s0, &snapshot(&probes)?);
-    let non_dns_ns = per_run(&non_dns, &dns_programs);
+    let non_dns_ns = per_run(&non_dns, &packet_programs);
     let non_dns_floor = per_run(&non_dns, &skb_floor);
     phases.insert("non_dns".to_owned(), non_dns);
 
@@ -142,7 +150,7 @@ pub fn measure(quick: bool) -> anyhow::Result<KernelCost> {
         &response_set(),
     )?;
     let dns = delta(&s0, &snapshot(&probes)?);
-    let dns_ns = per_run(&dns, &dns_programs);
+    let dns_ns = per_run(&dns, &packet_programs);
     let dns_floor = per_run(&dns, &skb_floor);
     phases.insert("dns".to_owned(), dns);
 
@@ -162,10 +170,16 @@ pub fn measure(quick: bool) -> anyhow::Result<KernelCost> {
         t.elapsed().as_secs_f64()
     );
     drop(stats);
-    let total: u64 = connect_programs.iter().map(|p| conn[*p].run_time_ns).sum();
+    let programs: u64 = connect_programs.iter().map(|p| conn[*p].run_time_ns).sum();
     let floor: u64 = connect_floor.iter().map(|p| conn[*p].run_time_ns).sum();
+    let (packet_time, packet_runs) = packet_programs.iter().fold((0u64, 0u64), |(t, n), p| {
+        (t + conn[*p].run_time_ns, n + conn[*p].runs)
+    });
+    // Noise may put a phase's per-packet time below the non-DNS phase's: no negative work.
+    let handshake = (packet_time as f64 - packet_runs as f64 * non_dns_ns).max(0.0);
     let connect_breakdown = connect_programs
         .iter()
+        .chain(&packet_programs)
         .map(|p| {
             let d = &conn[*p];
             (
@@ -185,9 +199,10 @@ pub fn measure(quick: bool) -> anyhow::Result<KernelCost> {
         non_dns_packets: packets,
         dns_ns_per_capture: dns_ns,
         dns_messages: exchanges * 2,
-        connect_ns_per_connect: total as f64 / made.max(1) as f64,
+        connect_ns_per_connect: (programs as f64 + handshake) / made.max(1) as f64,
         connects: made,
         connect_breakdown,
+        handshake_ns_per_connect: handshake / made.max(1) as f64,
         non_dns_floor_ns_per_run: non_dns_floor,
         dns_floor_ns_per_run: dns_floor,
         connect_floor_ns_per_connect: floor as f64 / made.max(1) as f64,
