@@ -17,14 +17,17 @@
 //! two programs of its own, where per-socket `sock_ops` callbacks ran ten on a loopback
 //! connect, and syscall and state-change tracepoints ran for every connect(2) of every
 //! protocol and every state change of every TCP socket.
-use core::ptr::read_volatile;
+use core::ptr::{addr_of_mut, read_volatile};
 
 use aya_ebpf::{
     EbpfContext,
     bindings::{__sk_buff, bpf_sock, bpf_sock_addr},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid,
-        generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
+        bpf_get_current_pid_tgid,
+        generated::{
+            bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_socket_cookie,
+            bpf_ktime_get_boot_ns,
+        },
     },
     macros::{cgroup_sock, cgroup_sock_addr, map},
     maps::{Array, RingBuf},
@@ -39,6 +42,7 @@ use observer_common::{
 
 use crate::{
     loss::count,
+    mem::{put_ipv4, put_ipv6, zero16},
     ring::{Ring, submit_flags},
 };
 
@@ -121,43 +125,15 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
 }
 
 /// Notes the caller and the address it asked for, before any other program may rewrite it.
+/// Written field by field into the slot: a record built on the stack and copied would cost
+/// byte-wise memset and memcpy calls (see `mem`).
 #[inline(always)]
 fn requested(ctx: &SockAddrContext, family: u8) {
     let addr: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
     if addr.protocol != IPPROTO_TCP {
         return;
     }
-    let mut requested_addr = [0u8; 16];
-    if family == FAMILY_IPV4 {
-        requested_addr[..4].copy_from_slice(&addr.user_ip4.to_ne_bytes());
-    } else {
-        requested_addr = ip6(&addr.user_ip6);
-    }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let tracked = Tracked {
-        open: ConnectEvent {
-            // Set when the open is reported; a clock read here would be thrown away.
-            timestamp_ns: 0,
-            sock_id: cookie,
-            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-            pid_tgid: bpf_get_current_pid_tgid(),
-            src_addr: [0; 16],
-            dst_addr: [0; 16],
-            requested_addr,
-            comm: bpf_get_current_comm().unwrap_or([0; 16]),
-            src_port: 0,
-            dst_port: 0,
-            // The context holds the port as it sits in the sockaddr: network order.
-            requested_port: u16::from_be(addr.user_port as u16),
-            family,
-            kind: CONNECT_OPEN,
-            outcome: OUTCOME_NONE,
-            flags: CONNECT_FLAG_REQUESTED,
-            _pad: [0; 6],
-        },
-        phase: PHASE_REQUESTED,
-        _pad: [0; 7],
-    };
     let Some(slot) = CONNECT_TRACK.get_ptr_mut(track_slot(cookie)) else {
         return;
     };
@@ -169,7 +145,33 @@ fn requested(ctx: &SockAddrContext, family: u8) {
             "connect tracking slot taken over: an outcome will be missing"
         );
     }
-    unsafe { *slot = tracked };
+    unsafe {
+        let open = addr_of_mut!((*slot).open);
+        // Set when the open is reported; a clock read here would be thrown away.
+        (*open).timestamp_ns = 0;
+        (*open).sock_id = cookie;
+        (*open).cgroup_id = bpf_get_current_cgroup_id();
+        (*open).pid_tgid = bpf_get_current_pid_tgid();
+        zero16(addr_of_mut!((*open).src_addr));
+        zero16(addr_of_mut!((*open).dst_addr));
+        if family == FAMILY_IPV4 {
+            put_ipv4(addr_of_mut!((*open).requested_addr), addr.user_ip4);
+        } else {
+            put_ipv6(addr_of_mut!((*open).requested_addr), ip6(&addr.user_ip6));
+        }
+        if bpf_get_current_comm(addr_of_mut!((*open).comm).cast(), 16) != 0 {
+            zero16(addr_of_mut!((*open).comm));
+        }
+        (*open).src_port = 0;
+        (*open).dst_port = 0;
+        // The context holds the port as it sits in the sockaddr: network order.
+        (*open).requested_port = u16::from_be(addr.user_port as u16);
+        (*open).family = family;
+        (*open).kind = CONNECT_OPEN;
+        (*open).outcome = OUTCOME_NONE;
+        (*open).flags = CONNECT_FLAG_REQUESTED;
+        (*slot).phase = PHASE_REQUESTED;
+    }
 }
 
 /// What a handshake segment says of the open it belongs to.
@@ -227,42 +229,45 @@ fn opened(slot: *mut Tracked, cookie: u64, sk: *mut bpf_sock) {
     if unsafe { (*slot).open.sock_id != cookie || (*slot).phase != PHASE_REQUESTED } {
         return;
     }
-    let mut event = unsafe { (*slot).open };
-    let requested_family = event.family;
-    if !fill_tuple(sk, &mut event) {
+    let open = unsafe { addr_of_mut!((*slot).open) };
+    let requested_family = unsafe { (*open).family };
+    if !fill_tuple(sk, open) {
         return;
     }
-    if event.family != requested_family {
-        event.flags &= !CONNECT_FLAG_REQUESTED;
-    }
-    event.timestamp_ns = unsafe { bpf_ktime_get_boot_ns() };
     unsafe {
-        (*slot).open = event;
+        if (*open).family != requested_family {
+            (*open).flags &= !CONNECT_FLAG_REQUESTED;
+        }
+        (*open).timestamp_ns = bpf_ktime_get_boot_ns();
         (*slot).phase = PHASE_OPEN;
     }
-    report(&event);
+    report(open);
 }
 
-/// The open was answered, or given up on: its outcome ends its tracking.
+/// The open was answered, or given up on: its outcome ends its tracking. The slot's record
+/// becomes the outcome in place, and is reported from there.
 #[inline(always)]
 fn answered(slot: *mut Tracked, cookie: u64, outcome: u8) {
     if unsafe { (*slot).open.sock_id != cookie || (*slot).phase != PHASE_OPEN } {
         return;
     }
-    let mut event = unsafe { (*slot).open };
-    unsafe { (*slot).phase = PHASE_FREE };
-    event.timestamp_ns = unsafe { bpf_ktime_get_boot_ns() };
-    event.kind = CONNECT_OUTCOME;
-    event.outcome = outcome;
-    report(&event);
+    let event = unsafe { addr_of_mut!((*slot).open) };
+    unsafe {
+        (*slot).phase = PHASE_FREE;
+        (*event).timestamp_ns = bpf_ktime_get_boot_ns();
+        (*event).kind = CONNECT_OUTCOME;
+        (*event).outcome = outcome;
+    }
+    report(event);
 }
 
+/// Copies the record to the ring straight from its slot.
 #[inline(always)]
-fn report(event: &ConnectEvent) {
+fn report(event: *const ConnectEvent) {
     if CONNECT_EVENTS
         .output::<ConnectEvent>(
-            event,
-            submit_flags(&CONNECT_EVENTS, Ring::Connect, size_of::<ConnectEvent>()),
+            unsafe { &*event },
+            submit_flags(Ring::Connect, size_of::<ConnectEvent>()),
         )
         .is_err()
     {
@@ -272,40 +277,38 @@ fn report(event: &ConnectEvent) {
 
 /// Family, ports and addresses of the socket as they are now, as the socket sees them: a
 /// dual-stack socket reaching an IPv4 peer reports the v4-mapped IPv6 form, like the
-/// address its connect(2) asked for.
+/// address its connect(2) asked for. Writes nothing unless the family is IPv4 or IPv6.
 #[inline(always)]
-fn fill_tuple(sk: *mut bpf_sock, event: &mut ConnectEvent) -> bool {
+fn fill_tuple(sk: *mut bpf_sock, event: *mut ConnectEvent) -> bool {
     let sk: &bpf_sock = unsafe { &*sk };
-    match unsafe { read_volatile(&sk.family) } {
-        AF_INET => {
-            event.family = FAMILY_IPV4;
-            event.src_addr = [0; 16];
-            event.dst_addr = [0; 16];
-            let (src, dst) = unsafe { (read_volatile(&sk.src_ip4), read_volatile(&sk.dst_ip4)) };
-            event.src_addr[..4].copy_from_slice(&src.to_ne_bytes());
-            event.dst_addr[..4].copy_from_slice(&dst.to_ne_bytes());
+    unsafe {
+        match read_volatile(&sk.family) {
+            AF_INET => {
+                (*event).family = FAMILY_IPV4;
+                put_ipv4(addr_of_mut!((*event).src_addr), read_volatile(&sk.src_ip4));
+                put_ipv4(addr_of_mut!((*event).dst_addr), read_volatile(&sk.dst_ip4));
+            }
+            AF_INET6 => {
+                (*event).family = FAMILY_IPV6;
+                put_ipv6(addr_of_mut!((*event).src_addr), ip6(&sk.src_ip6));
+                put_ipv6(addr_of_mut!((*event).dst_addr), ip6(&sk.dst_ip6));
+            }
+            _ => return false,
         }
-        AF_INET6 => {
-            event.family = FAMILY_IPV6;
-            event.src_addr = ip6(&sk.src_ip6);
-            event.dst_addr = ip6(&sk.dst_ip6);
-        }
-        _ => return false,
+        // src_port is in host order, dst_port in network order.
+        (*event).src_port = read_volatile(&sk.src_port) as u16;
+        (*event).dst_port = u16::from_be(read_volatile(&sk.dst_port));
     }
-    // src_port is in host order, dst_port in network order.
-    event.src_port = unsafe { read_volatile(&sk.src_port) } as u16;
-    event.dst_port = u16::from_be(unsafe { read_volatile(&sk.dst_port) });
     true
 }
 
 /// An IPv6 address from a context field, in four 4-byte loads: the verifier refuses any
 /// other access to these fields, and the compiler would merge plain reads into 8-byte ones.
 #[inline(always)]
-fn ip6(words: &[u32; 4]) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    for i in 0..4 {
-        let word = unsafe { read_volatile(&words[i]) };
-        out[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+fn ip6(words: &[u32; 4]) -> [u32; 4] {
+    let mut out = [0u32; 4];
+    for (i, word) in out.iter_mut().enumerate() {
+        *word = unsafe { read_volatile(&words[i]) };
     }
     out
 }

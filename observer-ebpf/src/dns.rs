@@ -20,6 +20,7 @@ use observer_common::{
 
 use crate::{
     loss::count,
+    mem::put_ipv4,
     packet::{Packet, read},
     ring::{Ring, submit_flags},
 };
@@ -89,14 +90,10 @@ pub fn capture(skb: *mut __sk_buff, packet: Packet) {
     };
     let addresses_read = unsafe {
         if packet.family == FAMILY_IPV4 {
-            match read::<[u8; 8]>(skb, 12) {
-                Some(a) => {
-                    let mut src = [0u8; 16];
-                    let mut dst = [0u8; 16];
-                    src[..4].copy_from_slice(&a[..4]);
-                    dst[..4].copy_from_slice(&a[4..]);
-                    (*event).src_addr = src;
-                    (*event).dst_addr = dst;
+            match read::<[u32; 2]>(skb, 12) {
+                Some([src, dst]) => {
+                    put_ipv4(addr_of_mut!((*event).src_addr), src);
+                    put_ipv4(addr_of_mut!((*event).dst_addr), dst);
                     true
                 }
                 None => false,
@@ -158,7 +155,7 @@ pub fn capture(skb: *mut __sk_buff, packet: Packet) {
     // most its size.
     let record = unsafe { core::slice::from_raw_parts(event.cast::<u8>(), record_len) };
     if DNS_EVENTS
-        .output::<[u8]>(record, submit_flags(&DNS_EVENTS, Ring::Dns, record_len))
+        .output::<[u8]>(record, submit_flags(Ring::Dns, record_len))
         .is_err()
     {
         count(LossCounter::DnsRingFull);

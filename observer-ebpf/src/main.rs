@@ -22,6 +22,8 @@ mod dns;
 #[cfg(target_arch = "bpf")]
 mod loss;
 #[cfg(target_arch = "bpf")]
+mod mem;
+#[cfg(target_arch = "bpf")]
 mod packet;
 #[cfg(target_arch = "bpf")]
 mod ring;

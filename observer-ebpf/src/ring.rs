@@ -2,50 +2,60 @@
 //!
 //! Waking the reader costs an irq_work (a self-IPI, microseconds under virtualisation) per
 //! event whenever the reader keeps up. Instead, records are submitted silently and the agent
-//! polls on a short timer; the reader is woken early only when the backlog crosses an eighth
-//! of the ring, so a burst is drained long before the ring fills. Waking on the crossing
-//! alone (not on every record above it) keeps a sustained burst from paying per record.
+//! polls on a short timer; the reader is woken early only once a CPU has submitted its share
+//! of an eighth of the ring since it last woke it. However the CPUs share a burst, the ring
+//! holds at most an eighth of its size before some CPU wakes the reader, long before it
+//! fills; a steady stream pays one wakeup per share, not one per record.
 //!
-//! The threshold is a global the agent sets when it sizes the ring: asking the ring for its
-//! size would cost a helper call per event.
+//! The count is kept per CPU in a map whose lookup the kernel inlines: asking the ring for
+//! its backlog instead would cost a helper call per record, and helper calls are dear.
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    maps::RingBuf,
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    macros::map,
+    maps::PerCpuArray,
 };
 
 /// Ring record header the kernel adds to each record.
 const RECORD_HEADER: u64 = 8;
 
-/// An eighth of each ring's size, in bytes; set by the agent at load time.
+/// Each CPU's share of an eighth of each ring, in bytes; set by the agent at load time.
 #[unsafe(no_mangle)]
 static DNS_RING_WAKE_BYTES: u64 = (1 << 21) / 8;
 #[unsafe(no_mangle)]
 static CONNECT_RING_WAKE_BYTES: u64 = (1 << 19) / 8;
 
+/// Bytes this CPU submitted to each ring (indexed by `Ring`) since it last woke the reader.
+#[map]
+static RING_UNWOKEN_BYTES: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
 /// Which ring a record goes to, for its wakeup threshold.
 #[derive(Clone, Copy)]
 pub enum Ring {
-    Dns,
-    Connect,
+    Dns = 0,
+    Connect = 1,
 }
 
-/// Flags for submitting a record of `record_len` bytes that is already reserved.
+/// Flags for submitting a record of `record_len` bytes to `which`.
 #[inline(always)]
-pub fn submit_flags(ring: &RingBuf, which: Ring, record_len: usize) -> u64 {
-    let pending = ring.query(u64::from(BPF_RB_AVAIL_DATA));
-    let threshold = unsafe {
+pub fn submit_flags(which: Ring, record_len: usize) -> u64 {
+    let Some(unwoken) = RING_UNWOKEN_BYTES.get_ptr_mut(which as u32) else {
+        return u64::from(BPF_RB_FORCE_WAKEUP);
+    };
+    let share = unsafe {
         match which {
             Ring::Dns => read_volatile(&DNS_RING_WAKE_BYTES),
             Ring::Connect => read_volatile(&CONNECT_RING_WAKE_BYTES),
         }
     };
-    // Two records wide: another CPU's reservation may land between ours and the query.
-    let window = 2 * (record_len as u64 + RECORD_HEADER);
-    if pending >= threshold && pending < threshold + window {
+    // Per-CPU slot: no other program instance writes it concurrently.
+    let total = unsafe { *unwoken } + record_len as u64 + RECORD_HEADER;
+    if total >= share {
+        unsafe { *unwoken = 0 };
         u64::from(BPF_RB_FORCE_WAKEUP)
     } else {
+        unsafe { *unwoken = total };
         u64::from(BPF_RB_NO_WAKEUP)
     }
 }

@@ -95,7 +95,7 @@ pub struct ProbeOptions {
     /// readers wait, the rings fill, and the kernel counts what it drops.
     pub channel_capacity: usize,
     /// Longest a lone event waits in its ring before the reader picks it up (the kernel
-    /// wakes the reader early once a backlog builds).
+    /// wakes the reader early once a backlog may have built).
     pub poll_interval: Duration,
     pub kernel_log: KernelLogLevel,
     /// cgroup2 directory to attach the programs to; `None`: the cgroup2 root found in
@@ -381,9 +381,16 @@ impl Probes {
         // No port at all: an empty range, nothing is DNS.
         let port_min: u16 = options.dns_ports.iter().copied().min().unwrap_or(1);
         let port_max: u16 = options.dns_ports.iter().copied().max().unwrap_or(0);
-        // The kernel programs wake the reader early once a ring is an eighth full.
-        let dns_wake = u64::from(options.dns_ring_bytes / 8);
-        let connect_wake = u64::from(options.connect_ring_bytes / 8);
+        // The kernel programs wake the reader early once the CPUs together may have filled
+        // an eighth of a ring: each CPU wakes it after its share.
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(path, source)| ProbeError::ReadSystemFile {
+                path: path.into(),
+                source,
+            })?
+            .max(1) as u64;
+        let dns_wake = (u64::from(options.dns_ring_bytes) / 8 / cpus).max(1);
+        let connect_wake = (u64::from(options.connect_ring_bytes) / 8 / cpus).max(1);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::DNS_EVENTS, options.dns_ring_bytes)
             .map_max_entries(names::CONNECT_EVENTS, options.connect_ring_bytes)
