@@ -13,7 +13,9 @@ use aya_ebpf::{
     bindings::__sk_buff, helpers::generated::bpf_skb_load_bytes, macros::cgroup_skb,
     programs::SkBuffContext,
 };
-use observer_common::{DIRECTION_EGRESS, DIRECTION_INGRESS, FAMILY_IPV4, FAMILY_IPV6, PROTO_TCP, PROTO_UDP};
+use observer_common::{
+    DIRECTION_EGRESS, DIRECTION_INGRESS, FAMILY_IPV4, FAMILY_IPV6, PROTO_TCP, PROTO_UDP,
+};
 
 use crate::{connect, dns};
 

@@ -50,6 +50,10 @@ pub mod plan {
     pub const UNANSWERED_EXTERNAL_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 250);
     pub const UNANSWERED_EXTERNAL_V6: Ipv6Addr =
         Ipv6Addr::new(0x2001, 0xdb8, 0xe, 0, 0, 0, 0, 0x250);
+    /// Outside the cluster, unreachable: the switch answers a SYN with an ICMP error.
+    pub const UNREACHABLE_EXTERNAL_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 251);
+    pub const UNREACHABLE_EXTERNAL_V6: Ipv6Addr =
+        Ipv6Addr::new(0x2001, 0xdb8, 0xe, 0, 0, 0, 0, 0x251);
 
     /// `prefix::N` where N is written with the decimal digits of `n` (198.18.1.12 -> ::1:12).
     pub(crate) fn v6_with(base: Ipv6Addr, group7: u16, n: u8) -> Ipv6Addr {
@@ -160,6 +164,9 @@ impl Testbed {
                 format!("route add blackhole {UNANSWERED_EXTERNAL_V4}/32"),
                 format!("route add blackhole {UNANSWERED_EXTERNAL_V6}/128"),
                 format!("route add blackhole {UNANSWERED_CLUSTER_V4}/32"),
+                // Answered with ICMP host/address unreachable: connects fail at once.
+                format!("route add unreachable {UNREACHABLE_EXTERNAL_V4}/32"),
+                format!("route add unreachable {UNREACHABLE_EXTERNAL_V6}/128"),
             ],
         )?;
         // The switch routes between the two segments. It has no other interface, so nothing

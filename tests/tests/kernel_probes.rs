@@ -446,6 +446,35 @@ fn refused_and_unanswered_connects_end_refused_and_timeout() {
     }
 }
 
+#[test]
+fn a_connect_ended_by_an_icmp_error_ends_timeout() {
+    let tb = testbed();
+    let ext = tb.add_external_host("marker").expect("external host");
+    let (pod, cgroup) = kernel_test_pod(&tb, "icmp");
+    let capture = Capture::start(ProbeOptions::default(), [cgroup]);
+    let mut made = Vec::new();
+    for (addr, family) in [
+        (IpAddr::V4(plan::UNREACHABLE_EXTERNAL_V4), Family::V4),
+        (IpAddr::V6(plan::UNREACHABLE_EXTERNAL_V6), Family::V6),
+    ] {
+        let report = pod
+            .connect_tcp(&addr.to_string(), 80, family, Duration::from_secs(3))
+            .expect("connect");
+        // The kernel ends the open on the ICMP error; the application sees it at once.
+        match &report.outcome {
+            ConnectOutcome::Failed(why)
+                if why.contains("unreachable") || why.contains("No route") => {}
+            other => panic!("{addr}: the application saw {other:?}"),
+        }
+        made.push((report.pid, SocketAddr::new(addr, 80)));
+    }
+    connect_marker(&capture, &pod, &ext);
+    let events = capture.events();
+    for (pid, target) in made {
+        assert_connect(&events, pid, cgroup, target, ConnectResult::Timeout, None);
+    }
+}
+
 /// A second, real DNS server (dnsmasq) on `port` of an in-cluster host, answering `name`.
 fn dnsmasq_on_port(host: &Host, port: u16, name: &str, answer: Ipv4Addr) -> Process {
     host.command(DNSMASQ.path().expect("dnsmasq"))
