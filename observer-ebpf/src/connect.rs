@@ -6,17 +6,17 @@
 //! - The packet programs (`packet`) see the handshake: the SYN leaving a socket in SYN_SENT
 //!   reports the open (its tuple is final by then), and the SYN-ACK or reset that answers
 //!   it reports the outcome. Those programs run for every packet anyway; a segment that is
-//!   not a handshake segment costs them one byte read.
+//!   not a handshake segment costs them a compare of its flags, read with its ports.
 //! - `connect_release` (cgroup sock_release) runs when a socket is closed: a TCP socket
 //!   closed before any answer came (the application gave up, the kernel gave up on its SYNs,
 //!   an ICMP error) reports the outcome `timeout`.
 //!
 //! The outcome may be seen in softirq context: everything about the caller comes from what
 //! connect4/6 noted. A program run costs about 60 ns here before it does anything, and
-//! every helper call is dear (see the README's cost section): per connect this design runs
-//! two programs of its own, where per-socket `sock_ops` callbacks ran ten on a loopback
-//! connect, and syscall and state-change tracepoints ran for every connect(2) of every
-//! protocol and every state change of every TCP socket.
+//! every helper call is dear (see the README's cost section): this design runs one program
+//! of its own per connect(2) and one per socket closed, where per-socket `sock_ops`
+//! callbacks ran ten times for a loopback connect, and syscall and state-change tracepoints
+//! ran for every connect(2) of every protocol and every state change of every TCP socket.
 use core::ptr::{addr_of_mut, read_volatile};
 
 use aya_ebpf::{
@@ -206,8 +206,9 @@ pub fn handshake(skb: *mut __sk_buff, direction: u8, flags: u8) {
     if sk.is_null() {
         return;
     }
-    // A SYN from a socket in any other state is a retransmit or a passive open's answer; a
-    // SYN-ACK or reset reaching any other state answers nothing this file follows.
+    // Only an active open waiting for its answer: a SYN-ACK or reset reaching a socket in
+    // any other state answers nothing followed here. A retransmitted SYN passes this test
+    // and finds its open already reported (`opened`).
     if unsafe { read_volatile(&(*sk).state) } != TCP_SYN_SENT {
         return;
     }
