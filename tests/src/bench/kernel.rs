@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::{
     load::{connect_once, query_set, response_set, udp_exchanges},
-    util::{Acceptor, BpfStats},
+    util::{Acceptor, BpfStats, median},
 };
 
 #[derive(Debug, Serialize, Clone)]
@@ -32,22 +32,37 @@ pub struct KernelCost {
     pub dns_ns_per_capture: f64,
     pub dns_messages: u64,
     /// What a connect adds, per connect: the connect programs' run time (connect4/6 and
-    /// sock_release), plus the packet programs' run time over the connect phase above what
-    /// the same packets cost when they are no handshake (runs x `non_dns_ns_per_run`).
+    /// sock_release), plus the packet programs' handshake work (`handshake_ns_per_connect`).
+    /// The median over `connect_chunks`.
     pub connect_ns_per_connect: f64,
     pub connects: u64,
     /// Per program, over the connect phase: runs per connect and ns per run.
     pub connect_breakdown: BTreeMap<String, (f64, f64)>,
     /// The packet programs' handshake work (SYN, SYN-ACK), ns per connect: their run time
-    /// over the connect phase less runs x `non_dns_ns_per_run`.
+    /// over the connects, less the empty programs' on the same packets, less runs x their
+    /// own work on a packet that is no handshake (non-DNS phase). The median over the chunks.
     pub handshake_ns_per_connect: f64,
     /// The same, for empty programs on the same hooks in the same phases: the floor any
     /// program there pays (the hook's call and bpf_stats' clock reads).
     pub non_dns_floor_ns_per_run: f64,
     pub dns_floor_ns_per_run: f64,
     pub connect_floor_ns_per_connect: f64,
+    /// The connect phase, chunk by chunk.
+    pub connect_chunks: Vec<ConnectChunk>,
     pub phases: BTreeMap<String, BTreeMap<String, ProgramDelta>>,
 }
+
+/// One chunk of the connect phase, measured on its own.
+#[derive(Debug, Serialize, Clone)]
+pub struct ConnectChunk {
+    pub connects: u64,
+    pub ns_per_connect: f64,
+    pub handshake_ns_per_connect: f64,
+    pub floor_ns_per_connect: f64,
+}
+
+/// Chunks of the connect phase.
+const CONNECT_CHUNKS: u64 = 5;
 
 fn snapshot(probes: &Probes) -> anyhow::Result<BTreeMap<&'static str, ProgramStats>> {
     Ok(probes
@@ -154,29 +169,57 @@ pub fn measure(quick: bool) -> anyhow::Result<KernelCost> {
     let dns_floor = per_run(&dns, &skb_floor);
     phases.insert("dns".to_owned(), dns);
 
-    eprintln!("[kernel] {connects} TCP connects on loopback");
+    // In chunks, each measured on its own: the figures are the chunks' medians, so that a
+    // burst of noise on this shared machine moves one chunk, not the result.
+    eprintln!("[kernel] {connects} TCP connects on loopback, in {CONNECT_CHUNKS} chunks");
     let to = acceptor.addr();
-    let s0 = snapshot(&probes)?;
+    let own_per_packet = (non_dns_ns - non_dns_floor).max(0.0);
     let t = Instant::now();
     let mut made = 0u64;
-    for _ in 0..connects {
-        if connect_once(to).is_ok() {
-            made += 1;
+    let mut chunks = Vec::new();
+    let mut conn: BTreeMap<String, ProgramDelta> = BTreeMap::new();
+    for _ in 0..CONNECT_CHUNKS {
+        let s0 = snapshot(&probes)?;
+        let mut chunk_made = 0u64;
+        for _ in 0..connects / CONNECT_CHUNKS {
+            if connect_once(to).is_ok() {
+                chunk_made += 1;
+            }
+        }
+        let d = delta(&s0, &snapshot(&probes)?);
+        let time = |programs: &[&str]| -> f64 {
+            programs.iter().map(|p| d[*p].run_time_ns).sum::<u64>() as f64
+        };
+        let packet_runs: u64 = packet_programs.iter().map(|p| d[*p].runs).sum();
+        // The packet programs' time over the connects, less the empty programs' time on the
+        // same packets (the floor, measured alongside) and less what any packet costs them
+        // above that floor. Noise may make it negative: no negative work.
+        let handshake =
+            (time(&packet_programs) - time(&skb_floor) - packet_runs as f64 * own_per_packet)
+                .max(0.0);
+        let per = |ns: f64| ns / chunk_made.max(1) as f64;
+        chunks.push(ConnectChunk {
+            connects: chunk_made,
+            ns_per_connect: per(time(&connect_programs) + handshake),
+            handshake_ns_per_connect: per(handshake),
+            floor_ns_per_connect: per(time(&connect_floor)),
+        });
+        made += chunk_made;
+        for (name, x) in d {
+            let sum = conn.entry(name).or_insert(ProgramDelta {
+                runs: 0,
+                run_time_ns: 0,
+            });
+            sum.runs += x.runs;
+            sum.run_time_ns += x.run_time_ns;
         }
     }
-    let conn = delta(&s0, &snapshot(&probes)?);
     eprintln!(
         "[kernel] {made} connects in {:.2} s",
         t.elapsed().as_secs_f64()
     );
     drop(stats);
-    let programs: u64 = connect_programs.iter().map(|p| conn[*p].run_time_ns).sum();
-    let floor: u64 = connect_floor.iter().map(|p| conn[*p].run_time_ns).sum();
-    let (packet_time, packet_runs) = packet_programs.iter().fold((0u64, 0u64), |(t, n), p| {
-        (t + conn[*p].run_time_ns, n + conn[*p].runs)
-    });
-    // Noise may put a phase's per-packet time below the non-DNS phase's: no negative work.
-    let handshake = (packet_time as f64 - packet_runs as f64 * non_dns_ns).max(0.0);
+    let median_of = |f: fn(&ConnectChunk) -> f64| median(&chunks.iter().map(f).collect::<Vec<_>>());
     let connect_breakdown = connect_programs
         .iter()
         .chain(&packet_programs)
@@ -199,13 +242,14 @@ pub fn measure(quick: bool) -> anyhow::Result<KernelCost> {
         non_dns_packets: packets,
         dns_ns_per_capture: dns_ns,
         dns_messages: exchanges * 2,
-        connect_ns_per_connect: (programs as f64 + handshake) / made.max(1) as f64,
+        connect_ns_per_connect: median_of(|c| c.ns_per_connect),
         connects: made,
         connect_breakdown,
-        handshake_ns_per_connect: handshake / made.max(1) as f64,
+        handshake_ns_per_connect: median_of(|c| c.handshake_ns_per_connect),
         non_dns_floor_ns_per_run: non_dns_floor,
         dns_floor_ns_per_run: dns_floor,
-        connect_floor_ns_per_connect: floor as f64 / made.max(1) as f64,
+        connect_floor_ns_per_connect: median_of(|c| c.floor_ns_per_connect),
+        connect_chunks: chunks,
         phases,
     })
 }

@@ -210,7 +210,13 @@ fn run(args: &Args) -> anyhow::Result<()> {
     rows.push(
         Row::new("in-kernel cost per connect (open + outcome)", k.connect_ns_per_connect, "ns", Goal::AtMost, 400.0)
             .note(format!(
-                "over {} loopback connects, client and server sides and teardown included ({}): the connect programs' run time plus the packet programs' handshake work ({:.0} ns: their time over the connects above what the same packets cost when they are no handshake); empty programs on the same hooks (connect4, sock_release): {:.0} ns per connect, so observer's own work is {:.0} ns",
+                "median of {} chunks of loopback connects ({} ns; {} connects in all), client and server sides and teardown included ({}): the connect programs' run time plus the packet programs' handshake work ({:.0} ns: their time over the connects less the empty programs' on the same packets and less their own work on any packet); empty programs on the same hooks (connect4, sock_release): {:.0} ns per connect, so observer's own work is {:.0} ns",
+                k.connect_chunks.len(),
+                k.connect_chunks
+                    .iter()
+                    .map(|c| format!("{:.0}", c.ns_per_connect))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 k.connects,
                 breakdown.join(", "),
                 k.handshake_ns_per_connect,
