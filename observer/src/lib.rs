@@ -7,6 +7,7 @@
 //! `export` (OTLP spans, Prometheus metrics, text and JSON lines); `agent` runs them all.
 
 pub mod agent;
+pub mod cli;
 pub mod correlate;
 pub mod dns;
 pub mod export;

@@ -1,47 +1,19 @@
 use std::{collections::HashSet, process::ExitCode};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use observer::{
     agent::config::{LogFormat, RunArgs, Settings},
+    cli::{Cli, Command, EventsArgs},
     probes::{self, BootClock, ProbeOptions, Probes},
 };
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Every DNS message and connect allocates and frees a few small values (names, answer
 /// lists, records); mimalloc serves them at a fraction of glibc malloc's cost (see the
-/// README, "Performance" of the correlation core).
+/// book's Performance page, "The correlation core").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// eBPF network flow observer for Kubernetes.
-#[derive(Parser)]
-#[command(name = "observer", version, about)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the agent: observe DNS and connects, correlate, print, export spans and metrics.
-    Run(RunArgs),
-    /// Print decoded kernel events live, one line each (debugging).
-    Events(EventsArgs),
-}
-
-#[derive(clap::Args)]
-struct EventsArgs {
-    /// Port carrying DNS (UDP and TCP, either end); repeat for several.
-    #[arg(long = "dns-port", default_values_t = [53])]
-    dns_ports: Vec<u16>,
-    /// Only print events of this cgroup v2 id; repeat for several.
-    #[arg(long = "cgroup-id")]
-    cgroup_ids: Vec<u64>,
-    /// Size of each kernel ring (DNS and connect) in KiB: a power of two, at least a page.
-    #[arg(long = "ring-size-kib")]
-    ring_size_kib: Option<u32>,
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -4,7 +4,7 @@ use std::{io, path::PathBuf, process::ExitStatus, time::Duration};
 #[derive(thiserror::Error)]
 pub enum TestbedError {
     #[error(
-        "the testbed builds network namespaces and cgroups and must run as root (effective uid {euid}); run the privileged tests as root, e.g. `sudo cargo xtask test`"
+        "the testbed builds network namespaces and cgroups and must run as root (effective uid {euid}); run the privileged tests as root, e.g. `cargo xtask test` from a root shell"
     )]
     NotRoot { euid: u32 },
     #[error(

@@ -43,6 +43,8 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Regenerate the book's reference tables (settings, metrics, JSON fields) from the code.
+    Docs,
     /// Run the fuzz targets (fuzz/): 25 s each, or 10M executions each with --long.
     Fuzz {
         /// 10 million executions per target instead of a short run.
@@ -75,6 +77,10 @@ fn main() -> Result<()> {
             Ok(())
         }
         Task::Bench { quick } => bench::bench(quick),
+        Task::Docs => {
+            setup::build_prerequisites()?;
+            docs()
+        }
         Task::Fuzz { long, targets } => fuzz::run(
             &targets,
             if long {
@@ -123,6 +129,16 @@ fn test(args: &[String]) -> Result<()> {
     run(&mut cmd)
 }
 
+/// The reference tables are snapshots of what the code produces, checked by a test of the
+/// suite; rewriting them is the same test with expect-test's update switch.
+fn docs() -> Result<()> {
+    run(cargo()
+        .args(["test", "--package", "observer", "--test", "reference_pages"])
+        .env("UPDATE_EXPECT", "1"))?;
+    eprintln!("[docs] docs/src/reference/generated/ now matches the code (see `git status`)");
+    Ok(())
+}
+
 fn demo() -> Result<()> {
     // xtask must build before bpf-linker exists, so it never links observer or its tests:
     // cargo builds them and names the executables it made.
@@ -150,7 +166,7 @@ fn demo() -> Result<()> {
     let demo = executable(&messages, "observer-demo")?;
     if !is_root() {
         bail!(
-            "the demo loads eBPF programs and builds network namespaces: run `sudo cargo xtask demo` (or as root)"
+            "the demo loads eBPF programs and builds network namespaces: run `cargo xtask demo` as root"
         );
     }
     // exec: the demo takes this process's place, so a Ctrl-C reaches it alone (through the

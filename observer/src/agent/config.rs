@@ -17,33 +17,39 @@ use serde::Deserialize;
 #[derive(Args, Debug, Default)]
 pub struct RunArgs {
     /// TOML config file (keys as the long flags, with `_` for `-`).
-    #[arg(long, env = "OBSERVER_CONFIG")]
+    #[arg(long, env = "OBSERVER_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
     /// A cluster network (pods, services, nodes), IPv4 or IPv6 CIDR. Repeatable; merged
-    /// with what Kubernetes reports.
+    /// with what Kubernetes reports [default: from Kubernetes, else the private ranges].
     #[arg(
         long = "cluster-cidr",
         env = "OBSERVER_CLUSTER_CIDR",
-        value_delimiter = ','
+        value_delimiter = ',',
+        value_name = "CIDR"
     )]
     pub cluster_cidrs: Vec<IpNet>,
     /// The cluster's DNS domain [default: cluster.local].
-    #[arg(long, env = "OBSERVER_CLUSTER_DOMAIN")]
+    #[arg(long, env = "OBSERVER_CLUSTER_DOMAIN", value_name = "DOMAIN")]
     pub cluster_domain: Option<String>,
     /// The cluster's name, reported as `k8s.cluster.name`.
-    #[arg(long, env = "OBSERVER_CLUSTER_NAME")]
+    #[arg(long, env = "OBSERVER_CLUSTER_NAME", value_name = "NAME")]
     pub cluster_name: Option<String>,
     /// Ports whose traffic is DNS. Repeatable [default: 53].
-    #[arg(long = "dns-port", env = "OBSERVER_DNS_PORTS", value_delimiter = ',')]
+    #[arg(
+        long = "dns-port",
+        env = "OBSERVER_DNS_PORTS",
+        value_delimiter = ',',
+        value_name = "PORT"
+    )]
     pub dns_ports: Vec<u16>,
     /// Enrich with the Kubernetes API (`auto`: when a config is found) or not [default: auto].
     #[arg(long, env = "OBSERVER_KUBE")]
     pub kube: Option<KubeSetting>,
     /// This node's name (the DaemonSet passes spec.nodeName through the downward API).
-    #[arg(long, env = "NODE_NAME")]
+    #[arg(long, env = "NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
     /// Where /metrics, /healthz and /readyz listen [default: 0.0.0.0:9464].
-    #[arg(long, env = "OBSERVER_METRICS_ADDR")]
+    #[arg(long, env = "OBSERVER_METRICS_ADDR", value_name = "ADDR:PORT")]
     pub metrics_addr: Option<SocketAddr>,
     /// What to print on standard output [default: text].
     #[arg(long, env = "OBSERVER_OUTPUT")]
@@ -52,19 +58,19 @@ pub struct RunArgs {
     #[arg(long, env = "OBSERVER_EXPORT")]
     pub export: Option<ExportPolicySetting>,
     /// Fraction (0..=1) of the selected, unflagged connections exported as spans [default: 1].
-    #[arg(long, env = "OBSERVER_SAMPLE_RATIO")]
+    #[arg(long, env = "OBSERVER_SAMPLE_RATIO", value_name = "RATIO")]
     pub sample_ratio: Option<f64>,
     /// Where spans go when no OTLP endpoint is configured (JSON lines) [default: none].
-    #[arg(long, env = "OBSERVER_SPANS_FILE")]
+    #[arg(long, env = "OBSERVER_SPANS_FILE", value_name = "PATH")]
     pub spans_file: Option<PathBuf>,
     /// Log format [default: text].
     #[arg(long, env = "OBSERVER_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
     /// Log filter, in `tracing` directive syntax [default: info].
-    #[arg(long, env = "OBSERVER_LOG")]
+    #[arg(long, env = "OBSERVER_LOG", value_name = "FILTER")]
     pub log_level: Option<String>,
-    /// Size of each kernel ring buffer in KiB (rounded up to a power of two pages).
-    #[arg(long, env = "OBSERVER_RING_SIZE_KIB")]
+    /// Size of the DNS kernel ring in KiB, rounded up to a power of two [default: 4096].
+    #[arg(long, env = "OBSERVER_RING_SIZE_KIB", value_name = "KIB")]
     pub ring_size_kib: Option<u32>,
     /// Rewrite DNS names in spans, metrics and output: `hash` (keyed per run) or `redact`;
     /// the cluster and search domains stay visible [default: off].

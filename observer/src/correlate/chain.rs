@@ -2,7 +2,7 @@
 //!
 //! A chain has a base name (what the application asked for, without the search domain)
 //! and steps: the base completed by a search domain, or the base as-is. A step holds the
-//! queries for its name (A and AAAA are one step). See the README, "How connections are classified" for the rules.
+//! queries for its name (A and AAAA are one step). See the book, "How connections are classified", for the rules.
 use std::{borrow::Cow, net::IpAddr, sync::Arc};
 
 use super::{Resolver, Scope};

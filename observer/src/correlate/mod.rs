@@ -2,7 +2,7 @@
 //!
 //! Pure: no I/O, no clock. Time comes in with every event (`at`) and through
 //! [`Correlator::tick`]. Every structure is keyed by scope first and bounded; every
-//! eviction and drop is counted in [`CoreCounters`]. See the README, "How connections are classified" for the rules.
+//! eviction and drop is counted in [`CoreCounters`]. See the book, "How connections are classified", for the rules.
 mod chain;
 mod types;
 
@@ -1199,7 +1199,7 @@ pub(crate) fn in_domain(name: &str, domain: &str) -> bool {
             && name.as_bytes()[name.len() - domain.len() - 1] == b'.')
 }
 
-/// The resolution class of an answered chain step (see the README, "How connections are classified").
+/// The resolution class of an answered chain step (see the book, "How connections are classified").
 fn classify(
     server: &str,
     search_domain: Option<&str>,

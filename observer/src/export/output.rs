@@ -115,7 +115,7 @@ impl<W: Write> TextWriter<W> {
     }
 }
 
-/// One JSON object per correlated connection per line (fields documented in the README, "What observer reports").
+/// One JSON object per correlated connection per line (fields: [`JSON_FIELDS`], which the book's output page is generated from).
 #[derive(Debug)]
 pub struct JsonWriter<W> {
     out: W,
@@ -148,6 +148,71 @@ struct JsonWorkload<'a> {
     kind: &'static str,
     name: &'a str,
 }
+
+/// Every field of a `--output json` line, in the order written, with what it means. The
+/// book's JSON table is generated from this list and from serialized records (`cargo xtask
+/// docs`); a test fails when a field is missing here or listed but not written.
+pub const JSON_FIELDS: &[(&str, &str)] = &[
+    ("time", "RFC 3339 (UTC, ns) of the connect outcome"),
+    (
+        "pod",
+        "the pod; null for node processes; `namespace` and `name` null when only the UID is known",
+    ),
+    ("container_id", "runtime container id"),
+    ("cgroup_id", "cgroup v2 id of the socket's owner"),
+    ("pid", "the process that connected"),
+    ("comm", "its command name"),
+    ("destination", "the address the application connected to"),
+    ("outcome", "`established`, `refused`, `timeout`, `reset`"),
+    (
+        "query_name",
+        "what the application asked for, as it asked (`db`)",
+    ),
+    (
+        "server_address",
+        "the name whose answer held the destination",
+    ),
+    (
+        "resolution",
+        "`in-cluster`, `search-escape`, `external`, `cname-escape`, `none`",
+    ),
+    (
+        "search_chain",
+        "every query in the order sent; `rcode` null when unanswered",
+    ),
+    ("egress", "the destination is outside every cluster network"),
+    (
+        "flagged",
+        "egress reached through a search-domain escape or a CNAME out of the cluster domain",
+    ),
+    (
+        "drift",
+        "this workload resolved the same name in-cluster before, and outside now",
+    ),
+    (
+        "workload",
+        "the pod's top controller (`Deployment`, `StatefulSet`, ...)",
+    ),
+    (
+        "container_name",
+        "the container's name, from the Kubernetes API",
+    ),
+    ("node", "the node observer runs on"),
+    ("source", "the socket's own address, when known"),
+    (
+        "search_domain",
+        "the search domain that completed the name, if one did",
+    ),
+    (
+        "cname_chain",
+        "CNAME targets followed from `server_address`",
+    ),
+    (
+        "wasted_queries",
+        "names tried without an address before the answer (A/AAAA pairs count once)",
+    ),
+    ("message", "the flag sentence, as in the span status"),
+];
 
 #[derive(Serialize)]
 struct JsonConnection<'a> {

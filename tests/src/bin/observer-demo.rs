@@ -55,7 +55,7 @@ static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 #[derive(Debug, thiserror::Error)]
 enum DemoError {
     #[error(
-        "the demo builds network namespaces and loads eBPF programs: run it as root (`sudo cargo xtask demo`)"
+        "the demo builds network namespaces and loads eBPF programs: run `cargo xtask demo` as root"
     )]
     NotRoot,
     #[error("{0}")]
