@@ -25,10 +25,12 @@ pub struct EventsArgs {
     /// Port carrying DNS (UDP and TCP, either end); repeat for several.
     #[arg(long = "dns-port", default_values_t = [53], value_name = "PORT")]
     pub dns_ports: Vec<u16>,
-    /// Only print events of this cgroup v2 id; repeat for several.
+    /// Only print events of this cgroup v2 id (the inode number of the cgroup's directory,
+    /// `stat -c %i`); repeat for several.
     #[arg(long = "cgroup-id", value_name = "ID")]
     pub cgroup_ids: Vec<u64>,
-    /// Size of each kernel ring (DNS and connect) in KiB: a power of two, at least a page.
+    /// Size of each kernel ring (DNS and connect) in KiB: a power of two, at least a page
+    /// [default: DNS 4096, connect 512].
     #[arg(long = "ring-size-kib", value_name = "KIB")]
     pub ring_size_kib: Option<u32>,
 }
