@@ -8,7 +8,7 @@ mod export_support;
 use std::collections::{BTreeMap, BTreeSet};
 
 use clap::{ArgAction, CommandFactory as _};
-use expect_test::expect_file;
+use expect_test::{ExpectFile, expect_file};
 use export_support::*;
 use observer::{
     cli::Cli,
@@ -22,17 +22,36 @@ const GENERATED: &str =
 
 #[test]
 fn settings_page_matches_the_clap_definitions() {
-    expect_file!["../../docs/src/reference/generated/settings.md"].assert_eq(&settings_page());
+    check(
+        expect_file!["../../docs/src/reference/generated/settings.md"],
+        &settings_page(),
+    );
 }
 
 #[test]
 fn metrics_page_matches_the_metric_registry() {
-    expect_file!["../../docs/src/reference/generated/metrics.md"].assert_eq(&metrics_page());
+    check(
+        expect_file!["../../docs/src/reference/generated/metrics.md"],
+        &metrics_page(),
+    );
 }
 
 #[test]
 fn json_page_matches_the_json_lines() {
-    expect_file!["../../docs/src/reference/generated/json-fields.md"].assert_eq(&json_page());
+    check(
+        expect_file!["../../docs/src/reference/generated/json-fields.md"],
+        &json_page(),
+    );
+}
+
+/// The page must be what the code generates. The hint is printed before the comparison
+/// (the harness shows it only when the test fails).
+fn check(page: ExpectFile, generated: &str) {
+    eprintln!(
+        "the book's reference page differs from what the code generates: run `cargo xtask docs` \
+         and commit docs/src/reference/generated/"
+    );
+    page.assert_eq(generated);
 }
 
 // ---- settings ------------------------------------------------------------------------
