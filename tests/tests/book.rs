@@ -58,6 +58,44 @@ fn readme_fits_in_200_lines() {
     );
 }
 
+/// The commands of the README's first screen (its first code block), each with where it is
+/// run as written: a newcomer's first command must be one the project runs itself.
+const FIRST_SCREEN_COMMANDS: &[(&str, &str)] = &[
+    // .ci/run runs it, exactly.
+    ("cargo xtask test", ".ci/run"),
+    // The demo binary it builds and execs is run end to end by tests/tests/demo.rs.
+    ("cargo xtask demo", "tests/tests/demo.rs"),
+];
+
+#[test]
+fn the_first_screen_shows_only_commands_that_are_run() {
+    let readme = fs::read_to_string(repo().join("README.md")).expect("read README.md");
+    let block: Vec<&str> = readme
+        .split("```")
+        .nth(1)
+        .expect("README.md starts with a code block of commands")
+        .lines()
+        .skip(1) // the fence's language tag
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert!(!block.is_empty(), "the README's first code block is empty");
+    for line in block {
+        let command = line.split('#').next().unwrap_or_default().trim();
+        let Some((_, runner)) = FIRST_SCREEN_COMMANDS.iter().find(|(c, _)| *c == command) else {
+            panic!(
+                "the README's first screen shows `{command}`, which no test or CI runs as written: \
+                 keep it out of the first screen, or run it and list it in FIRST_SCREEN_COMMANDS"
+            );
+        };
+        let runner_text = fs::read_to_string(repo().join(runner))
+            .unwrap_or_else(|e| panic!("{runner}, which runs `{command}`, cannot be read: {e}"));
+        assert!(
+            runner_text.contains(command),
+            "{runner} no longer runs `{command}`"
+        );
+    }
+}
+
 #[test]
 fn every_page_is_in_the_table_of_contents() {
     let src = repo().join("docs/src");
