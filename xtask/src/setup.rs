@@ -47,7 +47,7 @@ pub fn build_prerequisites() -> Result<()> {
     Ok(())
 }
 
-fn say(msg: &str) {
+pub(crate) fn say(msg: &str) {
     eprintln!("[setup] {msg}");
 }
 
@@ -98,6 +98,8 @@ pub(crate) fn apt_install(purpose: &str, packages: &[&str]) -> Result<()> {
     .context("apt-get update (setup needs root to install Debian packages)")?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
+        // Other installs may hold the dpkg lock for a while: wait for it rather than fail.
+        .args(["-o", "DPkg::Lock::Timeout=600"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
@@ -137,12 +139,15 @@ fn kubernetes_validate() -> Result<()> {
         ));
         return Ok(());
     }
-    say(&format!(
-        "kubernetes-validate: installing {KUBERNETES_VALIDATE} with pip"
-    ));
+    pip_install("kubernetes-validate", KUBERNETES_VALIDATE)
+}
+
+/// `pip install <requirement>` into the system's python3.
+pub(crate) fn pip_install(what: &str, requirement: &str) -> Result<()> {
+    say(&format!("{what}: installing {requirement} with pip"));
     let pip = || {
         let mut cmd = Command::new("python3");
-        cmd.args(["-m", "pip", "install", "--quiet", KUBERNETES_VALIDATE]);
+        cmd.args(["-m", "pip", "install", "--quiet", requirement]);
         cmd
     };
     if run(&mut pip()).is_ok() {
@@ -150,7 +155,9 @@ fn kubernetes_validate() -> Result<()> {
     }
     // Debian's own python3 refuses pip installs outside a virtual environment (PEP 668);
     // this machine is a test machine, not a desktop: install system-wide anyway.
-    say("kubernetes-validate: retrying with --break-system-packages (PEP 668 Python)");
+    say(&format!(
+        "{what}: retrying with --break-system-packages (PEP 668 Python)"
+    ));
     run(pip().arg("--break-system-packages"))
-        .context("pip install kubernetes-validate (is python3-pip installed?)")
+        .with_context(|| format!("pip install {requirement} (is python3-pip installed?)"))
 }
