@@ -562,6 +562,8 @@ fn transfer(pod: &Pod, echo_host: &Host) -> (Vec<Vec<u8>>, String) {
     ] {
         let mut p = DnsProbe::new(server_v4(), name, qtype::A, transport);
         p.id = Some(0x5eed);
+        // A hang guard: every query here is answered (slowly in a guest under TCG).
+        p.timeout = Duration::from_secs(30);
         let r = pod.dns_probe(dns_probe_client_bin!(), &p).expect("probe");
         let Some(answer) = r.response.clone() else {
             panic!("{name} over {transport:?}: {r:?}");
@@ -617,7 +619,7 @@ import socket, struct, sys
 server, port, n, name = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 qname = b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0"
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(1.0)
+s.settimeout(10.0)
 s.connect((server, port))
 answered = 0
 for i in range(n):
@@ -805,7 +807,8 @@ fn run_agent_with(setpriv_args: &[&str]) -> observer_tests::CommandOutput {
         // What a user sees by default (the test runner's environment may ask for backtraces).
         .env("RUST_BACKTRACE", "0")
         .env("RUST_LIB_BACKTRACE", "0")
-        .timeout(Duration::from_secs(10))
+        // A hang guard: the agent refuses by itself (a debug build under TCG takes seconds).
+        .timeout(Duration::from_secs(120))
         .output()
         .expect("run the agent under setpriv (util-linux)")
 }
