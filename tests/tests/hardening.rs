@@ -16,7 +16,7 @@ use observer_tests::{
 };
 use serde_json::Value;
 
-const RECORD_WAIT: Duration = Duration::from_secs(20);
+const RECORD_WAIT: Duration = Duration::from_secs(120);
 
 fn agent_for(story: &Story, extra: &[&str]) -> Agent {
     let _ = story;
