@@ -22,7 +22,7 @@ const _: () = {
     assert!(offset_of!(ConnectEvent, dst_addr) % 8 == 0);
     assert!(offset_of!(ConnectEvent, requested_addr) % 8 == 0);
     assert!(offset_of!(ConnectEvent, comm) % 8 == 0);
-    assert!(size_of::<ConnectEvent>() % 8 == 0);
+    assert!(size_of::<ConnectEvent>().is_multiple_of(8));
     assert!(offset_of!(DnsEvent, src_addr) % 8 == 0);
     assert!(offset_of!(DnsEvent, dst_addr) % 8 == 0);
 };

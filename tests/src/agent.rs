@@ -220,7 +220,9 @@ impl Agent {
             stderr,
             readers: vec![out_reader, err_reader],
         };
-        agent.wait_ready(Duration::from_secs(30))?;
+        // A hang guard: readiness is the agent's own signal; loading the programs takes
+        // tens of seconds in a guest under TCG on a busy machine.
+        agent.wait_ready(Duration::from_secs(180))?;
         Ok(agent)
     }
 

@@ -11,8 +11,9 @@ use std::{
 
 use crate::error::{Result, TestbedError};
 
-/// Default bound for one command run by the testbed or a test.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Default hang guard for one command run by the testbed or a test: it ends a command that
+/// would never end, so it is generous (guests under TCG run ~10x slower than native).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A program the testbed runs and the Debian package that provides it.
 #[derive(Clone, Copy, Debug)]

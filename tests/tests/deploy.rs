@@ -27,7 +27,8 @@ const KUBERNETES_VERSIONS: [&str; 6] = ["1.30.0", "1.31.0", "1.32.0", "1.33.0", 
 /// Labels Prometheus puts on every scraped series of the agent (the ServiceMonitor adds
 /// `node`; `instance` and `job` come with every target).
 const TARGET_LABELS: [&str; 3] = ["instance", "job", "node"];
-const WAIT: Duration = Duration::from_secs(10);
+/// Hang guard for records that must come (guests under TCG run ~10x slower).
+const WAIT: Duration = Duration::from_secs(120);
 
 fn yaml_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)

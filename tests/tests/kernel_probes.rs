@@ -35,7 +35,8 @@ const API_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0x2, 0x7);
 /// A name with this many A records answers more than the 2048 captured bytes over TCP.
 const MANY_NAME: &str = "many.default.svc.cluster.local";
 const MANY_RECORDS: u8 = 200;
-const EVENT_WAIT: Duration = Duration::from_secs(5);
+/// Hang guard for events that must come: generous, since guests under TCG run ~10x slower.
+const EVENT_WAIT: Duration = Duration::from_secs(60);
 const CAPTURE_MAX: usize = observer_common::DNS_PAYLOAD_MAX;
 
 fn dns_config() -> DnsConfig {
@@ -58,7 +59,9 @@ fn server_v6() -> SocketAddr {
 
 fn probe(pod: &Pod, server: SocketAddr, name: &str, transport: Transport) -> ProbeReport {
     let mut probe = DnsProbe::new(server, name, qtype::A, transport);
-    probe.timeout = Duration::from_secs(2);
+    // A hang guard, not a bound: every probe here must be answered, and a large TCP answer
+    // takes seconds in a guest under TCG.
+    probe.timeout = Duration::from_secs(30);
     let report = pod
         .dns_probe(dns_probe_client_bin!(), &probe)
         .expect("dns-probe-client");
@@ -559,6 +562,8 @@ fn transfer(pod: &Pod, echo_host: &Host) -> (Vec<Vec<u8>>, String) {
     ] {
         let mut p = DnsProbe::new(server_v4(), name, qtype::A, transport);
         p.id = Some(0x5eed);
+        // A hang guard: every query here is answered (slowly in a guest under TCG).
+        p.timeout = Duration::from_secs(30);
         let r = pod.dns_probe(dns_probe_client_bin!(), &p).expect("probe");
         let Some(answer) = r.response.clone() else {
             panic!("{name} over {transport:?}: {r:?}");
@@ -614,7 +619,7 @@ import socket, struct, sys
 server, port, n, name = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 qname = b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0"
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(1.0)
+s.settimeout(10.0)
 s.connect((server, port))
 answered = 0
 for i in range(n):
@@ -802,7 +807,8 @@ fn run_agent_with(setpriv_args: &[&str]) -> observer_tests::CommandOutput {
         // What a user sees by default (the test runner's environment may ask for backtraces).
         .env("RUST_BACKTRACE", "0")
         .env("RUST_LIB_BACKTRACE", "0")
-        .timeout(Duration::from_secs(10))
+        // A hang guard: the agent refuses by itself (a debug build under TCG takes seconds).
+        .timeout(Duration::from_secs(120))
         .output()
         .expect("run the agent under setpriv (util-linux)")
 }
@@ -847,4 +853,12 @@ fn without_privileges_the_agent_names_the_missing_capabilities() {
         &["CAP_NET_ADMIN"],
         &["CAP_BPF", "CAP_PERFMON"],
     );
+}
+
+/// The probe the agent runs before loading finds every feature it needs on this kernel
+/// (the matrix's kernels are all new enough), so a refusal can only mean a kernel lacks one.
+#[test]
+fn the_start_up_feature_probe_finds_everything_on_this_kernel() {
+    let found = observer::probes::KernelFeatures::probe().expect("probing the running kernel");
+    assert_eq!(found.missing(), Vec::new(), "{found:?}");
 }

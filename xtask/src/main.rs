@@ -2,9 +2,14 @@
 //! fresh machine goes from clone to green with one command.
 mod bench;
 mod fuzz;
+mod lint;
 mod setup;
+mod vm;
 
-use std::process::Command;
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
@@ -30,12 +35,32 @@ enum Task {
     /// The incident in one command (root): a small cluster, the real agent, a pod whose
     /// `db` escapes through a search domain, what observer saw, and the fix.
     Demo,
-    /// Run the whole suite: unit tests, then the privileged integration tests (root).
+    /// Run the whole suite (root): formatting and clippy (host crates and the kernel
+    /// crate), unit tests, the privileged integration tests on this machine's kernel, a short
+    /// fuzz run, then the kernel matrix (`vm-test`). A filtered run (test name given) or
+    /// `--host-only` skips the lints, the fuzz run and the matrix.
     Test {
+        /// Run on this machine's kernel only: no lints, fuzz run or kernel matrix.
+        #[arg(long)]
+        host_only: bool,
         /// Extra arguments passed to the test binaries (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// The kernel matrix (root): boots Debian's 5.10, 6.1 and 6.12 kernels in QEMU with
+    /// virtme-ng and runs the privileged test binaries inside each. Prints a table (kernel x
+    /// test binary) and writes it to target/vm-matrix/matrix.md.
+    VmTest {
+        /// Kernels to boot (5.10, 6.1, 6.12; default: all).
+        #[arg(long = "kernel")]
+        kernels: Vec<String>,
+        /// Test binaries to run (default: those xtask's table gives each kernel).
+        #[arg(long = "test")]
+        tests: Vec<String>,
+    },
+    /// Formatting and clippy with warnings denied, on the host crates and on the kernel
+    /// crate for its own target.
+    Lint,
     /// Measure what observer costs a node (root): in-kernel cost, throughput with and
     /// without the agent, losses, agent CPU and memory, core replay. Writes target/bench/.
     Bench {
@@ -67,14 +92,27 @@ fn main() -> Result<()> {
             setup::all()?;
             demo()
         }
-        Task::Test { args } => {
+        Task::Test { host_only, args } => {
             setup::all()?;
+            let whole = args.is_empty() && !host_only;
+            if whole {
+                lint::lint()?;
+            }
             test(&args)?;
-            // A short fuzz run of every parser of outside bytes; skipped for a filtered run.
-            if args.is_empty() {
+            // A short fuzz run of every parser of outside bytes, then the other kernels.
+            if whole {
                 fuzz::run(&[], fuzz::Budget::Seconds(fuzz::SHORT_SECONDS))?;
+                vm::run_matrix(&vm::Selection::default())?;
             }
             Ok(())
+        }
+        Task::VmTest { kernels, tests } => {
+            setup::all()?;
+            vm::run_matrix(&vm::Selection { kernels, tests })
+        }
+        Task::Lint => {
+            setup::build_prerequisites()?;
+            lint::lint()
         }
         Task::Bench { quick } => bench::bench(quick),
         Task::Docs => {
@@ -195,7 +233,15 @@ fn executable(messages: &str, name: &str) -> Result<String> {
         .with_context(|| format!("cargo did not report the `{name}` executable it built"))
 }
 
-fn is_root() -> bool {
+/// The workspace root (xtask's manifest sits one level down).
+pub(crate) fn checkout() -> Result<PathBuf> {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask's manifest directory has no parent")
+}
+
+pub(crate) fn is_root() -> bool {
     // The effective uid is what the kernel checks; /proc avoids a libc dependency.
     std::fs::read_to_string("/proc/self/status")
         .ok()

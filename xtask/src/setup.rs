@@ -57,7 +57,7 @@ pub fn build_prerequisites() -> Result<()> {
     Ok(())
 }
 
-fn say(msg: &str) {
+pub(crate) fn say(msg: &str) {
     eprintln!("[setup] {msg}");
 }
 
@@ -108,6 +108,8 @@ pub(crate) fn apt_install(purpose: &str, packages: &[&str]) -> Result<()> {
     .context("apt-get update (setup needs root to install Debian packages)")?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
+        // Other installs may hold the dpkg lock for a while: wait for it rather than fail.
+        .args(["-o", "DPkg::Lock::Timeout=600"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
@@ -150,8 +152,9 @@ fn kubernetes_validate() -> Result<()> {
     pip_install("kubernetes-validate", KUBERNETES_VALIDATE)
 }
 
-fn pip_install(tool: &str, requirement: &str) -> Result<()> {
-    say(&format!("{tool}: installing {requirement} with pip"));
+/// `pip install <requirement>` into the system's python3.
+pub(crate) fn pip_install(what: &str, requirement: &str) -> Result<()> {
+    say(&format!("{what}: installing {requirement} with pip"));
     let pip = || {
         let mut cmd = Command::new("python3");
         cmd.args(["-m", "pip", "install", "--quiet", requirement]);
@@ -163,7 +166,7 @@ fn pip_install(tool: &str, requirement: &str) -> Result<()> {
     // Debian's own python3 refuses pip installs outside a virtual environment (PEP 668);
     // this machine is a test machine, not a desktop: install system-wide anyway.
     say(&format!(
-        "{tool}: retrying with --break-system-packages (PEP 668 Python)"
+        "{what}: retrying with --break-system-packages (PEP 668 Python)"
     ));
     run(pip().arg("--break-system-packages"))
         .with_context(|| format!("pip install {requirement} (is python3-pip installed?)"))

@@ -15,6 +15,7 @@
 mod clock;
 mod decode;
 mod display;
+mod features;
 mod system;
 
 use std::{
@@ -49,6 +50,7 @@ pub use decode::{
     Ring, decode_connect, decode_dns,
 };
 pub use display::{describe, format_utc};
+pub use features::{KernelFeature, KernelFeatures, min_kernel_for};
 pub use system::{Mount, cgroup2_root, parse_mountinfo};
 
 /// The kernel programs, built by build.rs for bpfel-unknown-none.
@@ -141,6 +143,18 @@ pub enum ProbeError {
     #[error("reading {path}")]
     ReadSystemFile {
         path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "this kernel lacks {}: observer needs Linux {} or newer",
+        missing.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+        min_kernel_for(missing)
+    )]
+    MissingKernelFeatures { missing: Vec<KernelFeature> },
+    #[error("probing the kernel for {}", feature.name())]
+    FeatureProbe {
+        feature: KernelFeature,
         #[source]
         source: io::Error,
     },
@@ -372,6 +386,7 @@ impl Probes {
         }
         let mounts = system::read_mounts()?;
         system::check_capabilities()?;
+        KernelFeatures::probe()?.require_all()?;
         let cgroup = match &options.cgroup {
             Some(path) => path.clone(),
             None => cgroup2_root(&mounts).ok_or(ProbeError::NoCgroup2Mount)?,

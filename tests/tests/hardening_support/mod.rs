@@ -88,7 +88,7 @@ impl HostileServer {
             .args(["-u", "-c", HOSTILE_SERVER])
             .spawn()
             .expect("starting the hostile DNS server");
-        let listening = eventually(Duration::from_secs(10), || {
+        let listening = eventually(Duration::from_secs(60), || {
             host.command("ss")
                 .args(["-uln"])
                 .output()
