@@ -14,9 +14,18 @@ use tokio::signal::unix::{SignalKind, signal};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `observer --version` and the first log line: the release and the git commit it was built
+/// from (build.rs; "unknown" for a tree without git history).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("OBSERVER_GIT_COMMIT"),
+    ")"
+);
+
 /// eBPF network flow observer for Kubernetes.
 #[derive(Parser)]
-#[command(name = "observer", version, about)]
+#[command(name = "observer", version = VERSION, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -97,6 +106,7 @@ fn init_logging(format: LogFormat, default_filter: &str) {
 fn run_agent(args: RunArgs) -> anyhow::Result<()> {
     let settings = Settings::resolve(args)?;
     init_logging(settings.log_format, &settings.log_level);
+    tracing::info!("observer {VERSION} starting");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
