@@ -4,9 +4,18 @@ use clap::{Parser, Subcommand};
 
 use crate::agent::config::RunArgs;
 
+/// `observer --version` and the first log line: the release and the git commit it was built
+/// from (build.rs; "unknown" for a tree without git history).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("OBSERVER_GIT_COMMIT"),
+    ")"
+);
+
 /// eBPF network flow observer for Kubernetes.
 #[derive(Parser)]
-#[command(name = "observer", version, about)]
+#[command(name = "observer", version = VERSION, about)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

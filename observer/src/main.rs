@@ -4,7 +4,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use observer::{
     agent::config::{LogFormat, RunArgs, Settings},
-    cli::{Cli, Command, EventsArgs},
+    cli::{Cli, Command, EventsArgs, VERSION},
     probes::{self, BootClock, ProbeOptions, Probes},
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -69,6 +69,7 @@ fn init_logging(format: LogFormat, default_filter: &str) {
 fn run_agent(args: RunArgs) -> anyhow::Result<()> {
     let settings = Settings::resolve(args)?;
     init_logging(settings.log_format, &settings.log_level);
+    tracing::info!("observer {VERSION} starting");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -2,6 +2,7 @@
 //! fresh machine goes from clone to green with one command.
 mod bench;
 mod fuzz;
+mod image;
 mod lint;
 mod setup;
 mod vm;
@@ -32,6 +33,10 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
+    /// Build the agent's OCI image from a release build (no daemon, nothing pulled):
+    /// target/image/observer-<version>.oci.tar, for podman load, docker load or skopeo.
+    /// Prints the archive's path on standard output.
+    Image,
     /// The incident in one command (root): a small cluster, the real agent, a pod whose
     /// `db` escapes through a search domain, what observer saw, and the fix.
     Demo,
@@ -88,6 +93,24 @@ fn main() -> Result<()> {
             setup::build_prerequisites()?;
             build(release)
         }
+        Task::Image => {
+            setup::image_prerequisites()?;
+            let image = image::build(&workspace_root())?;
+            let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+            let archive_bytes = std::fs::metadata(&image.archive)
+                .with_context(|| format!("reading {}", image.archive.display()))?
+                .len();
+            eprintln!(
+                "[image] {} (version {}, commit {}): {:.1} MiB unpacked, archive {:.1} MiB",
+                image.reference,
+                image.version,
+                image.commit,
+                mib(image.unpacked_bytes),
+                mib(archive_bytes),
+            );
+            println!("{}", image.archive.display());
+            Ok(())
+        }
         Task::Demo => {
             setup::all()?;
             demo()
@@ -128,6 +151,14 @@ fn main() -> Result<()> {
             },
         ),
     }
+}
+
+/// The workspace's root directory (xtask lives one level below it).
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace root")
+        .to_owned()
 }
 
 pub(crate) fn cargo() -> Command {
@@ -216,7 +247,7 @@ fn demo() -> Result<()> {
 }
 
 /// The executable cargo reported for binary `name` in its JSON messages.
-fn executable(messages: &str, name: &str) -> Result<String> {
+pub(crate) fn executable(messages: &str, name: &str) -> Result<String> {
     let named = format!(r#""name":"{name}""#);
     messages
         .lines()

@@ -25,6 +25,15 @@ const TESTBED_PACKAGES: &[&str] = &["iproute2", "dnsmasq-base", "python3", "bpft
 /// DaemonSet's capabilities.
 const DEPLOY_PACKAGES: &[&str] = &["prometheus", "util-linux"];
 
+/// Debian packages `cargo xtask image` uses: buildah commits the image without a daemon;
+/// strip (binutils) and ldd (libc-bin) prepare the agent and find its libraries; the image
+/// carries ca-certificates' bundle.
+const IMAGE_PACKAGES: &[&str] = &["buildah", "binutils", "libc-bin", "ca-certificates"];
+
+/// Debian packages the image test uses: podman runs the image (with runc: crun refuses
+/// hybrid cgroup hierarchies), skopeo reads the archive as registries' tools do.
+const IMAGE_TEST_PACKAGES: &[&str] = &["podman", "runc", "skopeo"];
+
 /// The Kubernetes schema validator (PyPI), pinned: 1.37.0 ships the schemas of
 /// Kubernetes 1.25 to 1.37, and brings PyYAML, which the deployment tests read YAML with.
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
@@ -45,6 +54,8 @@ pub fn all() -> Result<()> {
     apt_install("deployment checks", DEPLOY_PACKAGES)?;
     kubernetes_validate()?;
     book_tools()?;
+    apt_install("image", IMAGE_PACKAGES)?;
+    apt_install("image test", IMAGE_TEST_PACKAGES)?;
     say("setup complete");
     Ok(())
 }
@@ -55,6 +66,12 @@ pub fn build_prerequisites() -> Result<()> {
     apt_install("LLVM for bpf-linker", BUILD_PACKAGES)?;
     bpf_linker()?;
     Ok(())
+}
+
+/// What building the image needs.
+pub fn image_prerequisites() -> Result<()> {
+    build_prerequisites()?;
+    apt_install("image", IMAGE_PACKAGES)
 }
 
 pub(crate) fn say(msg: &str) {
