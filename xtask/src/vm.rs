@@ -592,3 +592,113 @@ fn show_failures(run: &KernelRun) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What issue 15 requires of the oldest and newest kernels.
+    const REQUIRED_EVERYWHERE: &[&str] = &[
+        "kernel_probes",
+        "scenarios_dns",
+        "scenarios_pods",
+        "agent_run",
+        "demo",
+        "hardening",
+    ];
+
+    #[test]
+    fn every_listed_binary_is_a_test_of_the_tests_crate() {
+        let tests_dir = checkout().unwrap().join("tests/tests");
+        for name in ALL_PRIVILEGED {
+            let file = tests_dir.join(format!("{name}.rs"));
+            assert!(file.is_file(), "{} is missing", file.display());
+        }
+    }
+
+    #[test]
+    fn six_one_runs_every_privileged_binary_and_the_others_the_required_ones() {
+        for kernel in KERNELS {
+            for test in REQUIRED_EVERYWHERE {
+                assert!(kernel.tests.contains(test), "{} lacks {test}", kernel.name);
+            }
+            for test in kernel.tests {
+                assert!(
+                    ALL_PRIVILEGED.contains(test),
+                    "{} runs unknown {test}",
+                    kernel.name
+                );
+            }
+        }
+        let six_one = KERNELS.iter().find(|k| k.name == "6.1").unwrap();
+        assert_eq!(six_one.tests, ALL_PRIVILEGED);
+    }
+
+    #[test]
+    fn a_selection_picks_kernels_and_binaries_and_rejects_unknown_names() {
+        let all = plan(&Selection::default()).unwrap();
+        assert_eq!(all.len(), KERNELS.len());
+        let one = plan(&Selection {
+            kernels: vec!["5.10".into()],
+            tests: vec!["demo".into(), "deploy".into()],
+        })
+        .unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].0.name, "5.10");
+        // deploy is not in 5.10's list: only demo runs there.
+        assert_eq!(one[0].1, vec!["demo"]);
+        assert!(
+            plan(&Selection {
+                kernels: vec!["4.19".into()],
+                ..Selection::default()
+            })
+            .is_err()
+        );
+        assert!(
+            plan(&Selection {
+                tests: vec!["no_such_test".into()],
+                ..Selection::default()
+            })
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn the_table_marks_failures_and_missing_results() {
+        let kernel = &KERNELS[0];
+        let mut results = BTreeMap::new();
+        results.insert(
+            "kernel_probes",
+            Some(Outcome {
+                passed: true,
+                seconds: 61.4,
+                log: PathBuf::new(),
+            }),
+        );
+        results.insert(
+            "demo",
+            Some(Outcome {
+                passed: false,
+                seconds: 20.0,
+                log: PathBuf::new(),
+            }),
+        );
+        results.insert("hardening", None);
+        let run = KernelRun {
+            kernel,
+            wall: Duration::from_secs(300),
+            guest: "5.10.0-32-amd64 cgroup2fs".into(),
+            results,
+            boot_log: PathBuf::new(),
+        };
+        assert!(!run.passed());
+        let table = table(&[run]);
+        assert!(table.contains("| kernel_probes | passed 61 s |"), "{table}");
+        assert!(table.contains("| demo | **FAILED** 20 s |"), "{table}");
+        assert!(table.contains("| hardening | **no result** |"), "{table}");
+        assert!(
+            table.contains("| whole guest (boot to shutdown) | 300 s |"),
+            "{table}"
+        );
+    }
+}
