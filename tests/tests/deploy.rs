@@ -47,22 +47,6 @@ fn daemonset() -> Value {
     )
 }
 
-fn prometheus_rule() -> Value {
-    document_of_kind(
-        &deploy_dir().join("monitoring/prometheusrule.yaml"),
-        "PrometheusRule",
-    )
-}
-
-fn alert_rules() -> Vec<Value> {
-    prometheus_rule()["spec"]["groups"]
-        .as_array()
-        .expect("groups")
-        .iter()
-        .flat_map(|g| g["rules"].as_array().expect("rules").clone())
-        .collect()
-}
-
 #[test]
 fn manifests_and_examples_validate_against_the_kubernetes_schemas() {
     let validator = require_tool(

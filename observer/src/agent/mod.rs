@@ -587,21 +587,29 @@ impl Agent {
     }
 
     /// Export identity of a whole scope (no single container): for per-scope metrics.
+    /// Identity of a scope for what has no event of its own (an unanswered query): a pod
+    /// is resolved through a cgroup it was seen in, so its namespace and workload label the
+    /// series as they label its connections; only a pod never seen in a cgroup is known by
+    /// UID alone.
     fn scope_identity(&self, scope: &ScopeKey) -> ExportIdentity {
-        match scope {
-            ScopeKey::Host(cgroup) => {
-                enrich::export_identity(&self.identity.resolve(*cgroup, None), &self.node)
-            }
-            ScopeKey::Pod(uid) => ExportIdentity {
-                cluster: self.node.cluster.clone(),
-                node: self.node.node.clone(),
-                pod: Some(PodIdentity {
-                    uid: uid.to_string(),
-                    ..PodIdentity::default()
-                }),
-                container: None,
+        let cgroup = match scope {
+            ScopeKey::Host(cgroup) => *cgroup,
+            ScopeKey::Pod(uid) => match self.scope_cgroups.any_cgroup(scope) {
+                Some(cgroup) => cgroup,
+                None => {
+                    return ExportIdentity {
+                        cluster: self.node.cluster.clone(),
+                        node: self.node.node.clone(),
+                        pod: Some(PodIdentity {
+                            uid: uid.to_string(),
+                            ..PodIdentity::default()
+                        }),
+                        container: None,
+                    };
+                }
             },
-        }
+        };
+        enrich::export_identity(&self.identity.resolve(cgroup, None), &self.node)
     }
 
     fn refresh(&mut self) {

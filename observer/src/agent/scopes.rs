@@ -18,6 +18,11 @@ impl ScopeCgroups {
         }
     }
 
+    /// One cgroup the scope was seen in (the lowest id, so the answer is stable).
+    pub fn any_cgroup(&self, scope: &ScopeKey) -> Option<u64> {
+        self.seen.get(scope)?.iter().min().copied()
+    }
+
     /// Drops cgroups that no longer exist and returns the scopes left with none.
     pub fn departed(&mut self, exists: impl Fn(u64) -> bool) -> Vec<ScopeKey> {
         let mut departed = Vec::new();
@@ -45,6 +50,17 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+
+    #[test]
+    fn a_scope_is_found_through_a_cgroup_it_was_seen_in() {
+        let pod = ScopeKey::Pod(Arc::from("uid-1"));
+        let mut scopes = ScopeCgroups::default();
+        assert_eq!(scopes.any_cgroup(&pod), None);
+        scopes.note(&pod, 11);
+        scopes.note(&pod, 10);
+        assert_eq!(scopes.any_cgroup(&pod), Some(10));
+        assert_eq!(scopes.any_cgroup(&ScopeKey::Host(99)), None);
+    }
 
     #[test]
     fn a_pod_departs_only_when_its_last_container_cgroup_is_gone() {
