@@ -202,7 +202,14 @@ fn test(args: &[String]) -> Result<()> {
 /// suite; rewriting them is the same test with expect-test's update switch.
 fn docs() -> Result<()> {
     run(cargo()
-        .args(["test", "--package", "observer", "--test", "reference_pages"])
+        .args([
+            "test",
+            "--package",
+            "observer",
+            "--test",
+            "reference_pages",
+            "page_",
+        ])
         .env("UPDATE_EXPECT", "1"))?;
     eprintln!("[docs] docs/src/reference/generated/ now matches the code (see `git status`)");
     Ok(())

@@ -66,7 +66,7 @@ pub struct RunArgs {
     /// Log format [default: text].
     #[arg(long, env = "OBSERVER_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
-    /// Log filter, in `tracing` directive syntax [default: info].
+    /// Log filter, in `tracing` directive syntax; `RUST_LOG`, when set, wins [default: info].
     #[arg(long, env = "OBSERVER_LOG", value_name = "FILTER")]
     pub log_level: Option<String>,
     /// Size of the DNS kernel ring in KiB, rounded up to a power of two [default: 4096].
