@@ -412,8 +412,9 @@ impl Drop for Agent {
 
 /// A plain HTTP/1.1 GET on loopback: status code and body.
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    // Hang guards: a scrape is answered, if slowly by an agent in a guest under TCG.
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(30))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     write!(
         stream,
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"

@@ -106,7 +106,9 @@ struct Shared {
     records: Mutex<Vec<DnsRecord>>,
 }
 
-const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Hang guard for dnsmasq's (re)load: the wait ends with its log line, which a guest under
+/// TCG on a busy machine can take well over ten seconds to reach.
+const START_TIMEOUT: Duration = crate::exec::DEFAULT_TIMEOUT;
 
 pub(crate) fn start(
     netns: &NetNs,

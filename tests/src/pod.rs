@@ -11,7 +11,7 @@ use std::{
 use crate::{
     cgroup::{CgroupDriver, KubeCgroup, QosClass},
     error::{Result, TestbedError},
-    exec::{CommandOutput, PYTHON3},
+    exec::{CommandOutput, DEFAULT_TIMEOUT, PYTHON3},
     netns::{NetNs, TestCommand},
     probe::{DnsProbe, ProbeReport},
 };
@@ -274,7 +274,9 @@ impl Pod {
             .args(["-c", CONNECT_SCRIPT, host, &port.to_string()])
             .arg(timeout.as_secs_f64().to_string())
             .arg(fam)
-            .timeout(timeout * 4 + Duration::from_secs(10))
+            // A hang guard on top of the script's own bounds: starting python in a guest
+            // under TCG alone can take seconds.
+            .timeout(timeout * 4 + DEFAULT_TIMEOUT)
             .output()?;
         let what = format!("connect to {host}:{port} from pod {}", self.name);
         let unexpected = || unexpected_output(&what, &out);
@@ -340,7 +342,7 @@ impl Pod {
         let out = self
             .command(client_bin)
             .args(probe.args())
-            .timeout(probe.timeout + Duration::from_secs(10))
+            .timeout(probe.timeout + DEFAULT_TIMEOUT)
             .output()?
             .check(&format!("dns-probe-client in pod {}", self.name))?;
         let mut report = ProbeReport::parse(&out.stdout)?;

@@ -732,7 +732,7 @@ fn the_manifests_capability_set_is_enough_and_each_capability_is_needed() {
     let run_in = |pod: &observer_tests::Pod| {
         pod.command("python3")
             .args(["-c", WARM_THEN_DB])
-            .timeout(Duration::from_secs(20))
+            .timeout(Duration::from_secs(120))
             .output()
             .expect("connect script")
             .check("connect script")

@@ -673,7 +673,20 @@ fn a_full_ring_counts_what_it_drops_and_never_drops_traffic() {
     // in the ring or counted. Our pod alone sent FLOOD queries and received `answered`
     // responses, all on port 53; other traffic of the machine can only add to the count.
     let losses = capture.probes().loss_counters().expect("loss counters");
+    let counted_at = observer::probes::boot_now_ns().expect("CLOCK_BOOTTIME");
+    let progress = capture.probes().progress();
     capture.read();
+    // Done when the readers have put on the channel every record committed before the
+    // counters were read (their progress mark passed that moment), and the channel's last
+    // events reached the capture.
+    let deadline = std::time::Instant::now() + EVENT_WAIT;
+    while progress.horizon() < counted_at {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ring readers never caught up with the moment the counters were read"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     capture.wait_quiet(Duration::from_millis(200), Duration::from_secs(3));
     let delivered_total = capture.total_dns_events();
     let events = capture.events();

@@ -339,6 +339,9 @@ fn download(cache: &Path, debs: &Path, package: &str) -> Result<()> {
         format!("Dir::State::Lists={}", lists.display()),
         format!("Dir::Cache={}", apt.display()),
         format!("Dir::Cache::archives={}", archives.display()),
+        // The files land in the checkout, which apt's unprivileged download user may not
+        // be able to write: download as root rather than warn about it.
+        "APT::Sandbox::User=root".to_owned(),
     ];
     let apt_get = |args: &[&str]| {
         let mut cmd = Command::new("apt-get");

@@ -42,13 +42,15 @@ const SERVICE_NAME: &str = "db.simple-web-app.svc.cluster.local";
 const ESCAPED_NAME: &str = "db.another-lab.com";
 const CLUSTER_CIDRS: [&str; 2] = ["198.18.0.0/15", "2001:db8:c::/64"];
 
-const AGENT_READY_WITHIN: Duration = Duration::from_secs(30);
+// The waits below are hang guards: each ends as soon as what it waits for happens, so they
+// are sized for the slowest place the demo runs (a guest under TCG, about ten times slower).
+const AGENT_READY_WITHIN: Duration = Duration::from_secs(180);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// The agent prints a connection once its outcome is known (plus a 100 ms reordering window).
-const LINE_WITHIN: Duration = Duration::from_secs(10);
+const LINE_WITHIN: Duration = Duration::from_secs(120);
 /// Spans are written in batches at least every 2 s; later on a machine busy with other traffic.
-const SPANS_WITHIN: Duration = Duration::from_secs(20);
-const AGENT_STOP_WITHIN: Duration = Duration::from_secs(10);
+const SPANS_WITHIN: Duration = Duration::from_secs(120);
+const AGENT_STOP_WITHIN: Duration = Duration::from_secs(60);
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 

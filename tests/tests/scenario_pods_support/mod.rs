@@ -28,7 +28,8 @@ pub fn start_agent() -> Agent {
 /// container's or a namespace's, which decides netns, resolv.conf and cgroup); its one JSON
 /// line, with the exit checked.
 pub fn client(command: impl FnOnce(&std::path::Path) -> TestCommand, args: &[&str]) -> Value {
-    client_with_timeout(command, args, Duration::from_secs(20))
+    // A hang guard: the client bounds its own waits; python starts slowly under TCG.
+    client_with_timeout(command, args, Duration::from_secs(120))
 }
 
 pub fn client_with_timeout(
