@@ -88,6 +88,14 @@ impl Shared {
     }
 }
 
+/// A non-blocking listener on 127.0.0.1 of the calling thread's network namespace, with a
+/// port from the kernel.
+pub fn bind_loopback() -> std::io::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
 pub struct OtlpReceiver {
     shared: Arc<Shared>,
     grpc_addr: SocketAddr,
@@ -98,9 +106,18 @@ pub struct OtlpReceiver {
 impl OtlpReceiver {
     /// Binds both servers on 127.0.0.1 and starts serving on the current tokio runtime.
     pub async fn start() -> std::io::Result<Self> {
+        Self::start_on(bind_loopback()?, bind_loopback()?).await
+    }
+
+    /// As [`OtlpReceiver::start`], on listeners the caller bound (e.g. inside the network
+    /// namespace where the agent runs, with [`bind_loopback`]).
+    pub async fn start_on(
+        grpc: std::net::TcpListener,
+        http: std::net::TcpListener,
+    ) -> std::io::Result<Self> {
+        let grpc_listener = TcpListener::from_std(grpc)?;
+        let http_listener = TcpListener::from_std(http)?;
         let shared = Arc::new(Shared::default());
-        let grpc_listener = TcpListener::bind("127.0.0.1:0").await?;
-        let http_listener = TcpListener::bind("127.0.0.1:0").await?;
         let grpc_addr = grpc_listener.local_addr()?;
         let http_addr = http_listener.local_addr()?;
 

@@ -162,7 +162,29 @@ fn workspace_root() -> std::path::PathBuf {
 }
 
 pub(crate) fn cargo() -> Command {
-    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(is_package_variable) {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
+/// Variables cargo sets for the package it runs (here: xtask, or a test that runs xtask).
+/// Passed on, they would reach build scripts that watch them (ring's does) and make cargo
+/// rebuild those crates whenever the caller differs from a plain `cargo build`.
+fn is_package_variable(name: &str) -> bool {
+    name.starts_with("CARGO_PKG_")
+        || name.starts_with("CARGO_MANIFEST_")
+        || matches!(
+            name,
+            "CARGO_CRATE_NAME"
+                | "CARGO_BIN_NAME"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "CARGO_TARGET_TMPDIR"
+                | "CARGO_RUSTC_CURRENT_DIR"
+        )
 }
 
 pub(crate) fn run(cmd: &mut Command) -> Result<()> {
