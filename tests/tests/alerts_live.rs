@@ -307,19 +307,39 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
         (!prometheus.query(&in_cluster).is_empty()).then_some(())
     });
     prometheus.wait_evaluations(2, GUARD);
+    // The namespace has the escape and the escape's new external destination, both about
+    // db.another-lab.com: nothing about the in-cluster name.
     let esc_alerts: Vec<Value> = prometheus
         .alerts()
         .into_iter()
         .filter(|a| a["labels"]["namespace"] == esc.as_str())
         .collect();
+    let names: BTreeSet<&str> = esc_alerts
+        .iter()
+        .map(|a| a["labels"]["alertname"].as_str().unwrap_or_default())
+        .collect();
     assert_eq!(
-        esc_alerts.len(),
-        1,
-        "only the escape, nothing new: {esc_alerts:#?}"
+        names,
+        BTreeSet::from([
+            "ObserverSearchDomainEscape",
+            "ObserverNewExternalDestination"
+        ]),
+        "nothing new after the fix: {esc_alerts:#?}"
     );
-    assert_eq!(label_set(&esc_alerts[0]), expected);
+    assert_eq!(esc_alerts.len(), 2, "{esc_alerts:#?}");
+    assert!(
+        esc_alerts
+            .iter()
+            .all(|a| a["labels"]["server_address"] == "db.another-lab.com"),
+        "{esc_alerts:#?}"
+    );
+    let escape_now = esc_alerts
+        .iter()
+        .find(|a| a["labels"]["alertname"] == "ObserverSearchDomainEscape")
+        .expect("the escape");
+    assert_eq!(label_set(escape_now), expected);
     assert_eq!(
-        esc_alerts[0]["annotations"]["description"], annotations["description"],
+        escape_now["annotations"]["description"], annotations["description"],
         "the in-cluster connection is not counted as an escape"
     );
 
@@ -418,6 +438,45 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
         format!("{amp}/_unknown wastes 3.0 NXDOMAIN queries per DNS lookup")
     );
 
+    // Every name first reached outside the cluster is a new external destination; the
+    // in-cluster names (the fixed `db`, the drift's first `db`) are not.
+    wait_firing(
+        &prometheus,
+        "ObserverNewExternalDestination",
+        &[
+            ("namespace", amp.as_str()),
+            ("server_address", "api.partner.example"),
+        ],
+        amp_event,
+    );
+    prometheus.wait_evaluations(2, GUARD);
+    let new_destinations: BTreeSet<(String, String)> =
+        alerts_of(&prometheus, "ObserverNewExternalDestination", &[])
+            .iter()
+            .filter(|a| ours.contains(&a["labels"]["namespace"].as_str().unwrap_or_default()))
+            .map(|a| {
+                (
+                    a["labels"]["namespace"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    a["labels"]["server_address"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                )
+            })
+            .collect();
+    let expected_new: BTreeSet<(String, String)> = [
+        (esc.clone(), "db.another-lab.com".to_owned()),
+        (cname.clone(), ledger.clone()),
+        (drift.clone(), "db.another-lab.com".to_owned()),
+        (amp.clone(), "api.partner.example".to_owned()),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(new_destinations, expected_new);
+
     // Quiet without the scenario: each alert is active for its own namespaces only.
     prometheus.wait_evaluations(2, GUARD);
     let expected_namespaces = [
@@ -489,8 +548,12 @@ fn dashboard_shows_the_scenarios(prometheus: &Prometheus, ours: &[&str], span: D
         panic!("the test's five namespaces")
     };
     // Per panel (by title), a label value its scenario must show.
-    let expected: [(&str, (&str, &str)); 9] = [
+    let expected: [(&str, (&str, &str)); 10] = [
         ("Flagged connections", ("namespace", esc)),
+        (
+            "New external destinations",
+            ("server_address", "api.partner.example"),
+        ),
         (
             "Egress by workload",
             ("server_address", "api.partner.example"),
