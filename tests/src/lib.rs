@@ -10,6 +10,7 @@ pub mod agent;
 pub mod bpf;
 pub mod cgroup;
 pub mod cleanup;
+pub mod dashboard;
 pub mod deploy_files;
 pub mod dns;
 pub mod error;

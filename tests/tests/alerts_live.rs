@@ -15,7 +15,7 @@ use std::{
 use observer_tests::{
     CLOSED_PORT, DnsConfig, DnsServer, Family, Pod, PodSpec, Process, Testbed,
     agent::{Agent, AgentSpec},
-    plan,
+    dashboard, plan,
     prometheus::{LiveRules, Prometheus, ScrapeTarget},
     story::{DB_PORT, EXTERNAL_DB, cluster_args, connect, testbed},
 };
@@ -175,6 +175,7 @@ for _ in range(n):
 /// alert for their own namespace only; the healthy agent fires none of its own alerts.
 #[test]
 fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
+    let test_start = Instant::now();
     let tb = testbed();
     let run = tb.run_id().suffix().to_owned();
     let ns = |role: &str| format!("{role}-{run}");
@@ -306,19 +307,39 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
         (!prometheus.query(&in_cluster).is_empty()).then_some(())
     });
     prometheus.wait_evaluations(2, GUARD);
+    // The namespace has the escape and the escape's new external destination, both about
+    // db.another-lab.com: nothing about the in-cluster name.
     let esc_alerts: Vec<Value> = prometheus
         .alerts()
         .into_iter()
         .filter(|a| a["labels"]["namespace"] == esc.as_str())
         .collect();
+    let names: BTreeSet<&str> = esc_alerts
+        .iter()
+        .map(|a| a["labels"]["alertname"].as_str().unwrap_or_default())
+        .collect();
     assert_eq!(
-        esc_alerts.len(),
-        1,
-        "only the escape, nothing new: {esc_alerts:#?}"
+        names,
+        BTreeSet::from([
+            "ObserverSearchDomainEscape",
+            "ObserverNewExternalDestination"
+        ]),
+        "nothing new after the fix: {esc_alerts:#?}"
     );
-    assert_eq!(label_set(&esc_alerts[0]), expected);
+    assert_eq!(esc_alerts.len(), 2, "{esc_alerts:#?}");
+    assert!(
+        esc_alerts
+            .iter()
+            .all(|a| a["labels"]["server_address"] == "db.another-lab.com"),
+        "{esc_alerts:#?}"
+    );
+    let escape_now = esc_alerts
+        .iter()
+        .find(|a| a["labels"]["alertname"] == "ObserverSearchDomainEscape")
+        .expect("the escape");
+    assert_eq!(label_set(escape_now), expected);
     assert_eq!(
-        esc_alerts[0]["annotations"]["description"], annotations["description"],
+        escape_now["annotations"]["description"], annotations["description"],
         "the in-cluster connection is not counted as an escape"
     );
 
@@ -381,6 +402,20 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
     );
 
     // Amplification: every lookup of an outside name walks three cluster suffixes first.
+    // One lookup first, so the series exists in Prometheus before the burst: the rule's
+    // rate() then counts every lookup of the burst.
+    run_script(
+        &amp_pod,
+        CONNECT_LOOP,
+        &["api.partner.example", &DB_PORT.to_string(), "1"],
+        GUARD,
+    );
+    let amp_lookups = format!("observer_dns_lookup_duration_seconds_count{{namespace=\"{amp}\"}}");
+    prometheus.wait_for(
+        "the amplified workload's first lookup in Prometheus",
+        GUARD,
+        || (!prometheus.query(&amp_lookups).is_empty()).then_some(()),
+    );
     let amp_event = Instant::now();
     run_script(
         &amp_pod,
@@ -402,6 +437,45 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
         amp_fired.alert["annotations"]["summary"],
         format!("{amp}/_unknown wastes 3.0 NXDOMAIN queries per DNS lookup")
     );
+
+    // Every name first reached outside the cluster is a new external destination; the
+    // in-cluster names (the fixed `db`, the drift's first `db`) are not.
+    wait_firing(
+        &prometheus,
+        "ObserverNewExternalDestination",
+        &[
+            ("namespace", amp.as_str()),
+            ("server_address", "api.partner.example"),
+        ],
+        amp_event,
+    );
+    prometheus.wait_evaluations(2, GUARD);
+    let new_destinations: BTreeSet<(String, String)> =
+        alerts_of(&prometheus, "ObserverNewExternalDestination", &[])
+            .iter()
+            .filter(|a| ours.contains(&a["labels"]["namespace"].as_str().unwrap_or_default()))
+            .map(|a| {
+                (
+                    a["labels"]["namespace"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    a["labels"]["server_address"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                )
+            })
+            .collect();
+    let expected_new: BTreeSet<(String, String)> = [
+        (esc.clone(), "db.another-lab.com".to_owned()),
+        (cname.clone(), ledger.clone()),
+        (drift.clone(), "db.another-lab.com".to_owned()),
+        (amp.clone(), "api.partner.example".to_owned()),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(new_destinations, expected_new);
 
     // Quiet without the scenario: each alert is active for its own namespaces only.
     prometheus.wait_evaluations(2, GUARD);
@@ -436,8 +510,116 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
             "the healthy agent raised {name}"
         );
     }
+
+    dashboard_shows_the_scenarios(&prometheus, &ours, test_start.elapsed());
     drop(prometheus);
     assert!(agent.stop().success());
+}
+
+/// The shipped dashboard against the same Prometheus: the ConfigMap carries the same JSON
+/// with the sidecar's label; its variables list the test's namespaces and workloads; every
+/// panel's query returns series with the labels it groups by, among them the series its
+/// scenario made; and the panels render to a PNG (at `OBSERVER_DASHBOARD_PNG` when set).
+fn dashboard_shows_the_scenarios(prometheus: &Prometheus, ours: &[&str], span: Duration) {
+    let shipped = dashboard::shipped();
+    let (in_configmap, configmap) = dashboard::from_configmap();
+    assert_eq!(
+        in_configmap, shipped,
+        "the ConfigMap carries the shipped dashboard"
+    );
+    assert_eq!(configmap["metadata"]["labels"]["grafana_dashboard"], "1");
+
+    let (selector, label) = dashboard::variable_query(&shipped, "namespace");
+    let namespaces = prometheus.label_values(&label, &selector);
+    for ns in ours {
+        assert!(
+            namespaces.iter().any(|n| n == ns),
+            "the namespace variable offers {ns}: {namespaces:?}"
+        );
+    }
+    let (selector, label) = dashboard::variable_query(&shipped, "workload");
+    for ns in ours {
+        let workloads =
+            prometheus.label_values(&label, &dashboard::fill(&selector, ns, ".*", "1m"));
+        assert_eq!(workloads, ["_unknown"], "the workload variable for {ns}");
+    }
+
+    let [esc, cname, _drift, amp, lonely] = ours else {
+        panic!("the test's five namespaces")
+    };
+    // Per panel (by title), a label value its scenario must show.
+    let expected: [(&str, (&str, &str)); 10] = [
+        ("Flagged connections", ("namespace", esc)),
+        (
+            "New external destinations",
+            ("server_address", "api.partner.example"),
+        ),
+        (
+            "Egress by workload",
+            ("server_address", "api.partner.example"),
+        ),
+        ("Wasted DNS queries", ("namespace", amp)),
+        ("Amplification", ("namespace", amp)),
+        ("DNS lookup latency", ("namespace", amp)),
+        ("Unanswered DNS", ("namespace", lonely)),
+        ("Agent: kernel events lost", ("node", "node-a")),
+        ("Agent: traces dropped", ("node", "node-a")),
+        ("Agent: pod metadata source", ("node", "node-a")),
+    ];
+    let panels = dashboard::panels(&shipped);
+    assert_eq!(panels.len(), expected.len(), "every panel is checked");
+    let namespace_choice = ours.join("|");
+    let mut filled = Vec::new();
+    for panel in &panels {
+        let (_, (label, value)) = expected
+            .iter()
+            .find(|(title, _)| panel.title.starts_with(title))
+            .unwrap_or_else(|| panic!("no expectation for panel {:?}", panel.title));
+        let expr = dashboard::fill(&panel.expr, &namespace_choice, ".*", "1m");
+        let series = prometheus.query(&expr);
+        assert!(
+            !series.is_empty(),
+            "panel {:?} shows nothing: {expr}",
+            panel.title
+        );
+        for s in &series {
+            for l in panel.grouping_labels() {
+                assert!(
+                    s["metric"][&l].is_string(),
+                    "panel {:?}: a series without {l}: {s}",
+                    panel.title
+                );
+            }
+        }
+        assert!(
+            series.iter().any(|s| s["metric"][*label] == *value),
+            "panel {:?} lacks {label}={value}: {series:#?}",
+            panel.title
+        );
+        filled.push(dashboard::Panel {
+            expr,
+            ..panel.clone()
+        });
+    }
+    // The flagged table names the story's escape and the CNAME escape.
+    let flagged = prometheus.query(&filled[0].expr);
+    for (ns, name) in [(esc, "db"), (cname, "ledger")] {
+        assert!(
+            flagged
+                .iter()
+                .any(|s| s["metric"]["namespace"] == *ns && s["metric"]["query_name"] == name),
+            "the flagged table shows {ns} {name}: {flagged:#?}"
+        );
+    }
+
+    let out = std::env::var_os("OBSERVER_DASHBOARD_PNG").map_or_else(
+        || std::env::temp_dir().join(format!("observer-dashboard-{}.png", std::process::id())),
+        std::path::PathBuf::from,
+    );
+    dashboard::render_png(prometheus, &filled, span, &out);
+    if std::env::var_os("OBSERVER_DASHBOARD_PNG").is_none() {
+        let _ = std::fs::remove_file(&out);
+    }
 }
 
 /// A node's agent in trouble: its kernel ring too small for a burst of DNS, its OTLP

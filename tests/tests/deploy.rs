@@ -55,6 +55,8 @@ fn manifests_and_examples_validate_against_the_kubernetes_schemas() {
     );
     let mut files = yaml_files(&deploy_dir().join("manifests"));
     files.extend(yaml_files(&deploy_dir().join("examples")));
+    // The Grafana dashboard's ConfigMap; the operator kinds beside it are checked below.
+    files.push(deploy_dir().join("monitoring/grafana-dashboard.yaml"));
     assert!(files.len() >= 9, "manifests and examples found: {files:?}");
     let documents: usize = files.iter().map(|f| yaml_documents(f).len()).sum();
     for version in KUBERNETES_VERSIONS {
@@ -92,7 +94,9 @@ fn kubernetes_validate_cannot_check_the_operator_kinds_so_promtool_and_wiring_ch
         "kubernetes-validate",
         "the PyPI package kubernetes-validate",
     );
-    for file in yaml_files(&deploy_dir().join("monitoring")) {
+    for file in ["servicemonitor.yaml", "prometheusrule.yaml"]
+        .map(|f| deploy_dir().join("monitoring").join(f))
+    {
         let out = Command::new(&validator)
             .args(["--strict", "--kubernetes-version", "1.33.0"])
             .arg(&file)

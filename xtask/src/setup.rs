@@ -21,9 +21,15 @@ const BUILD_PACKAGES: &[&str] = &[
 const TESTBED_PACKAGES: &[&str] = &["iproute2", "dnsmasq-base", "python3", "bpftool"];
 
 /// Debian packages the deployment tests use: promtool (in `prometheus`) checks and
-/// unit-tests the alert rules; setpriv (in `util-linux`) runs the agent with exactly the
-/// DaemonSet's capabilities.
-const DEPLOY_PACKAGES: &[&str] = &["prometheus", "util-linux"];
+/// unit-tests the alert rules, and the live alert tests run Prometheus itself; setpriv (in
+/// `util-linux`) runs the agent with exactly the DaemonSet's capabilities; gnuplot renders
+/// the dashboard's panels to a PNG (with the DejaVu font).
+const DEPLOY_PACKAGES: &[&str] = &[
+    "prometheus",
+    "util-linux",
+    "gnuplot-nox",
+    "fonts-dejavu-core",
+];
 
 /// Debian packages `cargo xtask image` uses: buildah commits the image without a daemon;
 /// strip (binutils) and ldd (libc-bin) prepare the agent and find its libraries; the image
