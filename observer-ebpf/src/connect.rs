@@ -13,7 +13,7 @@
 //!
 //! The outcome may be seen in softirq context: everything about the caller comes from what
 //! connect4/6 noted. A program run costs about 60 ns here before it does anything, and
-//! every helper call is dear (see the README's cost section): this design runs one program
+//! every helper call is dear (see the book's performance page): this design runs one program
 //! of its own per connect(2) and one per socket closed, where per-socket `sock_ops`
 //! callbacks ran ten times for a loopback connect, and syscall and state-change tracepoints
 //! ran for every connect(2) of every protocol and every state change of every TCP socket.

@@ -215,7 +215,7 @@ fn rbac_grants_exactly_what_the_agent_uses() {
             }
         }
     }
-    // the README, "Pod identity": what the identity module lists, watches and gets.
+    // the book's pod identity page: what the identity module lists, watches and gets.
     let lw = || BTreeSet::from(["list".to_owned(), "watch".to_owned()]);
     let get = || BTreeSet::from(["get".to_owned()]);
     let expected = BTreeMap::from([
