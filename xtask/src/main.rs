@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install every prerequisite (idempotent): nightly rust-src, LLVM 22, bpf-linker,
-    /// and the testbed's programs.
+    /// the testbed's programs and the image tools (buildah, podman, runc, skopeo).
     Setup,
     /// Build the kernel programs and the agent.
     Build {
