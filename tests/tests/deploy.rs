@@ -14,6 +14,9 @@ use std::{
 };
 
 use deploy_support::*;
+use observer_tests::deploy_files::{
+    alert_rules, deploy_dir, document_of_kind, prometheus_rule, require_tool, yaml_documents,
+};
 use observer_tests::{
     CLOSED_PORT, DnsConfig, Family, PodSpec,
     agent::{Agent, AgentExited, AgentSpec},

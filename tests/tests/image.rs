@@ -29,7 +29,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use deploy_support::{agent_container, deploy_dir, document_of_kind, require_tool};
+use deploy_support::agent_container;
+use observer_tests::deploy_files::{deploy_dir, document_of_kind, require_tool};
 use observer_tests::{
     NetNs, PodSpec,
     agent::http_get,

@@ -2,9 +2,7 @@
 //! `observer_tests::deploy_files`): the DaemonSet's container and capabilities, the agent
 //! run under an exact capability set, and the series of a scrape.
 use observer_tests::agent::{Agent, AgentExited, AgentSpec};
-pub use observer_tests::deploy_files::{
-    alert_rules, deploy_dir, document_of_kind, prometheus_rule, require_tool, yaml_documents,
-};
+use observer_tests::deploy_files::require_tool;
 use serde_json::Value;
 
 /// The agent's only container in the DaemonSet.
