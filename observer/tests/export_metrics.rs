@@ -202,6 +202,7 @@ async fn metrics_scraped_over_http() {
     }
     metrics.observe_dns_response(&identity, "web", "NOERROR");
     metrics.observe_unanswered_query(&healthy_in_cluster().identity, "api");
+    metrics.observe_external_dns_response(&healthy_in_cluster().identity);
     metrics.observe_dns_parse_error("truncated");
     metrics.set_kernel_events_lost("dns_capture", "ringbuf_full", 5);
     metrics.set_kernel_events_lost("dns_capture", "ringbuf_full", 17);
@@ -224,6 +225,7 @@ async fn metrics_scraped_over_http() {
         ("observer_dns_responses", "counter"),
         ("observer_dns_wasted_queries", "counter"),
         ("observer_dns_unanswered_queries", "counter"),
+        ("observer_dns_external_server_responses", "counter"),
         ("observer_dns_lookup_duration_seconds", "histogram"),
         ("observer_kernel_events_lost", "counter"),
         ("observer_spans_exported", "counter"),

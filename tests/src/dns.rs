@@ -423,6 +423,46 @@ fn parse_client(s: &str) -> Option<SocketAddr> {
     Some(SocketAddr::new(addr.parse().ok()?, port.parse().ok()?))
 }
 
+/// A resolver outside the cluster: dnsmasq on `host` (an external host), answering `address`
+/// for `domain` and every name below it, as a pod with a hard-coded nameserver would use.
+/// Returned once it listens on port 53; stops when the process drops.
+pub fn start_outside_resolver(
+    host: &crate::Host,
+    domain: &str,
+    address: IpAddr,
+) -> Result<Process> {
+    let program = DNSMASQ.path()?;
+    let process = host
+        .command(program)
+        .args([
+            "--keep-in-foreground".to_owned(),
+            "--conf-file=/dev/null".to_owned(),
+            "--no-resolv".to_owned(),
+            "--no-hosts".to_owned(),
+            "--pid-file".to_owned(),
+            "--user=root".to_owned(),
+            "--group=root".to_owned(),
+            "--bind-dynamic".to_owned(),
+            format!("--listen-address={}", host.ipv4()),
+            format!("--address=/{domain}/{address}"),
+        ])
+        .spawn()?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let listening = host.command("ss").args(["-Hlun", "sport = :53"]).output()?;
+        if !listening.stdout.trim().is_empty() {
+            return Ok(process);
+        }
+        if Instant::now() >= deadline {
+            return Err(TestbedError::Timeout {
+                what: format!("dnsmasq listening on {}:53", host.ipv4()),
+                after: START_TIMEOUT,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -179,14 +179,21 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
     let tb = testbed();
     let run = tb.run_id().suffix().to_owned();
     let ns = |role: &str| format!("{role}-{run}");
-    let (esc, cname, drift, amp, lonely) =
-        (ns("esc"), ns("cname"), ns("drift"), ns("amp"), ns("lonely"));
+    let (esc, cname, drift, amp, lonely, hardcoded) = (
+        ns("esc"),
+        ns("cname"),
+        ns("drift"),
+        ns("amp"),
+        ns("lonely"),
+        ns("hardcoded"),
+    );
     let ours = [
         esc.as_str(),
         cname.as_str(),
         drift.as_str(),
         amp.as_str(),
         lonely.as_str(),
+        hardcoded.as_str(),
     ];
 
     let db = tb
@@ -228,6 +235,30 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
                 .option("attempts:1"),
         )
         .expect("pod whose DNS server never answers");
+    // A pod whose nameserver is a resolver outside the cluster.
+    let resolver_host = tb.add_external_host("resolver").expect("external host");
+    let _outside_resolver = observer_tests::dns::start_outside_resolver(
+        &resolver_host,
+        "outside.example",
+        partner.ipv4().into(),
+    )
+    .expect("the outside resolver");
+    let hardcoded_pod = tb
+        .add_pod(
+            PodSpec::new("hardcoded")
+                .search([
+                    format!("{hardcoded}.svc.cluster.local"),
+                    "svc.cluster.local".to_owned(),
+                    "cluster.local".to_owned(),
+                ])
+                .nameserver(resolver_host.ipv4()),
+        )
+        .expect("pod with an outside nameserver");
+    let _hardcoded_main = hardcoded_pod
+        .command("sleep")
+        .arg("600")
+        .spawn()
+        .expect("main process");
     let _lonely_main = lonely_pod
         .command("sleep")
         .arg("600")
@@ -401,6 +432,26 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
         unanswered_event,
     );
 
+    // DNS served from outside: the pod's hard-coded nameserver answers it.
+    let resolved = hardcoded_pod
+        .resolve("www.outside.example", Family::V4)
+        .expect("resolve in the pod");
+    assert_eq!(
+        resolved.addrs,
+        Ok(vec![IpAddr::from(partner.ipv4())]),
+        "the outside resolver answered"
+    );
+    let outside = wait_firing(
+        &prometheus,
+        "ObserverDnsServedFromOutside",
+        &[("namespace", hardcoded.as_str())],
+        Instant::now(),
+    );
+    assert_eq!(
+        outside.alert["annotations"]["summary"],
+        format!("{hardcoded}/_unknown resolves names with a DNS server outside the cluster")
+    );
+
     // Amplification: every lookup of an outside name walks three cluster suffixes first.
     // One lookup first, so the series exists in Prometheus before the burst: the rule's
     // rate() then counts every lookup of the burst.
@@ -488,6 +539,7 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
         ("ObserverNameDrift", vec![drift.as_str()]),
         ("ObserverSearchListAmplification", vec![amp.as_str()]),
         ("ObserverDnsUnanswered", vec![lonely.as_str()]),
+        ("ObserverDnsServedFromOutside", vec![hardcoded.as_str()]),
     ];
     for (name, namespaces) in expected_namespaces {
         let expected: BTreeSet<String> = namespaces.iter().map(|s| (*s).to_owned()).collect();
@@ -544,8 +596,8 @@ fn dashboard_shows_the_scenarios(prometheus: &Prometheus, ours: &[&str], span: D
         assert_eq!(workloads, ["_unknown"], "the workload variable for {ns}");
     }
 
-    let [esc, cname, _drift, amp, lonely] = ours else {
-        panic!("the test's five namespaces")
+    let [esc, cname, _drift, amp, lonely, _hardcoded] = ours else {
+        panic!("the test's six namespaces")
     };
     // Per panel (by title), a label value its scenario must show.
     let expected: [(&str, (&str, &str)); 10] = [

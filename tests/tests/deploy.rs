@@ -620,15 +620,28 @@ fn rules_use_series_and_labels_the_agent_really_exports() {
     });
 
     let _ = lonely.resolve("ghost", Family::V4);
+    // A pod whose nameserver is outside the cluster.
+    let resolver_host = tb.add_external_host("resolver").expect("external host");
+    let _outside = observer_tests::dns::start_outside_resolver(
+        &resolver_host,
+        "outside.example",
+        db.ipv4().into(),
+    )
+    .expect("outside resolver");
+    let hardcoded = tb
+        .add_pod(PodSpec::new("hardcoded").nameserver(resolver_host.ipv4()))
+        .expect("pod with an outside nameserver");
+    let _ = hardcoded.resolve("www.outside.example", Family::V4);
     // Unanswered queries are counted when the core gives up on them.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut metrics = agent.metrics();
     while !metrics.contains("observer_dns_unanswered_queries_total{")
         || !metrics.contains("observer_drift_connections_total{")
+        || !metrics.contains("observer_dns_external_server_responses_total{")
     {
         assert!(
             std::time::Instant::now() < deadline,
-            "no unanswered or drift series within 30 s:\n{metrics}"
+            "no unanswered, drift or outside-DNS series within 30 s:\n{metrics}"
         );
         std::thread::sleep(Duration::from_millis(500));
         metrics = agent.metrics();

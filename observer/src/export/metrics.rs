@@ -179,6 +179,7 @@ pub struct Metrics {
     dns_responses: Family<RcodeLabels, Counter>,
     wasted_queries: Family<SourceLabels, Counter>,
     unanswered_queries: Family<SourceLabels, Counter>,
+    external_dns: Family<SourceLabels, Counter>,
     lookup_duration: HistogramFamily,
     kernel_lost: Family<LossLabels, Counter>,
     spans_exported: Counter,
@@ -246,6 +247,12 @@ impl Metrics {
             "DNS queries that never got a response",
             unanswered_queries.clone(),
         );
+        let external_dns = Family::default();
+        registry.register(
+            "dns_external_server_responses",
+            "DNS responses a pod received from a server outside the cluster networks (not loopback or link-local): a resolver that bypasses cluster DNS",
+            external_dns.clone(),
+        );
         let lookup_duration: HistogramFamily =
             Family::new_with_constructor(|| Histogram::new(LOOKUP_BUCKETS));
         registry.register_with_unit(
@@ -310,6 +317,7 @@ impl Metrics {
             dns_responses,
             wasted_queries,
             unanswered_queries,
+            external_dns,
             lookup_duration,
             kernel_lost,
             spans_exported,
@@ -429,6 +437,12 @@ impl Metrics {
                 rcode,
             })
             .inc();
+    }
+
+    /// Counts one DNS response a pod received from a server outside the cluster networks.
+    pub fn observe_external_dns_response(&self, identity: &ExportIdentity) {
+        let source = self.caps().source(identity, "");
+        self.external_dns.get_or_create(&source).inc();
     }
 
     /// Counts one query the DNS side gave up waiting for.
