@@ -189,6 +189,7 @@ fn exercised_metrics() -> Metrics {
     metrics.observe_connection(&drift);
     metrics.observe_dns_response(&seed.identity, "web", "NXDOMAIN");
     metrics.observe_unanswered_query(&seed.identity, "web");
+    metrics.observe_external_dns_response(&seed.identity);
     metrics.observe_dns_parse_error("truncated");
     metrics.set_kernel_events_lost("dns", "dns_ring_full", 1);
     metrics.set_core_evictions("chains_evicted", 1);
