@@ -413,7 +413,7 @@ fn in_cluster_connection_is_a_healthy_trace_exported_only_with_export_all() {
 
 /// The body of `path` once it mentions `needle` (the agent publishes its status each second).
 fn wait_for_body(addr: std::net::SocketAddr, path: &str, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + RECORD_WAIT;
     loop {
         let (code, body) = http_get(addr, path).expect(path);
         assert_eq!(code, 200, "{path}: {body}");
@@ -478,7 +478,7 @@ fn metrics_count_the_seed_story() {
         ("observer_dns_wasted_queries_total", &pod, 3.0),
         ("observer_dns_lookup_duration_seconds_count", &pod, 1.0),
     ];
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + RECORD_WAIT;
     let after = loop {
         let after = scrape();
         let short: Vec<String> = expectations
