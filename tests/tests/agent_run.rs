@@ -757,7 +757,7 @@ fn bad_flags_fail_fast_with_a_clear_message() {
                 &observer_tests::agent::observer_bin(),
                 &args,
                 &env,
-                Duration::from_secs(10),
+                STOP_WITHIN,
             );
             assert_clean_failure(
                 &exited,
@@ -791,7 +791,7 @@ fn without_privileges_the_agent_names_the_missing_capabilities() {
                 &metrics,
             ],
             &[("RUST_BACKTRACE", backtrace)],
-            Duration::from_secs(10),
+            STOP_WITHIN,
         );
         assert_clean_failure(
             &exited,
