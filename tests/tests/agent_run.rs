@@ -413,7 +413,7 @@ fn in_cluster_connection_is_a_healthy_trace_exported_only_with_export_all() {
 
 /// The body of `path` once it mentions `needle` (the agent publishes its status each second).
 fn wait_for_body(addr: std::net::SocketAddr, path: &str, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + RECORD_WAIT;
     loop {
         let (code, body) = http_get(addr, path).expect(path);
         assert_eq!(code, 200, "{path}: {body}");
@@ -478,7 +478,7 @@ fn metrics_count_the_seed_story() {
         ("observer_dns_wasted_queries_total", &pod, 3.0),
         ("observer_dns_lookup_duration_seconds_count", &pod, 1.0),
     ];
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + RECORD_WAIT;
     let after = loop {
         let after = scrape();
         let short: Vec<String> = expectations
@@ -757,7 +757,7 @@ fn bad_flags_fail_fast_with_a_clear_message() {
                 &observer_tests::agent::observer_bin(),
                 &args,
                 &env,
-                Duration::from_secs(10),
+                STOP_WITHIN,
             );
             assert_clean_failure(
                 &exited,
@@ -791,7 +791,7 @@ fn without_privileges_the_agent_names_the_missing_capabilities() {
                 &metrics,
             ],
             &[("RUST_BACKTRACE", backtrace)],
-            Duration::from_secs(10),
+            STOP_WITHIN,
         );
         assert_clean_failure(
             &exited,

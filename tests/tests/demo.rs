@@ -15,7 +15,8 @@ use observer_tests::{
     names::{LONG_PREFIX, NETNS_PREFIX, UID_MARKER, pid_of_name, pid_of_uid},
 };
 
-const DEMO_WITHIN: Duration = Duration::from_secs(90);
+// A hang guard: the demo ends by itself; a guest under TCG on a busy machine is far slower.
+const DEMO_WITHIN: Duration = Duration::from_secs(600);
 
 fn spans_file(test: &str) -> PathBuf {
     std::env::temp_dir().join(format!(
