@@ -44,6 +44,17 @@ const ALL_PRIVILEGED: &[&str] = &[
     "deploy",
 ];
 
+/// The binaries that load and exercise the kernel programs end to end: what differs
+/// between kernels.
+const END_TO_END: &[&str] = &[
+    "kernel_probes",
+    "scenarios_dns",
+    "scenarios_pods",
+    "agent_run",
+    "demo",
+    "hardening",
+];
+
 /// What runs where: the one place that says it. 6.1 (Debian 12's own kernel) runs every
 /// privileged binary; the oldest and newest kernels run the ones that load and exercise
 /// the kernel programs end to end, which is what differs between kernels.
@@ -52,14 +63,7 @@ pub const KERNELS: &[VmKernel] = &[
         name: "5.10",
         package: "linux-image-5.10.0-32-amd64",
         release: "5.10.0-32-amd64",
-        tests: &[
-            "kernel_probes",
-            "scenarios_dns",
-            "scenarios_pods",
-            "agent_run",
-            "demo",
-            "hardening",
-        ],
+        tests: END_TO_END,
     },
     VmKernel {
         name: "6.1",
@@ -71,14 +75,7 @@ pub const KERNELS: &[VmKernel] = &[
         name: "6.12",
         package: "linux-image-6.12.118+deb12-amd64",
         release: "6.12.118+deb12-amd64",
-        tests: &[
-            "kernel_probes",
-            "scenarios_dns",
-            "scenarios_pods",
-            "agent_run",
-            "demo",
-            "hardening",
-        ],
+        tests: END_TO_END,
     },
 ];
 
