@@ -42,6 +42,8 @@ const ALL_PRIVILEGED: &[&str] = &[
     "demo",
     "hardening",
     "deploy",
+    "alerts_live",
+    "image",
 ];
 
 /// The binaries that load and exercise the kernel programs end to end: what differs
@@ -94,6 +96,10 @@ const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "kmod"];
 
 /// virtme-ng (PyPI), pinned: the version the matrix was proven with.
 const VIRTME_NG_VERSION: &str = "1.42";
+
+/// Names the image archive the image test uses instead of building one (read by
+/// tests/tests/image.rs).
+const IMAGE_ARCHIVE_VARIABLE: &str = "OBSERVER_IMAGE_ARCHIVE";
 
 /// Guest size: two vCPUs (the machines have two cores) and room for the agent and the
 /// testbed's servers.
@@ -154,6 +160,14 @@ pub fn run_matrix(selection: &Selection) -> Result<()> {
         images.push(kernel_image(&cache, kernel)?);
     }
     let executables = build_tests()?;
+    // The guest has no cargo: the image test runs the archive built here (the image is the
+    // same on every kernel; what the matrix tests is the runtime starting it on each).
+    let mut guest_env = Vec::new();
+    if plan.iter().any(|(_, tests)| tests.contains(&"image")) {
+        setup::image_prerequisites()?;
+        let image = crate::image::build(&checkout)?;
+        guest_env.push((IMAGE_ARCHIVE_VARIABLE, image.archive.display().to_string()));
+    }
     let out_dir = checkout.join("target/vm-matrix");
     fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
 
@@ -166,7 +180,9 @@ pub fn run_matrix(selection: &Selection) -> Result<()> {
             })?;
             binaries.push((*name, exe.as_path()));
         }
-        runs.push(run_kernel(&checkout, &out_dir, kernel, image, &binaries)?);
+        runs.push(run_kernel(
+            &checkout, &out_dir, kernel, image, &guest_env, &binaries,
+        )?);
         // The table so far, so a long run shows progress.
         eprintln!("{}", table(&runs));
     }
@@ -395,7 +411,12 @@ fn build_tests() -> Result<BTreeMap<String, PathBuf>> {
 
 /// The script the guest runs: every binary in turn, each with a hang guard, its output and
 /// result written to `dir`.
-fn guest_script(checkout: &Path, dir: &Path, binaries: &[(&str, &Path)]) -> String {
+fn guest_script(
+    checkout: &Path,
+    dir: &Path,
+    env: &[(&str, String)],
+    binaries: &[(&str, &Path)],
+) -> String {
     let mut script = format!(
         "#!/bin/bash\n\
          # Written by `cargo xtask vm-test`; run inside the guest.\n\
@@ -405,6 +426,9 @@ fn guest_script(checkout: &Path, dir: &Path, binaries: &[(&str, &Path)]) -> Stri
         checkout = checkout.display(),
         dir = dir.display(),
     );
+    for (name, value) in env {
+        let _ = writeln!(script, "export {name}='{value}'");
+    }
     for (name, exe) in binaries {
         let _ = write!(
             script,
@@ -426,6 +450,7 @@ fn run_kernel(
     out_dir: &Path,
     kernel: &'static VmKernel,
     image: &Path,
+    env: &[(&str, String)],
     binaries: &[(&'static str, &Path)],
 ) -> Result<KernelRun> {
     let dir = out_dir.join(kernel.name);
@@ -434,7 +459,7 @@ fn run_kernel(
     }
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let script = dir.join("run.sh");
-    fs::write(&script, guest_script(checkout, &dir, binaries))
+    fs::write(&script, guest_script(checkout, &dir, env, binaries))
         .with_context(|| format!("writing {}", script.display()))?;
     let boot_log = dir.join("boot.log");
     let log =
