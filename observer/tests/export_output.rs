@@ -51,6 +51,8 @@ fn json_seed_story_field_by_field() {
         "cname_chain",
         "wasted_queries",
         "message",
+        "dns_server",
+        "dns_from_outside",
     ];
     assert_eq!(
         keys,
@@ -107,6 +109,32 @@ fn json_seed_story_field_by_field() {
         v["message"],
         "db resolved through search domain another-lab.com to 203.0.113.10, outside the cluster"
     );
+    assert_eq!(v["dns_server"], CLUSTER_DNS, "the server that answered");
+    assert_eq!(v["dns_from_outside"], false);
+}
+
+/// A pod whose resolver is outside the cluster: the record names the server that answered,
+/// in JSON and in the text line.
+#[test]
+fn dns_served_from_outside_names_the_server() {
+    let mut outside = seed_story();
+    let chain = std::sync::Arc::make_mut(outside.record.chain.as_mut().unwrap());
+    for q in std::sync::Arc::make_mut(&mut chain.queries) {
+        q.server = "203.0.113.53".parse().unwrap();
+    }
+    outside.record.dns_from_outside = true;
+    let v = &json_lines(&[outside.clone()])[0];
+    assert_eq!(v["dns_server"], "203.0.113.53");
+    assert_eq!(v["dns_from_outside"], true);
+    let (out, _) = text(&[outside], false);
+    assert!(
+        out.contains("(via search domain another-lab.com, 3 NXDOMAIN, DNS from 203.0.113.53, outside the cluster)"),
+        "{out}"
+    );
+    let healthy = &json_lines(&[healthy_in_cluster(), host_ip_literal()]);
+    assert_eq!(healthy[0]["dns_server"], CLUSTER_DNS);
+    assert_eq!(healthy[1]["dns_server"], Value::Null, "no DNS, no server");
+    assert_eq!(healthy[1]["dns_from_outside"], false);
 }
 
 #[test]

@@ -140,6 +140,8 @@ fn assert_seed_trace(spans: &[(BTreeMap<String, V>, Span)]) {
         ("observer.search_domain", s("another-lab.com")),
         ("observer.dns.wasted_queries", V::I(3)),
         ("observer.dns.ndots_walk", V::B(false)),
+        ("observer.dns.server.address", s(CLUSTER_DNS)),
+        ("observer.dns.from_outside", V::B(false)),
         ("observer.cgroup.id", V::I(12345)),
         ("k8s.namespace.name", s("simple-web-app")),
         ("k8s.pod.name", s("web-7d9f8-abc12")),
@@ -203,6 +205,7 @@ fn assert_seed_trace(spans: &[(BTreeMap<String, V>, Span)]) {
         let expected: BTreeMap<String, V> = [
             ("dns.question.name", s(&query.name)),
             ("observer.dns.question.type", s(&query.qtype.mnemonic())),
+            ("network.peer.address", s(CLUSTER_DNS)),
             ("observer.dns.response_code", s(rcode)),
             ("dns.answers", V::A(answers)),
         ]
@@ -508,4 +511,28 @@ async fn json_lines_sink_without_collector() {
 
 fn exported_spans(metrics: &Metrics) -> u64 {
     counter(metrics, "observer_spans_exported_total")
+}
+
+/// A pod whose resolver is outside the cluster: the root span names the server that
+/// answered and says it is outside; each DNS child names the server it asked.
+#[test]
+fn dns_served_from_outside_in_the_span() {
+    let mut outside = seed_story();
+    let chain = Arc::make_mut(outside.record.chain.as_mut().unwrap());
+    for q in Arc::make_mut(&mut chain.queries) {
+        q.server = "203.0.113.53".parse().unwrap();
+    }
+    outside.record.dns_from_outside = true;
+    let spans = observer::export::SpanBuilder::new(CLOCK, "observer").spans(&outside);
+    let root = attrs(&spans[0].attributes);
+    assert_eq!(root["observer.dns.server.address"], s("203.0.113.53"));
+    assert_eq!(root["observer.dns.from_outside"], V::B(true));
+    for child in &spans[1..] {
+        assert_eq!(
+            attrs(&child.attributes)["network.peer.address"],
+            s("203.0.113.53"),
+            "{}",
+            child.name
+        );
+    }
 }

@@ -451,6 +451,34 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
         outside.alert["annotations"]["summary"],
         format!("{hardcoded}/_unknown resolves names with a DNS server outside the cluster")
     );
+    // The pod connects to what that server answered: the record names the server.
+    connect_to(
+        &hardcoded_pod,
+        "www.outside.example",
+        partner.ipv4().into(),
+        &dns,
+    );
+    let hardcoded_cgroup = hardcoded_pod.cgroup().container.id();
+    let record = agent.wait_for_record(GUARD, |r| {
+        r["cgroup_id"].as_u64() == Some(hardcoded_cgroup)
+            && r["server_address"] == "www.outside.example"
+    });
+    assert_eq!(
+        record["dns_server"],
+        resolver_host.ipv4().to_string(),
+        "the record names the outside server: {record}"
+    );
+    assert_eq!(record["dns_from_outside"], true, "{record}");
+    assert_eq!(record["resolution"], "external", "{record}");
+    let cluster_dns_record = agent.wait_for_record(GUARD, |r| {
+        r["cgroup_id"].as_u64() == Some(esc_pod.cgroup().container.id())
+    });
+    assert_eq!(
+        cluster_dns_record["dns_server"],
+        dns.ipv4().to_string(),
+        "cluster DNS answered the story: {cluster_dns_record}"
+    );
+    assert_eq!(cluster_dns_record["dns_from_outside"], false);
 
     // Amplification: every lookup of an outside name walks three cluster suffixes first.
     // One lookup first, so the series exists in Prometheus before the burst: the rule's
@@ -523,6 +551,7 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
         (cname.clone(), ledger.clone()),
         (drift.clone(), "db.another-lab.com".to_owned()),
         (amp.clone(), "api.partner.example".to_owned()),
+        (hardcoded.clone(), "www.outside.example".to_owned()),
     ]
     .into_iter()
     .collect();
@@ -596,11 +625,11 @@ fn dashboard_shows_the_scenarios(prometheus: &Prometheus, ours: &[&str], span: D
         assert_eq!(workloads, ["_unknown"], "the workload variable for {ns}");
     }
 
-    let [esc, cname, _drift, amp, lonely, _hardcoded] = ours else {
+    let [esc, cname, _drift, amp, lonely, hardcoded] = ours else {
         panic!("the test's six namespaces")
     };
     // Per panel (by title), a label value its scenario must show.
-    let expected: [(&str, (&str, &str)); 10] = [
+    let expected: [(&str, (&str, &str)); 11] = [
         ("Flagged connections", ("namespace", esc)),
         (
             "New external destinations",
@@ -614,6 +643,7 @@ fn dashboard_shows_the_scenarios(prometheus: &Prometheus, ours: &[&str], span: D
         ("Amplification", ("namespace", amp)),
         ("DNS lookup latency", ("namespace", amp)),
         ("Unanswered DNS", ("namespace", lonely)),
+        ("DNS served from outside", ("namespace", hardcoded)),
         ("Agent: kernel events lost", ("node", "node-a")),
         ("Agent: traces dropped", ("node", "node-a")),
         ("Agent: pod metadata source", ("node", "node-a")),

@@ -78,6 +78,9 @@ impl<W: Write> TextWriter<W> {
                 let what = if all_nxdomain { "NXDOMAIN" } else { "wasted" };
                 notes.push(format!("{} {what}", chain.wasted_queries));
             }
+            if let Some(server) = chain.answered_by().filter(|_| record.dns_from_outside) {
+                notes.push(format!("DNS from {server}, outside the cluster"));
+            }
             if !notes.is_empty() {
                 line.push_str(&format!(" ({})", notes.join(", ")));
             }
@@ -212,6 +215,14 @@ pub const JSON_FIELDS: &[(&str, &str)] = &[
         "names tried without an address before the answer (A/AAAA pairs count once)",
     ),
     ("message", "the flag sentence, as in the span status"),
+    (
+        "dns_server",
+        "the DNS server whose answer held the destination",
+    ),
+    (
+        "dns_from_outside",
+        "that server is outside the cluster networks (not the node's own or a node-local cache): the pod bypasses cluster DNS",
+    ),
 ];
 
 #[derive(Serialize)]
@@ -240,6 +251,8 @@ struct JsonConnection<'a> {
     cname_chain: Vec<&'a str>,
     wasted_queries: u32,
     message: Option<String>,
+    dns_server: Option<String>,
+    dns_from_outside: bool,
 }
 
 impl<W: Write> JsonWriter<W> {
@@ -306,6 +319,8 @@ impl<W: Write> JsonWriter<W> {
                 .map_or_else(Vec::new, |c| c.cname_chain.iter().map(|t| &**t).collect()),
             wasted_queries: chain.map_or(0, |c| c.wasted_queries),
             message: flag_message(record),
+            dns_server: chain.and_then(|c| c.answered_by()).map(|ip| ip.to_string()),
+            dns_from_outside: record.dns_from_outside,
         };
         serde_json::to_writer(&mut self.out, &line)?;
         self.out.write_all(b"\n")?;

@@ -163,6 +163,7 @@ mod tests {
         let query = |name: &str, rcode: Rcode, answers: &[&str]| DnsQueryRecord {
             name: name.into(),
             qtype: QType::A,
+            server: "198.18.0.10".parse().unwrap(),
             rcode: Some(rcode),
             answers: answers
                 .iter()
@@ -205,6 +206,7 @@ mod tests {
             egress: true,
             flagged: true,
             drift: false,
+            dns_from_outside: false,
         }
     }
 

@@ -228,6 +228,13 @@ fn root_attributes(enriched: &Enriched) -> Vec<KeyValue> {
             a.push(kv_str_array("observer.dns.cname_chain", &chain.cname_chain));
         }
         a.push(kv_bool("observer.dns.ndots_walk", chain.ndots_walk));
+        if let Some(server) = chain.answered_by() {
+            a.push(kv_str("observer.dns.server.address", server.to_string()));
+        }
+        a.push(kv_bool(
+            "observer.dns.from_outside",
+            record.dns_from_outside,
+        ));
     }
     a.push(kv_int("observer.cgroup.id", record.cgroup_id as i64));
     let id = &enriched.identity;
@@ -305,6 +312,7 @@ fn query_attributes(query: &DnsQueryRecord) -> Vec<KeyValue> {
     let mut a = vec![
         kv_str("dns.question.name", &*query.name),
         kv_str("observer.dns.question.type", query.qtype.mnemonic()),
+        kv_str("network.peer.address", query.server.to_string()),
     ];
     if let Some(rcode) = query.rcode {
         a.push(kv_str("observer.dns.response_code", rcode.mnemonic()));
