@@ -107,6 +107,16 @@ fn wait_firing(
     fired
 }
 
+/// What would end a flagged or amplified record's chain: its message after the reason.
+fn fix_in(record: &Value) -> String {
+    let message = record["message"].as_str().unwrap_or_default();
+    message
+        .split_once(", outside the cluster: ")
+        .or_else(|| message.split_once(" answered: "))
+        .map(|(_, fix)| fix.to_owned())
+        .unwrap_or_else(|| panic!("a message with a fix: {record}"))
+}
+
 fn label_set(alert: &Value) -> BTreeMap<String, String> {
     alert["labels"]
         .as_object()
@@ -314,8 +324,27 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
             "Workload _unknown in namespace {esc} asked for \"db\", found no such name in the cluster, \
              and its search list completed it with another-lab.com: it connected to db.another-lab.com, \
              outside the cluster (1 connections in 10 minutes). Whoever controls another-lab.com \
-             receives this traffic."
+             receives this traffic. To end it: use db.another-lab.com. if that server is intended, \
+             or create the Service db in namespace {esc}."
         )
+    );
+    // The alert says the fix in the words of the connection's record (and span status).
+    let escape_record = agent.wait_for_record(GUARD, |r| {
+        r["cgroup_id"].as_u64() == Some(esc_pod.cgroup().container.id())
+            && r["resolution"] == "search-escape"
+    });
+    let escape_fix = fix_in(&escape_record);
+    assert_eq!(
+        escape_fix,
+        format!(
+            "use db.another-lab.com. if that server is intended, or create the Service db in namespace {esc}"
+        )
+    );
+    assert!(
+        annotations["description"]
+            .as_str()
+            .is_some_and(|d| d.contains(&format!("To end it: {escape_fix}."))),
+        "{annotations}"
     );
     assert_eq!(
         annotations["runbook"],
@@ -391,6 +420,23 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
     assert_eq!(
         cname_fired.alert["annotations"]["summary"],
         format!("{cname}/_unknown followed the CNAME of {ledger} out of the cluster")
+    );
+    let cname_record = agent.wait_for_record(GUARD, |r| {
+        r["cgroup_id"].as_u64() == Some(cname_pod.cgroup().container.id())
+    });
+    let cname_fix = fix_in(&cname_record);
+    assert_eq!(
+        cname_fix,
+        format!(
+            "use db.another-lab.com. if that server is intended, or change what {ledger} points to"
+        )
+    );
+    assert!(
+        cname_fired.alert["annotations"]["description"]
+            .as_str()
+            .is_some_and(|d| d.contains(&format!("or change what {ledger} points to."))),
+        "{}",
+        cname_fired.alert
     );
 
     // Drift: `db` was in the cluster; its Service goes and the name escapes.
@@ -515,6 +561,24 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
     assert_eq!(
         amp_fired.alert["annotations"]["summary"],
         format!("{amp}/_unknown wastes 3.0 NXDOMAIN queries per DNS lookup")
+    );
+    let amp_record = agent.wait_for_record(GUARD, |r| {
+        r["cgroup_id"].as_u64() == Some(amp_pod.cgroup().container.id())
+    });
+    assert_eq!(
+        amp_record["message"],
+        "api.partner.example tried 3 names of the search list in vain before api.partner.example \
+         answered: use api.partner.example. or set the pod's dnsConfig ndots to 2",
+        "{amp_record}"
+    );
+    assert!(
+        amp_fired.alert["annotations"]["description"]
+            .as_str()
+            .is_some_and(|d| d.contains(
+                "To end it: use each name with a trailing dot (api.example.com.), or set the pod's dnsConfig ndots"
+            )),
+        "{}",
+        amp_fired.alert
     );
 
     // Every name first reached outside the cluster is a new external destination; the

@@ -6,7 +6,10 @@ use std::{
 
 use serde::Serialize;
 
-use super::{Enriched, WallClock, Workload, spans::flag_message};
+use super::{
+    Enriched, WallClock, Workload,
+    spans::{fix, flag_message, pod_namespace},
+};
 use crate::record::{Outcome, Rcode};
 
 /// Colour only on a terminal, and never when `NO_COLOR` is set to something.
@@ -106,6 +109,10 @@ impl<W: Write> TextWriter<W> {
         if record.drift {
             line.push(' ');
             line.push_str(&paint(MAGENTA, "DRIFT"));
+        }
+        if let Some(fix) = fix(record, pod_namespace(enriched)) {
+            line.push_str(": ");
+            line.push_str(&fix);
         }
         line.push('\n');
         self.out.write_all(line.as_bytes())?;
@@ -214,7 +221,10 @@ pub const JSON_FIELDS: &[(&str, &str)] = &[
         "wasted_queries",
         "names tried without an address before the answer (A/AAAA pairs count once)",
     ),
-    ("message", "the flag sentence, as in the span status"),
+    (
+        "message",
+        "why the connection stands out (flagged, drifted, or queries wasted on the search list) and what would end it; the span status says the same for flagged and drifted connections",
+    ),
     (
         "dns_server",
         "the DNS server whose answer held the destination",
@@ -318,7 +328,7 @@ impl<W: Write> JsonWriter<W> {
             cname_chain: chain
                 .map_or_else(Vec::new, |c| c.cname_chain.iter().map(|t| &**t).collect()),
             wasted_queries: chain.map_or(0, |c| c.wasted_queries),
-            message: flag_message(record),
+            message: flag_message(record, pod_namespace(enriched)),
             dns_server: chain.and_then(|c| c.answered_by()).map(|ip| ip.to_string()),
             dns_from_outside: record.dns_from_outside,
         };
