@@ -49,6 +49,9 @@ pub enum Resolution {
     External,
     /// A name in the cluster domain answered with a CNAME that leaves it.
     CnameEscape,
+    /// A CNAME out of the cluster that a Service of type ExternalName declares (known from
+    /// the Kubernetes API): intended egress, not flagged. Without the API it is `CnameEscape`.
+    DeclaredEgress,
     /// No DNS answer of this scope contained the destination (IP literal, or unseen).
     None,
 }
@@ -60,6 +63,7 @@ impl Resolution {
             Resolution::SearchEscape => "search-escape",
             Resolution::External => "external",
             Resolution::CnameEscape => "cname-escape",
+            Resolution::DeclaredEgress => "declared-egress",
             Resolution::None => "none",
         }
     }

@@ -365,6 +365,73 @@ fn ndots_decides_whether_a_dotted_name_walks_the_search_list() {
     );
 }
 
+/// Scenario 5b: the same CNAME out of the cluster, declared by a Service of type
+/// ExternalName that the (stand-in) Kubernetes API serves: intended egress, its own class
+/// `declared-egress`, counted under that resolution, not flagged, no message. Without the
+/// API (scenario 5) the same chain is a `cname-escape`.
+#[test]
+fn externalname_service_cname_is_declared_egress() {
+    let story = Story::with(|_, dns| {
+        dns.cname("db.simple-web-app.svc.cluster.local", "db.another-lab.com")
+    });
+    let Story { db, dns, pod, .. } = &story;
+    let api = observer_tests::kube_api::KubeApi::start(
+        vec![observer_tests::kube_api::external_name_service(
+            "db",
+            "simple-web-app",
+            "db.another-lab.com.",
+        )],
+        &format!("declared-{}", pod.cgroup().container.id()),
+    )
+    .expect("the stand-in API server");
+    let observed = Observed::with_kube_api(&api);
+
+    let (_, peer) = connect(pod, "db", 5432, Family::Any, dns);
+    assert_eq!(peer, IpAddr::V4(db.ipv4()));
+
+    let record = observed.record_of(pod, 5432);
+    assert_eq!(record["resolution"], "declared-egress", "{record:#}");
+    assert_eq!(
+        record["server_address"],
+        "db.simple-web-app.svc.cluster.local"
+    );
+    assert_eq!(
+        record["cname_chain"],
+        serde_json::json!(["db.another-lab.com"])
+    );
+    assert_eq!(record["egress"], true);
+    assert_not_flagged(&record, None);
+
+    let root = &observed.trace_of(pod)[0];
+    assert_eq!(
+        str_attr(&root.attributes, "observer.resolution"),
+        Some("declared-egress")
+    );
+    assert_eq!(bool_attr(&root.attributes, "observer.flagged"), Some(false));
+    assert_eq!(
+        root.status.as_ref().map(|s| s.code).unwrap_or(0),
+        0,
+        "declared egress is no error"
+    );
+
+    let metrics = observed.metrics();
+    let namespace = [("namespace", "simple-web-app")];
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "observer_connections_total",
+            &[namespace[0], ("resolution", "declared-egress")]
+        ),
+        1.0,
+        "counted under its own resolution"
+    );
+    assert_eq!(
+        metric_sum(&metrics, "observer_flagged_connections_total", &namespace),
+        0.0,
+        "not flagged"
+    );
+}
+
 /// Scenario 5: CoreDNS autopath: the pod's first query is answered with a CNAME out of the cluster
 /// domain and the target's address, so no NXDOMAIN is ever seen. Still an escape.
 #[test]

@@ -530,6 +530,11 @@ impl Agent {
     }
 
     fn emit(&mut self, mut record: ConnectionRecord) {
+        // Before redaction: the Service's names are compared in clear.
+        let identity = &self.identity;
+        enrich::declare_egress(&mut record, &self.node.cluster_domain, |namespace, name| {
+            identity.external_name(namespace, name)
+        });
         self.redactor.record(&mut record);
         let who = self.identity.resolve(record.cgroup_id, Some(record.pid));
         let enriched = Enriched {

@@ -184,7 +184,7 @@ pub const JSON_FIELDS: &[(&str, &str)] = &[
     ),
     (
         "resolution",
-        "`in-cluster`, `search-escape`, `external`, `cname-escape`, `none`",
+        "`in-cluster`, `search-escape`, `external`, `cname-escape`, `declared-egress` (an ExternalName Service declares the CNAME; needs the Kubernetes API), `none`",
     ),
     (
         "search_chain",
