@@ -15,7 +15,9 @@ use std::{
 use observer_tests::{
     CLOSED_PORT, DnsConfig, DnsServer, Family, Pod, PodSpec, Process, Testbed,
     agent::{Agent, AgentSpec},
-    dashboard, plan,
+    dashboard,
+    kube_api::{KubeApi, external_name_service},
+    plan,
     prometheus::{LiveRules, Prometheus, ScrapeTarget},
     story::{DB_PORT, EXTERNAL_DB, cluster_args, connect, testbed},
 };
@@ -225,6 +227,11 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
                 .cname(
                     &format!("ledger.{cname}.svc.cluster.local"),
                     "db.another-lab.com",
+                )
+                // What cluster DNS answers for the ExternalName Service `vendor`.
+                .cname(
+                    &format!("vendor.{cname}.svc.cluster.local"),
+                    "db.another-lab.com",
                 ),
         )
         .expect("dnsmasq");
@@ -275,7 +282,24 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
         .spawn()
         .expect("main process");
 
-    let agent = Agent::start(AgentSpec::new().args(cluster_args()));
+    // The Kubernetes API (a stand-in) declares `vendor` in the CNAME namespace as an
+    // ExternalName Service: its CNAME out of the cluster is intended egress.
+    let kube_api = KubeApi::start(
+        vec![external_name_service(
+            "vendor",
+            &cname,
+            "db.another-lab.com",
+        )],
+        &run,
+    )
+    .expect("the stand-in API server");
+    let agent = Agent::start(
+        AgentSpec::new()
+            .args(cluster_args())
+            .args(["--kube", "auto"])
+            .env("KUBECONFIG", kube_api.kubeconfig().display().to_string())
+            .env("NODE_NAME", "node-a"),
+    );
     let prometheus = Prometheus::start(
         &[ScrapeTarget {
             addr: agent.metrics_addr(),
@@ -283,8 +307,11 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
         }],
         &LiveRules::shipped_with_hold(HOLD),
     );
-    prometheus.wait_for("the agent's first scrape", GUARD, || {
-        (!prometheus.query("observer_enrichment_status").is_empty()).then_some(())
+    prometheus.wait_for("the agent synced with the API, scraped", GUARD, || {
+        (!prometheus
+            .query("observer_enrichment_status{state=\"kube\"} == 1")
+            .is_empty())
+        .then_some(())
     });
 
     // The story: `db` walks the search list and escapes through another-lab.com.
@@ -423,6 +450,7 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
     );
     let cname_record = agent.wait_for_record(GUARD, |r| {
         r["cgroup_id"].as_u64() == Some(cname_pod.cgroup().container.id())
+            && r["resolution"] == "cname-escape"
     });
     let cname_fix = fix_in(&cname_record);
     assert_eq!(
@@ -437,6 +465,33 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
             .is_some_and(|d| d.contains(&format!("or change what {ledger} points to."))),
         "{}",
         cname_fired.alert
+    );
+
+    // The same CNAME, declared by the ExternalName Service `vendor`: egress, no alert.
+    connect_to(&cname_pod, "vendor", EXTERNAL_DB.into(), &dns);
+    let vendor = format!("vendor.{cname}.svc.cluster.local");
+    let declared = agent.wait_for_record(GUARD, |r| {
+        r["cgroup_id"].as_u64() == Some(cname_pod.cgroup().container.id())
+            && r["server_address"] == vendor.as_str()
+    });
+    assert_eq!(declared["resolution"], "declared-egress", "{declared}");
+    assert_eq!(declared["flagged"], false, "{declared}");
+    let declared_series = format!(
+        "observer_connections_total{{namespace=\"{cname}\",resolution=\"declared-egress\",server_address=\"{vendor}\"}}"
+    );
+    prometheus.wait_for("the declared egress in Prometheus", GUARD, || {
+        (!prometheus.query(&declared_series).is_empty()).then_some(())
+    });
+    prometheus.wait_evaluations(2, GUARD);
+    assert!(
+        alerts_of(
+            &prometheus,
+            "ObserverCnameEscape",
+            &[("server_address", vendor.as_str())]
+        )
+        .is_empty(),
+        "the declared CNAME raises no CNAME escape: {:#?}",
+        alerts_of(&prometheus, "ObserverCnameEscape", &[])
     );
 
     // Drift: `db` was in the cluster; its Service goes and the name escapes.
@@ -613,6 +668,7 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
     let expected_new: BTreeSet<(String, String)> = [
         (esc.clone(), "db.another-lab.com".to_owned()),
         (cname.clone(), ledger.clone()),
+        (cname.clone(), vendor.clone()),
         (drift.clone(), "db.another-lab.com".to_owned()),
         (amp.clone(), "api.partner.example".to_owned()),
         (hardcoded.clone(), "www.outside.example".to_owned()),
