@@ -1,7 +1,7 @@
 //! The kernel's view of bpf objects, for tests that check what observer loads, holds and
 //! leaves behind: the bpf fds of a process, whether a program still exists, and what is
 //! attached to the cgroup2 root.
-use std::{path::Path, process::Command};
+use std::path::Path;
 
 /// The bpf objects a process holds open: programs, maps, links, and the perf events that
 /// tracepoint programs are attached through.
@@ -85,45 +85,73 @@ pub fn program_exists(id: u32) -> bool {
     std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOENT)
 }
 
-/// Program ids attached to the cgroup2 root (bpftool's view of the kernel's attach lists).
+/// Program ids attached to the cgroup2 root, over every attach type the kernel knows.
 ///
-/// Other tests' agents attach and detach on the same root at any time, under bpftool's
-/// listing: an output that does not parse is taken again a few times, then the test fails
-/// with what bpftool said.
+/// Asked of the kernel directly (BPF_PROG_QUERY per attach type, with the query's fields
+/// of 4.15) rather than through bpftool: Debian's bpftool lists nothing and exits 255 on
+/// 5.10, where it fails every query. A type the kernel does not know (or that is not a cgroup
+/// type) answers EINVAL and is passed over, as bpftool does.
 pub fn attached_to_cgroup_root() -> Vec<u32> {
+    use std::os::fd::AsRawFd as _;
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    /// Above every attach type of today's kernels (58 in 6.18).
+    const ATTACH_TYPES: u32 = 128;
+    /// The query's part of `union bpf_attr` up to `prog_cnt`, which every kernel since 4.15
+    /// understands; the padding after it must be zero.
+    #[repr(C)]
+    struct Query {
+        target_fd: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        padding: u32,
+    }
     let root = crate::cgroup2_mount().expect("finding the cgroup2 mount");
-    let mut attempt = 0;
-    let v: serde_json::Value = loop {
-        attempt += 1;
-        let out = Command::new("bpftool")
-            .args(["-j", "cgroup", "show"])
-            .arg(&root)
-            .output()
-            .expect("running bpftool (package bpftool)");
-        let parsed = if !out.status.success() {
-            Err(format!("exit {}", out.status))
-        } else if out.stdout.trim_ascii().is_empty() {
-            // Nothing attached: bpftool prints no JSON at all, not an empty array.
-            Ok(serde_json::Value::Array(Vec::new()))
-        } else {
-            serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
-        };
-
-        match parsed {
-            Ok(v) => break v,
-            Err(e) if attempt < 5 => {
-                eprintln!("bpftool cgroup show, attempt {attempt}: {e}; taking it again");
-                std::thread::sleep(std::time::Duration::from_millis(100));
+    let dir = std::fs::File::open(&root)
+        .unwrap_or_else(|e| panic!("opening {}: {e}", root.display()));
+    let mut ids = Vec::new();
+    for attach_type in 0..ATTACH_TYPES {
+        // Other tests' agents attach and detach at any time: a list that grew past the
+        // buffer between two calls (ENOSPC) is asked for again with more room.
+        let mut room = 64;
+        loop {
+            let mut buffer = vec![0u32; room];
+            let mut query = Query {
+                target_fd: dir.as_raw_fd() as u32,
+                attach_type,
+                query_flags: 0,
+                attach_flags: 0,
+                prog_ids: buffer.as_mut_ptr() as u64,
+                prog_cnt: room as u32,
+                padding: 0,
+            };
+            // SAFETY: bpf(2) reads `size_of::<Query>()` bytes of a live, initialised struct
+            // and writes at most `prog_cnt` ids into `buffer`, which outlives the call.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_PROG_QUERY,
+                    &mut query as *mut Query,
+                    size_of::<Query>(),
+                )
+            };
+            if rc == 0 {
+                ids.extend_from_slice(&buffer[..query.prog_cnt as usize]);
+                break;
             }
-            Err(e) => panic!("bpftool cgroup show: {e}: {out:?}"),
+            match std::io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINVAL) => break,
+                Some(libc::ENOSPC) => room = query.prog_cnt as usize + 64,
+                _ => panic!(
+                    "BPF_PROG_QUERY of attach type {attach_type} on {}: {}",
+                    root.display(),
+                    std::io::Error::last_os_error()
+                ),
+            }
         }
-    };
-    let mut ids: Vec<u32> = v
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p["id"].as_u64().map(|id| id as u32))
-        .collect();
+    }
     ids.sort_unstable();
     ids
 }
