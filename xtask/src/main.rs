@@ -193,17 +193,36 @@ pub(crate) fn run(cmd: &mut Command) -> Result<()> {
 }
 
 fn build(release: bool) -> Result<()> {
+    build_agent(release).map(drop)
+}
+
+/// Builds the agent's binaries and returns the path of `observer`, which the integration
+/// tests receive as `OBSERVER_BIN` (without it, each test executable builds the agent itself).
+pub(crate) fn build_agent(release: bool) -> Result<PathBuf> {
     let mut cmd = cargo();
-    cmd.args(["build", "--package", "observer", "--bins"]);
+    cmd.args([
+        "build",
+        "--package",
+        "observer",
+        "--bins",
+        "--message-format=json-render-diagnostics",
+    ]);
     if release {
         cmd.arg("--release");
     }
-    run(&mut cmd)
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("starting cargo build")?;
+    if !out.status.success() {
+        bail!("building the agent failed: {}", out.status);
+    }
+    executable(&String::from_utf8_lossy(&out.stdout), "observer").map(PathBuf::from)
 }
 
 fn test(args: &[String]) -> Result<()> {
-    // The integration tests start the agent binary: build it first so they test this tree.
-    build(false)?;
+    // The integration tests start the agent binary: build it once for all of them.
+    let agent = build_agent(false)?;
     if !is_root() {
         bail!(
             "the integration tests load eBPF programs and build network namespaces: run `cargo xtask test` as root"
@@ -212,7 +231,7 @@ fn test(args: &[String]) -> Result<()> {
     let mut cmd = cargo();
     // Default members: the kernel crate is built by observer's build.rs, not for the host.
     cmd.args(["test", "--no-fail-fast", "--"]);
-    cmd.args(args);
+    cmd.args(args).env("OBSERVER_BIN", agent);
     run(&mut cmd)
 }
 

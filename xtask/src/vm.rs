@@ -156,6 +156,7 @@ pub fn run_matrix(selection: &Selection) -> Result<()> {
     for (kernel, _) in &plan {
         images.push(kernel_image(&cache, kernel)?);
     }
+    let agent = crate::build_agent(false)?;
     let executables = build_tests()?;
     let out_dir = checkout.join("target/vm-matrix");
     fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
@@ -169,7 +170,9 @@ pub fn run_matrix(selection: &Selection) -> Result<()> {
             })?;
             binaries.push((*name, exe.as_path()));
         }
-        runs.push(run_kernel(&checkout, &out_dir, kernel, image, &binaries)?);
+        runs.push(run_kernel(
+            &checkout, &out_dir, kernel, image, &agent, &binaries,
+        )?);
         // The table so far, so a long run shows progress.
         eprintln!("{}", table(&runs));
     }
@@ -360,9 +363,8 @@ fn download(cache: &Path, debs: &Path, package: &str) -> Result<()> {
     })
 }
 
-/// Builds the agent and the integration test binaries; returns each test binary's path.
+/// Builds the integration test binaries; returns each test binary's path.
 fn build_tests() -> Result<BTreeMap<String, PathBuf>> {
-    run(cargo().args(["build", "--package", "observer", "--bins"]))?;
     let out = cargo()
         .args([
             "test",
@@ -398,14 +400,16 @@ fn build_tests() -> Result<BTreeMap<String, PathBuf>> {
 
 /// The script the guest runs: every binary in turn, each with a hang guard, its output and
 /// result written to `dir`.
-fn guest_script(checkout: &Path, dir: &Path, binaries: &[(&str, &Path)]) -> String {
+fn guest_script(checkout: &Path, dir: &Path, agent: &Path, binaries: &[(&str, &Path)]) -> String {
     let mut script = format!(
         "#!/bin/bash\n\
          # Written by `cargo xtask vm-test`; run inside the guest.\n\
          cd '{checkout}' || exit 1\n\
+         export OBSERVER_BIN='{agent}'\n\
          echo \"$(uname -r) $(stat -fc %T /sys/fs/cgroup)\" > '{dir}/guest'\n\
          : > '{dir}/results'\n",
         checkout = checkout.display(),
+        agent = agent.display(),
         dir = dir.display(),
     );
     for (name, exe) in binaries {
@@ -429,6 +433,7 @@ fn run_kernel(
     out_dir: &Path,
     kernel: &'static VmKernel,
     image: &Path,
+    agent: &Path,
     binaries: &[(&'static str, &Path)],
 ) -> Result<KernelRun> {
     let dir = out_dir.join(kernel.name);
@@ -437,7 +442,7 @@ fn run_kernel(
     }
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let script = dir.join("run.sh");
-    fs::write(&script, guest_script(checkout, &dir, binaries))
+    fs::write(&script, guest_script(checkout, &dir, agent, binaries))
         .with_context(|| format!("writing {}", script.display()))?;
     let boot_log = dir.join("boot.log");
     let log =
