@@ -5,6 +5,7 @@ use clap::Parser;
 use observer::{
     agent::config::{LogFormat, RunArgs, Settings},
     cli::{Cli, Command, EventsArgs, VERSION},
+    error::Chain,
     probes::{self, BootClock, ProbeOptions, Probes},
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -29,28 +30,10 @@ fn main() -> ExitCode {
         Err(error) => {
             // What the user has to fix, never a backtrace (anyhow prints one from `main`'s
             // `Err` when RUST_BACKTRACE is set).
-            eprintln!("Error: {}", error_chain(&error));
+            eprintln!("Error: {}", Chain(error.as_ref()));
             ExitCode::FAILURE
         }
     }
-}
-
-/// The error and its causes, `: `-separated, skipping a cause its parent already quoted.
-fn error_chain(error: &anyhow::Error) -> String {
-    let mut text = String::new();
-    let mut previous = String::new();
-    for cause in error.chain() {
-        let message = cause.to_string();
-        if previous.contains(&message) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&message);
-        previous = message;
-    }
-    text
 }
 
 /// Logs go to standard error: standard output carries the connections.

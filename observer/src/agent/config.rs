@@ -159,12 +159,12 @@ pub struct Settings {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("reading config file {path}: {source}")]
+    #[error("reading config file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("config file {path}: {source}")]
+    #[error("parsing config file {path}")]
     Parse {
         path: PathBuf,
         source: Box<toml::de::Error>,
@@ -288,7 +288,7 @@ mod tests {
     fn parse(args: &[&str]) -> Result<Settings, String> {
         let cli = Cli::try_parse_from(std::iter::once("observer").chain(args.iter().copied()))
             .map_err(|e| e.to_string())?;
-        Settings::resolve(cli.run).map_err(|e| e.to_string())
+        Settings::resolve(cli.run).map_err(|e| crate::error::Chain(&e).to_string())
     }
 
     #[test]

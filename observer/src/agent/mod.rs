@@ -554,7 +554,9 @@ impl Agent {
                         .set_kernel_events_lost(counter.program(), counter.name(), total);
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "reading the kernel loss counters"),
+            Err(e) => {
+                tracing::warn!(error = %crate::error::Chain(&e), "reading the kernel loss counters")
+            }
         }
         publish_core_counters(&self.metrics, self.core.counters());
         // Events the reorder stage had to let through out of order because it was full.

@@ -65,7 +65,7 @@ pub enum IdentityError {
          without it every pod of the cluster would be watched"
     )]
     NodeNameRequired,
-    #[error("building the Kubernetes client: {0}")]
+    #[error("building the Kubernetes client")]
     KubeClient(#[source] ::kube::Error),
 }
 
