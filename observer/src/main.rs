@@ -6,6 +6,7 @@ use observer::{
     agent::config::{LogFormat, RunArgs, Settings},
     cli::{Cli, Command, EventsArgs, VERSION},
     error::Chain,
+    export::color_on,
     probes::{self, BootClock, ProbeOptions, Probes},
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -42,6 +43,7 @@ fn init_logging(format: LogFormat, default_filter: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(color_on(std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -848,7 +848,8 @@ fn without_a_collector_the_agent_observes_and_counts_export_failures() {
     stop_cleanly(agent);
 }
 
-/// SIGTERM: the agent detaches its kernel programs, says so, and exits 0 within its bound.
+/// SIGTERM: the agent detaches its kernel programs, says so in plain text logs (no colour
+/// codes off a terminal), and exits 0 within its bound.
 #[test]
 fn sigterm_detaches_and_exits_zero() {
     let agent = Agent::start(AgentSpec::new().args(cluster_args()));
@@ -860,6 +861,8 @@ fn sigterm_detaches_and_exits_zero() {
     assert!(took < STOP_WITHIN, "took {took:?} to stop\n{log}");
     assert!(log.contains("terminated: detaching"), "{log}");
     assert!(log.contains("kernel programs detached"), "{log}");
+    // Standard error is a pipe here, as in a log file: no colour codes.
+    assert!(!log.contains('\x1b'), "no colour off a terminal: {log:?}");
     let lower = log.to_ascii_lowercase();
     assert!(
         !lower.contains("panicked") && !lower.contains("error"),

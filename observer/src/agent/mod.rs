@@ -26,7 +26,7 @@ use crate::{
     export::{
         Enriched, EnrichmentState, ExportConfig, ExportIdentity, JsonWriter, Metrics, PodIdentity,
         Readiness, RedactMode, Redactor, SpanExporter, SpanSelection, SpanSink, TextWriter,
-        UnmatchedReason, WallClock, color_for_stdout, serve_http,
+        UnmatchedReason, WallClock, color_on, serve_http,
     },
     identity::{EnrichmentStatus, Identity, IdentityConfig, KubeMode, WorkloadIdentity},
     probes::{self, BootClock, DnsPacket, Event, ProbeOptions, Probes, Protocol},
@@ -223,7 +223,9 @@ impl Output {
     fn new(format: OutputFormat, wall: WallClock) -> Output {
         let stdout = || std::io::BufWriter::with_capacity(STDOUT_BUFFER, std::io::stdout());
         match format {
-            OutputFormat::Text => Output::Text(TextWriter::new(stdout(), wall, color_for_stdout())),
+            OutputFormat::Text => {
+                Output::Text(TextWriter::new(stdout(), wall, color_on(std::io::stdout())))
+            }
             OutputFormat::Json => Output::Json(JsonWriter::new(stdout(), wall)),
             OutputFormat::None => Output::None,
         }
