@@ -470,7 +470,7 @@ fn metrics_count_the_seed_story() {
     ]);
     let nxdomain = with(&[("rcode", "NXDOMAIN")]);
     let noerror = with(&[("rcode", "NOERROR")]);
-    let expectations: [(&str, Labels, f64); 6] = [
+    let expectations: [(&str, Labels<'_>, f64); 6] = [
         ("observer_connections_total", &connection, 1.0),
         ("observer_flagged_connections_total", &flagged, 1.0),
         ("observer_dns_responses_total", &nxdomain, 6.0),

@@ -150,8 +150,8 @@ fn main() -> Result<()> {
 }
 
 /// The workspace's root directory (xtask lives one level below it).
-fn workspace_root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+pub(crate) fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace root")
         .to_owned()
@@ -284,9 +284,8 @@ fn demo() -> Result<()> {
     }
     // exec: the demo takes this process's place, so a Ctrl-C reaches it alone (through the
     // terminal) and it tears everything down before the shell prompt comes back.
-    let err = std::os::unix::process::CommandExt::exec(
-        std::process::Command::new(&demo).arg("--agent").arg(&agent),
-    );
+    let err =
+        std::os::unix::process::CommandExt::exec(Command::new(&demo).arg("--agent").arg(&agent));
     Err(err).with_context(|| format!("starting {demo}"))
 }
 
@@ -306,14 +305,6 @@ pub(crate) fn executable(messages: &str, name: &str) -> Result<String> {
             Some(l[start..end].to_owned())
         })
         .with_context(|| format!("cargo did not report the `{name}` executable it built"))
-}
-
-/// The workspace root (xtask's manifest sits one level down).
-pub(crate) fn checkout() -> Result<PathBuf> {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .context("xtask's manifest directory has no parent")
 }
 
 pub(crate) fn is_root() -> bool {

@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{cargo, checkout, run, setup};
+use crate::{cargo, run, setup, workspace_root};
 
 /// A Debian kernel the matrix boots.
 pub struct VmKernel {
@@ -150,7 +150,7 @@ pub fn run_matrix(selection: &Selection) -> Result<()> {
         bail!("the kernel matrix boots guests that load eBPF programs: run it as root");
     }
     prerequisites()?;
-    let checkout = checkout()?;
+    let checkout = workspace_root();
     let cache = checkout.join("target/vm-kernels");
     let mut images = Vec::new();
     for (kernel, _) in &plan {
@@ -617,7 +617,7 @@ mod tests {
 
     #[test]
     fn every_listed_binary_is_a_test_of_the_tests_crate() {
-        let tests_dir = checkout().unwrap().join("tests/tests");
+        let tests_dir = workspace_root().join("tests/tests");
         for name in ALL_PRIVILEGED {
             let file = tests_dir.join(format!("{name}.rs"));
             assert!(file.is_file(), "{} is missing", file.display());
