@@ -1,7 +1,7 @@
 use std::{collections::HashSet, process::ExitCode};
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use observer::{
     agent::config::{LogFormat, RunArgs, Settings},
     cli::{Cli, Command, EventsArgs, VERSION},
@@ -18,9 +18,12 @@ use tokio::signal::unix::{SignalKind, signal};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // The matches, not only the parsed values: `--print-config` tells a flag from its
+    // environment variable.
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
-        Command::Run(args) => run_agent(args),
+        Command::Run(args) => run_agent(args, matches.subcommand_matches("run")),
         Command::Events(args) => {
             init_logging(LogFormat::Text, "warn");
             run_events(args)
@@ -51,8 +54,13 @@ fn init_logging(format: LogFormat, default_filter: &str) {
     }
 }
 
-fn run_agent(args: RunArgs) -> anyhow::Result<()> {
-    let settings = Settings::resolve(args)?;
+fn run_agent(args: RunArgs, matches: Option<&ArgMatches>) -> anyhow::Result<()> {
+    let print_config = args.print_config;
+    let (settings, origins) = Settings::resolve_with_origins(args, matches)?;
+    if print_config {
+        print!("{}", settings.describe(&origins));
+        return Ok(());
+    }
     init_logging(settings.log_format, &settings.log_level);
     tracing::info!("observer {VERSION} starting");
     let runtime = tokio::runtime::Builder::new_multi_thread()

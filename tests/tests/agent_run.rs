@@ -769,6 +769,30 @@ fn bad_flags_fail_fast_with_a_clear_message() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `--print-config` prints the effective settings with where each came from, an
+/// environment variable told apart from a flag, and exits without loading anything.
+#[test]
+fn print_config_names_where_each_setting_came_from() {
+    let exited = run_to_exit(
+        &observer_tests::agent::observer_bin(),
+        &["run", "--print-config", "--output", "json"],
+        &[("OBSERVER_CLUSTER_NAME", "lab")],
+        STOP_WITHIN,
+    );
+    assert!(exited.status.success(), "{exited:?}");
+    for line in [
+        "output = \"json\"  # flag",
+        "cluster_name = \"lab\"  # environment",
+        "cluster_domain = \"cluster.local\"  # default",
+    ] {
+        assert!(
+            exited.stdout.lines().any(|l| l == line),
+            "{line:?} in:\n{}",
+            exited.stdout
+        );
+    }
+}
+
 /// An unprivileged user gets a message naming the capabilities it lacks.
 #[test]
 fn without_privileges_the_agent_names_the_missing_capabilities() {

@@ -28,12 +28,12 @@ use crate::{
         Readiness, RedactMode, Redactor, SpanExporter, SpanSelection, SpanSink, TextWriter,
         UnmatchedReason, WallClock, color_on, serve_http,
     },
-    identity::{EnrichmentStatus, Identity, IdentityConfig, KubeMode, WorkloadIdentity},
+    identity::{EnrichmentStatus, Identity, IdentityConfig, WorkloadIdentity},
     probes::{self, BootClock, DnsPacket, Event, ProbeOptions, Probes, Protocol},
     record::{BootNs, ConnectionRecord},
     scope::ScopeKey,
 };
-use config::{ExportPolicySetting, KubeSetting, OutputFormat, RedactNames, Settings};
+use config::{ExportPolicySetting, OutputFormat, RedactNames, Settings};
 use enrich::NodeFacts;
 use reorder::Reorder;
 use scopes::ScopeCgroups;
@@ -67,10 +67,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let events = probes.events().context("reading the kernel rings")?;
 
     let identity = Identity::start(IdentityConfig {
-        kube_mode: match settings.kube {
-            KubeSetting::Auto => KubeMode::Auto,
-            KubeSetting::Off => KubeMode::Off,
-        },
+        kube_mode: settings.kube,
         node_name: settings.node_name.clone(),
         ..IdentityConfig::default()
     })
