@@ -13,6 +13,8 @@ use std::{
 
 use serde_json::Value;
 
+use crate::exec::take_if_exited;
+
 /// The agent binary as this tree builds it: `OBSERVER_BIN` when set (xtask builds the agent
 /// first and names it), else cargo builds `observer` now, in the tests' own profile, so a
 /// plain `cargo test` never drives a stale agent. Built once per test executable.
@@ -237,12 +239,7 @@ impl Agent {
     fn wait_ready(&mut self, within: Duration) -> Result<(), AgentExited> {
         let deadline = Instant::now() + within;
         loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                self.child = None;
+            if let Some(status) = take_if_exited(&mut self.child) {
                 for reader in self.readers.drain(..) {
                     let _ = reader.join();
                 }
