@@ -49,6 +49,9 @@ pub enum Resolution {
     External,
     /// A name in the cluster domain answered with a CNAME that leaves it.
     CnameEscape,
+    /// A CNAME out of the cluster that a Service of type ExternalName declares (known from
+    /// the Kubernetes API): intended egress, not flagged. Without the API it is `CnameEscape`.
+    DeclaredEgress,
     /// No DNS answer of this scope contained the destination (IP literal, or unseen).
     None,
 }
@@ -60,6 +63,7 @@ impl Resolution {
             Resolution::SearchEscape => "search-escape",
             Resolution::External => "external",
             Resolution::CnameEscape => "cname-escape",
+            Resolution::DeclaredEgress => "declared-egress",
             Resolution::None => "none",
         }
     }
@@ -91,6 +95,8 @@ pub struct DnsQueryRecord {
     pub name: Arc<str>,
     /// Record type; `mnemonic()` gives "A", "AAAA", ...
     pub qtype: QType,
+    /// The DNS server the query was sent to.
+    pub server: IpAddr,
     /// Response code (`mnemonic()`: "NOERROR", "NXDOMAIN", ...), `None` if never answered.
     pub rcode: Option<Rcode>,
     /// Addresses and CNAME targets in the answer, in answer order.
@@ -121,6 +127,20 @@ pub struct ResolutionChain {
     pub queries: Arc<Vec<DnsQueryRecord>>,
 }
 
+impl ResolutionChain {
+    /// The DNS server whose answer held the destination: the server of the first query of
+    /// `server_address` answered with an address.
+    pub fn answered_by(&self) -> Option<IpAddr> {
+        self.queries
+            .iter()
+            .find(|q| {
+                q.name == self.server_address
+                    && q.answers.iter().any(|a| matches!(a, Answer::Address(_)))
+            })
+            .map(|q| q.server)
+    }
+}
+
 /// One TCP active open, joined to the DNS that named its destination, classified.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ConnectionRecord {
@@ -143,6 +163,9 @@ pub struct ConnectionRecord {
     pub flagged: bool,
     /// This scope's workload resolved the same name in-cluster before, and outside now.
     pub drift: bool,
+    /// The answer came from a DNS server outside the cluster networks (not the node's own
+    /// or a node-local cache): the pod bypasses cluster DNS ([`ResolutionChain::answered_by`]).
+    pub dns_from_outside: bool,
 }
 
 impl ConnectionRecord {

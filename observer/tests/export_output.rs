@@ -51,6 +51,8 @@ fn json_seed_story_field_by_field() {
         "cname_chain",
         "wasted_queries",
         "message",
+        "dns_server",
+        "dns_from_outside",
     ];
     assert_eq!(
         keys,
@@ -105,8 +107,35 @@ fn json_seed_story_field_by_field() {
     assert_eq!(v["wasted_queries"], 3);
     assert_eq!(
         v["message"],
-        "db resolved through search domain another-lab.com to 203.0.113.10, outside the cluster"
+        "db resolved through search domain another-lab.com to 203.0.113.10, outside the cluster: \
+         use db.another-lab.com. if that server is intended, or create the Service db in namespace simple-web-app"
     );
+    assert_eq!(v["dns_server"], CLUSTER_DNS, "the server that answered");
+    assert_eq!(v["dns_from_outside"], false);
+}
+
+/// A pod whose resolver is outside the cluster: the record names the server that answered,
+/// in JSON and in the text line.
+#[test]
+fn dns_served_from_outside_names_the_server() {
+    let mut outside = seed_story();
+    let chain = std::sync::Arc::make_mut(outside.record.chain.as_mut().unwrap());
+    for q in std::sync::Arc::make_mut(&mut chain.queries) {
+        q.server = "203.0.113.53".parse().unwrap();
+    }
+    outside.record.dns_from_outside = true;
+    let v = &json_lines(&[outside.clone()])[0];
+    assert_eq!(v["dns_server"], "203.0.113.53");
+    assert_eq!(v["dns_from_outside"], true);
+    let (out, _) = text(&[outside], false);
+    assert!(
+        out.contains("(via search domain another-lab.com, 3 NXDOMAIN, DNS from 203.0.113.53, outside the cluster)"),
+        "{out}"
+    );
+    let healthy = &json_lines(&[healthy_in_cluster(), host_ip_literal()]);
+    assert_eq!(healthy[0]["dns_server"], CLUSTER_DNS);
+    assert_eq!(healthy[1]["dns_server"], Value::Null, "no DNS, no server");
+    assert_eq!(healthy[1]["dns_from_outside"], false);
 }
 
 #[test]
@@ -182,7 +211,8 @@ fn text_lines_for_egress_and_flagged_only() {
         lines,
         [
             "2025-06-15T15:06:40.008Z simple-web-app/web-7d9f8-abc12 db -> db.another-lab.com \
-             (via search domain another-lab.com, 3 NXDOMAIN) -> 203.0.113.10:5432 established EGRESS FLAGGED",
+             (via search domain another-lab.com, 3 NXDOMAIN) -> 203.0.113.10:5432 established EGRESS FLAGGED: \
+             use db.another-lab.com. if that server is intended, or create the Service db in namespace simple-web-app",
             "2025-06-15T15:06:40.090Z host:curl[1200] 203.0.113.77:443 refused EGRESS",
         ]
     );
@@ -213,19 +243,81 @@ fn text_drift_and_cname_escape() {
     assert_eq!(
         out,
         "2025-06-15T15:06:40.008Z simple-web-app/web-7d9f8-abc12 db.simple-web-app.svc.cluster.local \
-         (CNAME db.another-lab.com) -> 203.0.113.10:5432 established EGRESS FLAGGED DRIFT\n"
+         (CNAME db.another-lab.com) -> 203.0.113.10:5432 established EGRESS FLAGGED DRIFT: \
+         use db.another-lab.com. if that server is intended, or change what db.simple-web-app.svc.cluster.local points to\n"
     );
     assert_eq!(
-        observer::export::flag_message(&cname.record).as_deref(),
+        observer::export::flag_message(&cname.record, Some("simple-web-app")).as_deref(),
         Some(
-            "db.simple-web-app.svc.cluster.local resolved through CNAME db.another-lab.com to 203.0.113.10, outside the cluster"
+            "db.simple-web-app.svc.cluster.local resolved through CNAME db.another-lab.com to 203.0.113.10, outside the cluster: \
+             use db.another-lab.com. if that server is intended, or change what db.simple-web-app.svc.cluster.local points to"
         )
     );
     cname.record.flagged = false;
     assert_eq!(
-        observer::export::flag_message(&cname.record).as_deref(),
+        observer::export::flag_message(&cname.record, Some("simple-web-app")).as_deref(),
         Some(
-            "db.simple-web-app.svc.cluster.local resolved to 203.0.113.10, outside the cluster, where this workload resolved it inside the cluster before"
+            "db.simple-web-app.svc.cluster.local resolved to 203.0.113.10, outside the cluster, where this workload resolved it inside the cluster before: \
+             create the Service db in namespace simple-web-app again, or use db.simple-web-app.svc.cluster.local. if that server is intended"
         )
     );
+}
+
+/// What would end each kind of chain, said once (`observer::export::fix`) and carried by
+/// the JSON message.
+#[test]
+fn the_fix_for_each_kind_of_chain() {
+    let fix = |e: &Enriched| observer::export::fix(&e.record, Some("simple-web-app"));
+    assert_eq!(
+        fix(&seed_story()).as_deref(),
+        Some(
+            "use db.another-lab.com. if that server is intended, or create the Service db in namespace simple-web-app"
+        )
+    );
+    assert_eq!(
+        observer::export::fix(&seed_story().record, None).as_deref(),
+        Some(
+            "use db.another-lab.com. if that server is intended, or create the Service db in the pod's namespace"
+        ),
+        "without the API the namespace is unknown"
+    );
+    let mut qualified = seed_story();
+    std::sync::Arc::make_mut(qualified.record.chain.as_mut().unwrap()).query_name =
+        "db.shop".into();
+    assert_eq!(
+        fix(&qualified).as_deref(),
+        Some(
+            "use db.another-lab.com. if that server is intended, or create the Service db in namespace shop"
+        ),
+        "db.shop is the Service db of namespace shop"
+    );
+
+    // Amplification: a name with dots walked the whole search list, then answered as is.
+    let mut amplified = healthy_in_cluster();
+    let chain = std::sync::Arc::make_mut(amplified.record.chain.as_mut().unwrap());
+    chain.query_name = "api.partner.example".into();
+    chain.server_address = "api.partner.example".into();
+    chain.search_domain = None;
+    chain.wasted_queries = 3;
+    chain.ndots_walk = true;
+    assert_eq!(
+        fix(&amplified).as_deref(),
+        Some("use api.partner.example. or set the pod's dnsConfig ndots to 2")
+    );
+    let line = &json_lines(&[amplified])[0];
+    assert_eq!(
+        line["message"],
+        "api.partner.example tried 3 names of the search list in vain before api.partner.example answered: \
+         use api.partner.example. or set the pod's dnsConfig ndots to 2"
+    );
+
+    // A short name completed in the cluster after wasted steps: only the full name helps.
+    let mut walked = healthy_in_cluster();
+    std::sync::Arc::make_mut(walked.record.chain.as_mut().unwrap()).wasted_queries = 1;
+    assert_eq!(
+        fix(&walked).as_deref(),
+        Some("use postgres.data.svc.cluster.local.")
+    );
+    assert_eq!(fix(&healthy_in_cluster()), None, "nothing to fix");
+    assert_eq!(fix(&host_ip_literal()), None, "no DNS, nothing to say");
 }

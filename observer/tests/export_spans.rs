@@ -87,6 +87,9 @@ fn trace(
     (resource, root, children)
 }
 
+/// What would end the seed story's escape.
+const SEED_FIX: &str = "use db.another-lab.com. if that server is intended, or create the Service db in namespace simple-web-app";
+
 fn assert_seed_trace(spans: &[(BTreeMap<String, V>, Span)]) {
     let seed = seed_story();
     let (resource, root, children) = trace(spans, "connect db.another-lab.com:5432");
@@ -120,7 +123,9 @@ fn assert_seed_trace(spans: &[(BTreeMap<String, V>, Span)]) {
     assert_eq!(status.code, StatusCode::Error as i32);
     assert_eq!(
         status.message,
-        "db resolved through search domain another-lab.com to 203.0.113.10, outside the cluster"
+        format!(
+            "db resolved through search domain another-lab.com to 203.0.113.10, outside the cluster: {SEED_FIX}"
+        )
     );
     let expected_root: BTreeMap<String, V> = [
         ("server.address", s("db.another-lab.com")),
@@ -140,6 +145,9 @@ fn assert_seed_trace(spans: &[(BTreeMap<String, V>, Span)]) {
         ("observer.search_domain", s("another-lab.com")),
         ("observer.dns.wasted_queries", V::I(3)),
         ("observer.dns.ndots_walk", V::B(false)),
+        ("observer.dns.server.address", s(CLUSTER_DNS)),
+        ("observer.dns.from_outside", V::B(false)),
+        ("observer.fix", s(SEED_FIX)),
         ("observer.cgroup.id", V::I(12345)),
         ("k8s.namespace.name", s("simple-web-app")),
         ("k8s.pod.name", s("web-7d9f8-abc12")),
@@ -203,6 +211,7 @@ fn assert_seed_trace(spans: &[(BTreeMap<String, V>, Span)]) {
         let expected: BTreeMap<String, V> = [
             ("dns.question.name", s(&query.name)),
             ("observer.dns.question.type", s(&query.qtype.mnemonic())),
+            ("network.peer.address", s(CLUSTER_DNS)),
             ("observer.dns.response_code", s(rcode)),
             ("dns.answers", V::A(answers)),
         ]
@@ -508,4 +517,53 @@ async fn json_lines_sink_without_collector() {
 
 fn exported_spans(metrics: &Metrics) -> u64 {
     counter(metrics, "observer_spans_exported_total")
+}
+
+/// A pod whose resolver is outside the cluster: the root span names the server that
+/// answered and says it is outside; each DNS child names the server it asked.
+#[test]
+fn dns_served_from_outside_in_the_span() {
+    let mut outside = seed_story();
+    let chain = Arc::make_mut(outside.record.chain.as_mut().unwrap());
+    for q in Arc::make_mut(&mut chain.queries) {
+        q.server = "203.0.113.53".parse().unwrap();
+    }
+    outside.record.dns_from_outside = true;
+    let spans = observer::export::SpanBuilder::new(CLOCK, "observer").spans(&outside);
+    let root = attrs(&spans[0].attributes);
+    assert_eq!(root["observer.dns.server.address"], s("203.0.113.53"));
+    assert_eq!(root["observer.dns.from_outside"], V::B(true));
+    for child in &spans[1..] {
+        assert_eq!(
+            attrs(&child.attributes)["network.peer.address"],
+            s("203.0.113.53"),
+            "{}",
+            child.name
+        );
+    }
+}
+
+/// A chain that only wasted queries on the search list is no error: its fix is an
+/// attribute; the healthy chain has none.
+#[test]
+fn amplified_chain_says_its_fix_without_an_error() {
+    let mut amplified = healthy_in_cluster();
+    let chain = Arc::make_mut(amplified.record.chain.as_mut().unwrap());
+    chain.query_name = "api.partner.example".into();
+    chain.server_address = "api.partner.example".into();
+    chain.search_domain = None;
+    chain.wasted_queries = 3;
+    chain.ndots_walk = true;
+    let builder = observer::export::SpanBuilder::new(CLOCK, "observer");
+    let spans = builder.spans(&amplified);
+    assert_eq!(
+        attrs(&spans[0].attributes)["observer.fix"],
+        s("use api.partner.example. or set the pod's dnsConfig ndots to 2")
+    );
+    assert_eq!(
+        spans[0].status.as_ref().map(|s| s.code).unwrap_or(0),
+        StatusCode::Unset as i32
+    );
+    let healthy = builder.spans(&healthy_in_cluster());
+    assert!(!attrs(&healthy[0].attributes).contains_key("observer.fix"));
 }

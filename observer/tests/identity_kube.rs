@@ -564,6 +564,15 @@ fn cluster_state(service_cidr_api: bool) -> Arc<Mutex<ApiState>> {
         false,
     );
     api.upsert(SERVICES, service("web", "shop", "198.18.128.20"), false);
+    api.upsert(
+        SERVICES,
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "ledger", "namespace": "shop", "uid": "svc-shop-ledger"},
+            "spec": {"type": "ExternalName", "externalName": "Pg.Vendor.example."}
+        }),
+        false,
+    );
     api.upsert(NODES, node(NODE, "198.18.1.0/24", "198.18.0.2"), false);
     api.upsert(NODES, node("node-b", "198.18.2.0/24", "198.18.0.3"), false);
     if service_cidr_api {
@@ -716,6 +725,14 @@ async fn pods_of_this_node_resolve_to_workloads_and_deleted_pods_disappear() {
     );
     assert_eq!(identity.service_exists("shop", "web"), Some(true));
     assert_eq!(identity.service_exists("shop", "db"), Some(false));
+    // An ExternalName Service declares its target (lower case, no trailing dot); a Service
+    // with a cluster IP declares none.
+    assert_eq!(
+        identity.external_name("shop", "ledger").as_deref(),
+        Some("pg.vendor.example")
+    );
+    assert_eq!(identity.external_name("shop", "web"), None);
+    assert_eq!(identity.external_name("shop", "db"), None);
     let networks = identity.cluster_networks();
     for expected in [
         "198.18.1.0/24",

@@ -122,6 +122,9 @@ pub(crate) fn start(
     }
 }
 
+/// The TTL of the testbed DNS server's answers, CoreDNS's default for Services.
+const CLUSTER_DNS_TTL_SECS: u32 = 30;
+
 fn start_dnsmasq(
     netns: &NetNs,
     state_dir: &Path,
@@ -148,6 +151,10 @@ fn start_dnsmasq(
         "--log-queries=extra".into(),
         format!("--log-facility={}", log_path.display()),
         format!("--addn-hosts={}", hosts_path.display()),
+        // dnsmasq answers its own records with TTL 0 by default; a cluster DNS gives Services
+        // 30 s (CoreDNS's default). With TTL 0, observer keeps an answer only its grace
+        // beyond the lookup, which a slow guest can outlast between a lookup and its connect.
+        format!("--local-ttl={CLUSTER_DNS_TTL_SECS}"),
     ];
     args.extend(config.local_zones.iter().map(|z| format!("--local=/{z}/")));
     args.extend(

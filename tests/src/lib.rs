@@ -16,6 +16,7 @@ pub mod dns;
 pub mod error;
 pub mod exec;
 pub mod host;
+pub mod kube_api;
 pub mod names;
 pub mod netns;
 pub mod otlp;

@@ -136,7 +136,7 @@ impl Prometheus {
                 dir.join("data").display()
             ))
             .arg(format!("--web.listen-address={addr}"))
-            .arg("--log.level=warn")
+            .arg("--log.level=info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -147,7 +147,9 @@ impl Prometheus {
             addr,
             dir,
         };
-        prometheus.wait_ready(Duration::from_secs(60));
+        // A hang guard: Prometheus starts in about a second natively, far slower in a
+        // kernel matrix guest.
+        prometheus.wait_ready(Duration::from_secs(300));
         prometheus
     }
 

@@ -24,9 +24,10 @@ pub const DB_PORT: u16 = 5432;
 pub const EXTERNAL_DB: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 /// Bounds each connect attempt of a pod.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// The sentence the agent must write about the story's connection.
-pub const FLAG_MESSAGE: &str =
-    "db resolved through search domain another-lab.com to 203.0.113.10, outside the cluster";
+/// The sentence the agent must write about the story's connection: why it stands out, and
+/// what would end it.
+pub const FLAG_MESSAGE: &str = "db resolved through search domain another-lab.com to 203.0.113.10, outside the cluster: \
+     use db.another-lab.com. if that server is intended, or create the Service db in namespace simple-web-app";
 
 /// The testbed's cluster networks (v4 and v6), as the agent must be told them.
 pub fn cluster_args() -> [&'static str; 4] {

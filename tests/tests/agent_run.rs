@@ -523,7 +523,7 @@ fn metrics_count_the_seed_story() {
     stop_cleanly(agent);
 }
 
-const JSON_FIELDS: [&str; 24] = [
+const JSON_FIELDS: [&str; 26] = [
     "time",
     "pod",
     "container_id",
@@ -547,6 +547,8 @@ const JSON_FIELDS: [&str; 24] = [
     "cname_chain",
     "wasted_queries",
     "message",
+    "dns_server",
+    "dns_from_outside",
     // Not a field: keeps the count honest when the list above changes.
     "",
 ];
@@ -633,6 +635,12 @@ fn json_lines_of_the_seed_story_and_a_healthy_connection() {
     assert_eq!(record["search_domain"], json!("another-lab.com"));
     assert_eq!(record["wasted_queries"], json!(3));
     assert_eq!(record["message"], json!(FLAG_MESSAGE));
+    assert_eq!(record["dns_server"], json!(story.dns.ipv4().to_string()));
+    assert_eq!(
+        record["dns_from_outside"],
+        json!(false),
+        "cluster DNS answered"
+    );
 
     // The cluster's own db appears: the next lookup of `db` stays inside.
     story
@@ -690,7 +698,8 @@ fn text_line_of_the_seed_story() {
     assert_eq!(
         rest,
         format!(
-            "{who} db -> db.another-lab.com (via search domain another-lab.com, 3 NXDOMAIN) -> 203.0.113.10:5432 established EGRESS FLAGGED"
+            "{who} db -> db.another-lab.com (via search domain another-lab.com, 3 NXDOMAIN) -> 203.0.113.10:5432 established EGRESS FLAGGED: \
+             use db.another-lab.com. if that server is intended, or create the Service db in namespace simple-web-app"
         )
     );
     let ours = agent.lines().iter().filter(|l| l.contains(&who)).count();

@@ -15,7 +15,9 @@ use std::{
 use observer_tests::{
     CLOSED_PORT, DnsConfig, DnsServer, Family, Pod, PodSpec, Process, Testbed,
     agent::{Agent, AgentSpec},
-    dashboard, plan,
+    dashboard,
+    kube_api::{KubeApi, external_name_service},
+    plan,
     prometheus::{LiveRules, Prometheus, ScrapeTarget},
     story::{DB_PORT, EXTERNAL_DB, cluster_args, connect, testbed},
 };
@@ -105,6 +107,16 @@ fn wait_firing(
         fired.to_firing
     );
     fired
+}
+
+/// What would end a flagged or amplified record's chain: its message after the reason.
+fn fix_in(record: &Value) -> String {
+    let message = record["message"].as_str().unwrap_or_default();
+    message
+        .split_once(", outside the cluster: ")
+        .or_else(|| message.split_once(" answered: "))
+        .map(|(_, fix)| fix.to_owned())
+        .unwrap_or_else(|| panic!("a message with a fix: {record}"))
 }
 
 fn label_set(alert: &Value) -> BTreeMap<String, String> {
@@ -215,6 +227,11 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
                 .cname(
                     &format!("ledger.{cname}.svc.cluster.local"),
                     "db.another-lab.com",
+                )
+                // What cluster DNS answers for the ExternalName Service `vendor`.
+                .cname(
+                    &format!("vendor.{cname}.svc.cluster.local"),
+                    "db.another-lab.com",
                 ),
         )
         .expect("dnsmasq");
@@ -265,7 +282,24 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
         .spawn()
         .expect("main process");
 
-    let agent = Agent::start(AgentSpec::new().args(cluster_args()));
+    // The Kubernetes API (a stand-in) declares `vendor` in the CNAME namespace as an
+    // ExternalName Service: its CNAME out of the cluster is intended egress.
+    let kube_api = KubeApi::start(
+        vec![external_name_service(
+            "vendor",
+            &cname,
+            "db.another-lab.com",
+        )],
+        &run,
+    )
+    .expect("the stand-in API server");
+    let agent = Agent::start(
+        AgentSpec::new()
+            .args(cluster_args())
+            .args(["--kube", "auto"])
+            .env("KUBECONFIG", kube_api.kubeconfig().display().to_string())
+            .env("NODE_NAME", "node-a"),
+    );
     let prometheus = Prometheus::start(
         &[ScrapeTarget {
             addr: agent.metrics_addr(),
@@ -273,8 +307,11 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
         }],
         &LiveRules::shipped_with_hold(HOLD),
     );
-    prometheus.wait_for("the agent's first scrape", GUARD, || {
-        (!prometheus.query("observer_enrichment_status").is_empty()).then_some(())
+    prometheus.wait_for("the agent synced with the API, scraped", GUARD, || {
+        (!prometheus
+            .query("observer_enrichment_status{state=\"kube\"} == 1")
+            .is_empty())
+        .then_some(())
     });
 
     // The story: `db` walks the search list and escapes through another-lab.com.
@@ -314,8 +351,27 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
             "Workload _unknown in namespace {esc} asked for \"db\", found no such name in the cluster, \
              and its search list completed it with another-lab.com: it connected to db.another-lab.com, \
              outside the cluster (1 connections in 10 minutes). Whoever controls another-lab.com \
-             receives this traffic."
+             receives this traffic. To end it: use db.another-lab.com. if that server is intended, \
+             or create the Service db in namespace {esc}."
         )
+    );
+    // The alert says the fix in the words of the connection's record (and span status).
+    let escape_record = agent.wait_for_record(GUARD, |r| {
+        r["cgroup_id"].as_u64() == Some(esc_pod.cgroup().container.id())
+            && r["resolution"] == "search-escape"
+    });
+    let escape_fix = fix_in(&escape_record);
+    assert_eq!(
+        escape_fix,
+        format!(
+            "use db.another-lab.com. if that server is intended, or create the Service db in namespace {esc}"
+        )
+    );
+    assert!(
+        annotations["description"]
+            .as_str()
+            .is_some_and(|d| d.contains(&format!("To end it: {escape_fix}."))),
+        "{annotations}"
     );
     assert_eq!(
         annotations["runbook"],
@@ -392,6 +448,51 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
         cname_fired.alert["annotations"]["summary"],
         format!("{cname}/_unknown followed the CNAME of {ledger} out of the cluster")
     );
+    let cname_record = agent.wait_for_record(GUARD, |r| {
+        r["cgroup_id"].as_u64() == Some(cname_pod.cgroup().container.id())
+            && r["resolution"] == "cname-escape"
+    });
+    let cname_fix = fix_in(&cname_record);
+    assert_eq!(
+        cname_fix,
+        format!(
+            "use db.another-lab.com. if that server is intended, or change what {ledger} points to"
+        )
+    );
+    assert!(
+        cname_fired.alert["annotations"]["description"]
+            .as_str()
+            .is_some_and(|d| d.contains(&format!("or change what {ledger} points to."))),
+        "{}",
+        cname_fired.alert
+    );
+
+    // The same CNAME, declared by the ExternalName Service `vendor`: egress, no alert.
+    connect_to(&cname_pod, "vendor", EXTERNAL_DB.into(), &dns);
+    let vendor = format!("vendor.{cname}.svc.cluster.local");
+    let declared = agent.wait_for_record(GUARD, |r| {
+        r["cgroup_id"].as_u64() == Some(cname_pod.cgroup().container.id())
+            && r["server_address"] == vendor.as_str()
+    });
+    assert_eq!(declared["resolution"], "declared-egress", "{declared}");
+    assert_eq!(declared["flagged"], false, "{declared}");
+    let declared_series = format!(
+        "observer_connections_total{{namespace=\"{cname}\",resolution=\"declared-egress\",server_address=\"{vendor}\"}}"
+    );
+    prometheus.wait_for("the declared egress in Prometheus", GUARD, || {
+        (!prometheus.query(&declared_series).is_empty()).then_some(())
+    });
+    prometheus.wait_evaluations(2, GUARD);
+    assert!(
+        alerts_of(
+            &prometheus,
+            "ObserverCnameEscape",
+            &[("server_address", vendor.as_str())]
+        )
+        .is_empty(),
+        "the declared CNAME raises no CNAME escape: {:#?}",
+        alerts_of(&prometheus, "ObserverCnameEscape", &[])
+    );
 
     // Drift: `db` was in the cluster; its Service goes and the name escapes.
     connect_to(&drift_pod, "db", svc.ipv4().into(), &dns);
@@ -451,6 +552,34 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
         outside.alert["annotations"]["summary"],
         format!("{hardcoded}/_unknown resolves names with a DNS server outside the cluster")
     );
+    // The pod connects to what that server answered: the record names the server.
+    connect_to(
+        &hardcoded_pod,
+        "www.outside.example",
+        partner.ipv4().into(),
+        &dns,
+    );
+    let hardcoded_cgroup = hardcoded_pod.cgroup().container.id();
+    let record = agent.wait_for_record(GUARD, |r| {
+        r["cgroup_id"].as_u64() == Some(hardcoded_cgroup)
+            && r["server_address"] == "www.outside.example"
+    });
+    assert_eq!(
+        record["dns_server"],
+        resolver_host.ipv4().to_string(),
+        "the record names the outside server: {record}"
+    );
+    assert_eq!(record["dns_from_outside"], true, "{record}");
+    assert_eq!(record["resolution"], "external", "{record}");
+    let cluster_dns_record = agent.wait_for_record(GUARD, |r| {
+        r["cgroup_id"].as_u64() == Some(esc_pod.cgroup().container.id())
+    });
+    assert_eq!(
+        cluster_dns_record["dns_server"],
+        dns.ipv4().to_string(),
+        "cluster DNS answered the story: {cluster_dns_record}"
+    );
+    assert_eq!(cluster_dns_record["dns_from_outside"], false);
 
     // Amplification: every lookup of an outside name walks three cluster suffixes first.
     // One lookup first, so the series exists in Prometheus before the burst: the rule's
@@ -488,6 +617,24 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
         amp_fired.alert["annotations"]["summary"],
         format!("{amp}/_unknown wastes 3.0 NXDOMAIN queries per DNS lookup")
     );
+    let amp_record = agent.wait_for_record(GUARD, |r| {
+        r["cgroup_id"].as_u64() == Some(amp_pod.cgroup().container.id())
+    });
+    assert_eq!(
+        amp_record["message"],
+        "api.partner.example tried 3 names of the search list in vain before api.partner.example \
+         answered: use api.partner.example. or set the pod's dnsConfig ndots to 2",
+        "{amp_record}"
+    );
+    assert!(
+        amp_fired.alert["annotations"]["description"]
+            .as_str()
+            .is_some_and(|d| d.contains(
+                "To end it: use each name with a trailing dot (api.example.com.), or set the pod's dnsConfig ndots"
+            )),
+        "{}",
+        amp_fired.alert
+    );
 
     // Every name first reached outside the cluster is a new external destination; the
     // in-cluster names (the fixed `db`, the drift's first `db`) are not.
@@ -521,8 +668,10 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
     let expected_new: BTreeSet<(String, String)> = [
         (esc.clone(), "db.another-lab.com".to_owned()),
         (cname.clone(), ledger.clone()),
+        (cname.clone(), vendor.clone()),
         (drift.clone(), "db.another-lab.com".to_owned()),
         (amp.clone(), "api.partner.example".to_owned()),
+        (hardcoded.clone(), "www.outside.example".to_owned()),
     ]
     .into_iter()
     .collect();
@@ -596,11 +745,11 @@ fn dashboard_shows_the_scenarios(prometheus: &Prometheus, ours: &[&str], span: D
         assert_eq!(workloads, ["_unknown"], "the workload variable for {ns}");
     }
 
-    let [esc, cname, _drift, amp, lonely, _hardcoded] = ours else {
+    let [esc, cname, _drift, amp, lonely, hardcoded] = ours else {
         panic!("the test's six namespaces")
     };
     // Per panel (by title), a label value its scenario must show.
-    let expected: [(&str, (&str, &str)); 10] = [
+    let expected: [(&str, (&str, &str)); 11] = [
         ("Flagged connections", ("namespace", esc)),
         (
             "New external destinations",
@@ -614,6 +763,7 @@ fn dashboard_shows_the_scenarios(prometheus: &Prometheus, ours: &[&str], span: D
         ("Amplification", ("namespace", amp)),
         ("DNS lookup latency", ("namespace", amp)),
         ("Unanswered DNS", ("namespace", lonely)),
+        ("DNS served from outside", ("namespace", hardcoded)),
         ("Agent: kernel events lost", ("node", "node-a")),
         ("Agent: traces dropped", ("node", "node-a")),
         ("Agent: pod metadata source", ("node", "node-a")),

@@ -32,7 +32,7 @@ use std::{
 use deploy_support::agent_container;
 use observer_tests::deploy_files::{deploy_dir, document_of_kind, require_tool};
 use observer_tests::{
-    NetNs, PodSpec,
+    NetNs, Pod, PodSpec,
     agent::http_get,
     otlp::{OtlpReceiver, bind_loopback},
     story::{EXTERNAL_DB, Story},
@@ -60,10 +60,20 @@ fn workspace() -> PathBuf {
         .to_owned()
 }
 
-/// `cargo xtask image`, once per test binary: the archive it printed.
+/// `cargo xtask image`, once per test binary: the archive it printed. In the kernel
+/// matrix's guests, which have no cargo, the archive the host built for them
+/// (`OBSERVER_IMAGE_ARCHIVE`).
 fn image_archive() -> &'static Path {
     static ARCHIVE: OnceLock<PathBuf> = OnceLock::new();
     ARCHIVE.get_or_init(|| {
+        if let Some(path) = std::env::var_os("OBSERVER_IMAGE_ARCHIVE") {
+            let path = PathBuf::from(path);
+            assert!(
+                path.is_file(),
+                "OBSERVER_IMAGE_ARCHIVE names {path:?}, not a file"
+            );
+            return path;
+        }
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let out = Command::new(cargo)
             .args(["xtask", "image"])
@@ -666,17 +676,45 @@ fn a_tree_without_git_history_reports_commit_unknown_unless_told() {
     assert!(watched.iter().any(|p| p.ends_with("HEAD")), "{watched:?}");
 }
 
+/// What a containerised agent runs in: the story's cluster, the agent's own pod network
+/// (the DaemonSet is not hostNetwork) and the image loaded into podman.
+struct Stage {
+    story: Story,
+    network: Pod,
+    podman: Podman,
+    image: String,
+}
+
+impl Stage {
+    fn new() -> Self {
+        let archive = image_archive();
+        let story = Story::new();
+        let network = story
+            .tb
+            .add_pod(PodSpec::new("observer"))
+            .expect("the agent's pod network");
+        let podman = Podman::new();
+        let image = podman.load(archive);
+        Stage {
+            story,
+            network,
+            podman,
+            image,
+        }
+    }
+}
+
 /// In the testbed, the containerised agent, under the DaemonSet's own settings, becomes
 /// ready, flags the story's escape in a trace carrying the node's name, and on SIGTERM
 /// detaches and exits 0 within the grace period.
 #[test]
 fn under_the_daemonsets_security_context_the_image_flags_the_story_and_stops_cleanly() {
-    let archive = image_archive();
-    let story = Story::new();
-    let network = story
-        .tb
-        .add_pod(PodSpec::new("observer"))
-        .expect("the agent's pod network");
+    let Stage {
+        story,
+        network,
+        podman,
+        image,
+    } = Stage::new();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -699,8 +737,6 @@ fn under_the_daemonsets_security_context_the_image_flags_the_story_and_stops_cle
         network.netns(),
         &[("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.grpc_url())],
     );
-    let podman = Podman::new();
-    let image = podman.load(archive);
     let container = Container::start(&podman, &image, &deployment, &deployment.capabilities);
 
     if let Err(logs) = wait_until_ready(&container, network.netns()) {
@@ -752,15 +788,13 @@ fn under_the_daemonsets_security_context_the_image_flags_the_story_and_stops_cle
 /// naming it, or keeps running and its log names it (the part of the job it cannot do).
 #[test]
 fn a_container_without_one_of_the_capabilities_names_it() {
-    let archive = image_archive();
-    let story = Story::new();
-    let network = story
-        .tb
-        .add_pod(PodSpec::new("observer"))
-        .expect("the agent's pod network");
+    let Stage {
+        story,
+        network,
+        podman,
+        image,
+    } = Stage::new();
     let deployment = Deployment::from_manifest(network.netns(), &[]);
-    let podman = Podman::new();
-    let image = podman.load(archive);
     let mut exited = Vec::new();
     for missing in &deployment.capabilities {
         let fewer: Vec<String> = deployment

@@ -46,9 +46,11 @@ fn flagged_count(metrics: &str, resolution: &str, query: &str, domain: &str, ser
     )
 }
 
-fn assert_not_flagged(record: &Value) {
+/// Not flagged; `message` is the chain's note when it wasted queries (with its fix), else
+/// there is no sentence at all.
+fn assert_not_flagged(record: &Value, message: Option<&str>) {
     assert_eq!(record["flagged"], false, "{record:#}");
-    assert!(record["message"].is_null(), "no flag sentence: {record:#}");
+    assert_eq!(record["message"].as_str(), message, "{record:#}");
 }
 
 /// Scenario 1: The seed story: `db` walks the search list through three cluster suffixes (NXDOMAIN)
@@ -80,10 +82,7 @@ fn seed_story_search_escape_is_flagged() {
     assert_eq!(record["pid"], report.pid);
     assert_eq!(record["pod"]["uid"], pod.cgroup().pod_uid.as_str());
     assert_eq!(record["container_id"], pod.cgroup().container_id.as_str());
-    assert_eq!(
-        record["message"],
-        "db resolved through search domain another-lab.com to 203.0.113.10, outside the cluster"
-    );
+    assert_eq!(record["message"], FLAG_MESSAGE);
     let mut expected = pairs(
         &[
             "db.simple-web-app.svc.cluster.local",
@@ -227,7 +226,7 @@ fn service_present_resolves_in_cluster() {
     assert_eq!(record["search_domain"], "simple-web-app.svc.cluster.local");
     assert_eq!(record["wasted_queries"], 0);
     assert_eq!(record["egress"], false);
-    assert_not_flagged(&record);
+    assert_not_flagged(&record, None);
     assert_eq!(record["outcome"], "established");
     assert_eq!(destination_ip(&record), IpAddr::V4(svc.ipv4()));
     assert_eq!(
@@ -255,7 +254,7 @@ fn absolute_external_name_is_egress_but_not_flagged() {
     assert!(record["search_domain"].is_null(), "{record:#}");
     assert_eq!(record["wasted_queries"], 0);
     assert_eq!(record["egress"], true);
-    assert_not_flagged(&record);
+    assert_not_flagged(&record, None);
     assert_eq!(destination_ip(&record), IpAddr::V4(db.ipv4()));
     assert_eq!(
         chain(&record),
@@ -299,7 +298,7 @@ fn ndots_decides_whether_a_dotted_name_walks_the_search_list() {
     assert!(direct["search_domain"].is_null());
     assert_eq!(direct["wasted_queries"], 0);
     assert_eq!(direct["egress"], true);
-    assert_not_flagged(&direct);
+    assert_not_flagged(&direct, None);
     assert_eq!(
         chain(&direct),
         owned(&pairs(&["db.another-lab.com"], NOERROR)),
@@ -313,7 +312,13 @@ fn ndots_decides_whether_a_dotted_name_walks_the_search_list() {
     assert!(walked["search_domain"].is_null(), "{walked:#}");
     assert_eq!(walked["wasted_queries"], 4);
     assert_eq!(walked["egress"], true);
-    assert_not_flagged(&walked);
+    assert_not_flagged(
+        &walked,
+        Some(
+            "db.another-lab.com tried 4 names of the search list in vain before db.another-lab.com answered: \
+             use db.another-lab.com. or set the pod's dnsConfig ndots to 2",
+        ),
+    );
     let mut expected = pairs(
         &[
             "db.another-lab.com.simple-web-app.svc.cluster.local",
@@ -347,6 +352,108 @@ fn ndots_decides_whether_a_dotted_name_walks_the_search_list() {
     assert_eq!(
         bool_attr(&walked_span.attributes, "observer.flagged"),
         Some(false)
+    );
+    assert_eq!(
+        str_attr(&walked_span.attributes, "observer.fix"),
+        Some("use db.another-lab.com. or set the pod's dnsConfig ndots to 2"),
+        "the span says the fix"
+    );
+    assert_eq!(
+        str_attr(&direct_span.attributes, "observer.fix"),
+        None,
+        "nothing to fix"
+    );
+}
+
+/// Scenario 5b: a CNAME out of the cluster, as in scenario 5, declared by a Service of type
+/// ExternalName that the (stand-in) Kubernetes API serves: intended egress, its own class
+/// `declared-egress`, counted under that resolution, not flagged, no message. Without the
+/// API (scenario 5) such a chain is a `cname-escape`. The pod's namespace is this run's own,
+/// so the agent's metrics (which see the whole machine) are this scenario's alone.
+#[test]
+fn externalname_service_cname_is_declared_egress() {
+    let tb = testbed();
+    let namespace = format!("vendors-{}", tb.run_id().suffix());
+    let db = tb
+        .add_external_host_at("db", Ipv4Addr::new(203, 0, 113, 10))
+        .expect("external host");
+    let _listener = db.listen_tcp(5432).expect("listener");
+    let dns = tb
+        .start_dns(
+            DnsConfig::dnsmasq()
+                .local_zone("another-lab.com")
+                .record("db.another-lab.com", db.ipv4())
+                .cname(
+                    &format!("ledger.{namespace}.svc.cluster.local"),
+                    "db.another-lab.com",
+                ),
+        )
+        .expect("dnsmasq");
+    let pod = tb
+        .add_pod(
+            PodSpec::new("billing")
+                .search([
+                    format!("{namespace}.svc.cluster.local"),
+                    "svc.cluster.local".to_owned(),
+                    "cluster.local".to_owned(),
+                ])
+                .ndots(5),
+        )
+        .expect("pod");
+    let api = observer_tests::kube_api::KubeApi::start(
+        vec![observer_tests::kube_api::external_name_service(
+            "ledger",
+            &namespace,
+            "db.another-lab.com.",
+        )],
+        tb.run_id().suffix(),
+    )
+    .expect("the stand-in API server");
+    let observed = Observed::with_kube_api(&api);
+
+    let (_, peer) = connect(&pod, "ledger", 5432, Family::Any, &dns);
+    assert_eq!(peer, IpAddr::V4(db.ipv4()));
+
+    let record = observed.record_of(&pod, 5432);
+    assert_eq!(record["resolution"], "declared-egress", "{record:#}");
+    assert_eq!(
+        record["server_address"],
+        format!("ledger.{namespace}.svc.cluster.local")
+    );
+    assert_eq!(
+        record["cname_chain"],
+        serde_json::json!(["db.another-lab.com"])
+    );
+    assert_eq!(record["egress"], true);
+    assert_not_flagged(&record, None);
+
+    let root = &observed.trace_of(&pod)[0];
+    assert_eq!(
+        str_attr(&root.attributes, "observer.resolution"),
+        Some("declared-egress")
+    );
+    assert_eq!(bool_attr(&root.attributes, "observer.flagged"), Some(false));
+    assert_eq!(
+        root.status.as_ref().map(|s| s.code).unwrap_or(0),
+        0,
+        "declared egress is no error"
+    );
+
+    let metrics = observed.metrics();
+    let ours = ("namespace", namespace.as_str());
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "observer_connections_total",
+            &[ours, ("resolution", "declared-egress")]
+        ),
+        1.0,
+        "counted under its own resolution"
+    );
+    assert_eq!(
+        metric_sum(&metrics, "observer_flagged_connections_total", &[ours]),
+        0.0,
+        "not flagged"
     );
 }
 
@@ -384,6 +491,13 @@ fn autopath_style_cname_out_of_the_cluster_is_flagged() {
     assert_eq!(record["egress"], true);
     assert_eq!(record["flagged"], true);
     assert!(record["message"].is_string(), "{record:#}");
+    assert_eq!(
+        record["message"],
+        "db.simple-web-app.svc.cluster.local resolved through CNAME db.another-lab.com to 203.0.113.10, \
+         outside the cluster: use db.another-lab.com. if that server is intended, or change what \
+         db.simple-web-app.svc.cluster.local points to",
+        "{record:#}"
+    );
     assert_eq!(destination_ip(&record), IpAddr::V4(db.ipv4()));
     assert_eq!(
         chain(&record),

@@ -357,7 +357,8 @@ fn unanswered_queries_refused_and_timed_out_connects() {
     assert_eq!(
         text(r, "message"),
         Some(
-            "db resolved through search domain another-lab.com to 203.0.113.10, outside the cluster"
+            "db resolved through search domain another-lab.com to 203.0.113.10, outside the cluster: \
+             use db.another-lab.com. if that server is intended, or create the Service db in namespace shop"
         ),
         "{r}"
     );
@@ -378,7 +379,8 @@ fn unanswered_queries_refused_and_timed_out_connects() {
     assert_eq!(
         text(r, "message"),
         Some(
-            "gone resolved through search domain another-lab.com to 203.0.113.250, outside the cluster"
+            "gone resolved through search domain another-lab.com to 203.0.113.250, outside the cluster: \
+             use gone.another-lab.com. if that server is intended, or create the Service gone in namespace shop"
         ),
         "{r}"
     );

@@ -41,10 +41,14 @@ enum Task {
     /// `db` escapes through a search domain, what observer saw, and the fix.
     Demo,
     /// Run the whole suite (root): formatting and clippy (host crates and the kernel
-    /// crate), unit tests, the privileged integration tests on this machine's kernel and a
-    /// short fuzz run. A filtered run (test name given) skips the lints and the fuzz run.
-    /// The kernel matrix is `vm-test`, run on its own until it is green on every kernel.
+    /// crate), unit tests, the privileged integration tests on this machine's kernel, a
+    /// short fuzz run and the kernel matrix (`vm-test`). Every part runs even when an
+    /// earlier one failed; a summary gives each part's result and time. A filtered run
+    /// (test name given) runs only the matching tests on this kernel.
     Test {
+        /// Leave out the kernel matrix (a quicker local run; CI always runs it).
+        #[arg(long)]
+        host_only: bool,
         /// Extra arguments passed to the test binaries (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -112,18 +116,29 @@ fn main() -> Result<()> {
             setup::all()?;
             demo()
         }
-        Task::Test { args } => {
+        Task::Test { args, host_only } => {
             setup::all()?;
-            let whole = args.is_empty();
-            if whole {
-                lint::lint()?;
+            if !args.is_empty() {
+                return test(&args);
             }
-            test(&args)?;
+            let mut phases = Phases::default();
+            phases.run(
+                "lints (fmt, clippy: host crates and the kernel crate)",
+                lint::lint,
+            );
+            phases.run("unit and integration tests on this kernel", || test(&[]));
             // A short fuzz run of every parser of outside bytes.
-            if whole {
-                fuzz::run(&[], fuzz::Budget::Seconds(fuzz::SHORT_SECONDS))?;
+            phases.run("fuzz (every target, short)", || {
+                fuzz::run(&[], fuzz::Budget::Seconds(fuzz::SHORT_SECONDS))
+            });
+            if host_only {
+                eprintln!("[test] --host-only: the kernel matrix (5.10, 6.1, 6.12) was NOT run");
+            } else {
+                phases.run("kernel matrix (5.10, 6.1, 6.12 in QEMU)", || {
+                    vm::run_matrix(&vm::Selection::default())
+                });
             }
-            Ok(())
+            phases.finish()
         }
         Task::VmTest { kernels, tests } => {
             setup::all()?;
@@ -218,6 +233,44 @@ pub(crate) fn build_agent(release: bool) -> Result<PathBuf> {
         bail!("building the agent failed: {}", out.status);
     }
     executable(&String::from_utf8_lossy(&out.stdout), "observer").map(PathBuf::from)
+}
+
+/// The parts of a whole test run: each runs even when an earlier one failed, so one run
+/// shows everything that is wrong; the summary gives each part's result and time.
+#[derive(Default)]
+struct Phases {
+    done: Vec<(&'static str, Result<()>, std::time::Duration)>,
+}
+
+impl Phases {
+    fn run(&mut self, name: &'static str, phase: impl FnOnce() -> Result<()>) {
+        eprintln!("[test] {name}");
+        let start = std::time::Instant::now();
+        let result = phase();
+        if let Err(e) = &result {
+            eprintln!("[test] {name}: FAILED: {e:#}");
+        }
+        self.done.push((name, result, start.elapsed()));
+    }
+
+    fn finish(self) -> Result<()> {
+        eprintln!("\n[test] summary:");
+        let mut failed = Vec::new();
+        for (name, result, took) in &self.done {
+            let verdict = if result.is_ok() { "passed" } else { "FAILED" };
+            eprintln!(
+                "[test]   {verdict:<6} {:>6.0} s  {name}",
+                took.as_secs_f64()
+            );
+            if result.is_err() {
+                failed.push(*name);
+            }
+        }
+        if !failed.is_empty() {
+            bail!("failed: {}", failed.join("; "));
+        }
+        Ok(())
+    }
 }
 
 fn test(args: &[String]) -> Result<()> {

@@ -42,6 +42,19 @@ const ALL_PRIVILEGED: &[&str] = &[
     "demo",
     "hardening",
     "deploy",
+    "alerts_live",
+    "image",
+];
+
+/// The binaries that load and exercise the kernel programs end to end: what differs
+/// between kernels.
+const END_TO_END: &[&str] = &[
+    "kernel_probes",
+    "scenarios_dns",
+    "scenarios_pods",
+    "agent_run",
+    "demo",
+    "hardening",
 ];
 
 /// What runs where: the one place that says it. 6.1 (Debian 12's own kernel) runs every
@@ -52,14 +65,7 @@ pub const KERNELS: &[VmKernel] = &[
         name: "5.10",
         package: "linux-image-5.10.0-32-amd64",
         release: "5.10.0-32-amd64",
-        tests: &[
-            "kernel_probes",
-            "scenarios_dns",
-            "scenarios_pods",
-            "agent_run",
-            "demo",
-            "hardening",
-        ],
+        tests: END_TO_END,
     },
     VmKernel {
         name: "6.1",
@@ -71,14 +77,7 @@ pub const KERNELS: &[VmKernel] = &[
         name: "6.12",
         package: "linux-image-6.12.118+deb12-amd64",
         release: "6.12.118+deb12-amd64",
-        tests: &[
-            "kernel_probes",
-            "scenarios_dns",
-            "scenarios_pods",
-            "agent_run",
-            "demo",
-            "hardening",
-        ],
+        tests: END_TO_END,
     },
 ];
 
@@ -97,6 +96,10 @@ const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "kmod"];
 
 /// virtme-ng (PyPI), pinned: the version the matrix was proven with.
 const VIRTME_NG_VERSION: &str = "1.42";
+
+/// Names the image archive the image test uses instead of building one (read by
+/// tests/tests/image.rs).
+const IMAGE_ARCHIVE_VARIABLE: &str = "OBSERVER_IMAGE_ARCHIVE";
 
 /// Guest size: two vCPUs (the machines have two cores) and room for the agent and the
 /// testbed's servers.
@@ -156,8 +159,17 @@ pub fn run_matrix(selection: &Selection) -> Result<()> {
     for (kernel, _) in &plan {
         images.push(kernel_image(&cache, kernel)?);
     }
+    // The tests run this agent, built once here, rather than build one in the guest.
     let agent = crate::build_agent(false)?;
     let executables = build_tests()?;
+    // The guest has no cargo: the image test runs the archive built here (the image is the
+    // same on every kernel; what the matrix tests is the runtime starting it on each).
+    let mut guest_env = vec![("OBSERVER_BIN", agent.display().to_string())];
+    if plan.iter().any(|(_, tests)| tests.contains(&"image")) {
+        setup::image_prerequisites()?;
+        let image = crate::image::build(&checkout)?;
+        guest_env.push((IMAGE_ARCHIVE_VARIABLE, image.archive.display().to_string()));
+    }
     let out_dir = checkout.join("target/vm-matrix");
     fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
 
@@ -171,7 +183,7 @@ pub fn run_matrix(selection: &Selection) -> Result<()> {
             binaries.push((*name, exe.as_path()));
         }
         runs.push(run_kernel(
-            &checkout, &out_dir, kernel, image, &agent, &binaries,
+            &checkout, &out_dir, kernel, image, &guest_env, &binaries,
         )?);
         // The table so far, so a long run shows progress.
         eprintln!("{}", table(&runs));
@@ -400,18 +412,24 @@ fn build_tests() -> Result<BTreeMap<String, PathBuf>> {
 
 /// The script the guest runs: every binary in turn, each with a hang guard, its output and
 /// result written to `dir`.
-fn guest_script(checkout: &Path, dir: &Path, agent: &Path, binaries: &[(&str, &Path)]) -> String {
+fn guest_script(
+    checkout: &Path,
+    dir: &Path,
+    env: &[(&str, String)],
+    binaries: &[(&str, &Path)],
+) -> String {
     let mut script = format!(
         "#!/bin/bash\n\
          # Written by `cargo xtask vm-test`; run inside the guest.\n\
          cd '{checkout}' || exit 1\n\
-         export OBSERVER_BIN='{agent}'\n\
          echo \"$(uname -r) $(stat -fc %T /sys/fs/cgroup)\" > '{dir}/guest'\n\
          : > '{dir}/results'\n",
         checkout = checkout.display(),
-        agent = agent.display(),
         dir = dir.display(),
     );
+    for (name, value) in env {
+        let _ = writeln!(script, "export {name}='{value}'");
+    }
     for (name, exe) in binaries {
         let _ = write!(
             script,
@@ -433,7 +451,7 @@ fn run_kernel(
     out_dir: &Path,
     kernel: &'static VmKernel,
     image: &Path,
-    agent: &Path,
+    env: &[(&str, String)],
     binaries: &[(&'static str, &Path)],
 ) -> Result<KernelRun> {
     let dir = out_dir.join(kernel.name);
@@ -442,7 +460,7 @@ fn run_kernel(
     }
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let script = dir.join("run.sh");
-    fs::write(&script, guest_script(checkout, &dir, agent, binaries))
+    fs::write(&script, guest_script(checkout, &dir, env, binaries))
         .with_context(|| format!("writing {}", script.display()))?;
     let boot_log = dir.join("boot.log");
     let log =

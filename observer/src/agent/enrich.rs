@@ -1,9 +1,45 @@
 //! From what identity knows about a cgroup to what the exporters print and attach.
+use std::sync::Arc;
+
 use crate::{
     export::{ContainerIdentity, ExportIdentity, PodIdentity, Workload, WorkloadKind},
     identity::{WorkloadIdentity, model},
+    record::{ConnectionRecord, Resolution},
     scope::ScopeKey,
 };
+
+/// A CNAME escape is declared egress when its in-cluster name is a Service of type
+/// ExternalName whose declared target is the CNAME's (first) target: the cluster's owners
+/// said this name leaves the cluster, so it is not flagged. `external_name(namespace, name)`
+/// asks the Kubernetes API's Services; without the API it answers `None` and the escape
+/// stays `cname-escape`.
+pub fn declare_egress(
+    record: &mut ConnectionRecord,
+    cluster_domain: &str,
+    external_name: impl Fn(&str, &str) -> Option<Arc<str>>,
+) {
+    if record.resolution != Resolution::CnameEscape {
+        return;
+    }
+    let Some(chain) = &record.chain else { return };
+    let Some(target) = chain.cname_chain.first() else {
+        return;
+    };
+    let Some((name, namespace)) = service_of(&chain.server_address, cluster_domain) else {
+        return;
+    };
+    if external_name(namespace, name).is_some_and(|declared| declared == *target) {
+        record.resolution = Resolution::DeclaredEgress;
+        record.flagged = false;
+    }
+}
+
+/// `ledger.shop.svc.cluster.local` -> (`ledger`, `shop`): the Service a cluster DNS name is.
+fn service_of<'a>(server: &'a str, cluster_domain: &str) -> Option<(&'a str, &'a str)> {
+    let rest = server.strip_suffix(cluster_domain)?.strip_suffix(".svc.")?;
+    let (name, namespace) = rest.split_once('.')?;
+    (!namespace.contains('.')).then_some((name, namespace))
+}
 
 /// Cluster-wide facts every exported record carries.
 #[derive(Clone, Debug, Default)]
@@ -81,8 +117,6 @@ pub fn drift_key(who: &WorkloadIdentity) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use crate::identity::{WorkloadIdentity, parse_resolv_conf};
 
@@ -133,5 +167,64 @@ mod tests {
             let id = export_identity(&pod_with_resolv(text), &node);
             assert_eq!(id.pod.expect("a pod scope").namespace, None, "{text}");
         }
+    }
+
+    fn cname_escape(server: &str, target: &str) -> ConnectionRecord {
+        ConnectionRecord {
+            scope: ScopeKey::Host(1),
+            cgroup_id: 1,
+            pid: 1,
+            comm: "app".into(),
+            destination: "203.0.113.10:5432".parse().unwrap(),
+            source: None,
+            opened_at: 1,
+            outcome: crate::record::Outcome::Established,
+            outcome_at: 2,
+            resolution: Resolution::CnameEscape,
+            chain: Some(Arc::new(crate::record::ResolutionChain {
+                query_name: "ledger".into(),
+                server_address: server.into(),
+                search_domain: Some("shop.svc.cluster.local".into()),
+                cname_chain: vec![target.into()],
+                wasted_queries: 0,
+                ndots_walk: false,
+                queries: Arc::default(),
+            })),
+            egress: true,
+            flagged: true,
+            drift: false,
+            dns_from_outside: false,
+        }
+    }
+
+    #[test]
+    fn an_externalname_service_declares_its_cname_as_egress() {
+        let api = |namespace: &str, name: &str| {
+            (namespace == "shop" && name == "ledger").then(|| Arc::from("db.another-lab.com"))
+        };
+        let mut declared = cname_escape("ledger.shop.svc.cluster.local", "db.another-lab.com");
+        declare_egress(&mut declared, "cluster.local", api);
+        assert_eq!(declared.resolution, Resolution::DeclaredEgress);
+        assert!(!declared.flagged && declared.egress);
+
+        // Another target than the declared one, another Service, or no API: still an escape.
+        for (server, target) in [
+            ("ledger.shop.svc.cluster.local", "evil.example"),
+            ("other.shop.svc.cluster.local", "db.another-lab.com"),
+            ("ledger.shop.cluster.local", "db.another-lab.com"),
+        ] {
+            let mut record = cname_escape(server, target);
+            declare_egress(&mut record, "cluster.local", api);
+            assert_eq!(
+                record.resolution,
+                Resolution::CnameEscape,
+                "{server} -> {target}"
+            );
+            assert!(record.flagged);
+        }
+        let mut without_api = cname_escape("ledger.shop.svc.cluster.local", "db.another-lab.com");
+        declare_egress(&mut without_api, "cluster.local", |_, _| None);
+        assert_eq!(without_api.resolution, Resolution::CnameEscape);
+        assert!(without_api.flagged);
     }
 }

@@ -29,6 +29,7 @@ use crate::{
         UnmatchedReason, WallClock, color_on, serve_http,
     },
     identity::{EnrichmentStatus, Identity, IdentityConfig, WorkloadIdentity},
+    networks,
     probes::{self, BootClock, DnsPacket, Event, ProbeOptions, Probes, Protocol},
     record::{BootNs, ConnectionRecord},
     scope::ScopeKey,
@@ -509,7 +510,10 @@ impl Agent {
             self.metrics
                 .observe_dns_response(&identity, "", &message.rcode.mnemonic());
             if matches!(who.scope, ScopeKey::Pod(_))
-                && served_from_outside(packet.source.ip(), &self.core.config().cluster_networks)
+                && networks::dns_server_outside(
+                    packet.source.ip(),
+                    &self.core.config().cluster_networks,
+                )
             {
                 self.metrics.observe_external_dns_response(&identity);
             }
@@ -525,6 +529,11 @@ impl Agent {
     }
 
     fn emit(&mut self, mut record: ConnectionRecord) {
+        // Before redaction: the Service's names are compared in clear.
+        let identity = &self.identity;
+        enrich::declare_egress(&mut record, &self.node.cluster_domain, |namespace, name| {
+            identity.external_name(namespace, name)
+        });
         self.redactor.record(&mut record);
         let who = self.identity.resolve(record.cgroup_id, Some(record.pid));
         let enriched = Enriched {
@@ -676,41 +685,10 @@ fn is_server_side(direction: correlate::Direction, message: &[u8]) -> bool {
     }
 }
 
-/// A DNS server outside the cluster networks, other than the node's own (loopback) and a
-/// node-local cache (link-local, e.g. 169.254.20.10): a pod that asks it bypasses cluster
-/// DNS and its policies.
-fn served_from_outside(server: std::net::IpAddr, cluster_networks: &[ipnet::IpNet]) -> bool {
-    let node_local = match server {
-        std::net::IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local(),
-        std::net::IpAddr::V6(v6) => v6.is_loopback() || v6.is_unicast_link_local(),
-    };
-    !node_local && !cluster_networks.iter().any(|net| net.contains(&server))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn dns_from_outside_the_cluster_networks_but_not_from_the_node() {
-        let cluster: Vec<ipnet::IpNet> = vec!["198.18.0.0/15".parse().unwrap()];
-        for (server, outside) in [
-            ("203.0.113.53", true),
-            ("8.8.8.8", true),
-            ("198.18.0.53", false),
-            ("127.0.0.53", false),
-            ("169.254.20.10", false),
-            ("::1", false),
-            ("fe80::1", false),
-            ("2001:db8:e::53", true),
-        ] {
-            assert_eq!(
-                served_from_outside(server.parse().unwrap(), &cluster),
-                outside,
-                "{server}"
-            );
-        }
-    }
     use correlate::Direction::{Egress, Ingress};
 
     #[test]

@@ -115,7 +115,7 @@ impl Chain {
     }
 
     /// Records a query sent for step `step`; returns its index in [`Self::queries`].
-    pub fn push_query(&mut self, step: usize, qtype: u16, at: BootNs) -> u16 {
+    pub fn push_query(&mut self, step: usize, qtype: u16, server: IpAddr, at: BootNs) -> u16 {
         let queries = Arc::make_mut(&mut self.queries);
         if queries.last().is_some_and(|last| last.sent_at > at) {
             self.queries_in_order = false;
@@ -123,6 +123,7 @@ impl Chain {
         queries.push(DnsQueryRecord {
             name: self.steps[step].name.clone(),
             qtype: QType(qtype),
+            server,
             rcode: None,
             answers: Box::default(),
             sent_at: at,

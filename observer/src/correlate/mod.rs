@@ -469,7 +469,7 @@ impl Correlator {
             .expect("slot just found or inserted");
         chain.last_query_at = at;
         chain.free_at = chain.free_at.max(at + chain_window);
-        let query = chain.push_query(step as usize, qtype, at);
+        let query = chain.push_query(step as usize, qtype, dst.ip(), at);
         // The step's own name: the message's copy is freed with it.
         let name = chain.step_name(step as usize).clone();
 
@@ -753,6 +753,12 @@ impl Correlator {
                 resolution,
                 Resolution::SearchEscape | Resolution::CnameEscape
             );
+        let dns_from_outside = chain_record
+            .as_ref()
+            .and_then(|c| c.answered_by())
+            .is_some_and(|server| {
+                crate::networks::dns_server_outside(server, &self.config.cluster_networks)
+            });
         let deadline = open.at + self.config.connect_timeout_ns;
         let record = ConnectionRecord {
             scope: open.scope,
@@ -769,6 +775,7 @@ impl Correlator {
             egress,
             flagged,
             drift,
+            dns_from_outside,
         };
         if self.connects.len() >= limits.max_open_connects_total
             && !self.connects.contains_key(&open.sock_id)

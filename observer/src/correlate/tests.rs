@@ -978,3 +978,34 @@ fn a_record_lists_queries_in_the_order_sent_even_when_they_arrived_out_of_order(
     let sent: Vec<(QType, u64)> = chain.queries.iter().map(|q| (q.qtype, q.sent_at)).collect();
     assert_eq!(sent, [(QType::AAAA, 100 * SEC), (QType::A, 101 * SEC)]);
 }
+
+/// The record names the DNS server whose answer held the destination, and says whether it
+/// lies outside the cluster networks (a hard-coded resolver) or not (cluster DNS, a
+/// node-local cache).
+#[test]
+fn dns_served_from_outside_the_cluster_is_marked_on_the_record() {
+    for (server, outside) in [
+        ("198.18.0.10:53", false),
+        ("169.254.20.10:53", false),
+        ("203.0.113.53:53", true),
+    ] {
+        let mut c = Correlator::new(config());
+        let mut client = Client::new("pod-a", "198.18.1.5");
+        client.server = server.parse().unwrap();
+        configured(&mut c, &client, 5);
+        seed_story(&mut c, &mut client);
+        let r = client.connect(&mut c, 1, "203.0.113.10:5432", Outcome::Established);
+        let chain = r.chain.as_ref().expect("joined");
+        assert_eq!(
+            chain.answered_by(),
+            Some(client.server.ip()),
+            "the server that answered"
+        );
+        assert!(
+            chain.queries.iter().all(|q| q.server == client.server.ip()),
+            "every query names the server it was sent to"
+        );
+        assert_eq!(r.dns_from_outside, outside, "{server}");
+        assert!(r.flagged, "the escape is flagged whoever answered");
+    }
+}

@@ -26,7 +26,7 @@ pub use http_server::{Readiness, ServeError, serve_http};
 pub use metrics::{EnrichmentState, Metrics, MetricsLimits, UnmatchedReason};
 pub use output::{JSON_FIELDS, JsonWriter, TextWriter, color_on};
 pub use redact::{REDACTED_LABEL, RedactKeyError, RedactMode, Redactor};
-pub use spans::{ExportTraceServiceRequest, SpanBuilder, flag_message};
+pub use spans::{ExportTraceServiceRequest, SpanBuilder, fix, flag_message};
 
 use crate::record::{BootNs, ConnectionRecord};
 

@@ -6,7 +6,10 @@ use std::{
 
 use serde::Serialize;
 
-use super::{Enriched, WallClock, Workload, spans::flag_message};
+use super::{
+    Enriched, WallClock, Workload,
+    spans::{fix, flag_message, pod_namespace},
+};
 use crate::record::{Outcome, Rcode};
 
 /// Colour only on a terminal, and never when `NO_COLOR` is set to something.
@@ -79,6 +82,9 @@ impl<W: Write> TextWriter<W> {
                 let what = if all_nxdomain { "NXDOMAIN" } else { "wasted" };
                 notes.push(format!("{} {what}", chain.wasted_queries));
             }
+            if let Some(server) = chain.answered_by().filter(|_| record.dns_from_outside) {
+                notes.push(format!("DNS from {server}, outside the cluster"));
+            }
             if !notes.is_empty() {
                 line.push_str(&format!(" ({})", notes.join(", ")));
             }
@@ -104,6 +110,10 @@ impl<W: Write> TextWriter<W> {
         if record.drift {
             line.push(' ');
             line.push_str(&paint(MAGENTA, "DRIFT"));
+        }
+        if let Some(fix) = fix(record, pod_namespace(enriched)) {
+            line.push_str(": ");
+            line.push_str(&fix);
         }
         line.push('\n');
         self.out.write_all(line.as_bytes())?;
@@ -175,7 +185,7 @@ pub const JSON_FIELDS: &[(&str, &str)] = &[
     ),
     (
         "resolution",
-        "`in-cluster`, `search-escape`, `external`, `cname-escape`, `none`",
+        "`in-cluster`, `search-escape`, `external`, `cname-escape`, `declared-egress` (an ExternalName Service declares the CNAME; needs the Kubernetes API), `none`",
     ),
     (
         "search_chain",
@@ -212,7 +222,18 @@ pub const JSON_FIELDS: &[(&str, &str)] = &[
         "wasted_queries",
         "names tried without an address before the answer (A/AAAA pairs count once)",
     ),
-    ("message", "the flag sentence, as in the span status"),
+    (
+        "message",
+        "why the connection stands out (flagged, drifted, or queries wasted on the search list) and what would end it; the span status says the same for flagged and drifted connections",
+    ),
+    (
+        "dns_server",
+        "the DNS server whose answer held the destination",
+    ),
+    (
+        "dns_from_outside",
+        "that server is outside the cluster networks (not the node's own or a node-local cache): the pod bypasses cluster DNS",
+    ),
 ];
 
 #[derive(Serialize)]
@@ -241,6 +262,8 @@ struct JsonConnection<'a> {
     cname_chain: Vec<&'a str>,
     wasted_queries: u32,
     message: Option<String>,
+    dns_server: Option<String>,
+    dns_from_outside: bool,
 }
 
 impl<W: Write> JsonWriter<W> {
@@ -306,7 +329,9 @@ impl<W: Write> JsonWriter<W> {
             cname_chain: chain
                 .map_or_else(Vec::new, |c| c.cname_chain.iter().map(|t| &**t).collect()),
             wasted_queries: chain.map_or(0, |c| c.wasted_queries),
-            message: flag_message(record),
+            message: flag_message(record, pod_namespace(enriched)),
+            dns_server: chain.and_then(|c| c.answered_by()).map(|ip| ip.to_string()),
+            dns_from_outside: record.dns_from_outside,
         };
         serde_json::to_writer(&mut self.out, &line)?;
         self.out.write_all(b"\n")?;

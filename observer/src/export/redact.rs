@@ -163,6 +163,7 @@ mod tests {
         let query = |name: &str, rcode: Rcode, answers: &[&str]| DnsQueryRecord {
             name: name.into(),
             qtype: QType::A,
+            server: "198.18.0.10".parse().unwrap(),
             rcode: Some(rcode),
             answers: answers
                 .iter()
@@ -205,6 +206,7 @@ mod tests {
             egress: true,
             flagged: true,
             drift: false,
+            dns_from_outside: false,
         }
     }
 
@@ -268,7 +270,7 @@ mod tests {
         assert_eq!(&*chain.queries[0].name, "redacted.cluster.local");
         assert_eq!(chain.cname_chain, [Arc::<str>::from("redacted")]);
         // The flag sentence is built from the record, so it carries only redacted names.
-        let message = crate::export::flag_message(&record).unwrap_or_default();
+        let message = crate::export::flag_message(&record, None).unwrap_or_default();
         assert!(!message.contains("db"), "{message}");
         assert!(message.contains("another-lab.com"), "{message}");
     }

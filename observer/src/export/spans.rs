@@ -146,7 +146,7 @@ impl SpanBuilder {
             start_time_unix_nano: self.clock.unix_ns(start_boot),
             end_time_unix_nano: self.clock.unix_ns(end_boot),
             attributes: root_attributes(enriched),
-            status: Some(root_status(record)),
+            status: Some(root_status(enriched)),
             ..Default::default()
         });
         for (i, query) in queries.iter().enumerate() {
@@ -228,6 +228,16 @@ fn root_attributes(enriched: &Enriched) -> Vec<KeyValue> {
             a.push(kv_str_array("observer.dns.cname_chain", &chain.cname_chain));
         }
         a.push(kv_bool("observer.dns.ndots_walk", chain.ndots_walk));
+        if let Some(server) = chain.answered_by() {
+            a.push(kv_str("observer.dns.server.address", server.to_string()));
+        }
+        a.push(kv_bool(
+            "observer.dns.from_outside",
+            record.dns_from_outside,
+        ));
+    }
+    if let Some(fix) = fix(record, pod_namespace(enriched)) {
+        a.push(kv_str("observer.fix", fix));
     }
     a.push(kv_int("observer.cgroup.id", record.cgroup_id as i64));
     let id = &enriched.identity;
@@ -253,14 +263,20 @@ fn root_attributes(enriched: &Enriched) -> Vec<KeyValue> {
     a
 }
 
-fn root_status(record: &ConnectionRecord) -> Status {
+fn root_status(enriched: &Enriched) -> Status {
+    let record = &enriched.record;
     let failed = match record.outcome {
         Outcome::Established => None,
         Outcome::Refused => Some("connection refused"),
         Outcome::Timeout => Some("connection timed out"),
         Outcome::Reset => Some("connection reset"),
     };
-    match (flag_message(record), failed) {
+    // Only a flag or a drift makes the connection an error: a chain that merely wasted
+    // queries says its fix in `observer.fix`.
+    let flag = (record.flagged || record.drift)
+        .then(|| flag_message(record, pod_namespace(enriched)))
+        .flatten();
+    match (flag, failed) {
         (Some(flag), Some(f)) => error(format!("{flag} ({f})")),
         (Some(flag), None) => error(flag),
         (None, Some(f)) => error(f.to_owned()),
@@ -268,12 +284,22 @@ fn root_status(record: &ConnectionRecord) -> Status {
     }
 }
 
-/// The sentence that says why a connection stands out, or `None` when it does not.
-pub fn flag_message(record: &ConnectionRecord) -> Option<String> {
+/// The opener's namespace, when known: the fix names the Service to create there.
+pub(crate) fn pod_namespace(enriched: &Enriched) -> Option<&str> {
+    enriched
+        .identity
+        .pod
+        .as_ref()
+        .and_then(|p| p.namespace.as_deref())
+}
+
+/// The sentence that says why a connection stands out and what would end it (see
+/// [`fix`]), or `None` when it does not stand out. `namespace` is the opener's.
+pub fn flag_message(record: &ConnectionRecord, namespace: Option<&str>) -> Option<String> {
     let ip = record.destination.ip();
     let chain = record.chain.as_ref();
-    if record.flagged {
-        return Some(match (record.resolution, chain) {
+    let why = if record.flagged {
+        match (record.resolution, chain) {
             (Resolution::SearchEscape, Some(c)) => format!(
                 "{} resolved through search domain {} to {ip}, outside the cluster",
                 c.query_name.trim_end_matches('.'),
@@ -290,21 +316,91 @@ pub fn flag_message(record: &ConnectionRecord) -> Option<String> {
                 resolution.as_str()
             ),
             (_, None) => format!("connection to {ip} flagged, outside the cluster"),
+        }
+    } else if record.drift {
+        let name = chain.map_or_else(|| ip.to_string(), |c| c.server_address.to_string());
+        format!(
+            "{name} resolved to {ip}, outside the cluster, where this workload resolved it inside the cluster before"
+        )
+    } else {
+        let c = chain.filter(|c| c.wasted_queries > 0)?;
+        format!(
+            "{} tried {} names of the search list in vain before {} answered",
+            c.query_name.trim_end_matches('.'),
+            c.wasted_queries,
+            c.server_address
+        )
+    };
+    Some(match fix(record, namespace) {
+        Some(fix) => format!("{why}: {fix}"),
+        None => why,
+    })
+}
+
+/// What would end a flagged, drifted or amplified chain, in one clause: the fully qualified
+/// name with a trailing dot (it walks no search list), the missing Service, or `dnsConfig`
+/// `ndots`. The shipped alerts' descriptions say the same words (deploy/monitoring). `None`
+/// for a chain that needs no fix.
+pub fn fix(record: &ConnectionRecord, namespace: Option<&str>) -> Option<String> {
+    let chain = record.chain.as_ref()?;
+    let asked = chain.query_name.trim_end_matches('.');
+    let service = || missing_service(asked, namespace);
+    if record.flagged {
+        return Some(match record.resolution {
+            Resolution::CnameEscape => format!(
+                "use {}. if that server is intended, or change what {} points to",
+                chain.cname_chain.last().unwrap_or(&chain.server_address),
+                chain.server_address
+            ),
+            _ => format!(
+                "use {}. if that server is intended, or create {}",
+                chain.server_address,
+                service()
+            ),
         });
     }
     if record.drift {
-        let name = chain.map_or_else(|| ip.to_string(), |c| c.server_address.to_string());
         return Some(format!(
-            "{name} resolved to {ip}, outside the cluster, where this workload resolved it inside the cluster before"
+            "create {} again, or use {}. if that server is intended",
+            service(),
+            chain.server_address
         ));
     }
-    None
+    if chain.wasted_queries == 0 {
+        return None;
+    }
+    let dots = asked.matches('.').count();
+    Some(if chain.ndots_walk && chain.search_domain.is_none() {
+        format!(
+            "use {}. or set the pod's dnsConfig ndots to {dots}",
+            chain.server_address
+        )
+    } else {
+        format!("use {}.", chain.server_address)
+    })
+}
+
+/// `the Service db in namespace shop`: a name asked as `db.shop` (or `db.shop.svc...`) is
+/// the Service `db` of namespace `shop`, a bare `db` one of the opener's namespace.
+fn missing_service(asked: &str, namespace: Option<&str>) -> String {
+    let labels: Vec<&str> = asked.split('.').collect();
+    match labels[..] {
+        [service] => match namespace {
+            Some(ns) => format!("the Service {service} in namespace {ns}"),
+            None => format!("the Service {service} in the pod's namespace"),
+        },
+        [service, ns] | [service, ns, "svc", ..] => {
+            format!("the Service {service} in namespace {ns}")
+        }
+        _ => format!("a Service for {asked}"),
+    }
 }
 
 fn query_attributes(query: &DnsQueryRecord) -> Vec<KeyValue> {
     let mut a = vec![
         kv_str("dns.question.name", &*query.name),
         kv_str("observer.dns.question.type", query.qtype.mnemonic()),
+        kv_str("network.peer.address", query.server.to_string()),
     ];
     if let Some(rcode) = query.rcode {
         a.push(kv_str("observer.dns.response_code", rcode.mnemonic()));

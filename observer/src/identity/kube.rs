@@ -237,6 +237,9 @@ struct PodIndex {
 struct ServiceIndex {
     by_ip: HashMap<IpAddr, ServiceRef>,
     names: HashSet<(Arc<str>, Arc<str>)>,
+    /// ExternalName Services: (namespace, name) -> the declared target (lower case, no
+    /// trailing dot), the CNAME cluster DNS answers for the Service's name.
+    external_names: HashMap<(Arc<str>, Arc<str>), Arc<str>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -434,6 +437,22 @@ impl KubeIdentity {
         services
             .names
             .contains(&(Arc::from(namespace), Arc::from(name)))
+    }
+
+    /// The target Service `name` of namespace `namespace` declares, if it is of type
+    /// ExternalName.
+    pub fn external_name(&self, namespace: &str, name: &str) -> Option<Arc<str>> {
+        let services = Arc::clone(
+            &self
+                .shared
+                .services
+                .read()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        services
+            .external_names
+            .get(&(Arc::from(namespace), Arc::from(name)))
+            .cloned()
     }
 
     pub fn cluster_networks(&self) -> Vec<IpNet> {
@@ -776,6 +795,7 @@ struct ServiceMeta {
     namespace: Arc<str>,
     name: Arc<str>,
     cluster_ips: Vec<IpAddr>,
+    external_name: Option<Arc<str>>,
 }
 
 fn project_service(service: &Service) -> Option<(String, ServiceMeta)> {
@@ -801,6 +821,10 @@ fn project_service(service: &Service) -> Option<(String, ServiceMeta)> {
             namespace: Arc::from(meta.namespace.as_deref().unwrap_or("default")),
             name: Arc::from(meta.name.as_deref().unwrap_or("")),
             cluster_ips,
+            external_name: spec
+                .filter(|s| s.type_.as_deref() == Some("ExternalName"))
+                .and_then(|s| s.external_name.as_deref())
+                .map(|target| Arc::from(target.trim_end_matches('.').to_ascii_lowercase())),
         },
     ))
 }
@@ -818,6 +842,12 @@ fn commit_services(shared: &Shared, items: &HashMap<String, Arc<ServiceMeta>>) {
         index
             .names
             .insert((Arc::clone(&service.namespace), Arc::clone(&service.name)));
+        if let Some(target) = &service.external_name {
+            index.external_names.insert(
+                (Arc::clone(&service.namespace), Arc::clone(&service.name)),
+                Arc::clone(target),
+            );
+        }
     }
     *shared.services.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(index);
     shared.recompute_networks();

@@ -284,6 +284,12 @@ impl Identity {
         Some(self.inner.kube.as_ref()?.service_exists(namespace, name))
     }
 
+    /// The target Service `name` of namespace `namespace` declares, if the API says it is
+    /// of type ExternalName; `None` also in host mode.
+    pub fn external_name(&self, namespace: &str, name: &str) -> Option<Arc<str>> {
+        self.inner.kube.as_ref()?.external_name(namespace, name)
+    }
+
     pub fn status(&self) -> EnrichmentStatus {
         self.inner
             .kube

@@ -21,6 +21,8 @@ pub const T0: u64 = 1_000_000_000_000;
 pub const T0_UNIX_NS: u64 = 1_750_000_000_000_000_000;
 pub const CLOCK: WallClock = WallClock::new(T0_UNIX_NS as i128 - T0 as i128);
 
+/// The cluster DNS server every fixture query was sent to.
+pub const CLUSTER_DNS: &str = "198.18.0.10";
 pub const SEED_POD_UID: &str = "6f1c2a8e-3b4d-4e5f-8a9b-0c1d2e3f4a5b";
 pub const SEARCH_LIST: [&str; 4] = [
     "simple-web-app.svc.cluster.local",
@@ -60,6 +62,7 @@ pub fn seed_story() -> Enriched {
         queries.push(DnsQueryRecord {
             name: name.as_str().into(),
             qtype: QType::A,
+            server: CLUSTER_DNS.parse().unwrap(),
             rcode: Some(if last {
                 Rcode::NOERROR
             } else {
@@ -77,6 +80,7 @@ pub fn seed_story() -> Enriched {
         queries.push(DnsQueryRecord {
             name: name.into(),
             qtype: QType::AAAA,
+            server: CLUSTER_DNS.parse().unwrap(),
             rcode: Some(if last {
                 Rcode::NOERROR
             } else {
@@ -113,6 +117,7 @@ pub fn seed_story() -> Enriched {
             egress: true,
             flagged: true,
             drift: false,
+            dns_from_outside: false,
         },
         identity: seed_identity(),
     }
@@ -146,6 +151,7 @@ pub fn healthy_in_cluster() -> Enriched {
                     DnsQueryRecord {
                         name: "postgres.data.svc.cluster.local".into(),
                         qtype: QType::A,
+                        server: CLUSTER_DNS.parse().unwrap(),
                         rcode: Some(Rcode::NOERROR),
                         answers: vec![Answer::Address("198.18.1.20".parse().unwrap())].into(),
                         sent_at: t,
@@ -155,6 +161,7 @@ pub fn healthy_in_cluster() -> Enriched {
                     DnsQueryRecord {
                         name: "postgres.data.svc.cluster.local".into(),
                         qtype: QType::AAAA,
+                        server: CLUSTER_DNS.parse().unwrap(),
                         rcode: None,
                         answers: Box::default(),
                         sent_at: t + 50_000,
@@ -166,6 +173,7 @@ pub fn healthy_in_cluster() -> Enriched {
             egress: false,
             flagged: false,
             drift: false,
+            dns_from_outside: false,
         },
         identity: ExportIdentity {
             cluster: Some("lab".into()),
@@ -205,6 +213,7 @@ pub fn host_ip_literal() -> Enriched {
             egress: true,
             flagged: false,
             drift: false,
+            dns_from_outside: false,
         },
         identity: ExportIdentity {
             cluster: None,

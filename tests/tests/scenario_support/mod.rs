@@ -4,7 +4,8 @@ use std::{net::IpAddr, time::Duration};
 
 use observer_tests::{
     Pod,
-    agent::{Agent, AgentSpec},
+    agent::{Agent, AgentSpec, metric_sum},
+    kube_api::KubeApi,
     otlp::OtlpReceiver,
 };
 pub use observer_tests::{story::*, traces::*};
@@ -27,6 +28,35 @@ pub struct Observed {
 
 impl Observed {
     pub fn start() -> Self {
+        Self::start_with(|spec| spec)
+    }
+
+    /// As [`Observed::start`], the agent watching the (stand-in) Kubernetes API `api` as the
+    /// agent of node-a; returns once the agent has synced with it.
+    pub fn with_kube_api(api: &KubeApi) -> Self {
+        let observed = Self::start_with(|spec| {
+            spec.args(["--kube", "auto"])
+                .env("KUBECONFIG", api.kubeconfig().display().to_string())
+                .env("NODE_NAME", "node-a")
+        });
+        let deadline = std::time::Instant::now() + RECORD_WAIT;
+        while metric_sum(
+            &observed.metrics(),
+            "observer_enrichment_status",
+            &[("state", "kube")],
+        ) != 1.0
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agent never synced with the stand-in API:\n{}",
+                observed.agent.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        observed
+    }
+
+    fn start_with(spec: impl FnOnce(AgentSpec) -> AgentSpec) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -35,12 +65,12 @@ impl Observed {
         let receiver = runtime
             .block_on(OtlpReceiver::start())
             .expect("starting the OTLP receiver");
-        let agent = Agent::start(
+        let agent = Agent::start(spec(
             AgentSpec::new()
                 .args(cluster_args())
                 .env("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.grpc_url())
                 .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
-        );
+        ));
         Self {
             agent,
             receiver,
