@@ -30,7 +30,7 @@ mod ring;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
     // Any reachable panic fails verification; this handler only satisfies the linker.
     loop {}
 }

@@ -10,6 +10,7 @@ pub mod agent;
 pub mod cli;
 pub mod correlate;
 pub mod dns;
+pub mod error;
 pub mod export;
 pub mod identity;
 pub mod networks;

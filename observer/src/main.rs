@@ -1,10 +1,12 @@
 use std::{collections::HashSet, process::ExitCode};
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use observer::{
     agent::config::{LogFormat, RunArgs, Settings},
     cli::{Cli, Command, EventsArgs, VERSION},
+    error::Chain,
+    export::color_on,
     probes::{self, BootClock, ProbeOptions, Probes},
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -16,9 +18,12 @@ use tokio::signal::unix::{SignalKind, signal};
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // The matches, not only the parsed values: `--print-config` tells a flag from its
+    // environment variable.
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
-        Command::Run(args) => run_agent(args),
+        Command::Run(args) => run_agent(args, matches.subcommand_matches("run")),
         Command::Events(args) => {
             init_logging(LogFormat::Text, "warn");
             run_events(args)
@@ -29,28 +34,10 @@ fn main() -> ExitCode {
         Err(error) => {
             // What the user has to fix, never a backtrace (anyhow prints one from `main`'s
             // `Err` when RUST_BACKTRACE is set).
-            eprintln!("Error: {}", error_chain(&error));
+            eprintln!("Error: {}", Chain(error.as_ref()));
             ExitCode::FAILURE
         }
     }
-}
-
-/// The error and its causes, `: `-separated, skipping a cause its parent already quoted.
-fn error_chain(error: &anyhow::Error) -> String {
-    let mut text = String::new();
-    let mut previous = String::new();
-    for cause in error.chain() {
-        let message = cause.to_string();
-        if previous.contains(&message) {
-            continue;
-        }
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&message);
-        previous = message;
-    }
-    text
 }
 
 /// Logs go to standard error: standard output carries the connections.
@@ -59,6 +46,7 @@ fn init_logging(format: LogFormat, default_filter: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(color_on(std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -66,8 +54,13 @@ fn init_logging(format: LogFormat, default_filter: &str) {
     }
 }
 
-fn run_agent(args: RunArgs) -> anyhow::Result<()> {
-    let settings = Settings::resolve(args)?;
+fn run_agent(args: RunArgs, matches: Option<&ArgMatches>) -> anyhow::Result<()> {
+    let print_config = args.print_config;
+    let (settings, origins) = Settings::resolve_with_origins(args, matches)?;
+    if print_config {
+        print!("{}", settings.describe(&origins));
+        return Ok(());
+    }
     init_logging(settings.log_format, &settings.log_level);
     tracing::info!("observer {VERSION} starting");
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -193,8 +193,8 @@ async fn metrics_scraped_over_http() {
     metrics.observe_connection(&host_ip_literal());
     let mut drifted = seed_story();
     drifted.record.drift = true;
-    let chain = std::sync::Arc::make_mut(drifted.record.chain.as_mut().unwrap());
-    std::sync::Arc::make_mut(&mut chain.queries)[0].sent_at += 1;
+    let chain = Arc::make_mut(drifted.record.chain.as_mut().unwrap());
+    Arc::make_mut(&mut chain.queries)[0].sent_at += 1;
     metrics.observe_connection(&drifted);
     let identity = seed_identity();
     for _ in 0..6 {
@@ -435,7 +435,7 @@ async fn server_address_cardinality_is_capped() {
     .expect("serve");
     for i in 0..1000 {
         let mut e = seed_story();
-        let chain = std::sync::Arc::make_mut(e.record.chain.as_mut().unwrap());
+        let chain = Arc::make_mut(e.record.chain.as_mut().unwrap());
         chain.server_address = format!("host-{i}.another-lab.com").into();
         chain.query_name = format!("host-{i}").into();
         metrics.observe_connection(&e);

@@ -140,7 +140,8 @@ fn settings_page() -> String {
                         format!("`{}`{listed}", e.to_string_lossy())
                     },
                 );
-                let key = if long == "config" {
+                // The file names neither itself nor the switches that act and exit.
+                let key = if long == "config" || !takes_value {
                     "none".to_owned()
                 } else {
                     format!("`{}`", long.replace('-', "_"))

@@ -4,33 +4,39 @@
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 
-/// The agent binary of this workspace: `target/<profile>/observer`, beside the test
-/// executable's `deps/` directory. `cargo xtask test` builds it before the tests run.
+use crate::exec::take_if_exited;
+
+/// The agent binary as this tree builds it: `OBSERVER_BIN` when set (xtask builds the agent
+/// first and names it), else cargo builds `observer` now, in the tests' own profile, so a
+/// plain `cargo test` never drives a stale agent. Built once per test executable.
 pub fn observer_bin() -> PathBuf {
-    if let Some(path) = std::env::var_os("OBSERVER_BIN") {
-        return PathBuf::from(path);
-    }
-    let exe = std::env::current_exe().expect("the test executable has a path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test executables live in target/<profile>/deps");
-    let bin = profile_dir.join("observer");
-    assert!(
-        bin.is_file(),
-        "the agent binary {} is missing: run `cargo build -p observer` (cargo xtask test does)",
-        bin.display()
-    );
-    bin
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(path) = std::env::var_os("OBSERVER_BIN") {
+            return PathBuf::from(path);
+        }
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("the tests crate lives in the workspace");
+        let built = escargot::CargoBuild::new()
+            .manifest_path(workspace.join("Cargo.toml"))
+            .package("observer")
+            .bin("observer")
+            .current_release()
+            .run()
+            .unwrap_or_else(|e| panic!("building the agent (cargo build -p observer): {e}"));
+        built.path().to_owned()
+    })
+    .clone()
 }
 
 /// A free TCP port on 127.0.0.1 for the agent's metrics server.
@@ -233,12 +239,7 @@ impl Agent {
     fn wait_ready(&mut self, within: Duration) -> Result<(), AgentExited> {
         let deadline = Instant::now() + within;
         loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                self.child = None;
+            if let Some(status) = take_if_exited(&mut self.child) {
                 for reader in self.readers.drain(..) {
                     let _ = reader.join();
                 }

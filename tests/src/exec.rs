@@ -11,6 +11,14 @@ use std::{
 
 use crate::error::{Result, TestbedError};
 
+/// The exit status of a guarded child that has ended, taking it out of its guard (so that
+/// Drop does not kill what is already gone); `None` while it runs.
+pub fn take_if_exited(child: &mut Option<Child>) -> Option<ExitStatus> {
+    let status = child.as_mut()?.try_wait().ok().flatten()?;
+    *child = None;
+    Some(status)
+}
+
 /// Default hang guard for one command run by the testbed or a test: it ends a command that
 /// would never end, so it is generous (guests under TCG run ~10x slower than native).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);

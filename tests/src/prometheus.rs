@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use crate::{
     agent::{free_local_port, http_get},
     deploy_files::{prometheus_rule, require_tool},
+    exec::take_if_exited,
     names::RunId,
 };
 
@@ -155,12 +156,7 @@ impl Prometheus {
     fn wait_ready(&mut self, within: Duration) {
         let deadline = Instant::now() + within;
         loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                self.child = None;
+            if let Some(status) = take_if_exited(&mut self.child) {
                 panic!("prometheus exited ({status}); its log:\n{}", self.log());
             }
             if http_get(self.addr, "/-/ready").is_ok_and(|(code, _)| code == 200) {

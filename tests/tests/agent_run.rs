@@ -470,7 +470,7 @@ fn metrics_count_the_seed_story() {
     ]);
     let nxdomain = with(&[("rcode", "NXDOMAIN")]);
     let noerror = with(&[("rcode", "NOERROR")]);
-    let expectations: [(&str, Labels, f64); 6] = [
+    let expectations: [(&str, Labels<'_>, f64); 6] = [
         ("observer_connections_total", &connection, 1.0),
         ("observer_flagged_connections_total", &flagged, 1.0),
         ("observer_dns_responses_total", &nxdomain, 6.0),
@@ -778,6 +778,30 @@ fn bad_flags_fail_fast_with_a_clear_message() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `--print-config` prints the effective settings with where each came from, an
+/// environment variable told apart from a flag, and exits without loading anything.
+#[test]
+fn print_config_names_where_each_setting_came_from() {
+    let exited = run_to_exit(
+        &observer_tests::agent::observer_bin(),
+        &["run", "--print-config", "--output", "json"],
+        &[("OBSERVER_CLUSTER_NAME", "lab")],
+        STOP_WITHIN,
+    );
+    assert!(exited.status.success(), "{exited:?}");
+    for line in [
+        "output = \"json\"  # flag",
+        "cluster_name = \"lab\"  # environment",
+        "cluster_domain = \"cluster.local\"  # default",
+    ] {
+        assert!(
+            exited.stdout.lines().any(|l| l == line),
+            "{line:?} in:\n{}",
+            exited.stdout
+        );
+    }
+}
+
 /// An unprivileged user gets a message naming the capabilities it lacks.
 #[test]
 fn without_privileges_the_agent_names_the_missing_capabilities() {
@@ -857,7 +881,8 @@ fn without_a_collector_the_agent_observes_and_counts_export_failures() {
     stop_cleanly(agent);
 }
 
-/// SIGTERM: the agent detaches its kernel programs, says so, and exits 0 within its bound.
+/// SIGTERM: the agent detaches its kernel programs, says so in plain text logs (no colour
+/// codes off a terminal), and exits 0 within its bound.
 #[test]
 fn sigterm_detaches_and_exits_zero() {
     let agent = Agent::start(AgentSpec::new().args(cluster_args()));
@@ -869,6 +894,8 @@ fn sigterm_detaches_and_exits_zero() {
     assert!(took < STOP_WITHIN, "took {took:?} to stop\n{log}");
     assert!(log.contains("terminated: detaching"), "{log}");
     assert!(log.contains("kernel programs detached"), "{log}");
+    // Standard error is a pipe here, as in a log file: no colour codes.
+    assert!(!log.contains('\x1b'), "no colour off a terminal: {log:?}");
     let lower = log.to_ascii_lowercase();
     assert!(
         !lower.contains("panicked") && !lower.contains("error"),

@@ -544,7 +544,7 @@ fn get_in(netns: &NetNs, path: &str) -> std::io::Result<(u16, String)> {
 }
 
 /// Waits for /readyz to answer 200; `Err` with the logs if the container exits first.
-fn wait_until_ready(container: &Container, pod_network: &NetNs) -> Result<(), String> {
+fn wait_until_ready(container: &Container<'_>, pod_network: &NetNs) -> Result<(), String> {
     let deadline = Instant::now() + READY_WAIT;
     loop {
         if !container.running() {

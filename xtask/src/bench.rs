@@ -25,7 +25,7 @@ pub fn bench(quick: bool) -> Result<()> {
     setup::all()?;
     setup::apt_install("benchmarks", BENCH_PACKAGES)?;
 
-    let root = workspace_root();
+    let root = crate::workspace_root();
     let out = root.join("target").join("bench");
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
 
@@ -83,13 +83,6 @@ pub fn bench(quick: bool) -> Result<()> {
         driver.arg("--quick");
     }
     run(&mut driver)
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace root")
-        .to_path_buf()
 }
 
 /// Cargo's target directory for this workspace (CARGO_TARGET_DIR or the config may move it).

@@ -17,7 +17,7 @@ pub fn lint() -> Result<()> {
 /// observer's build.rs builds it (core rebuilt from source). Its own target directory keeps
 /// the nightly's artifacts apart from the host build.
 fn kernel_clippy() -> Result<()> {
-    let checkout = crate::checkout()?;
+    let checkout = crate::workspace_root();
     let mut cmd = Command::new("rustup");
     cmd.args(["run", "nightly", "cargo", "clippy"])
         .args([

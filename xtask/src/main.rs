@@ -165,8 +165,8 @@ fn main() -> Result<()> {
 }
 
 /// The workspace's root directory (xtask lives one level below it).
-fn workspace_root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+pub(crate) fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace root")
         .to_owned()
@@ -208,12 +208,31 @@ pub(crate) fn run(cmd: &mut Command) -> Result<()> {
 }
 
 fn build(release: bool) -> Result<()> {
+    build_agent(release).map(drop)
+}
+
+/// Builds the agent's binaries and returns the path of `observer`, which the integration
+/// tests receive as `OBSERVER_BIN` (without it, each test executable builds the agent itself).
+pub(crate) fn build_agent(release: bool) -> Result<PathBuf> {
     let mut cmd = cargo();
-    cmd.args(["build", "--package", "observer", "--bins"]);
+    cmd.args([
+        "build",
+        "--package",
+        "observer",
+        "--bins",
+        "--message-format=json-render-diagnostics",
+    ]);
     if release {
         cmd.arg("--release");
     }
-    run(&mut cmd)
+    let out = cmd
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("starting cargo build")?;
+    if !out.status.success() {
+        bail!("building the agent failed: {}", out.status);
+    }
+    executable(&String::from_utf8_lossy(&out.stdout), "observer").map(PathBuf::from)
 }
 
 /// The parts of a whole test run: each runs even when an earlier one failed, so one run
@@ -255,8 +274,8 @@ impl Phases {
 }
 
 fn test(args: &[String]) -> Result<()> {
-    // The integration tests start the agent binary: build it first so they test this tree.
-    build(false)?;
+    // The integration tests start the agent binary: build it once for all of them.
+    let agent = build_agent(false)?;
     if !is_root() {
         bail!(
             "the integration tests load eBPF programs and build network namespaces: run `cargo xtask test` as root"
@@ -265,7 +284,7 @@ fn test(args: &[String]) -> Result<()> {
     let mut cmd = cargo();
     // Default members: the kernel crate is built by observer's build.rs, not for the host.
     cmd.args(["test", "--no-fail-fast", "--"]);
-    cmd.args(args);
+    cmd.args(args).env("OBSERVER_BIN", agent);
     run(&mut cmd)
 }
 
@@ -318,9 +337,8 @@ fn demo() -> Result<()> {
     }
     // exec: the demo takes this process's place, so a Ctrl-C reaches it alone (through the
     // terminal) and it tears everything down before the shell prompt comes back.
-    let err = std::os::unix::process::CommandExt::exec(
-        std::process::Command::new(&demo).arg("--agent").arg(&agent),
-    );
+    let err =
+        std::os::unix::process::CommandExt::exec(Command::new(&demo).arg("--agent").arg(&agent));
     Err(err).with_context(|| format!("starting {demo}"))
 }
 
@@ -340,14 +358,6 @@ pub(crate) fn executable(messages: &str, name: &str) -> Result<String> {
             Some(l[start..end].to_owned())
         })
         .with_context(|| format!("cargo did not report the `{name}` executable it built"))
-}
-
-/// The workspace root (xtask's manifest sits one level down).
-pub(crate) fn checkout() -> Result<PathBuf> {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .context("xtask's manifest directory has no parent")
 }
 
 pub(crate) fn is_root() -> bool {

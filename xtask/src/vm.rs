@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{cargo, checkout, run, setup};
+use crate::{cargo, run, setup, workspace_root};
 
 /// A Debian kernel the matrix boots.
 pub struct VmKernel {
@@ -153,16 +153,18 @@ pub fn run_matrix(selection: &Selection) -> Result<()> {
         bail!("the kernel matrix boots guests that load eBPF programs: run it as root");
     }
     prerequisites()?;
-    let checkout = checkout()?;
+    let checkout = workspace_root();
     let cache = checkout.join("target/vm-kernels");
     let mut images = Vec::new();
     for (kernel, _) in &plan {
         images.push(kernel_image(&cache, kernel)?);
     }
+    // The tests run this agent, built once here, rather than build one in the guest.
+    let agent = crate::build_agent(false)?;
     let executables = build_tests()?;
     // The guest has no cargo: the image test runs the archive built here (the image is the
     // same on every kernel; what the matrix tests is the runtime starting it on each).
-    let mut guest_env = Vec::new();
+    let mut guest_env = vec![("OBSERVER_BIN", agent.display().to_string())];
     if plan.iter().any(|(_, tests)| tests.contains(&"image")) {
         setup::image_prerequisites()?;
         let image = crate::image::build(&checkout)?;
@@ -373,9 +375,8 @@ fn download(cache: &Path, debs: &Path, package: &str) -> Result<()> {
     })
 }
 
-/// Builds the agent and the integration test binaries; returns each test binary's path.
+/// Builds the integration test binaries; returns each test binary's path.
 fn build_tests() -> Result<BTreeMap<String, PathBuf>> {
-    run(cargo().args(["build", "--package", "observer", "--bins"]))?;
     let out = cargo()
         .args([
             "test",
@@ -634,7 +635,7 @@ mod tests {
 
     #[test]
     fn every_listed_binary_is_a_test_of_the_tests_crate() {
-        let tests_dir = checkout().unwrap().join("tests/tests");
+        let tests_dir = workspace_root().join("tests/tests");
         for name in ALL_PRIVILEGED {
             let file = tests_dir.join(format!("{name}.rs"));
             assert!(file.is_file(), "{} is missing", file.display());

@@ -1,24 +1,37 @@
 //! `observer run` settings: flags, their environment variables, and an optional TOML file.
 //!
-//! Precedence, highest first: a flag, its environment variable (clap reads both), the
+//! One definition, [`RunArgs`], is both the command line (clap reads each flag and its
+//! environment variable) and the config file (serde reads the same fields, keys as the long
+//! flags with `_` for `-`). Precedence, highest first: a flag, its environment variable, the
 //! config file, the built-in default. Every value is validated here, so the agent proper
-//! starts from a `Settings` that cannot be wrong.
+//! starts from a `Settings` that cannot be wrong; `--print-config` shows each effective
+//! value and where it came from.
 use std::{
+    fmt::Write as _,
     net::SocketAddr,
     path::{Path, PathBuf},
 };
 
-use clap::{Args, ValueEnum};
+use clap::{ArgMatches, Args, ValueEnum, parser::ValueSource};
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-/// Flags of `observer run`. Options are `Option`s so that an absent flag can fall back to
-/// the config file before the default.
-#[derive(Args, Debug, Default)]
+pub use crate::identity::KubeMode;
+
+/// Flags of `observer run`, and the keys of its config file. Options are `Option`s (lists
+/// empty) so that an absent flag can fall back to the config file before the default.
+#[derive(Args, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
 pub struct RunArgs {
     /// TOML config file (keys as the long flags, with `_` for `-`).
     #[arg(long, env = "OBSERVER_CONFIG", value_name = "PATH")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// Print the effective settings, each with where it came from (flag, environment,
+    /// config file, default), and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    pub print_config: bool,
     /// A cluster network (pods, services, nodes), IPv4 or IPv6 CIDR. Repeatable; merged
     /// with what Kubernetes reports [default: from Kubernetes, else the private ranges].
     #[arg(
@@ -27,6 +40,7 @@ pub struct RunArgs {
         value_delimiter = ',',
         value_name = "CIDR"
     )]
+    #[serde(rename = "cluster_cidr", default)]
     pub cluster_cidrs: Vec<IpNet>,
     /// The cluster's DNS domain [default: cluster.local].
     #[arg(long, env = "OBSERVER_CLUSTER_DOMAIN", value_name = "DOMAIN")]
@@ -41,10 +55,11 @@ pub struct RunArgs {
         value_delimiter = ',',
         value_name = "PORT"
     )]
+    #[serde(rename = "dns_port", default)]
     pub dns_ports: Vec<u16>,
     /// Enrich with the Kubernetes API (`auto`: when a config is found) or not [default: auto].
     #[arg(long, env = "OBSERVER_KUBE")]
-    pub kube: Option<KubeSetting>,
+    pub kube: Option<KubeMode>,
     /// This node's name (the DaemonSet passes spec.nodeName through the downward API).
     #[arg(long, env = "NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
@@ -78,7 +93,7 @@ pub struct RunArgs {
     pub redact_names: Option<RedactNames>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RedactNames {
     Off,
@@ -86,14 +101,7 @@ pub enum RedactNames {
     Redact,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum KubeSetting {
-    Auto,
-    Off,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OutputFormat {
     Text,
@@ -101,7 +109,7 @@ pub enum OutputFormat {
     None,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ExportPolicySetting {
     Flagged,
@@ -109,42 +117,24 @@ pub enum ExportPolicySetting {
     All,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
     Json,
 }
 
-/// The config file: every key optional, unknown keys rejected (a typo must not be silent).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "snake_case")]
-pub struct FileConfig {
-    pub cluster_cidr: Option<Vec<IpNet>>,
-    pub cluster_domain: Option<String>,
-    pub cluster_name: Option<String>,
-    pub dns_port: Option<Vec<u16>>,
-    pub kube: Option<KubeSetting>,
-    pub node_name: Option<String>,
-    pub metrics_addr: Option<SocketAddr>,
-    pub output: Option<OutputFormat>,
-    pub export: Option<ExportPolicySetting>,
-    pub sample_ratio: Option<f64>,
-    pub spans_file: Option<PathBuf>,
-    pub log_format: Option<LogFormat>,
-    pub log_level: Option<String>,
-    pub ring_size_kib: Option<u32>,
-    pub redact_names: Option<RedactNames>,
-}
-
-/// Effective, validated settings.
-#[derive(Clone, Debug, PartialEq)]
+/// Effective, validated settings, serialized by `--print-config` under the config file's
+/// keys.
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Settings {
+    #[serde(rename = "cluster_cidr")]
     pub cluster_cidrs: Vec<IpNet>,
     pub cluster_domain: String,
     pub cluster_name: Option<String>,
+    #[serde(rename = "dns_port")]
     pub dns_ports: Vec<u16>,
-    pub kube: KubeSetting,
+    pub kube: KubeMode,
     pub node_name: Option<String>,
     pub metrics_addr: SocketAddr,
     pub output: OutputFormat,
@@ -159,12 +149,12 @@ pub struct Settings {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("reading config file {path}: {source}")]
+    #[error("reading config file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("config file {path}: {source}")]
+    #[error("parsing config file {path}")]
     Parse {
         path: PathBuf,
         source: Box<toml::de::Error>,
@@ -175,6 +165,62 @@ pub enum ConfigError {
 
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9464";
 
+/// Where an effective setting came from, by precedence (highest last).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Default,
+    File,
+    Environment,
+    Flag,
+}
+
+impl Origin {
+    pub fn name(self) -> &'static str {
+        match self {
+            Origin::Default => "default",
+            Origin::File => "config file",
+            Origin::Environment => "environment",
+            Origin::Flag => "flag",
+        }
+    }
+}
+
+/// Each setting's origin, by config file key, in the order of [`RunArgs`].
+pub type Origins = Vec<(&'static str, Origin)>;
+
+/// Picks each setting from the highest layer that has it and notes which one did.
+struct Layers<'a> {
+    /// The parsed command line, to tell a flag from its environment variable; without it
+    /// (a library caller's `RunArgs`) a value given there counts as a flag.
+    matches: Option<&'a ArgMatches>,
+    origins: Origins,
+}
+
+impl Layers<'_> {
+    /// `id` is the field of [`RunArgs`] (clap's argument id), `key` the config file key.
+    fn pick<T>(
+        &mut self,
+        id: &str,
+        key: &'static str,
+        given: Option<T>,
+        file: Option<T>,
+    ) -> Option<T> {
+        let (value, origin) = match (given, file) {
+            (Some(value), _) => {
+                let origin = match self.matches.and_then(|m| m.value_source(id)) {
+                    Some(ValueSource::EnvVariable) => Origin::Environment,
+                    _ => Origin::Flag,
+                };
+                (Some(value), origin)
+            }
+            (None, Some(value)) => (Some(value), Origin::File),
+            (None, None) => (None, Origin::Default),
+        };
+        self.origins.push((key, origin));
+        value
+    }
+}
+
 fn non_empty<T>(v: Vec<T>) -> Option<Vec<T>> {
     if v.is_empty() { None } else { Some(v) }
 }
@@ -182,54 +228,125 @@ fn non_empty<T>(v: Vec<T>) -> Option<Vec<T>> {
 impl Settings {
     /// Merge flags (and their environment variables) over the config file over defaults.
     pub fn resolve(args: RunArgs) -> Result<Settings, ConfigError> {
+        Settings::resolve_with_origins(args, None).map(|(settings, _)| settings)
+    }
+
+    /// As [`Settings::resolve`], also saying where each setting came from; `matches` (the
+    /// `run` subcommand's) tells flags from environment variables.
+    pub fn resolve_with_origins(
+        args: RunArgs,
+        matches: Option<&ArgMatches>,
+    ) -> Result<(Settings, Origins), ConfigError> {
         let file = match &args.config {
             Some(path) => read_file(path)?,
-            None => FileConfig::default(),
+            None => RunArgs::default(),
+        };
+        let mut l = Layers {
+            matches,
+            origins: Vec::new(),
         };
         let settings = Settings {
-            cluster_cidrs: non_empty(args.cluster_cidrs)
-                .or(file.cluster_cidr)
+            cluster_cidrs: l
+                .pick(
+                    "cluster_cidrs",
+                    "cluster_cidr",
+                    non_empty(args.cluster_cidrs),
+                    non_empty(file.cluster_cidrs),
+                )
                 .unwrap_or_default(),
-            cluster_domain: args
-                .cluster_domain
-                .or(file.cluster_domain)
+            cluster_domain: l
+                .pick(
+                    "cluster_domain",
+                    "cluster_domain",
+                    args.cluster_domain,
+                    file.cluster_domain,
+                )
                 .unwrap_or_else(|| "cluster.local".into())
                 .trim_end_matches('.')
                 .to_ascii_lowercase(),
-            cluster_name: args.cluster_name.or(file.cluster_name),
-            dns_ports: non_empty(args.dns_ports)
-                .or(file.dns_port)
+            cluster_name: l.pick(
+                "cluster_name",
+                "cluster_name",
+                args.cluster_name,
+                file.cluster_name,
+            ),
+            dns_ports: l
+                .pick(
+                    "dns_ports",
+                    "dns_port",
+                    non_empty(args.dns_ports),
+                    non_empty(file.dns_ports),
+                )
                 .unwrap_or_else(|| vec![53]),
-            kube: args.kube.or(file.kube).unwrap_or(KubeSetting::Auto),
-            node_name: args.node_name.or(file.node_name),
-            metrics_addr: args.metrics_addr.or(file.metrics_addr).unwrap_or_else(|| {
-                DEFAULT_METRICS_ADDR
-                    .parse()
-                    .expect("the default metrics address is a valid socket address")
-            }),
-            output: args.output.or(file.output).unwrap_or(OutputFormat::Text),
-            export: args
-                .export
-                .or(file.export)
+            kube: l
+                .pick("kube", "kube", args.kube, file.kube)
+                .unwrap_or(KubeMode::Auto),
+            node_name: l.pick("node_name", "node_name", args.node_name, file.node_name),
+            metrics_addr: l
+                .pick(
+                    "metrics_addr",
+                    "metrics_addr",
+                    args.metrics_addr,
+                    file.metrics_addr,
+                )
+                .unwrap_or_else(|| {
+                    DEFAULT_METRICS_ADDR
+                        .parse()
+                        .expect("the default metrics address is a valid socket address")
+                }),
+            output: l
+                .pick("output", "output", args.output, file.output)
+                .unwrap_or(OutputFormat::Text),
+            export: l
+                .pick("export", "export", args.export, file.export)
                 .unwrap_or(ExportPolicySetting::Egress),
-            sample_ratio: args.sample_ratio.or(file.sample_ratio).unwrap_or(1.0),
-            spans_file: args.spans_file.or(file.spans_file),
-            log_format: args
-                .log_format
-                .or(file.log_format)
+            sample_ratio: l
+                .pick(
+                    "sample_ratio",
+                    "sample_ratio",
+                    args.sample_ratio,
+                    file.sample_ratio,
+                )
+                .unwrap_or(1.0),
+            spans_file: l.pick("spans_file", "spans_file", args.spans_file, file.spans_file),
+            log_format: l
+                .pick("log_format", "log_format", args.log_format, file.log_format)
                 .unwrap_or(LogFormat::Text),
-            log_level: args
-                .log_level
-                .or(file.log_level)
+            log_level: l
+                .pick("log_level", "log_level", args.log_level, file.log_level)
                 .unwrap_or_else(|| "info".into()),
-            ring_size_kib: args.ring_size_kib.or(file.ring_size_kib),
-            redact_names: args
-                .redact_names
-                .or(file.redact_names)
+            ring_size_kib: l.pick(
+                "ring_size_kib",
+                "ring_size_kib",
+                args.ring_size_kib,
+                file.ring_size_kib,
+            ),
+            redact_names: l
+                .pick(
+                    "redact_names",
+                    "redact_names",
+                    args.redact_names,
+                    file.redact_names,
+                )
                 .unwrap_or(RedactNames::Off),
         };
         settings.validate()?;
-        Ok(settings)
+        Ok((settings, l.origins))
+    }
+
+    /// The effective settings as a config file would say them, each line followed by its
+    /// origin; a setting without a value is a comment.
+    pub fn describe(&self, origins: &Origins) -> String {
+        let table = toml::Table::try_from(self).expect("settings serialize to a TOML table");
+        let mut text = String::new();
+        for (key, origin) in origins {
+            let origin = origin.name();
+            let _ = match table.get(*key) {
+                Some(value) => writeln!(text, "{key} = {value}  # {origin}"),
+                None => writeln!(text, "# {key} is not set  # {origin}"),
+            };
+        }
+        text
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -263,7 +380,7 @@ impl Settings {
     }
 }
 
-fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+fn read_file(path: &Path) -> Result<RunArgs, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
@@ -288,7 +405,7 @@ mod tests {
     fn parse(args: &[&str]) -> Result<Settings, String> {
         let cli = Cli::try_parse_from(std::iter::once("observer").chain(args.iter().copied()))
             .map_err(|e| e.to_string())?;
-        Settings::resolve(cli.run).map_err(|e| e.to_string())
+        Settings::resolve(cli.run).map_err(|e| crate::error::Chain(&e).to_string())
     }
 
     #[test]
@@ -296,7 +413,7 @@ mod tests {
         let s = parse(&[]).unwrap();
         assert_eq!(s.cluster_domain, "cluster.local");
         assert_eq!(s.dns_ports, vec![53]);
-        assert_eq!(s.kube, KubeSetting::Auto);
+        assert_eq!(s.kube, KubeMode::Auto);
         assert_eq!(s.metrics_addr, DEFAULT_METRICS_ADDR.parse().unwrap());
         assert_eq!(s.output, OutputFormat::Text);
         assert_eq!(s.export, ExportPolicySetting::Egress);
@@ -362,6 +479,51 @@ mod tests {
         assert_eq!(
             s.cluster_cidrs,
             vec!["198.18.0.0/15".parse::<IpNet>().unwrap()]
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn origins_name_the_layer_each_setting_came_from() {
+        let dir =
+            std::env::temp_dir().join(format!("observer-config-origin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("observer.toml");
+        std::fs::write(
+            &file,
+            "cluster_domain = \"corp.local\"\noutput = \"json\"\n",
+        )
+        .unwrap();
+        let argv = [
+            "observer",
+            "--config",
+            file.to_str().unwrap(),
+            "--output",
+            "none",
+        ];
+        let matches = <Cli as clap::CommandFactory>::command().get_matches_from(argv);
+        let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap();
+        let (settings, origins) = Settings::resolve_with_origins(cli.run, Some(&matches)).unwrap();
+        let origin = |key| origins.iter().find(|(k, _)| *k == key).unwrap().1;
+        assert_eq!(origin("output"), Origin::Flag);
+        assert_eq!(origin("cluster_domain"), Origin::File);
+        assert_eq!(origin("dns_port"), Origin::Default);
+        let text = settings.describe(&origins);
+        assert!(text.contains("output = \"none\"  # flag\n"), "{text}");
+        assert!(
+            text.contains("cluster_domain = \"corp.local\"  # config file\n"),
+            "{text}"
+        );
+        assert!(text.contains("dns_port = [53]  # default\n"), "{text}");
+        assert!(
+            text.contains("# node_name is not set  # default\n"),
+            "{text}"
+        );
+        // What it prints, less the comments, is a config file the agent accepts as it is.
+        std::fs::write(&file, &text).unwrap();
+        assert_eq!(
+            parse(&["--config", file.to_str().unwrap()]).unwrap(),
+            settings
         );
         std::fs::remove_dir_all(dir).unwrap();
     }

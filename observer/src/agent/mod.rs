@@ -26,15 +26,15 @@ use crate::{
     export::{
         Enriched, EnrichmentState, ExportConfig, ExportIdentity, JsonWriter, Metrics, PodIdentity,
         Readiness, RedactMode, Redactor, SpanExporter, SpanSelection, SpanSink, TextWriter,
-        UnmatchedReason, WallClock, color_for_stdout, serve_http,
+        UnmatchedReason, WallClock, color_on, serve_http,
     },
-    identity::{EnrichmentStatus, Identity, IdentityConfig, KubeMode, WorkloadIdentity},
+    identity::{EnrichmentStatus, Identity, IdentityConfig, WorkloadIdentity},
     networks,
     probes::{self, BootClock, DnsPacket, Event, ProbeOptions, Probes, Protocol},
     record::{BootNs, ConnectionRecord},
     scope::ScopeKey,
 };
-use config::{ExportPolicySetting, KubeSetting, OutputFormat, RedactNames, Settings};
+use config::{ExportPolicySetting, OutputFormat, RedactNames, Settings};
 use enrich::NodeFacts;
 use reorder::Reorder;
 use scopes::ScopeCgroups;
@@ -68,10 +68,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let events = probes.events().context("reading the kernel rings")?;
 
     let identity = Identity::start(IdentityConfig {
-        kube_mode: match settings.kube {
-            KubeSetting::Auto => KubeMode::Auto,
-            KubeSetting::Off => KubeMode::Off,
-        },
+        kube_mode: settings.kube,
         node_name: settings.node_name.clone(),
         ..IdentityConfig::default()
     })
@@ -224,7 +221,9 @@ impl Output {
     fn new(format: OutputFormat, wall: WallClock) -> Output {
         let stdout = || std::io::BufWriter::with_capacity(STDOUT_BUFFER, std::io::stdout());
         match format {
-            OutputFormat::Text => Output::Text(TextWriter::new(stdout(), wall, color_for_stdout())),
+            OutputFormat::Text => {
+                Output::Text(TextWriter::new(stdout(), wall, color_on(std::io::stdout())))
+            }
             OutputFormat::Json => Output::Json(JsonWriter::new(stdout(), wall)),
             OutputFormat::None => Output::None,
         }
@@ -563,7 +562,9 @@ impl Agent {
                         .set_kernel_events_lost(counter.program(), counter.name(), total);
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "reading the kernel loss counters"),
+            Err(e) => {
+                tracing::warn!(error = %crate::error::Chain(&e), "reading the kernel loss counters")
+            }
         }
         publish_core_counters(&self.metrics, self.core.counters());
         // Events the reorder stage had to let through out of order because it was full.

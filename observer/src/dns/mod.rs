@@ -619,9 +619,10 @@ pub fn is_standard_query(message: &DnsMessage) -> bool {
     message.opcode == u8::from(OpCode::Query)
 }
 
-/// Exposed for tests and benchmarks that need wire bytes: builds queries and responses
-/// shaped like a stub resolver's and a forwarder's. Kept here so that hickory stays
-/// behind this module.
+/// A test fixture, outside the public API unless the `test-support` feature asks for it
+/// (the benchmarks and the testbed do): builds queries and responses shaped like a stub
+/// resolver's and a forwarder's. Kept here so that hickory stays behind this module.
+#[cfg(any(test, feature = "test-support"))]
 pub mod build {
     use std::net::IpAddr;
 

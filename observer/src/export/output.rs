@@ -13,8 +13,9 @@ use super::{
 use crate::record::{Outcome, Rcode};
 
 /// Colour only on a terminal, and never when `NO_COLOR` is set to something.
-pub fn color_for_stdout() -> bool {
-    io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+/// The same rule for the connections on standard output and the logs on standard error.
+pub fn color_on(stream: impl IsTerminal) -> bool {
+    stream.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 const RESET: &str = "\x1b[0m";

@@ -74,7 +74,44 @@ impl KubeWatchConfig {
     }
 }
 
-/// The watched resources, by the plural the API path uses.
+/// One kind of request the agent makes of the API server: what its ClusterRole must grant
+/// (the deploy tests compare the manifest with [`api_access`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApiAccess {
+    /// The API group, `""` for the core group.
+    pub group: &'static str,
+    /// The resource's plural, as in the API path and in RBAC rules.
+    pub resource: &'static str,
+    pub verbs: &'static [&'static str],
+}
+
+impl ApiAccess {
+    const fn of<K: k8s_openapi::Resource>(verbs: &'static [&'static str]) -> ApiAccess {
+        ApiAccess {
+            group: K::GROUP,
+            resource: K::URL_PATH_SEGMENT,
+            verbs,
+        }
+    }
+}
+
+const LIST_WATCH: &[&str] = &["list", "watch"];
+
+/// The owners fetched one by name to walk up to their workload ([`fetch_owner_parent`]).
+const OWNER_ACCESS: [ApiAccess; 2] = [
+    ApiAccess::of::<ReplicaSet>(&["get"]),
+    ApiAccess::of::<Job>(&["get"]),
+];
+
+/// Every request the agent makes: the watches, then the owner fetches.
+pub fn api_access() -> impl Iterator<Item = ApiAccess> {
+    Watched::ALL
+        .into_iter()
+        .map(Watched::access)
+        .chain(OWNER_ACCESS)
+}
+
+/// The watched resources.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Watched {
     Pods,
@@ -91,13 +128,17 @@ impl Watched {
         Watched::ServiceCidrs,
     ];
 
-    const fn plural(self) -> &'static str {
+    const fn access(self) -> ApiAccess {
         match self {
-            Watched::Pods => "pods",
-            Watched::Services => "services",
-            Watched::Nodes => "nodes",
-            Watched::ServiceCidrs => "servicecidrs",
+            Watched::Pods => ApiAccess::of::<Pod>(LIST_WATCH),
+            Watched::Services => ApiAccess::of::<Service>(LIST_WATCH),
+            Watched::Nodes => ApiAccess::of::<Node>(LIST_WATCH),
+            Watched::ServiceCidrs => ApiAccess::of::<ServiceCIDR>(LIST_WATCH),
         }
+    }
+
+    const fn plural(self) -> &'static str {
+        self.access().resource
     }
 
     /// The resource a list or watch request is for: the last segment of a collection path.

@@ -34,7 +34,18 @@ pub use resolv::{
 use crate::scope::ScopeKey;
 
 /// Whether to enrich identity from the Kubernetes API.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Deserialize,
+    serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum KubeMode {
     /// Use the API when `kube::Config::infer()` finds one (in-cluster or kubeconfig);
     /// otherwise run in host mode.
@@ -65,7 +76,7 @@ pub enum IdentityError {
          without it every pod of the cluster would be watched"
     )]
     NodeNameRequired,
-    #[error("building the Kubernetes client: {0}")]
+    #[error("building the Kubernetes client")]
     KubeClient(#[source] ::kube::Error),
 }
 

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::scope::ScopeKey;
+use crate::{error::Chain, scope::ScopeKey};
 
 /// glibc's defaults and caps (resolv.h: RES_MAXNDOTS, RES_MAXRETRANS, RES_MAXRETRY, MAXNS).
 pub const DEFAULT_NDOTS: u8 = 1;
@@ -97,7 +97,7 @@ pub enum ResolvConfError {
     Binary { offset: usize },
     #[error("process {pid} no longer belongs to {scope}: its pid was reused")]
     NotAMember { pid: u32, scope: String },
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}")]
     Io {
         op: &'static str,
         path: PathBuf,
@@ -504,11 +504,12 @@ impl ResolvCache {
                         && !self.permission_warned.swap(true, Ordering::Relaxed)
                     {
                         tracing::warn!(
-                            "{e}: reading another process's /proc/<pid>/root needs CAP_SYS_PTRACE; \
-                             without it pods' search lists are inferred from their queries"
+                            "{}: reading another process's /proc/<pid>/root needs CAP_SYS_PTRACE; \
+                             without it pods' search lists are inferred from their queries",
+                            Chain(&e)
                         );
                     }
-                    entry.last_error = Some(Arc::from(e.to_string()));
+                    entry.last_error = Some(Arc::from(Chain(&e).to_string()));
                     live.push(pid);
                 }
             }

@@ -175,10 +175,11 @@ pub enum ProbeError {
         kind: &'static str,
         name: &'static str,
     },
-    #[error("the verifier rejected {program}: {source}\nverifier log:\n{log}")]
+    // The kernel's answer is part of the verdict, not a cause to walk: `reason`, not `source`.
+    #[error("the verifier rejected {program}: {reason}\nverifier log:\n{log}")]
     Verifier {
         program: &'static str,
-        source: io::Error,
+        reason: io::Error,
         log: String,
     },
     #[error("{op} {program}")]
@@ -340,7 +341,7 @@ fn load_error(program: &'static str, source: ProgramError) -> ProbeError {
             } else {
                 ProbeError::Verifier {
                     program,
-                    source: io_error,
+                    reason: io_error,
                     log: verifier_log.to_string(),
                 }
             }

@@ -105,7 +105,7 @@ pub fn seed_story() -> Enriched {
             outcome: Outcome::Established,
             outcome_at: opened_at + 1_500_000,
             resolution: Resolution::SearchEscape,
-            chain: Some(std::sync::Arc::new(ResolutionChain {
+            chain: Some(Arc::new(ResolutionChain {
                 query_name: "db".into(),
                 server_address: "db.another-lab.com".into(),
                 search_domain: Some("another-lab.com".into()),
@@ -140,14 +140,14 @@ pub fn healthy_in_cluster() -> Enriched {
             outcome: Outcome::Established,
             outcome_at: t + 4_000_000,
             resolution: Resolution::InCluster,
-            chain: Some(std::sync::Arc::new(ResolutionChain {
+            chain: Some(Arc::new(ResolutionChain {
                 query_name: "postgres".into(),
                 server_address: "postgres.data.svc.cluster.local".into(),
                 search_domain: Some("data.svc.cluster.local".into()),
                 cname_chain: vec![],
                 wasted_queries: 0,
                 ndots_walk: false,
-                queries: std::sync::Arc::new(vec![
+                queries: Arc::new(vec![
                     DnsQueryRecord {
                         name: "postgres.data.svc.cluster.local".into(),
                         qtype: QType::A,

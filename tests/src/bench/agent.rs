@@ -9,7 +9,10 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use observer_tests::agent::{free_local_port, http_get, metric_sum};
+use observer_tests::{
+    agent::{free_local_port, http_get, metric_sum},
+    exec::take_if_exited,
+};
 
 use super::util::{cpu_seconds, status_kib};
 
@@ -56,11 +59,7 @@ impl AgentProcess {
     fn wait_ready(&mut self, within: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + within;
         loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
+            if let Some(status) = take_if_exited(&mut self.child) {
                 bail!(
                     "the agent exited before it was ready ({status}); its log:\n{}",
                     std::fs::read_to_string(&self.log).unwrap_or_default()
