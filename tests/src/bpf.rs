@@ -109,8 +109,8 @@ pub fn attached_to_cgroup_root() -> Vec<u32> {
         padding: u32,
     }
     let root = crate::cgroup2_mount().expect("finding the cgroup2 mount");
-    let dir = std::fs::File::open(&root)
-        .unwrap_or_else(|e| panic!("opening {}: {e}", root.display()));
+    let dir =
+        std::fs::File::open(&root).unwrap_or_else(|e| panic!("opening {}: {e}", root.display()));
     let mut ids = Vec::new();
     for attach_type in 0..ATTACH_TYPES {
         // Other tests' agents attach and detach at any time: a list that grew past the
