@@ -12,6 +12,7 @@ pub mod correlate;
 pub mod dns;
 pub mod export;
 pub mod identity;
+pub mod mountinfo;
 pub mod probes;
 pub mod record;
 pub mod scope;
