@@ -21,7 +21,7 @@ use crate::{
     correlate::{self, Correlator, CorrelatorConfig, ResolverConfig},
     dns::{
         self,
-        tcp::{StreamDirection, StreamKey, TcpLimits, TcpReassembler, TcpSegment},
+        tcp::{StreamKey, TcpLimits, TcpReassembler, TcpSegment},
     },
     export::{
         Enriched, EnrichmentState, ExportConfig, ExportIdentity, JsonWriter, Metrics, PodIdentity,
@@ -29,7 +29,7 @@ use crate::{
         UnmatchedReason, WallClock, color_for_stdout, serve_http,
     },
     identity::{EnrichmentStatus, Identity, IdentityConfig, KubeMode, WorkloadIdentity},
-    probes::{self, BootClock, DnsPacket, Event, ProbeOptions, Probes, Protocol},
+    probes::{BootClock, DnsPacket, Event, ProbeOptions, Probes, Protocol},
     record::{BootNs, ConnectionRecord},
     scope::ScopeKey,
 };
@@ -438,10 +438,7 @@ impl Agent {
     }
 
     fn dns(&mut self, packet: DnsPacket) {
-        let direction = match packet.direction {
-            probes::Direction::Egress => correlate::Direction::Egress,
-            probes::Direction::Ingress => correlate::Direction::Ingress,
-        };
+        let direction = packet.direction;
         // A node's DNS server (CoreDNS, a node-local cache) sees every exchange reversed: its
         // side is told by the header alone, so it costs neither a parse nor an identity.
         if packet.protocol == Protocol::Udp && is_server_side(direction, &packet.payload) {
@@ -466,10 +463,7 @@ impl Agent {
                     TcpSegment {
                         key: StreamKey {
                             socket_cookie: packet.socket_cookie,
-                            direction: match direction {
-                                correlate::Direction::Egress => StreamDirection::Egress,
-                                correlate::Direction::Ingress => StreamDirection::Ingress,
-                            },
+                            direction,
                         },
                         at: packet.timestamp,
                         seq,

@@ -10,12 +10,7 @@ use crate::{
     scope::ScopeKey,
 };
 
-/// Which way a DNS message went, seen from the socket that carried it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Direction {
-    Egress,
-    Ingress,
-}
+pub use observer_common::Direction;
 
 /// A DNS message seen by a socket of `scope`. Only queries sent (egress, QR=0) and
 /// responses received (ingress, QR=1) are a client's; the server's view is ignored.
