@@ -26,7 +26,7 @@ use crate::{
     export::{
         Enriched, EnrichmentState, ExportConfig, ExportIdentity, JsonWriter, Metrics, PodIdentity,
         Readiness, RedactMode, Redactor, SpanExporter, SpanSelection, SpanSink, TextWriter,
-        UnmatchedReason, WallClock, color_for_stdout, serve_http,
+        UnjoinedReason, UnmatchedReason, WallClock, color_for_stdout, serve_http,
     },
     identity::{EnrichmentStatus, Identity, IdentityConfig, KubeMode, WorkloadIdentity},
     probes::{BootClock, DnsPacket, Event, ProbeOptions, Probes, Protocol},
@@ -649,6 +649,9 @@ fn publish_core_counters(metrics: &Metrics, c: &correlate::CoreCounters) {
         ("connects_evicted_cap", c.connects_evicted_cap),
         ("connects_dropped_cap", c.connects_dropped_cap),
         ("connects_expired", c.connects_expired),
+        ("scopes_refused", c.scopes_refused),
+        ("drift_entries_dropped", c.drift_entries_dropped),
+        ("responses_answers_capped", c.responses_answers_capped),
     ] {
         metrics.set_core_evictions(kind, total);
     }
@@ -658,6 +661,13 @@ fn publish_core_counters(metrics: &Metrics, c: &correlate::CoreCounters) {
         (UnmatchedReason::ChainEvicted, c.responses_orphaned),
     ] {
         metrics.set_unmatched_responses(reason, total);
+    }
+    for (reason, total) in [
+        (UnjoinedReason::AnswerExpired, c.connects_answer_expired),
+        (UnjoinedReason::AnswerEvicted, c.connects_answer_evicted),
+        (UnjoinedReason::OutcomeWithoutOpen, c.outcomes_unmatched),
+    ] {
+        metrics.set_unjoined_connects(reason, total);
     }
 }
 

@@ -317,7 +317,6 @@ impl Correlator {
         }) {
             self.answers_total -= state.index.len();
             self.pending_total -= state.pending.len();
-            self.counters.scopes_removed += 1;
         }
     }
 
@@ -386,7 +385,6 @@ impl Correlator {
     ) {
         self.counters.dns_messages += 1;
         if !dns::is_standard_query(&message) {
-            self.counters.dns_ignored_opcode += 1;
             return;
         }
         match (direction, message.is_response) {
@@ -406,7 +404,6 @@ impl Correlator {
         message: DnsMessage,
     ) {
         let Some(question) = message.question else {
-            self.counters.queries_without_question += 1;
             return;
         };
         self.counters.queries += 1;
@@ -431,7 +428,6 @@ impl Correlator {
         scope.last_activity = at;
         if scope.pending.contains_key(&key) {
             // Same id, same 4-tuple, still unanswered: a retransmission.
-            self.counters.query_retransmits += 1;
             return;
         }
         let name = question.name;
@@ -567,10 +563,6 @@ impl Correlator {
             scope.pending_order.pop_front();
         }
         scope.last_activity = at;
-        self.counters.responses_matched += 1;
-        if message.truncated {
-            self.counters.responses_truncated += 1;
-        }
         if message.answers_capped {
             self.counters.responses_answers_capped += 1;
         }
@@ -685,7 +677,6 @@ impl Correlator {
 
     /// A TCP active open: joined now, against the answers this scope had at `open.at`.
     pub fn connect_open(&mut self, open: ConnectOpen) {
-        self.counters.connects_opened += 1;
         let limits = self.config.limits;
         let ip = open.destination.ip().to_canonical();
         let grace = self.config.answer_grace_ns;
@@ -738,9 +729,6 @@ impl Correlator {
                 }
             }
         }
-        if chain_record.is_none() {
-            self.counters.connects_unresolved += 1;
-        }
         // Loopback never leaves the node, whatever the cluster networks are.
         let egress = !ip.is_loopback()
             && !self
@@ -784,7 +772,6 @@ impl Correlator {
             },
         );
         if let Some(prev) = previous {
-            self.counters.connects_replaced += 1;
             self.release_connect_slot(prev.scope);
         }
         self.connect_order.push_back((deadline, open.sock_id));
@@ -808,7 +795,6 @@ impl Correlator {
         if outcome.source.is_some() {
             record.source = outcome.source;
         }
-        self.counters.records_emitted += 1;
         Some(record)
     }
 
@@ -981,7 +967,6 @@ fn scope_entry<'a>(
                     limit: config.limits.max_scopes,
                 });
             }
-            counters.scopes_created += 1;
             let ndots = match key {
                 // Kubernetes writes ndots:5 into every ClusterFirst pod; glibc defaults to 1.
                 ScopeKey::Pod(_) => 5,
@@ -1061,7 +1046,6 @@ fn index_answer(
     let key = AddrKey::from(ip);
     if let Some(existing) = scope.index.get_mut(&key) {
         *existing = answer;
-        counters.answers_indexed += 1;
         return;
     }
     while scope.index.len() >= limits.max_answers_per_scope
@@ -1083,7 +1067,6 @@ fn index_answer(
     }
     scope.index.insert(key, answer);
     *answers_total += 1;
-    counters.answers_indexed += 1;
 }
 
 fn insert_chain(scope: &mut Scope, chain: Chain) -> (u32, u32) {
