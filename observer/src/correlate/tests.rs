@@ -978,3 +978,17 @@ fn a_record_lists_queries_in_the_order_sent_even_when_they_arrived_out_of_order(
     let sent: Vec<(QType, u64)> = chain.queries.iter().map(|q| (q.qtype, q.sent_at)).collect();
     assert_eq!(sent, [(QType::AAAA, 100 * SEC), (QType::A, 101 * SEC)]);
 }
+
+#[test]
+fn the_invariants_catch_a_total_that_drifted_from_what_it_counts() {
+    let mut c = Correlator::new(config());
+    let mut client = Client::new("pod-a", "198.18.1.1");
+    let id = client.send(&mut c, "db.another-lab.com.", A);
+    let reply = Reply::Addrs(vec![addr("db.another-lab.com", 60, "203.0.113.10")]);
+    client.receive(&mut c, id, "db.another-lab.com.", A, &reply);
+    assert_eq!(c.cached_answers(), 1);
+    c.check_invariants().unwrap();
+    c.answers_total += 1;
+    let broken = c.check_invariants().unwrap_err().to_string();
+    assert!(broken.contains("answers total"), "{broken}");
+}
