@@ -100,7 +100,7 @@ impl Correlator {
             }
             for (key, p) in &scope.pending {
                 ensure!(
-                    scope.pending_order.contains(&(p.deadline, *key)),
+                    scope.pending_order.contains(p.deadline, *key),
                     "scope {}: pending query {key:?} missing from its expiry order",
                     scope.key
                 );
@@ -202,7 +202,7 @@ impl Correlator {
         let mut held = std::collections::HashMap::new();
         for (sock, c) in &self.connects {
             ensure!(
-                self.connect_order.contains(&(c.deadline, *sock)),
+                self.connect_order.contains(c.deadline, *sock),
                 "open connect {sock} missing from its expiry order"
             );
             if let Some(scope) = c.scope

@@ -15,7 +15,7 @@ mod types;
 mod tests;
 
 use std::{
-    collections::{BTreeSet, HashMap, VecDeque, hash_map::Entry},
+    collections::{BTreeSet, HashMap, hash_map::Entry},
     net::SocketAddr,
     sync::Arc,
 };
@@ -30,8 +30,8 @@ use crate::{
 };
 use answers::{AddrKey, AnswerRef, index_answer, seconds_up};
 use chain::{ChainAnswer, StepKind};
-use expiry::schedule;
-use pending::{Pending, PendingKey, pop_oldest_pending};
+use expiry::{DeadlineQueue, schedule};
+use pending::{Pending, PendingKey, is_pending, pop_oldest_pending};
 use scope::{Resolver, Scope, ScopeTable, evict_oldest_chain, insert_chain, scope_entry};
 
 /// Keys come from pods (names, addresses, ids they chose), so the hasher is seeded at
@@ -45,6 +45,13 @@ struct OpenConnect {
     scope: Option<(u32, u64)>,
 }
 
+/// Whether a queued `(deadline, socket)` is still an open connect.
+fn is_open(connects: &FastMap<u64, OpenConnect>, sock_id: &u64, deadline: BootNs) -> bool {
+    connects
+        .get(sock_id)
+        .is_some_and(|c| c.deadline == deadline)
+}
+
 /// The correlation core. See the module docs.
 pub struct Correlator {
     config: CorrelatorConfig,
@@ -52,7 +59,7 @@ pub struct Correlator {
     /// (next deadline, scope id): which scopes `tick` must visit.
     wakeups: BTreeSet<(BootNs, u32)>,
     connects: FastMap<u64, OpenConnect>,
-    connect_order: VecDeque<(BootNs, u64)>,
+    connect_order: DeadlineQueue<u64>,
     /// drift key -> query name -> when it last resolved in-cluster. Nested so that a
     /// connect looks its names up by reference, without building a key.
     in_cluster_seen: FastMap<Arc<str>, FastMap<Arc<str>, BootNs>>,
@@ -70,7 +77,7 @@ impl Correlator {
             scopes: ScopeTable::default(),
             wakeups: BTreeSet::new(),
             connects: FastMap::default(),
-            connect_order: VecDeque::new(),
+            connect_order: DeadlineQueue::new(),
             in_cluster_seen: FastMap::default(),
             in_cluster_entries: 0,
             answers_total: 0,
@@ -239,29 +246,16 @@ impl Correlator {
         dst: SocketAddr,
         message: DnsMessage,
     ) {
-        self.observe_message_step(scope, at, direction, src, dst, message);
-        self.after_step();
-    }
-
-    fn observe_message_step(
-        &mut self,
-        scope: &ScopeKey,
-        at: BootNs,
-        direction: Direction,
-        src: SocketAddr,
-        dst: SocketAddr,
-        message: DnsMessage,
-    ) {
         self.counters.dns_messages += 1;
-        if !dns::is_standard_query(&message) {
-            return;
+        if dns::is_standard_query(&message) {
+            match (direction, message.is_response) {
+                (Direction::Egress, false) => self.on_query(scope, at, src, dst, message),
+                (Direction::Ingress, true) => self.on_response(scope, at, src, dst, message),
+                // The server's own socket: the client's side of the same exchange is what counts.
+                _ => self.counters.dns_server_side_ignored += 1,
+            }
         }
-        match (direction, message.is_response) {
-            (Direction::Egress, false) => self.on_query(scope, at, src, dst, message),
-            (Direction::Ingress, true) => self.on_response(scope, at, src, dst, message),
-            // The server's own socket: the client's side of the same exchange is what counts.
-            _ => self.counters.dns_server_side_ignored += 1,
-        }
+        self.after_step();
     }
 
     fn on_query(
@@ -366,14 +360,13 @@ impl Correlator {
                     deadline,
                 },
             );
-            scope.pending_order.push_back((deadline, key));
+            scope.pending_order.push(
+                deadline,
+                key,
+                4 * limits.max_pending_per_scope + 16,
+                |k, d| is_pending(&scope.pending, k, d),
+            );
             self.pending_total += 1;
-            if scope.pending_order.len() > 4 * limits.max_pending_per_scope + 16 {
-                let pending = &scope.pending;
-                scope
-                    .pending_order
-                    .retain(|(d, k)| pending.get(k).is_some_and(|p| p.deadline == *d));
-            }
         }
         schedule(
             &mut self.wakeups,
@@ -421,16 +414,9 @@ impl Correlator {
         self.pending_total -= 1;
         // Responses come mostly in send order: drop the answered entries at the front now
         // rather than keeping them until their timeout.
-        while let Some((deadline, k)) = scope.pending_order.front() {
-            if scope
-                .pending
-                .get(k)
-                .is_some_and(|p| p.deadline == *deadline)
-            {
-                break;
-            }
-            scope.pending_order.pop_front();
-        }
+        scope
+            .pending_order
+            .drop_dead_front(|k, d| is_pending(&scope.pending, k, d));
         scope.last_activity = at;
         if message.answers_capped {
             self.counters.responses_answers_capped += 1;
@@ -648,12 +634,12 @@ impl Correlator {
         if let Some(prev) = previous {
             self.release_connect_slot(prev.scope);
         }
-        self.connect_order.push_back((deadline, open.sock_id));
-        if self.connect_order.len() > 2 * limits.max_open_connects_total + 1024 {
-            let connects = &self.connects;
-            self.connect_order
-                .retain(|(d, id)| connects.get(id).is_some_and(|c| c.deadline == *d));
-        }
+        self.connect_order.push(
+            deadline,
+            open.sock_id,
+            2 * limits.max_open_connects_total + 1024,
+            |id, d| is_open(&self.connects, id, d),
+        );
     }
 
     /// The open's outcome: the connection's record, or `None` for an unknown socket.
@@ -685,17 +671,13 @@ impl Correlator {
     }
 
     fn evict_oldest_connect(&mut self) {
-        while let Some((deadline, id)) = self.connect_order.pop_front() {
-            if self
-                .connects
-                .get(&id)
-                .is_some_and(|c| c.deadline == deadline)
-            {
-                let c = self.connects.remove(&id).expect("checked");
-                self.release_connect_slot(c.scope);
-                self.counters.connects_evicted_cap += 1;
-                return;
-            }
+        if let Some(id) = self
+            .connect_order
+            .pop_oldest(|id, d| is_open(&self.connects, id, d))
+        {
+            let c = self.connects.remove(&id).expect("checked");
+            self.release_connect_slot(c.scope);
+            self.counters.connects_evicted_cap += 1;
         }
     }
 

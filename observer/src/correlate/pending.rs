@@ -6,7 +6,7 @@ use std::{
     sync::Arc,
 };
 
-use super::scope::Scope;
+use super::{FastMap, scope::Scope};
 use crate::record::BootNs;
 
 /// A query waiting for its response, keyed by what the response will carry reversed.
@@ -53,14 +53,17 @@ pub(super) struct Pending {
 }
 
 pub(super) fn pop_oldest_pending(scope: &mut Scope) -> Option<Pending> {
-    while let Some((deadline, key)) = scope.pending_order.pop_front() {
-        if scope
-            .pending
-            .get(&key)
-            .is_some_and(|p| p.deadline == deadline)
-        {
-            return scope.pending.remove(&key);
-        }
-    }
-    None
+    let key = scope
+        .pending_order
+        .pop_oldest(|k, d| is_pending(&scope.pending, k, d))?;
+    scope.pending.remove(&key)
+}
+
+/// Whether a queued `(deadline, key)` is still the scope's pending query.
+pub(super) fn is_pending(
+    pending: &FastMap<PendingKey, Pending>,
+    key: &PendingKey,
+    deadline: BootNs,
+) -> bool {
+    pending.get(key).is_some_and(|p| p.deadline == deadline)
 }

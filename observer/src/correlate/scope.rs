@@ -11,7 +11,7 @@ use super::{
     CoreCounters, CorrelatorConfig, FastMap, ScopeLimitReached,
     answers::{AddrKey, AnswerRef},
     chain::Chain,
-    expiry::schedule,
+    expiry::{DeadlineQueue, schedule},
     pending::{Pending, PendingKey},
 };
 use crate::{record::BootNs, scope::ScopeKey};
@@ -40,7 +40,7 @@ pub(super) struct Scope {
     pub(super) pinned: bool,
     pub(super) pending: FastMap<PendingKey, Pending>,
     /// Pending keys in send order: the timeout is uniform, so this is deadline order.
-    pub(super) pending_order: VecDeque<(BootNs, PendingKey)>,
+    pub(super) pending_order: DeadlineQueue<PendingKey>,
     pub(super) slots: Vec<ChainSlot>,
     pub(super) free_slots: Vec<u32>,
     pub(super) live_chains: usize,
@@ -147,7 +147,7 @@ pub(super) fn scope_entry<'a>(
                 drift_key: Arc::from(key.to_string()),
                 pinned: false,
                 pending: FastMap::default(),
-                pending_order: VecDeque::new(),
+                pending_order: DeadlineQueue::new(),
                 slots: Vec::new(),
                 free_slots: Vec::new(),
                 live_chains: 0,
