@@ -40,17 +40,65 @@ pub mod names {
     pub const PROG_BASELINE_SOCK_RELEASE: &str = "baseline_sock_release";
 }
 
-/// `DnsEvent::family` and `ConnectEvent::family`.
-pub const FAMILY_IPV4: u8 = 4;
-pub const FAMILY_IPV6: u8 = 6;
+/// Declares a byte-sized enum that crosses the kernel boundary: the kernel writes
+/// `Variant as u8` into an event field, the agent reads it back with `TryFrom<u8>`, which
+/// returns the unknown byte as its error instead of trusting it.
+macro_rules! wire_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $value:literal => $text:literal,)+ }) => {
+        $(#[$meta])*
+        #[repr(u8)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant = $value,)+
+        }
 
-/// `DnsEvent::protocol`: IANA protocol numbers.
-pub const PROTO_TCP: u8 = 6;
-pub const PROTO_UDP: u8 = 17;
+        impl $name {
+            /// Lower-case name, for logs, labels and output fields.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+        }
 
-/// `DnsEvent::direction`, seen from the socket that owns the packet.
-pub const DIRECTION_EGRESS: u8 = 0;
-pub const DIRECTION_INGRESS: u8 = 1;
+        impl TryFrom<u8> for $name {
+            type Error = u8;
+
+            fn try_from(value: u8) -> Result<Self, u8> {
+                match value {
+                    $($value => Ok($name::$variant),)+
+                    unknown => Err(unknown),
+                }
+            }
+        }
+    };
+}
+
+wire_enum! {
+    /// `DnsEvent::family` and `ConnectEvent::family`.
+    Family {
+        Ipv4 = 4 => "ipv4",
+        Ipv6 = 6 => "ipv6",
+    }
+}
+
+wire_enum! {
+    /// `DnsEvent::protocol`: IANA protocol numbers.
+    Protocol {
+        Tcp = 6 => "tcp",
+        Udp = 17 => "udp",
+    }
+}
+
+wire_enum! {
+    /// `DnsEvent::direction`: which way a packet went, seen from the socket that owns it.
+    Direction {
+        /// Sent by the socket.
+        Egress = 0 => "egress",
+        /// Delivered to the socket.
+        Ingress = 1 => "ingress",
+    }
+}
 
 /// `DnsEvent::flags`: the payload was longer than [`DNS_PAYLOAD_MAX`] and was cut.
 pub const DNS_FLAG_TRUNCATED: u8 = 1 << 0;
@@ -93,23 +141,31 @@ pub struct DnsEvent {
 /// Bytes of a [`DnsEvent`] before its payload: the fixed part of every DNS ring record.
 pub const DNS_EVENT_HEADER_LEN: usize = core::mem::offset_of!(DnsEvent, payload);
 
-/// `ConnectEvent::kind`.
-pub const CONNECT_OPEN: u8 = 1;
-pub const CONNECT_OUTCOME: u8 = 2;
+wire_enum! {
+    /// `ConnectEvent::kind`.
+    ConnectKind {
+        Open = 1 => "open",
+        Outcome = 2 => "outcome",
+    }
+}
 
-/// `ConnectEvent::outcome` (only meaningful for [`CONNECT_OUTCOME`]).
-pub const OUTCOME_NONE: u8 = 0;
-/// SYN_SENT -> ESTABLISHED.
-pub const OUTCOME_ESTABLISHED: u8 = 1;
-/// A RST answered the SYN (port closed).
-pub const OUTCOME_REFUSED: u8 = 2;
-/// SYN_SENT -> CLOSE without a RST: timed out, unreachable, or abandoned by the caller.
-pub const OUTCOME_TIMEOUT: u8 = 3;
+wire_enum! {
+    /// `ConnectEvent::outcome` (only meaningful for [`ConnectKind::Outcome`]).
+    ConnectOutcome {
+        None = 0 => "none",
+        /// SYN_SENT -> ESTABLISHED.
+        Established = 1 => "established",
+        /// A RST answered the SYN (port closed).
+        Refused = 2 => "refused",
+        /// SYN_SENT -> CLOSE without a RST: timed out, unreachable, or abandoned by the caller.
+        Timeout = 3 => "timeout",
+    }
+}
 
 /// `ConnectEvent::flags`: `requested_*` holds the address passed to connect(2).
 pub const CONNECT_FLAG_REQUESTED: u8 = 1 << 0;
 
-/// A TCP active open (kind [`CONNECT_OPEN`]) or its outcome (kind [`CONNECT_OUTCOME`]).
+/// A TCP active open (kind [`ConnectKind::Open`]) or its outcome (kind [`ConnectKind::Outcome`]).
 ///
 /// Open and outcome share `sock_id`; the kernel fills the outcome's cgroup, pid and
 /// comm from the open so that each event stands on its own.
@@ -235,6 +291,33 @@ mod tests {
         assert_eq!(offset_of!(ConnectEvent, flags), 105);
         assert_eq!(size_of::<ConnectEvent>(), 112);
         assert_eq!(align_of::<ConnectEvent>(), 8);
+    }
+
+    #[test]
+    fn wire_enums_round_trip_and_refuse_unknown_bytes() {
+        for value in 0..=u8::MAX {
+            if let Ok(family) = Family::try_from(value) {
+                assert_eq!(family as u8, value);
+            }
+            if let Ok(protocol) = Protocol::try_from(value) {
+                assert_eq!(protocol as u8, value);
+            }
+            if let Ok(direction) = Direction::try_from(value) {
+                assert_eq!(direction as u8, value);
+            }
+            if let Ok(kind) = ConnectKind::try_from(value) {
+                assert_eq!(kind as u8, value);
+            }
+            if let Ok(outcome) = ConnectOutcome::try_from(value) {
+                assert_eq!(outcome as u8, value);
+            }
+        }
+        assert_eq!(Family::try_from(5), Err(5));
+        assert_eq!(Protocol::try_from(1), Err(1));
+        assert_eq!(Direction::try_from(2), Err(2));
+        assert_eq!(ConnectKind::try_from(0), Err(0));
+        assert_eq!(ConnectOutcome::try_from(4), Err(4));
+        assert_eq!(Protocol::Tcp.as_str(), "tcp");
     }
 
     #[test]

@@ -35,9 +35,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use observer_common::{
-    CONNECT_FLAG_REQUESTED, CONNECT_OPEN, CONNECT_OUTCOME, ConnectEvent, DIRECTION_EGRESS,
-    FAMILY_IPV4, FAMILY_IPV6, LossCounter, OUTCOME_ESTABLISHED, OUTCOME_NONE, OUTCOME_REFUSED,
-    OUTCOME_TIMEOUT,
+    CONNECT_FLAG_REQUESTED, ConnectEvent, ConnectKind, ConnectOutcome, Direction, Family,
+    LossCounter, Protocol,
 };
 
 use crate::{
@@ -102,7 +101,7 @@ const SOCK_OK: i32 = 1;
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
-const IPPROTO_TCP: u32 = 6;
+const IPPROTO_TCP: u32 = Protocol::Tcp as u32;
 
 const TCP_SYN_SENT: u32 = 2;
 const TCP_CLOSE: u32 = 7;
@@ -114,13 +113,13 @@ const TCP_ACK: u8 = 0x10;
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    requested(&ctx, FAMILY_IPV4);
+    requested(&ctx, Family::Ipv4);
     ALLOW
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
-    requested(&ctx, FAMILY_IPV6);
+    requested(&ctx, Family::Ipv6);
     ALLOW
 }
 
@@ -128,7 +127,7 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
 /// Written field by field into the slot: a record built on the stack and copied would cost
 /// byte-wise memset and memcpy calls (see `mem`).
 #[inline(always)]
-fn requested(ctx: &SockAddrContext, family: u8) {
+fn requested(ctx: &SockAddrContext, family: Family) {
     let addr: &bpf_sock_addr = unsafe { &*ctx.sock_addr };
     if addr.protocol != IPPROTO_TCP {
         return;
@@ -154,7 +153,7 @@ fn requested(ctx: &SockAddrContext, family: u8) {
         (*open).pid_tgid = bpf_get_current_pid_tgid();
         zero16(addr_of_mut!((*open).src_addr));
         zero16(addr_of_mut!((*open).dst_addr));
-        if family == FAMILY_IPV4 {
+        if family == Family::Ipv4 {
             put_ipv4(addr_of_mut!((*open).requested_addr), addr.user_ip4);
         } else {
             put_ipv6(addr_of_mut!((*open).requested_addr), ip6(&addr.user_ip6));
@@ -166,9 +165,9 @@ fn requested(ctx: &SockAddrContext, family: u8) {
         (*open).dst_port = 0;
         // The context holds the port as it sits in the sockaddr: network order.
         (*open).requested_port = u16::from_be(addr.user_port as u16);
-        (*open).family = family;
-        (*open).kind = CONNECT_OPEN;
-        (*open).outcome = OUTCOME_NONE;
+        (*open).family = family as u8;
+        (*open).kind = ConnectKind::Open as u8;
+        (*open).outcome = ConnectOutcome::None as u8;
         (*open).flags = CONNECT_FLAG_REQUESTED;
         (*slot).phase = PHASE_REQUESTED;
     }
@@ -180,24 +179,24 @@ enum Step {
     /// The SYN leaves: the open is reported.
     Syn,
     /// The answer arrives: the outcome is reported.
-    Answer(u8),
+    Answer(ConnectOutcome),
 }
 
 /// Called by the packet programs for every TCP segment. Anything but the SYN of an active
 /// open, or the SYN-ACK or reset answering it, returns after a few compares: the flags
 /// first, the socket's state only for the handful of segments that carry SYN or RST.
 #[inline(always)]
-pub fn handshake(skb: *mut __sk_buff, direction: u8, flags: u8) {
-    let step = if direction == DIRECTION_EGRESS {
+pub fn handshake(skb: *mut __sk_buff, direction: Direction, flags: u8) {
+    let step = if direction == Direction::Egress {
         if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
             return;
         }
         Step::Syn
     } else if flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
-        Step::Answer(OUTCOME_ESTABLISHED)
+        Step::Answer(ConnectOutcome::Established)
     } else if flags & (TCP_RST | TCP_ACK) == TCP_RST | TCP_ACK {
         // In SYN_SENT the kernel heeds only a reset that acknowledges the SYN.
-        Step::Answer(OUTCOME_REFUSED)
+        Step::Answer(ConnectOutcome::Refused)
     } else {
         return;
     };
@@ -248,7 +247,7 @@ fn opened(slot: *mut Tracked, cookie: u64, sk: *mut bpf_sock) {
 /// The open was answered, or given up on: its outcome ends its tracking. The slot's record
 /// becomes the outcome in place, and is reported from there.
 #[inline(always)]
-fn answered(slot: *mut Tracked, cookie: u64, outcome: u8) {
+fn answered(slot: *mut Tracked, cookie: u64, outcome: ConnectOutcome) {
     if unsafe { (*slot).open.sock_id != cookie || (*slot).phase != PHASE_OPEN } {
         return;
     }
@@ -256,8 +255,8 @@ fn answered(slot: *mut Tracked, cookie: u64, outcome: u8) {
     unsafe {
         (*slot).phase = PHASE_FREE;
         (*event).timestamp_ns = bpf_ktime_get_boot_ns();
-        (*event).kind = CONNECT_OUTCOME;
-        (*event).outcome = outcome;
+        (*event).kind = ConnectKind::Outcome as u8;
+        (*event).outcome = outcome as u8;
     }
     report(event);
 }
@@ -285,12 +284,12 @@ fn fill_tuple(sk: *mut bpf_sock, event: *mut ConnectEvent) -> bool {
     unsafe {
         match read_volatile(&sk.family) {
             AF_INET => {
-                (*event).family = FAMILY_IPV4;
+                (*event).family = Family::Ipv4 as u8;
                 put_ipv4(addr_of_mut!((*event).src_addr), read_volatile(&sk.src_ip4));
                 put_ipv4(addr_of_mut!((*event).dst_addr), read_volatile(&sk.dst_ip4));
             }
             AF_INET6 => {
-                (*event).family = FAMILY_IPV6;
+                (*event).family = Family::Ipv6 as u8;
                 put_ipv6(addr_of_mut!((*event).src_addr), ip6(&sk.src_ip6));
                 put_ipv6(addr_of_mut!((*event).dst_addr), ip6(&sk.dst_ip6));
             }
@@ -335,7 +334,7 @@ pub fn connect_release(ctx: SockContext) -> i32 {
     match unsafe { (*slot).phase } {
         // Closed with no answer seen: the SYN went unanswered, an ICMP error ended it, or
         // the application stopped waiting.
-        PHASE_OPEN => answered(slot, cookie, OUTCOME_TIMEOUT),
+        PHASE_OPEN => answered(slot, cookie, ConnectOutcome::Timeout),
         // connect(2) failed before any SYN left (no route, a bad address): nothing to report.
         PHASE_REQUESTED => unsafe { (*slot).phase = PHASE_FREE },
         _ => {}

@@ -14,8 +14,8 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray, RingBuf},
 };
 use observer_common::{
-    DNS_EVENT_HEADER_LEN, DNS_FLAG_TRUNCATED, DNS_PAYLOAD_MAX, DNS_PORT_SLOTS, DnsEvent,
-    FAMILY_IPV4, LossCounter, PROTO_TCP,
+    DNS_EVENT_HEADER_LEN, DNS_FLAG_TRUNCATED, DNS_PAYLOAD_MAX, DNS_PORT_SLOTS, DnsEvent, Family,
+    LossCounter, Protocol,
 };
 
 use crate::{
@@ -64,7 +64,7 @@ pub fn is_dns_port(port: u16) -> bool {
 #[inline(always)]
 pub fn capture(skb: *mut __sk_buff, packet: Packet) {
     let skb_len = unsafe { (*skb).len };
-    let (header_len, tcp_seq) = if packet.protocol == PROTO_TCP {
+    let (header_len, tcp_seq) = if packet.protocol == Protocol::Tcp as u8 {
         let Some(tcp) = read::<[u8; 13]>(skb, packet.l4_offset) else {
             count(LossCounter::DnsReadError);
             return;
@@ -89,7 +89,7 @@ pub fn capture(skb: *mut __sk_buff, packet: Packet) {
         return;
     };
     let addresses_read = unsafe {
-        if packet.family == FAMILY_IPV4 {
+        if packet.family == Family::Ipv4 {
             match read::<[u32; 2]>(skb, 12) {
                 Some([src, dst]) => {
                     put_ipv4(addr_of_mut!((*event).src_addr), src);
@@ -143,9 +143,9 @@ pub fn capture(skb: *mut __sk_buff, packet: Packet) {
         (*event).captured_len = captured_len;
         (*event).src_port = packet.src_port;
         (*event).dst_port = packet.dst_port;
-        (*event).family = packet.family;
+        (*event).family = packet.family as u8;
         (*event).protocol = packet.protocol;
-        (*event).direction = packet.direction;
+        (*event).direction = packet.direction as u8;
         (*event).flags = if cut { DNS_FLAG_TRUNCATED } else { 0 };
         (*event)._pad = [0; 4];
     }

@@ -13,9 +13,7 @@ use aya_ebpf::{
     bindings::__sk_buff, helpers::generated::bpf_skb_load_bytes, macros::cgroup_skb,
     programs::SkBuffContext,
 };
-use observer_common::{
-    DIRECTION_EGRESS, DIRECTION_INGRESS, FAMILY_IPV4, FAMILY_IPV6, PROTO_TCP, PROTO_UDP,
-};
+use observer_common::{Direction, Family, Protocol};
 
 use crate::{connect, dns};
 
@@ -30,18 +28,22 @@ const IPV6_FRAGMENT: u8 = 44;
 const IPV6_AUTH: u8 = 51;
 const IPV6_DEST_OPTS: u8 = 60;
 
+/// The transport protocol bytes of the IP headers that can carry DNS.
+const TCP: u8 = Protocol::Tcp as u8;
+const UDP: u8 = Protocol::Udp as u8;
+
 /// Offset of the flags byte in the TCP header.
 const TCP_FLAGS_OFFSET: u32 = 13;
 
 #[cgroup_skb(ingress)]
 pub fn packet_ingress(ctx: SkBuffContext) -> i32 {
-    observe(ctx.skb.skb, DIRECTION_INGRESS);
+    observe(ctx.skb.skb, Direction::Ingress);
     PASS
 }
 
 #[cgroup_skb(egress)]
 pub fn packet_egress(ctx: SkBuffContext) -> i32 {
-    observe(ctx.skb.skb, DIRECTION_EGRESS);
+    observe(ctx.skb.skb, Direction::Egress);
     PASS
 }
 
@@ -75,8 +77,9 @@ pub fn read<T: Copy>(skb: *mut __sk_buff, offset: u32) -> Option<T> {
 
 /// What the header walk learnt of a packet.
 pub struct Packet {
-    pub direction: u8,
-    pub family: u8,
+    pub direction: Direction,
+    pub family: Family,
+    /// [`Protocol`] as a byte: the fast path compares it with header bytes.
     pub protocol: u8,
     pub l4_offset: u32,
     pub src_port: u16,
@@ -85,7 +88,7 @@ pub struct Packet {
 
 /// The fast path: decide with as few reads as possible what this packet is.
 #[inline(always)]
-fn observe(skb: *mut __sk_buff, direction: u8) {
+fn observe(skb: *mut __sk_buff, direction: Direction) {
     // Enough for the IPv4 protocol byte and the IPv6 next header.
     let Some(head) = read::<[u8; 12]>(skb, 0) else {
         return;
@@ -95,18 +98,18 @@ fn observe(skb: *mut __sk_buff, direction: u8) {
             let fragment_offset = u16::from_be_bytes([head[6], head[7]]) & 0x1fff;
             let protocol = head[9];
             // Later fragments carry no transport header.
-            if fragment_offset != 0 || (protocol != PROTO_UDP && protocol != PROTO_TCP) {
+            if fragment_offset != 0 || (protocol != UDP && protocol != TCP) {
                 return;
             }
-            (FAMILY_IPV4, protocol, u32::from(head[0] & 0x0f) * 4)
+            (Family::Ipv4, protocol, u32::from(head[0] & 0x0f) * 4)
         }
         6 => {
             let next = head[6];
-            if next == PROTO_UDP || next == PROTO_TCP {
-                (FAMILY_IPV6, next, 40)
+            if next == UDP || next == TCP {
+                (Family::Ipv6, next, 40)
             } else {
                 match skip_ipv6_extensions(skb, next) {
-                    Some((protocol, offset)) => (FAMILY_IPV6, protocol, offset),
+                    Some((protocol, offset)) => (Family::Ipv6, protocol, offset),
                     None => return,
                 }
             }
@@ -114,7 +117,7 @@ fn observe(skb: *mut __sk_buff, direction: u8) {
         _ => return,
     };
     // A TCP header is read through its flags in the same read as the ports.
-    let ports = if protocol == PROTO_TCP {
+    let ports = if protocol == TCP {
         let Some(tcp) = read::<[u8; TCP_FLAGS_OFFSET as usize + 1]>(skb, l4_offset) else {
             return;
         };
@@ -150,7 +153,7 @@ fn skip_ipv6_extensions(skb: *mut __sk_buff, first: u8) -> Option<(u8, u32)> {
     let mut offset = 40u32;
     for _ in 0..MAX_IPV6_EXTENSIONS {
         match next {
-            PROTO_UDP | PROTO_TCP => return Some((next, offset)),
+            UDP | TCP => return Some((next, offset)),
             IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
                 let ext = read::<[u8; 2]>(skb, offset)?;
                 next = ext[0];
@@ -172,5 +175,5 @@ fn skip_ipv6_extensions(skb: *mut __sk_buff, first: u8) -> Option<(u8, u32)> {
             _ => return None,
         }
     }
-    (next == PROTO_UDP || next == PROTO_TCP).then_some((next, offset))
+    (next == UDP || next == TCP).then_some((next, offset))
 }

@@ -13,6 +13,7 @@ pub mod dns;
 pub mod error;
 pub mod export;
 pub mod identity;
+pub mod mountinfo;
 pub mod networks;
 pub mod probes;
 pub mod record;

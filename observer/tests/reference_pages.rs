@@ -14,7 +14,7 @@ use expect_test::{ExpectFile, expect_file};
 use export_support::*;
 use observer::{
     cli::Cli,
-    export::{Enriched, EnrichmentState, JSON_FIELDS, JsonWriter, Metrics},
+    export::{Enriched, EnrichmentState, JSON_FIELDS, JsonWriter, Metrics, UnjoinedReason},
     record::Resolution,
 };
 use serde_json::Value;
@@ -194,6 +194,7 @@ fn exercised_metrics() -> Metrics {
     metrics.observe_dns_parse_error("truncated");
     metrics.set_kernel_events_lost("dns", "dns_ring_full", 1);
     metrics.set_core_evictions("chains_evicted", 1);
+    metrics.set_unjoined_connects(UnjoinedReason::AnswerExpired, 1);
     metrics.set_enrichment_state(EnrichmentState::Kube);
     metrics.spans_exported(1);
     metrics.span_export_failure("timeout");

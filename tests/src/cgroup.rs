@@ -8,18 +8,12 @@ use std::{
 
 use crate::error::{Result, TestbedError, io_err};
 
-/// The cgroup2 mount point, read from /proc/self/mountinfo (on hybrid hosts it is not
-/// /sys/fs/cgroup).
+/// The cgroup2 mount point, by the agent's own rule (on hybrid hosts it is not
+/// /sys/fs/cgroup): the testbed builds its pods where the agent looks.
 pub fn cgroup2_mount() -> Result<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(io_err("read", "/proc/self/mountinfo"))?;
-    info.lines()
-        .find_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            (right.split_whitespace().next()? == "cgroup2")
-                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
-        })
-        .ok_or(TestbedError::NoCgroup2)
+    let mounts = observer::mountinfo::read_own()
+        .map_err(io_err("read", observer::mountinfo::SELF_MOUNTINFO))?;
+    observer::mountinfo::cgroup2_root(&mounts).ok_or(TestbedError::NoCgroup2)
 }
 
 /// The cgroup2 path of a process as the kernel reports it (`0::<path>` in /proc/<pid>/cgroup).

@@ -14,13 +14,14 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 /// Every fuzz target, named as in `fuzz/Cargo.toml`.
-pub const TARGETS: [&str; 6] = [
+pub const TARGETS: [&str; 7] = [
     "dns_parse",
     "dns_tcp",
     "probe_decode",
     "cgroup_path",
     "resolv_conf",
     "kube_objects",
+    "correlate_core",
 ];
 
 /// How long each target runs by default (`cargo xtask fuzz`, and the step of `cargo xtask test`).

@@ -21,16 +21,16 @@ use crate::{
     correlate::{self, Correlator, CorrelatorConfig, ResolverConfig},
     dns::{
         self,
-        tcp::{StreamDirection, StreamKey, TcpLimits, TcpReassembler, TcpSegment},
+        tcp::{StreamKey, TcpLimits, TcpReassembler, TcpSegment},
     },
     export::{
         Enriched, EnrichmentState, ExportConfig, ExportIdentity, JsonWriter, Metrics, PodIdentity,
         Readiness, RedactMode, Redactor, SpanExporter, SpanSelection, SpanSink, TextWriter,
-        UnmatchedReason, WallClock, color_on, serve_http,
+        UnjoinedReason, UnmatchedReason, WallClock, color_on, serve_http,
     },
     identity::{EnrichmentStatus, Identity, IdentityConfig, WorkloadIdentity},
     networks,
-    probes::{self, BootClock, DnsPacket, Event, ProbeOptions, Probes, Protocol},
+    probes::{BootClock, DnsPacket, Event, ProbeOptions, Probes, Protocol},
     record::{BootNs, ConnectionRecord},
     scope::ScopeKey,
 };
@@ -438,10 +438,7 @@ impl Agent {
     }
 
     fn dns(&mut self, packet: DnsPacket) {
-        let direction = match packet.direction {
-            probes::Direction::Egress => correlate::Direction::Egress,
-            probes::Direction::Ingress => correlate::Direction::Ingress,
-        };
+        let direction = packet.direction;
         // A node's DNS server (CoreDNS, a node-local cache) sees every exchange reversed: its
         // side is told by the header alone, so it costs neither a parse nor an identity.
         if packet.protocol == Protocol::Udp && is_server_side(direction, &packet.payload) {
@@ -466,10 +463,7 @@ impl Agent {
                     TcpSegment {
                         key: StreamKey {
                             socket_cookie: packet.socket_cookie,
-                            direction: match direction {
-                                correlate::Direction::Egress => StreamDirection::Egress,
-                                correlate::Direction::Ingress => StreamDirection::Ingress,
-                            },
+                            direction,
                         },
                         at: packet.timestamp,
                         seq,
@@ -665,6 +659,9 @@ fn publish_core_counters(metrics: &Metrics, c: &correlate::CoreCounters) {
         ("connects_evicted_cap", c.connects_evicted_cap),
         ("connects_dropped_cap", c.connects_dropped_cap),
         ("connects_expired", c.connects_expired),
+        ("scopes_refused", c.scopes_refused),
+        ("drift_entries_dropped", c.drift_entries_dropped),
+        ("responses_answers_capped", c.responses_answers_capped),
     ] {
         metrics.set_core_evictions(kind, total);
     }
@@ -674,6 +671,13 @@ fn publish_core_counters(metrics: &Metrics, c: &correlate::CoreCounters) {
         (UnmatchedReason::ChainEvicted, c.responses_orphaned),
     ] {
         metrics.set_unmatched_responses(reason, total);
+    }
+    for (reason, total) in [
+        (UnjoinedReason::AnswerExpired, c.connects_answer_expired),
+        (UnjoinedReason::AnswerEvicted, c.connects_answer_evicted),
+        (UnjoinedReason::OutcomeWithoutOpen, c.outcomes_unmatched),
+    ] {
+        metrics.set_unjoined_connects(reason, total);
     }
 }
 

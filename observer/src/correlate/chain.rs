@@ -5,7 +5,7 @@
 //! queries for its name (A and AAAA are one step). See the book, "How connections are classified", for the rules.
 use std::{borrow::Cow, net::IpAddr, sync::Arc};
 
-use super::{Resolver, Scope};
+use super::scope::{Resolver, Scope};
 use crate::{
     dns::{AnswerData, DnsMessage, QType, Rcode},
     record::{Answer, BootNs, DnsQueryRecord, Resolution, ResolutionChain},

@@ -3,20 +3,24 @@
 //! Pure: no I/O, no clock. Time comes in with every event (`at`) and through
 //! [`Correlator::tick`]. Every structure is keyed by scope first and bounded; every
 //! eviction and drop is counted in [`CoreCounters`]. See the book, "How connections are classified", for the rules.
+mod answers;
 mod chain;
+mod expiry;
+mod invariants;
+mod pending;
+mod scope;
 mod types;
 
 #[cfg(test)]
 mod tests;
 
 use std::{
-    cmp::Reverse,
-    collections::{BTreeSet, BinaryHeap, HashMap, VecDeque, hash_map::Entry},
-    hash::{Hash, Hasher},
-    net::{IpAddr, SocketAddr},
+    collections::{BTreeSet, HashMap, hash_map::Entry},
+    net::SocketAddr,
     sync::Arc,
 };
 
+pub use invariants::InvariantViolation;
 pub use types::*;
 
 use crate::{
@@ -24,130 +28,15 @@ use crate::{
     record::{BootNs, ConnectionRecord, Resolution},
     scope::ScopeKey,
 };
-use chain::{Chain, ChainAnswer, StepKind};
+use answers::{AddrKey, AnswerRef, index_answer, seconds_up};
+use chain::{ChainAnswer, StepKind};
+use expiry::{DeadlineQueue, schedule};
+use pending::{Pending, PendingKey, is_pending, pop_oldest_pending};
+use scope::{Resolver, Scope, ScopeTable, evict_oldest_chain, insert_chain, scope_entry};
 
 /// Keys come from pods (names, addresses, ids they chose), so the hasher is seeded at
 /// random per map: fast, without letting a pod pick colliding keys.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-
-/// A query waiting for its response, keyed by what the response will carry reversed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct PendingKey {
-    id: u16,
-    client: SocketAddr,
-    server: SocketAddr,
-}
-
-/// Hashed on every query and response: packed into as few words as the addresses allow
-/// (one for IPv4 on both ends) rather than field by field.
-impl Hash for PendingKey {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        let ports = u128::from(self.id)
-            | u128::from(self.client.port()) << 16
-            | u128::from(self.server.port()) << 32;
-        match (self.client.ip(), self.server.ip()) {
-            (IpAddr::V4(c), IpAddr::V4(s)) => state
-                .write_u128(ports | u128::from(c.to_bits()) << 48 | u128::from(s.to_bits()) << 80),
-            (c, s) => {
-                state.write_u128(ports | 1 << 127);
-                for ip in [c, s] {
-                    match ip {
-                        IpAddr::V4(v4) => state.write_u32(v4.to_bits()),
-                        IpAddr::V6(v6) => state.write_u128(v6.to_bits()),
-                    }
-                }
-            }
-        }
-    }
-}
-
-#[derive(Clone, Debug)]
-struct Pending {
-    slot: u32,
-    generation: u32,
-    step: u16,
-    query: u16,
-    name: Arc<str>,
-    qtype: u16,
-    sent_at: BootNs,
-    deadline: BootNs,
-}
-
-/// Where an address was learned: one chain, until `expires_s` (TTL) plus grace.
-/// Kept to 12 bytes: with its address, an index entry takes 32 bytes rather than 40, and
-/// a node caches a million of them.
-#[derive(Clone, Copy, Debug)]
-struct AnswerRef {
-    slot: u32,
-    generation: u32,
-    /// When the TTL runs out, in whole seconds of boot time, rounded up (u32 seconds
-    /// last 136 years; the grace period dwarfs the rounding).
-    expires_s: u32,
-}
-
-impl AnswerRef {
-    fn expires_at(&self) -> BootNs {
-        u64::from(self.expires_s) * 1_000_000_000
-    }
-}
-
-/// An address as an index key: IPv4 as its v4-mapped IPv6 form, 16 plain bytes. With
-/// alignment 1 (`IpAddr` has a tag), an index entry takes 28 bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct AddrKey([u8; 16]);
-
-impl From<IpAddr> for AddrKey {
-    fn from(ip: IpAddr) -> Self {
-        AddrKey(match ip {
-            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-            IpAddr::V6(v6) => v6.octets(),
-        })
-    }
-}
-
-fn seconds_up(at: BootNs) -> u32 {
-    u32::try_from(at.div_ceil(1_000_000_000)).unwrap_or(u32::MAX)
-}
-
-struct ChainSlot {
-    generation: u32,
-    chain: Option<Chain>,
-}
-
-/// The resolver settings of a scope, search domains normalized.
-#[derive(Debug)]
-struct Resolver {
-    search: Vec<Arc<str>>,
-    ndots: u8,
-    /// Learned from the queries rather than set from resolv.conf.
-    inferred: bool,
-}
-
-struct Scope {
-    key: ScopeKey,
-    /// Unique per scope created: tells a reused table id's scope from the one before.
-    serial: u64,
-    resolver: Resolver,
-    drift_key: Arc<str>,
-    /// Set by identity (resolver or drift key): kept while idle, until `remove_scope`.
-    pinned: bool,
-    pending: FastMap<PendingKey, Pending>,
-    /// Pending keys in send order: the timeout is uniform, so this is deadline order.
-    pending_order: VecDeque<(BootNs, PendingKey)>,
-    slots: Vec<ChainSlot>,
-    free_slots: Vec<u32>,
-    live_chains: usize,
-    /// Chains still accepting queries, oldest first.
-    open: VecDeque<(u32, u32)>,
-    /// Chains in creation order: the eviction order under caps.
-    chain_order: VecDeque<(u32, u32)>,
-    /// When each chain may be freed (lazy: re-checked against the chain when popped).
-    chain_expiry: BinaryHeap<Reverse<(BootNs, u32, u32)>>,
-    index: FastMap<AddrKey, AnswerRef>,
-    open_connects: usize,
-    last_activity: BootNs,
-    scheduled: Option<BootNs>,
-}
 
 struct OpenConnect {
     record: ConnectionRecord,
@@ -156,58 +45,11 @@ struct OpenConnect {
     scope: Option<(u32, u64)>,
 }
 
-/// Scopes by small id: the per-scope state sits in one table, looked up by key once per
-/// event; the wakeup queue and open connects refer to scopes by id.
-#[derive(Default)]
-struct ScopeTable {
-    ids: FastMap<ScopeKey, u32>,
-    slots: Vec<Option<Scope>>,
-    free: Vec<u32>,
-    next_serial: u64,
-}
-
-impl ScopeTable {
-    fn len(&self) -> usize {
-        self.ids.len()
-    }
-
-    fn id(&self, key: &ScopeKey) -> Option<u32> {
-        self.ids.get(key).copied()
-    }
-
-    fn get_mut(&mut self, id: u32) -> Option<&mut Scope> {
-        self.slots.get_mut(id as usize).and_then(Option::as_mut)
-    }
-
-    /// The scope of an open connect, if it is still the same scope.
-    fn get_serial_mut(&mut self, (id, serial): (u32, u64)) -> Option<&mut Scope> {
-        self.get_mut(id).filter(|s| s.serial == serial)
-    }
-
-    fn insert(&mut self, mut scope: Scope) -> u32 {
-        scope.serial = self.next_serial;
-        self.next_serial += 1;
-        let key = scope.key.clone();
-        let id = match self.free.pop() {
-            Some(id) => {
-                self.slots[id as usize] = Some(scope);
-                id
-            }
-            None => {
-                self.slots.push(Some(scope));
-                (self.slots.len() - 1) as u32
-            }
-        };
-        self.ids.insert(key, id);
-        id
-    }
-
-    fn remove(&mut self, id: u32) -> Option<Scope> {
-        let scope = self.slots.get_mut(id as usize)?.take()?;
-        self.ids.remove(&scope.key);
-        self.free.push(id);
-        Some(scope)
-    }
+/// Whether a queued `(deadline, socket)` is still an open connect.
+fn is_open(connects: &FastMap<u64, OpenConnect>, sock_id: &u64, deadline: BootNs) -> bool {
+    connects
+        .get(sock_id)
+        .is_some_and(|c| c.deadline == deadline)
 }
 
 /// The correlation core. See the module docs.
@@ -217,7 +59,7 @@ pub struct Correlator {
     /// (next deadline, scope id): which scopes `tick` must visit.
     wakeups: BTreeSet<(BootNs, u32)>,
     connects: FastMap<u64, OpenConnect>,
-    connect_order: VecDeque<(BootNs, u64)>,
+    connect_order: DeadlineQueue<u64>,
     /// drift key -> query name -> when it last resolved in-cluster. Nested so that a
     /// connect looks its names up by reference, without building a key.
     in_cluster_seen: FastMap<Arc<str>, FastMap<Arc<str>, BootNs>>,
@@ -235,7 +77,7 @@ impl Correlator {
             scopes: ScopeTable::default(),
             wakeups: BTreeSet::new(),
             connects: FastMap::default(),
-            connect_order: VecDeque::new(),
+            connect_order: DeadlineQueue::new(),
             in_cluster_seen: FastMap::default(),
             in_cluster_entries: 0,
             answers_total: 0,
@@ -281,6 +123,16 @@ impl Correlator {
         scope: &ScopeKey,
         resolver: &ResolverConfig,
     ) -> Result<(), ScopeLimitReached> {
+        let result = self.set_resolver_config_step(scope, resolver);
+        self.after_step();
+        result
+    }
+
+    fn set_resolver_config_step(
+        &mut self,
+        scope: &ScopeKey,
+        resolver: &ResolverConfig,
+    ) -> Result<(), ScopeLimitReached> {
         let search = resolver
             .search
             .iter()
@@ -299,6 +151,12 @@ impl Correlator {
 
     /// The workload identity that drift is tracked under (default: the scope itself).
     pub fn set_drift_key(&mut self, scope: &ScopeKey, key: &str) -> Result<(), ScopeLimitReached> {
+        let result = self.set_drift_key_step(scope, key);
+        self.after_step();
+        result
+    }
+
+    fn set_drift_key_step(&mut self, scope: &ScopeKey, key: &str) -> Result<(), ScopeLimitReached> {
         let (_, state) = self.scope_mut(scope, 0)?;
         state.drift_key = Arc::from(key);
         state.pinned = true;
@@ -308,6 +166,11 @@ impl Correlator {
     /// The pod is gone: forget everything about it now (connects already open still
     /// get their records).
     pub fn remove_scope(&mut self, scope: &ScopeKey) {
+        self.remove_scope_step(scope);
+        self.after_step();
+    }
+
+    fn remove_scope_step(&mut self, scope: &ScopeKey) {
         if let Some(state) = self.scopes.id(scope).and_then(|id| {
             let state = self.scopes.remove(id)?;
             if let Some(at) = state.scheduled {
@@ -317,7 +180,6 @@ impl Correlator {
         }) {
             self.answers_total -= state.index.len();
             self.pending_total -= state.pending.len();
-            self.counters.scopes_removed += 1;
         }
     }
 
@@ -385,16 +247,15 @@ impl Correlator {
         message: DnsMessage,
     ) {
         self.counters.dns_messages += 1;
-        if !dns::is_standard_query(&message) {
-            self.counters.dns_ignored_opcode += 1;
-            return;
+        if dns::is_standard_query(&message) {
+            match (direction, message.is_response) {
+                (Direction::Egress, false) => self.on_query(scope, at, src, dst, message),
+                (Direction::Ingress, true) => self.on_response(scope, at, src, dst, message),
+                // The server's own socket: the client's side of the same exchange is what counts.
+                _ => self.counters.dns_server_side_ignored += 1,
+            }
         }
-        match (direction, message.is_response) {
-            (Direction::Egress, false) => self.on_query(scope, at, src, dst, message),
-            (Direction::Ingress, true) => self.on_response(scope, at, src, dst, message),
-            // The server's own socket: the client's side of the same exchange is what counts.
-            _ => self.counters.dns_server_side_ignored += 1,
-        }
+        self.after_step();
     }
 
     fn on_query(
@@ -406,7 +267,6 @@ impl Correlator {
         message: DnsMessage,
     ) {
         let Some(question) = message.question else {
-            self.counters.queries_without_question += 1;
             return;
         };
         self.counters.queries += 1;
@@ -431,7 +291,6 @@ impl Correlator {
         scope.last_activity = at;
         if scope.pending.contains_key(&key) {
             // Same id, same 4-tuple, still unanswered: a retransmission.
-            self.counters.query_retransmits += 1;
             return;
         }
         let name = question.name;
@@ -501,14 +360,13 @@ impl Correlator {
                     deadline,
                 },
             );
-            scope.pending_order.push_back((deadline, key));
+            scope.pending_order.push(
+                deadline,
+                key,
+                4 * limits.max_pending_per_scope + 16,
+                |k, d| is_pending(&scope.pending, k, d),
+            );
             self.pending_total += 1;
-            if scope.pending_order.len() > 4 * limits.max_pending_per_scope + 16 {
-                let pending = &scope.pending;
-                scope
-                    .pending_order
-                    .retain(|(d, k)| pending.get(k).is_some_and(|p| p.deadline == *d));
-            }
         }
         schedule(
             &mut self.wakeups,
@@ -556,21 +414,10 @@ impl Correlator {
         self.pending_total -= 1;
         // Responses come mostly in send order: drop the answered entries at the front now
         // rather than keeping them until their timeout.
-        while let Some((deadline, k)) = scope.pending_order.front() {
-            if scope
-                .pending
-                .get(k)
-                .is_some_and(|p| p.deadline == *deadline)
-            {
-                break;
-            }
-            scope.pending_order.pop_front();
-        }
+        scope
+            .pending_order
+            .drop_dead_front(|k, d| is_pending(&scope.pending, k, d));
         scope.last_activity = at;
-        self.counters.responses_matched += 1;
-        if message.truncated {
-            self.counters.responses_truncated += 1;
-        }
         if message.answers_capped {
             self.counters.responses_answers_capped += 1;
         }
@@ -685,7 +532,11 @@ impl Correlator {
 
     /// A TCP active open: joined now, against the answers this scope had at `open.at`.
     pub fn connect_open(&mut self, open: ConnectOpen) {
-        self.counters.connects_opened += 1;
+        self.connect_open_step(open);
+        self.after_step();
+    }
+
+    fn connect_open_step(&mut self, open: ConnectOpen) {
         let limits = self.config.limits;
         let ip = open.destination.ip().to_canonical();
         let grace = self.config.answer_grace_ns;
@@ -738,9 +589,6 @@ impl Correlator {
                 }
             }
         }
-        if chain_record.is_none() {
-            self.counters.connects_unresolved += 1;
-        }
         // Loopback never leaves the node, whatever the cluster networks are.
         let egress = !ip.is_loopback()
             && !self
@@ -791,19 +639,24 @@ impl Correlator {
             },
         );
         if let Some(prev) = previous {
-            self.counters.connects_replaced += 1;
             self.release_connect_slot(prev.scope);
         }
-        self.connect_order.push_back((deadline, open.sock_id));
-        if self.connect_order.len() > 2 * limits.max_open_connects_total + 1024 {
-            let connects = &self.connects;
-            self.connect_order
-                .retain(|(d, id)| connects.get(id).is_some_and(|c| c.deadline == *d));
-        }
+        self.connect_order.push(
+            deadline,
+            open.sock_id,
+            2 * limits.max_open_connects_total + 1024,
+            |id, d| is_open(&self.connects, id, d),
+        );
     }
 
     /// The open's outcome: the connection's record, or `None` for an unknown socket.
     pub fn connect_outcome(&mut self, outcome: ConnectOutcome) -> Option<ConnectionRecord> {
+        let record = self.connect_outcome_step(outcome);
+        self.after_step();
+        record
+    }
+
+    fn connect_outcome_step(&mut self, outcome: ConnectOutcome) -> Option<ConnectionRecord> {
         let Some(open) = self.connects.remove(&outcome.sock_id) else {
             self.counters.outcomes_unmatched += 1;
             return None;
@@ -815,7 +668,6 @@ impl Correlator {
         if outcome.source.is_some() {
             record.source = outcome.source;
         }
-        self.counters.records_emitted += 1;
         Some(record)
     }
 
@@ -826,128 +678,23 @@ impl Correlator {
     }
 
     fn evict_oldest_connect(&mut self) {
-        while let Some((deadline, id)) = self.connect_order.pop_front() {
-            if self
-                .connects
-                .get(&id)
-                .is_some_and(|c| c.deadline == deadline)
-            {
-                let c = self.connects.remove(&id).expect("checked");
-                self.release_connect_slot(c.scope);
-                self.counters.connects_evicted_cap += 1;
-                return;
-            }
+        if let Some(id) = self
+            .connect_order
+            .pop_oldest(|id, d| is_open(&self.connects, id, d))
+        {
+            let c = self.connects.remove(&id).expect("checked");
+            self.release_connect_slot(c.scope);
+            self.counters.connects_evicted_cap += 1;
         }
     }
 
-    /// Advances time: returns the queries that timed out unanswered, expires answers,
-    /// chains, connects without outcome and idle scopes. Cost is proportional to what
-    /// expires (plus one visit per scope with a due deadline).
-    pub fn tick(&mut self, now: BootNs) -> Vec<UnansweredQuery> {
-        let mut unanswered = Vec::new();
-        while let Some((due, _)) = self.wakeups.first() {
-            if *due > now {
-                break;
-            }
-            let (_, id) = self.wakeups.pop_first().expect("first exists");
-            let remove = {
-                let Some(scope) = self.scopes.get_mut(id) else {
-                    continue;
-                };
-                scope.scheduled = None;
-                while let Some((deadline, pk)) = scope.pending_order.front().copied() {
-                    if deadline > now {
-                        break;
-                    }
-                    scope.pending_order.pop_front();
-                    if scope
-                        .pending
-                        .get(&pk)
-                        .is_some_and(|p| p.deadline == deadline)
-                    {
-                        let p = scope.pending.remove(&pk).expect("checked");
-                        self.pending_total -= 1;
-                        self.counters.queries_unanswered += 1;
-                        let asked = scope
-                            .slots
-                            .get(p.slot as usize)
-                            .filter(|s| s.generation == p.generation)
-                            .and_then(|s| s.chain.as_ref())
-                            .map(|c| c.query_name().into_owned());
-                        unanswered.push(UnansweredQuery {
-                            scope: scope.key.clone(),
-                            name: p.name.to_string(),
-                            qtype: dns::QType(p.qtype).mnemonic().into_owned(),
-                            query_name: asked,
-                            client: pk.client,
-                            server: pk.server,
-                            sent_at: p.sent_at,
-                            expired_at: now,
-                        });
-                    }
-                }
-                while let Some(Reverse((free_at, slot, generation))) =
-                    scope.chain_expiry.peek().copied()
-                {
-                    if free_at > now {
-                        break;
-                    }
-                    scope.chain_expiry.pop();
-                    let Some(chain) = scope.slots[slot as usize]
-                        .chain
-                        .as_ref()
-                        .filter(|_| scope.slots[slot as usize].generation == generation)
-                    else {
-                        continue;
-                    };
-                    if chain.free_at > now {
-                        scope
-                            .chain_expiry
-                            .push(Reverse((chain.free_at, slot, generation)));
-                        continue;
-                    }
-                    let answers = free_chain(scope, slot);
-                    self.answers_total -= answers;
-                    self.counters.chains_expired += 1;
-                    self.counters.answers_expired += answers as u64;
-                }
-                let idle = scope.pending.is_empty()
-                    && scope.live_chains == 0
-                    && scope.open_connects == 0
-                    && !scope.pinned;
-                idle && now.saturating_sub(scope.last_activity) >= self.config.scope_idle_ns
-            };
-            if remove {
-                self.scopes.remove(id);
-                self.counters.scopes_idle_evicted += 1;
-            } else {
-                self.reschedule_after(id, now);
-            }
-        }
-        while let Some((deadline, id)) = self.connect_order.front().copied() {
-            if deadline > now {
-                break;
-            }
-            self.connect_order.pop_front();
-            if self
-                .connects
-                .get(&id)
-                .is_some_and(|c| c.deadline == deadline)
-            {
-                let c = self.connects.remove(&id).expect("checked");
-                self.release_connect_slot(c.scope);
-                self.counters.connects_expired += 1;
-            }
-        }
-        unanswered
-    }
-
-    /// As `schedule`, from within `tick(now)`: everything due by `now` was handled, so
-    /// only the idle check can be due; a scope kept alive (open connects) is looked at
-    /// again one idle period later rather than on every tick.
-    fn reschedule_after(&mut self, id: u32, now: BootNs) {
-        if let Some(scope) = self.scopes.get_mut(id) {
-            schedule(&mut self.wakeups, id, scope, now, self.config.scope_idle_ns);
+    /// The unit tests check the invariants after every call that changes the core; elsewhere
+    /// this is nothing (the check walks the whole state).
+    #[inline(always)]
+    fn after_step(&self) {
+        #[cfg(test)]
+        if let Err(broken) = self.check_invariants() {
+            panic!("{broken}");
         }
     }
 
@@ -965,232 +712,6 @@ impl Correlator {
             at,
         )
     }
-}
-
-/// The scope's id and state, created (and scheduled for its idle check) on first sight.
-/// One hash lookup, no key clone, on the hot path; the fields are passed apart so that
-/// callers keep the others.
-fn scope_entry<'a>(
-    scopes: &'a mut ScopeTable,
-    wakeups: &mut BTreeSet<(BootNs, u32)>,
-    counters: &mut CoreCounters,
-    config: &CorrelatorConfig,
-    key: &ScopeKey,
-    at: BootNs,
-) -> Result<(u32, &'a mut Scope), ScopeLimitReached> {
-    match scopes.id(key) {
-        Some(id) => Ok((id, scopes.get_mut(id).expect("ids name live scopes"))),
-        None => {
-            if scopes.len() >= config.limits.max_scopes {
-                counters.scopes_refused += 1;
-                return Err(ScopeLimitReached {
-                    scope: key.clone(),
-                    limit: config.limits.max_scopes,
-                });
-            }
-            counters.scopes_created += 1;
-            let ndots = match key {
-                // Kubernetes writes ndots:5 into every ClusterFirst pod; glibc defaults to 1.
-                ScopeKey::Pod(_) => 5,
-                ScopeKey::Host(_) => 1,
-            };
-            let id = scopes.insert(Scope {
-                key: key.clone(),
-                serial: 0,
-                resolver: Resolver {
-                    search: Vec::new(),
-                    ndots,
-                    inferred: true,
-                },
-                drift_key: Arc::from(key.to_string()),
-                pinned: false,
-                pending: FastMap::default(),
-                pending_order: VecDeque::new(),
-                slots: Vec::new(),
-                free_slots: Vec::new(),
-                live_chains: 0,
-                open: VecDeque::new(),
-                chain_order: VecDeque::new(),
-                chain_expiry: BinaryHeap::new(),
-                index: FastMap::default(),
-                open_connects: 0,
-                last_activity: at,
-                scheduled: None,
-            });
-            let scope = scopes.get_mut(id).expect("just inserted");
-            schedule(wakeups, id, scope, 0, config.scope_idle_ns);
-            Ok((id, scope))
-        }
-    }
-}
-
-/// Makes sure `tick` visits the scope no later than its earliest deadline (`now` as in
-/// [`Correlator::reschedule_after`], 0 outside `tick`).
-fn schedule(
-    wakeups: &mut BTreeSet<(BootNs, u32)>,
-    id: u32,
-    scope: &mut Scope,
-    now: BootNs,
-    scope_idle: BootNs,
-) {
-    let mut next = scope.pending_order.front().map(|(d, _)| *d);
-    if let Some(Reverse((d, _, _))) = scope.chain_expiry.peek() {
-        next = Some(next.map_or(*d, |n| n.min(*d)));
-    }
-    let idle_at = scope.last_activity + scope_idle;
-    let mut next = next.unwrap_or(idle_at);
-    if next <= now {
-        next = now + scope_idle;
-    }
-    match scope.scheduled {
-        // A later wakeup than the one booked is found when the booked one fires.
-        Some(booked) if booked <= next => {}
-        booked => {
-            if let Some(b) = booked {
-                wakeups.remove(&(b, id));
-            }
-            wakeups.insert((next, id));
-            scope.scheduled = Some(next);
-        }
-    }
-}
-
-/// Indexes one address of a scope's answer; the most recent answer for an address wins.
-/// Caps make room by evicting the scope's oldest chain (never the one being indexed).
-fn index_answer(
-    scope: &mut Scope,
-    answers_total: &mut usize,
-    counters: &mut CoreCounters,
-    limits: &CoreLimits,
-    ip: IpAddr,
-    answer: AnswerRef,
-) {
-    let key = AddrKey::from(ip);
-    if let Some(existing) = scope.index.get_mut(&key) {
-        *existing = answer;
-        counters.answers_indexed += 1;
-        return;
-    }
-    while scope.index.len() >= limits.max_answers_per_scope
-        || *answers_total >= limits.max_answers_total
-    {
-        let scope_full = scope.index.len() >= limits.max_answers_per_scope;
-        let removed = evict_oldest_chain(scope, Some((answer.slot, answer.generation)));
-        if removed.chains == 0 {
-            counters.answers_dropped_cap += 1;
-            return;
-        }
-        *answers_total -= removed.answers;
-        counters.chains_evicted_cap += u64::from(removed.chains);
-        if scope_full {
-            counters.answers_evicted_scope_cap += removed.answers as u64;
-        } else {
-            counters.answers_evicted_total_cap += removed.answers as u64;
-        }
-    }
-    scope.index.insert(key, answer);
-    *answers_total += 1;
-    counters.answers_indexed += 1;
-}
-
-fn insert_chain(scope: &mut Scope, chain: Chain) -> (u32, u32) {
-    let free_at = chain.free_at;
-    let slot = match scope.free_slots.pop() {
-        Some(slot) => {
-            scope.slots[slot as usize].chain = Some(chain);
-            slot
-        }
-        None => {
-            scope.slots.push(ChainSlot {
-                generation: 0,
-                chain: Some(chain),
-            });
-            (scope.slots.len() - 1) as u32
-        }
-    };
-    let generation = scope.slots[slot as usize].generation;
-    scope.live_chains += 1;
-    scope.chain_order.push_back((slot, generation));
-    scope
-        .chain_expiry
-        .push(Reverse((free_at, slot, generation)));
-    (slot, generation)
-}
-
-/// Frees a chain and the index entries still pointing at it; returns how many.
-fn free_chain(scope: &mut Scope, slot: u32) -> usize {
-    let entry = &mut scope.slots[slot as usize];
-    let Some(chain) = entry.chain.take() else {
-        return 0;
-    };
-    let generation = entry.generation;
-    entry.generation = entry.generation.wrapping_add(1);
-    scope.free_slots.push(slot);
-    scope.live_chains -= 1;
-    // Chains freed by expiry leave their entry in the eviction order: drop those now and
-    // then, so that a long-lived scope's order stays proportional to its live chains.
-    if scope.chain_order.len() > 2 * scope.live_chains + 16 {
-        let slots = &scope.slots;
-        scope.chain_order.retain(|(s, g)| {
-            let entry = &slots[*s as usize];
-            entry.generation == *g && entry.chain.is_some()
-        });
-    }
-    let mut removed = 0;
-    for ip in chain.addresses() {
-        let key = AddrKey::from(ip);
-        if scope
-            .index
-            .get(&key)
-            .is_some_and(|a| a.slot == slot && a.generation == generation)
-        {
-            scope.index.remove(&key);
-            removed += 1;
-        }
-    }
-    removed
-}
-
-struct Evicted {
-    chains: u32,
-    answers: usize,
-}
-
-/// Frees the scope's oldest chain, never `keep`.
-fn evict_oldest_chain(scope: &mut Scope, keep: Option<(u32, u32)>) -> Evicted {
-    while let Some((slot, generation)) = scope.chain_order.pop_front() {
-        let live = scope.slots[slot as usize].generation == generation
-            && scope.slots[slot as usize].chain.is_some();
-        if !live {
-            continue;
-        }
-        if Some((slot, generation)) == keep {
-            scope.chain_order.push_back((slot, generation));
-            if scope.chain_order.len() == 1 {
-                break;
-            }
-            continue;
-        }
-        let answers = free_chain(scope, slot);
-        return Evicted { chains: 1, answers };
-    }
-    Evicted {
-        chains: 0,
-        answers: 0,
-    }
-}
-
-fn pop_oldest_pending(scope: &mut Scope) -> Option<Pending> {
-    while let Some((deadline, key)) = scope.pending_order.pop_front() {
-        if scope
-            .pending
-            .get(&key)
-            .is_some_and(|p| p.deadline == deadline)
-        {
-            return scope.pending.remove(&key);
-        }
-    }
-    None
 }
 
 /// Lower case, no trailing dot.

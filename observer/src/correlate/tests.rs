@@ -1009,3 +1009,17 @@ fn dns_served_from_outside_the_cluster_is_marked_on_the_record() {
         assert!(r.flagged, "the escape is flagged whoever answered");
     }
 }
+
+#[test]
+fn the_invariants_catch_a_total_that_drifted_from_what_it_counts() {
+    let mut c = Correlator::new(config());
+    let mut client = Client::new("pod-a", "198.18.1.1");
+    let id = client.send(&mut c, "db.another-lab.com.", A);
+    let reply = Reply::Addrs(vec![addr("db.another-lab.com", 60, "203.0.113.10")]);
+    client.receive(&mut c, id, "db.another-lab.com.", A, &reply);
+    assert_eq!(c.cached_answers(), 1);
+    c.check_invariants().unwrap();
+    c.answers_total += 1;
+    let broken = c.check_invariants().unwrap_err().to_string();
+    assert!(broken.contains("answers total"), "{broken}");
+}

@@ -10,12 +10,7 @@ use crate::{
     scope::ScopeKey,
 };
 
-/// Which way a DNS message went, seen from the socket that carried it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Direction {
-    Egress,
-    Ingress,
-}
+pub use observer_common::Direction;
 
 /// A DNS message seen by a socket of `scope`. Only queries sent (egress, QR=0) and
 /// responses received (ingress, QR=1) are a client's; the server's view is ignored.
@@ -165,50 +160,36 @@ pub struct CoreCounters {
     pub parse_bad_counts: u64,
     pub parse_bad_name: u64,
     pub parse_bad_record: u64,
-    /// Non-QUERY opcodes (NOTIFY, UPDATE, ...).
-    pub dns_ignored_opcode: u64,
     /// Queries received and responses sent: the DNS server's side of an exchange.
     pub dns_server_side_ignored: u64,
     pub queries: u64,
-    pub queries_without_question: u64,
-    pub query_retransmits: u64,
     pub queries_unanswered: u64,
     pub queries_evicted_cap: u64,
     pub queries_dropped_cap: u64,
     pub responses: u64,
-    pub responses_matched: u64,
     pub responses_unmatched: u64,
     /// Matched id and tuple but asked another question.
     pub responses_mismatched: u64,
     /// Matched a query whose chain was already evicted.
     pub responses_orphaned: u64,
-    pub responses_truncated: u64,
     pub responses_answers_capped: u64,
     pub chains_started: u64,
     pub chains_expired: u64,
     pub chains_evicted_cap: u64,
-    /// Addresses indexed (new or refreshed).
-    pub answers_indexed: u64,
     pub answers_expired: u64,
     pub answers_evicted_scope_cap: u64,
     pub answers_evicted_total_cap: u64,
     pub answers_dropped_cap: u64,
-    pub connects_opened: u64,
     pub connects_joined: u64,
-    pub connects_unresolved: u64,
     /// The destination was in an answer, but past TTL + grace.
     pub connects_answer_expired: u64,
     /// The destination's answer pointed to a chain evicted since.
     pub connects_answer_evicted: u64,
-    pub connects_replaced: u64,
     pub connects_expired: u64,
     pub connects_evicted_cap: u64,
     pub connects_dropped_cap: u64,
     pub outcomes_unmatched: u64,
-    pub records_emitted: u64,
-    pub scopes_created: u64,
     pub scopes_refused: u64,
     pub scopes_idle_evicted: u64,
-    pub scopes_removed: u64,
     pub drift_entries_dropped: u64,
 }

@@ -7,19 +7,14 @@
 //! prefix then a header with one question and the QUERY opcode) and resumes there.
 use std::collections::{BTreeSet, HashMap};
 
-use crate::record::BootNs;
+use observer_common::Direction;
 
-/// Which way the bytes flow, seen from the socket.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum StreamDirection {
-    Egress,
-    Ingress,
-}
+use crate::record::BootNs;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StreamKey {
     pub socket_cookie: u64,
-    pub direction: StreamDirection,
+    pub direction: Direction,
 }
 
 /// One captured TCP segment carrying DNS-port payload.
@@ -255,7 +250,7 @@ impl TcpReassembler {
 
     /// The socket closed: forget its streams.
     pub fn close(&mut self, socket_cookie: u64) {
-        for direction in [StreamDirection::Egress, StreamDirection::Ingress] {
+        for direction in [Direction::Egress, Direction::Ingress] {
             let key = StreamKey {
                 socket_cookie,
                 direction,

@@ -1,10 +1,11 @@
+use observer_common::Direction;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::{
     AnswerData, DnsParseErrorKind, QType, Rcode,
     build::{WireAnswer, query, response},
     parse,
-    tcp::{StreamDirection, StreamKey, TcpLimits, TcpReassembler, TcpSegment},
+    tcp::{StreamKey, TcpLimits, TcpReassembler, TcpSegment},
 };
 
 fn hex(text: &str) -> Vec<u8> {
@@ -233,7 +234,7 @@ fn framed(msg: &[u8]) -> Vec<u8> {
 
 const KEY: StreamKey = StreamKey {
     socket_cookie: 42,
-    direction: StreamDirection::Ingress,
+    direction: Direction::Ingress,
 };
 
 fn seg(seq: u32, payload: &[u8]) -> TcpSegment<'_> {
@@ -332,7 +333,7 @@ fn tcp_caps_and_idle_eviction_are_counted() {
     for cookie in 0..3u64 {
         let key = StreamKey {
             socket_cookie: cookie,
-            direction: StreamDirection::Egress,
+            direction: Direction::Egress,
         };
         r.push(
             TcpSegment {

@@ -171,6 +171,31 @@ impl UnmatchedReason {
     }
 }
 
+/// Why the core could not name a connect's destination although DNS had been seen for it, or
+/// could not pair an outcome with its open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnjoinedReason {
+    AnswerExpired,
+    AnswerEvicted,
+    OutcomeWithoutOpen,
+}
+
+impl UnjoinedReason {
+    pub const ALL: [UnjoinedReason; 3] = [
+        UnjoinedReason::AnswerExpired,
+        UnjoinedReason::AnswerEvicted,
+        UnjoinedReason::OutcomeWithoutOpen,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnjoinedReason::AnswerExpired => "answer_expired",
+            UnjoinedReason::AnswerEvicted => "answer_evicted",
+            UnjoinedReason::OutcomeWithoutOpen => "outcome_without_open",
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     connections: Family<ConnectionLabels, Counter>,
@@ -189,6 +214,7 @@ pub struct Metrics {
     parse_errors: Family<KindLabels, Counter>,
     evictions: Family<KindLabels, Counter>,
     unmatched_responses: Family<ReasonLabels, Counter>,
+    unjoined_connects: Family<ReasonLabels, Counter>,
     caps: Mutex<Caps>,
 }
 
@@ -309,6 +335,13 @@ impl Metrics {
             "DNS responses seen by a pod that answered none of its pending queries, by reason",
             unmatched_responses.clone(),
         );
+        let unjoined_connects = Family::default();
+        registry.register(
+            "unjoined_connects",
+            "TCP connects whose DNS answer the core had seen but could not use, and outcomes \
+             whose open it never saw, by reason",
+            unjoined_connects.clone(),
+        );
         let metrics = Self {
             registry,
             connections,
@@ -327,6 +360,7 @@ impl Metrics {
             parse_errors,
             evictions,
             unmatched_responses,
+            unjoined_connects,
             caps: Mutex::new(Caps::new(limits)),
         };
         // Export health series exist from the start, so `rate()` and alert rules see zeros.
@@ -335,6 +369,9 @@ impl Metrics {
         }
         for reason in UnmatchedReason::ALL {
             metrics.set_unmatched_responses(reason, 0);
+        }
+        for reason in UnjoinedReason::ALL {
+            metrics.set_unjoined_connects(reason, 0);
         }
         for reason in FAILURE_REASONS {
             metrics
@@ -482,6 +519,15 @@ impl Metrics {
             reason: reason.as_str().to_owned(),
         };
         raise_to(&self.unmatched_responses.get_or_create(&labels), total);
+    }
+
+    /// Sets the total of connects (or outcomes) the core could not join, by `reason`; a fixed
+    /// set of reasons: no cap needed.
+    pub fn set_unjoined_connects(&self, reason: UnjoinedReason, total: u64) {
+        let labels = ReasonLabels {
+            reason: reason.as_str().to_owned(),
+        };
+        raise_to(&self.unjoined_connects.get_or_create(&labels), total);
     }
 
     pub fn set_enrichment_state(&self, current: EnrichmentState) {

@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub use config::{ConfigError, ExportConfig, OtlpProtocol, SpanSelection};
 pub use exporter::{ExportError, SpanExporter, SpanSink, Submit};
 pub use http_server::{Readiness, ServeError, serve_http};
-pub use metrics::{EnrichmentState, Metrics, MetricsLimits, UnmatchedReason};
+pub use metrics::{EnrichmentState, Metrics, MetricsLimits, UnjoinedReason, UnmatchedReason};
 pub use output::{JSON_FIELDS, JsonWriter, TextWriter, color_on};
 pub use redact::{REDACTED_LABEL, RedactKeyError, RedactMode, Redactor};
 pub use spans::{ExportTraceServiceRequest, SpanBuilder, fix, flag_message};

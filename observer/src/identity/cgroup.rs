@@ -9,6 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::mountinfo;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
     #[error("{op} {path}: {source}")]
@@ -22,56 +24,16 @@ pub enum CgroupError {
     NoCgroup2Mount { path: PathBuf },
 }
 
-/// Finds the cgroup2 mount point in the text of `/proc/self/mountinfo`: `/sys/fs/cgroup` on
-/// pure cgroup v2 nodes, `/sys/fs/cgroup/unified` on hybrid ones.
-pub fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        // `<id> <parent> <maj:min> <root> <mount point> <options> [optional...] - <fstype> ...`
-        let (left, right) = line.split_once(" - ")?;
-        if right.split_whitespace().next()? != "cgroup2" {
-            return None;
-        }
-        let mount_point = left.split_whitespace().nth(4)?;
-        Some(PathBuf::from(unescape_mountinfo(mount_point)))
-    })
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
-fn unescape_mountinfo(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4]
-                .iter()
-                .all(|b| (b'0'..=b'7').contains(b))
-        {
-            let value = (bytes[i + 1] - b'0') as u32 * 64
-                + (bytes[i + 2] - b'0') as u32 * 8
-                + (bytes[i + 3] - b'0') as u32;
-            if let Ok(byte) = u8::try_from(value) {
-                out.push(byte);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The cgroup2 mount of this process's mount namespace, from `/proc/self/mountinfo`.
+/// The cgroup2 mount of this process's mount namespace, by the rule the probes use too
+/// ([`crate::mountinfo::cgroup2_root`]).
 pub fn find_cgroup2_mount() -> Result<PathBuf, CgroupError> {
-    let path = PathBuf::from("/proc/self/mountinfo");
-    let text = std::fs::read_to_string(&path).map_err(|source| CgroupError::Io {
+    let path = PathBuf::from(mountinfo::SELF_MOUNTINFO);
+    let mounts = mountinfo::read_own().map_err(|source| CgroupError::Io {
         op: "read",
         path: path.clone(),
         source,
     })?;
-    cgroup2_mount_in(&text).ok_or(CgroupError::NoCgroup2Mount { path })
+    mountinfo::cgroup2_root(&mounts).ok_or(CgroupError::NoCgroup2Mount { path })
 }
 
 /// Bounds on one walk of the cgroup tree, so a pathological tree cannot stall the agent.
@@ -236,38 +198,6 @@ fn walk_cgroup_tree(root: &Path, config: &CgroupCacheConfig) -> (HashMap<u64, Ar
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn finds_cgroup2_in_hybrid_and_pure_layouts() {
-        let hybrid = "\
-25 30 0:23 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
-31 25 0:26 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
-32 31 0:27 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
-33 31 0:28 / /sys/fs/cgroup/systemd rw,nosuid,nodev,noexec,relatime shared:11 - cgroup cgroup rw,xattr,name=systemd
-";
-        assert_eq!(
-            cgroup2_mount_in(hybrid),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
-        let pure = "\
-35 24 0:30 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot
-";
-        assert_eq!(
-            cgroup2_mount_in(pure),
-            Some(PathBuf::from("/sys/fs/cgroup"))
-        );
-        // Optional fields of variable count, and an escaped space in the mount point.
-        let odd = "40 24 0:31 / /mnt/my\\040cg rw shared:1 master:2 - cgroup2 none rw\n";
-        assert_eq!(cgroup2_mount_in(odd), Some(PathBuf::from("/mnt/my cg")));
-        assert_eq!(cgroup2_mount_in("garbage\n\n- -\n"), None);
-        assert_eq!(cgroup2_mount_in(""), None);
-    }
-
-    #[test]
-    fn this_machine_has_a_cgroup2_mount() {
-        let mount = find_cgroup2_mount().expect("cgroup2 mount");
-        assert!(mount.join("cgroup.controllers").exists(), "{mount:?}");
-    }
 
     #[test]
     fn walks_a_plain_directory_tree_with_bounds() {

@@ -5,46 +5,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use bytes::Bytes;
 use compact_str::CompactString;
 use observer_common::{
-    CONNECT_FLAG_REQUESTED, CONNECT_OPEN, CONNECT_OUTCOME, ConnectEvent, DIRECTION_EGRESS,
-    DIRECTION_INGRESS, DNS_EVENT_HEADER_LEN, DNS_FLAG_TRUNCATED, DNS_PAYLOAD_MAX, DnsEvent,
-    FAMILY_IPV4, FAMILY_IPV6, OUTCOME_ESTABLISHED, OUTCOME_REFUSED, OUTCOME_TIMEOUT, PROTO_TCP,
-    PROTO_UDP,
+    CONNECT_FLAG_REQUESTED, ConnectEvent, ConnectKind, DNS_EVENT_HEADER_LEN, DNS_FLAG_TRUNCATED,
+    DNS_PAYLOAD_MAX, DnsEvent, Family,
 };
+pub use observer_common::{Direction, Protocol};
 
 use crate::record::{BootNs, Outcome};
-
-/// Which way a packet went, seen from the socket that owns it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Direction {
-    /// Sent by the socket.
-    Egress,
-    /// Delivered to the socket.
-    Ingress,
-}
-
-impl Direction {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Direction::Egress => "egress",
-            Direction::Ingress => "ingress",
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Protocol {
-    Udp,
-    Tcp,
-}
-
-impl Protocol {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Udp => "udp",
-            Protocol::Tcp => "tcp",
-        }
-    }
-}
 
 /// One DNS-port UDP datagram or TCP segment with payload, as a socket on the node saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -202,10 +168,10 @@ fn read_record<T: aya::Pod>(record: &'static str, bytes: &[u8]) -> Result<T, Dec
 }
 
 fn ip(record: &'static str, family: u8, raw: &[u8; 16]) -> Result<IpAddr, DecodeError> {
-    match family {
-        FAMILY_IPV4 => Ok(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
-        FAMILY_IPV6 => Ok(IpAddr::V6(Ipv6Addr::from(*raw))),
-        family => Err(DecodeError::UnknownFamily { record, family }),
+    match Family::try_from(family) {
+        Ok(Family::Ipv4) => Ok(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
+        Ok(Family::Ipv6) => Ok(IpAddr::V6(Ipv6Addr::from(*raw))),
+        Err(family) => Err(DecodeError::UnknownFamily { record, family }),
     }
 }
 
@@ -230,16 +196,8 @@ pub fn decode_dns(bytes: &[u8]) -> Result<DnsPacket, DecodeError> {
             DNS_EVENT_HEADER_LEN,
         );
     }
-    let protocol = match raw.protocol {
-        PROTO_UDP => Protocol::Udp,
-        PROTO_TCP => Protocol::Tcp,
-        other => return Err(DecodeError::UnknownProtocol(other)),
-    };
-    let direction = match raw.direction {
-        DIRECTION_EGRESS => Direction::Egress,
-        DIRECTION_INGRESS => Direction::Ingress,
-        other => return Err(DecodeError::UnknownDirection(other)),
-    };
+    let protocol = Protocol::try_from(raw.protocol).map_err(DecodeError::UnknownProtocol)?;
+    let direction = Direction::try_from(raw.direction).map_err(DecodeError::UnknownDirection)?;
     let captured = raw.captured_len as usize;
     if captured > DNS_PAYLOAD_MAX || raw.captured_len > raw.payload_len {
         return Err(DecodeError::BadCaptureLength {
@@ -305,18 +263,18 @@ pub fn decode_connect(bytes: &[u8]) -> Result<Event, DecodeError> {
         destination: connect_addr(raw.family, &raw.dst_addr, raw.dst_port)?,
         requested,
     };
-    match raw.kind {
-        CONNECT_OPEN => Ok(Event::ConnectOpen(connect)),
-        CONNECT_OUTCOME => {
-            let result = match raw.outcome {
-                OUTCOME_ESTABLISHED => ConnectResult::Established,
-                OUTCOME_REFUSED => ConnectResult::Refused,
-                OUTCOME_TIMEOUT => ConnectResult::Timeout,
-                other => return Err(DecodeError::UnknownOutcome(other)),
+    match ConnectKind::try_from(raw.kind).map_err(DecodeError::UnknownKind)? {
+        ConnectKind::Open => Ok(Event::ConnectOpen(connect)),
+        ConnectKind::Outcome => {
+            use observer_common::ConnectOutcome as Wire;
+            let result = match Wire::try_from(raw.outcome) {
+                Ok(Wire::Established) => ConnectResult::Established,
+                Ok(Wire::Refused) => ConnectResult::Refused,
+                Ok(Wire::Timeout) => ConnectResult::Timeout,
+                Ok(Wire::None) | Err(_) => return Err(DecodeError::UnknownOutcome(raw.outcome)),
             };
             Ok(Event::ConnectOutcome(ConnectOutcome { connect, result }))
         }
-        other => Err(DecodeError::UnknownKind(other)),
     }
 }
 
@@ -347,7 +305,7 @@ impl Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use observer_common::OUTCOME_NONE;
+    use observer_common::ConnectOutcome as Wire;
 
     fn as_bytes<T: aya::Pod>(value: &T) -> Vec<u8> {
         // SAFETY: Pod types have no padding the layout tests would not catch, and are
@@ -382,9 +340,9 @@ mod tests {
             dst_port: 53,
             src_addr: src,
             dst_addr: dst,
-            family: FAMILY_IPV4,
-            protocol: PROTO_UDP,
-            direction: DIRECTION_EGRESS,
+            family: Family::Ipv4 as u8,
+            protocol: Protocol::Udp as u8,
+            direction: Direction::Egress as u8,
             flags: 0,
             _pad: [0; 4],
             payload,
@@ -408,7 +366,7 @@ mod tests {
             src_port: 0,
             dst_port: 5432,
             requested_port: 5432,
-            family: FAMILY_IPV4,
+            family: Family::Ipv4 as u8,
             kind,
             outcome,
             flags: CONNECT_FLAG_REQUESTED,
@@ -432,9 +390,9 @@ mod tests {
     #[test]
     fn decodes_a_truncated_tcp_segment_over_ipv6() {
         let mut raw = dns_event();
-        raw.family = FAMILY_IPV6;
-        raw.protocol = PROTO_TCP;
-        raw.direction = DIRECTION_INGRESS;
+        raw.family = Family::Ipv6 as u8;
+        raw.protocol = Protocol::Tcp as u8;
+        raw.direction = Direction::Ingress as u8;
         raw.src_addr = "2001:db8::53".parse::<Ipv6Addr>().unwrap().octets();
         raw.payload_len = 5000;
         raw.captured_len = DNS_PAYLOAD_MAX as u32;
@@ -507,7 +465,11 @@ mod tests {
 
     #[test]
     fn decodes_an_open_with_its_requested_address() {
-        let event = decode_connect(&as_bytes(&connect_event(CONNECT_OPEN, OUTCOME_NONE))).unwrap();
+        let event = decode_connect(&as_bytes(&connect_event(
+            ConnectKind::Open as u8,
+            Wire::None as u8,
+        )))
+        .unwrap();
         let Event::ConnectOpen(open) = event else {
             panic!("expected an open, got {event:?}");
         };
@@ -521,11 +483,12 @@ mod tests {
     #[test]
     fn decodes_each_outcome() {
         for (raw, result) in [
-            (OUTCOME_ESTABLISHED, ConnectResult::Established),
-            (OUTCOME_REFUSED, ConnectResult::Refused),
-            (OUTCOME_TIMEOUT, ConnectResult::Timeout),
+            (Wire::Established as u8, ConnectResult::Established),
+            (Wire::Refused as u8, ConnectResult::Refused),
+            (Wire::Timeout as u8, ConnectResult::Timeout),
         ] {
-            let event = decode_connect(&as_bytes(&connect_event(CONNECT_OUTCOME, raw))).unwrap();
+            let event =
+                decode_connect(&as_bytes(&connect_event(ConnectKind::Outcome as u8, raw))).unwrap();
             let Event::ConnectOutcome(outcome) = event else {
                 panic!("expected an outcome, got {event:?}");
             };
@@ -536,8 +499,8 @@ mod tests {
 
     #[test]
     fn maps_v4_mapped_ipv6_connects_to_ipv4_and_omits_unset_request() {
-        let mut raw = connect_event(CONNECT_OPEN, OUTCOME_NONE);
-        raw.family = FAMILY_IPV6;
+        let mut raw = connect_event(ConnectKind::Open as u8, Wire::None as u8);
+        raw.family = Family::Ipv6 as u8;
         raw.dst_addr = "::ffff:203.0.113.10".parse::<Ipv6Addr>().unwrap().octets();
         raw.flags = 0;
         let Ok(Event::ConnectOpen(open)) = decode_connect(&as_bytes(&raw)) else {
@@ -549,7 +512,7 @@ mod tests {
 
     #[test]
     fn rejects_malformed_connect_records() {
-        let good = as_bytes(&connect_event(CONNECT_OPEN, OUTCOME_NONE));
+        let good = as_bytes(&connect_event(ConnectKind::Open as u8, Wire::None as u8));
         let mut long = good.clone();
         long.push(0);
         assert!(matches!(
@@ -560,14 +523,17 @@ mod tests {
             })
         ));
         assert_eq!(
-            decode_connect(&as_bytes(&connect_event(9, OUTCOME_NONE))),
+            decode_connect(&as_bytes(&connect_event(9, Wire::None as u8))),
             Err(DecodeError::UnknownKind(9))
         );
         assert_eq!(
-            decode_connect(&as_bytes(&connect_event(CONNECT_OUTCOME, OUTCOME_NONE))),
-            Err(DecodeError::UnknownOutcome(OUTCOME_NONE))
+            decode_connect(&as_bytes(&connect_event(
+                ConnectKind::Outcome as u8,
+                Wire::None as u8
+            ))),
+            Err(DecodeError::UnknownOutcome(Wire::None as u8))
         );
-        let mut raw = connect_event(CONNECT_OPEN, OUTCOME_NONE);
+        let mut raw = connect_event(ConnectKind::Open as u8, Wire::None as u8);
         raw.family = 0;
         assert_eq!(
             decode_connect(&as_bytes(&raw)),

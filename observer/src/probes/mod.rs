@@ -51,7 +51,6 @@ pub use decode::{
 };
 pub use display::{describe, format_utc};
 pub use features::{KernelFeature, KernelFeatures, min_kernel_for};
-pub use system::{Mount, cgroup2_root, parse_mountinfo};
 
 /// The kernel programs, built by build.rs for bpfel-unknown-none.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
@@ -390,7 +389,7 @@ impl Probes {
         KernelFeatures::probe()?.require_all()?;
         let cgroup = match &options.cgroup {
             Some(path) => path.clone(),
-            None => cgroup2_root(&mounts).ok_or(ProbeError::NoCgroup2Mount)?,
+            None => crate::mountinfo::cgroup2_root(&mounts).ok_or(ProbeError::NoCgroup2Mount)?,
         };
 
         let log_level = options.kernel_log.aya_level();

@@ -1,82 +1,16 @@
 //! What the loader needs from the running system: the cgroup2 mount and capabilities.
-use std::{
-    fs,
-    os::unix::ffi::OsStrExt as _,
-    path::{Path, PathBuf},
-};
+use std::fs;
 
 use super::ProbeError;
+use crate::mountinfo::{self, Mount};
 
-pub(crate) const MOUNTINFO: &str = "/proc/self/mountinfo";
 const STATUS: &str = "/proc/self/status";
 
-/// One line of `/proc/<pid>/mountinfo`, the parts observer uses.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Mount {
-    /// Path inside the mounted filesystem that is mounted here (`/` for the whole of it).
-    pub root: PathBuf,
-    pub mount_point: PathBuf,
-    pub fs_type: String,
-}
-
-/// Undoes the kernel's octal escapes (`\040` for a space) in mountinfo paths.
-fn unescape(field: &str) -> PathBuf {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && bytes[i + 1..=i + 3]
-                .iter()
-                .all(|b| (b'0'..=b'7').contains(b))
-        {
-            let value = bytes[i + 1..=i + 3]
-                .iter()
-                .fold(0u32, |acc, b| acc * 8 + u32::from(b - b'0'));
-            if let Ok(byte) = u8::try_from(value) {
-                out.push(byte);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    PathBuf::from(std::ffi::OsStr::from_bytes(&out))
-}
-
-/// Parses mountinfo text; malformed lines are skipped (the kernel writes this file).
-pub fn parse_mountinfo(text: &str) -> Vec<Mount> {
-    text.lines()
-        .filter_map(|line| {
-            let (before, after) = line.split_once(" - ")?;
-            let fields: Vec<&str> = before.split(' ').collect();
-            let fs_type = after.split(' ').next()?;
-            Some(Mount {
-                root: unescape(fields.get(3)?),
-                mount_point: unescape(fields.get(4)?),
-                fs_type: fs_type.to_owned(),
-            })
-        })
-        .collect()
-}
-
-/// The cgroup2 mount to attach to: the one showing the whole hierarchy if there is one.
-pub fn cgroup2_root(mounts: &[Mount]) -> Option<PathBuf> {
-    let cgroup2 = || mounts.iter().filter(|m| m.fs_type == "cgroup2");
-    cgroup2()
-        .find(|m| m.root == Path::new("/"))
-        .or_else(|| cgroup2().next())
-        .map(|m| m.mount_point.clone())
-}
-
 pub(crate) fn read_mounts() -> Result<Vec<Mount>, ProbeError> {
-    let text = fs::read_to_string(MOUNTINFO).map_err(|source| ProbeError::ReadSystemFile {
-        path: MOUNTINFO.into(),
+    mountinfo::read_own().map_err(|source| ProbeError::ReadSystemFile {
+        path: mountinfo::SELF_MOUNTINFO.into(),
         source,
-    })?;
-    Ok(parse_mountinfo(&text))
+    })
 }
 
 const CAP_NET_ADMIN: u32 = 12;
@@ -131,34 +65,9 @@ pub(crate) fn check_capabilities() -> Result<(), ProbeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    const MOUNTINFO_HYBRID: &str = include_str!("testdata/mountinfo.txt");
-
-    #[test]
-    fn finds_cgroup2_in_a_hybrid_mountinfo() {
-        let mounts = parse_mountinfo(MOUNTINFO_HYBRID);
-        assert_eq!(
-            cgroup2_root(&mounts),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
-    }
-
-    #[test]
-    fn prefers_a_whole_cgroup2_hierarchy_and_unescapes_paths() {
-        let text = "\
-50 1 0:40 /kubepods /host\\040cg rw - cgroup2 cgroup2 rw
-51 1 0:40 / /sys/fs/cgroup rw shared:1 - cgroup2 cgroup2 rw
-garbage line
-";
-        let mounts = parse_mountinfo(text);
-        assert_eq!(mounts.len(), 2);
-        assert_eq!(mounts[0].mount_point, PathBuf::from("/host cg"));
-        assert_eq!(cgroup2_root(&mounts), Some(PathBuf::from("/sys/fs/cgroup")));
-        assert_eq!(cgroup2_root(&parse_mountinfo("")), None);
-    }
-
     #[test]
     fn capabilities_needed_by_the_probes() {
-        let status = include_str!("testdata/mountinfo.txt");
+        let status = include_str!("../testdata/mountinfo_hybrid.txt");
         assert_eq!(parse_effective_capabilities(status), None);
         let root = parse_effective_capabilities("CapInh:\t0\nCapEff:\t000001fffeffffff\n").unwrap();
         assert!(missing_capabilities(root).is_empty());
