@@ -641,6 +641,15 @@ async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// Whether the agent holds a watch of `collection` open on the stand-in.
+fn watching(state: &Mutex<ApiState>, collection: &str) -> Option<()> {
+    let api = state.lock().unwrap();
+    api.watchers
+        .iter()
+        .any(|(c, _, tx)| *c == collection && !tx.is_closed())
+        .then_some(())
+}
+
 fn localhost() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
@@ -928,7 +937,9 @@ async fn garbage_from_the_api_degrades_without_stopping_lookups_and_recovers() {
     })
     .await;
 
-    // A watch stream carries a line that is not JSON, and ends.
+    // A watch stream carries a line that is not JSON, and ends. Ready comes from the list:
+    // the watch that follows it must be open before it can carry anything.
+    eventually("watching pods", || watching(&state, PODS)).await;
     state.lock().unwrap().garbage_to_watches(PODS);
     eventually("degraded by a broken watch event", || {
         matches!(identity.status(), EnrichmentStatus::Degraded { .. }).then_some(())
@@ -941,14 +952,7 @@ async fn garbage_from_the_api_degrades_without_stopping_lookups_and_recovers() {
         "what was known is kept"
     );
     // The watch comes back by itself and hears of new pods again.
-    eventually("watching again", || {
-        let api = state.lock().unwrap();
-        api.watchers
-            .iter()
-            .any(|(c, _, tx)| *c == PODS && !tx.is_closed())
-            .then_some(())
-    })
-    .await;
+    eventually("watching again", || watching(&state, PODS)).await;
     state.lock().unwrap().upsert(PODS, late_pod(), true);
     eventually("new pod seen", || kube.pod_by_uid(LATE_UID).map(|_| ())).await;
     eventually("ready again", || {
