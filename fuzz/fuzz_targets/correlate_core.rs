@@ -131,7 +131,12 @@ fn message(u: &mut Unstructured, is_response: bool) -> Result<DnsMessage> {
         is_response,
         opcode: if u.ratio(1, 32)? { 4 } else { 0 },
         truncated: u.ratio(1, 16)?,
-        rcode: *u.choose(&[Rcode::NOERROR, Rcode::NXDOMAIN, Rcode::NXDOMAIN, Rcode::SERVFAIL])?,
+        rcode: *u.choose(&[
+            Rcode::NOERROR,
+            Rcode::NXDOMAIN,
+            Rcode::NXDOMAIN,
+            Rcode::SERVFAIL,
+        ])?,
         question,
         answers,
         answers_capped: u.ratio(1, 16)?,
@@ -211,7 +216,7 @@ fn step(core: &mut Correlator, u: &mut Unstructured, now: &mut u64) -> Result<()
             );
         }
         10 => {
-            let _ = core.set_drift_key(&key, *u.choose(&["shop/db", "shop/web"])?);
+            let _ = core.set_drift_key(&key, u.choose(&["shop/db", "shop/web"])?);
         }
         _ => core.remove_scope(&key),
     }

@@ -3,9 +3,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use observer::correlate::Direction;
 use observer::dns::{
     self,
-    tcp::{StreamDirection, StreamKey, TcpLimits, TcpReassembler, TcpSegment},
+    tcp::{StreamKey, TcpLimits, TcpReassembler, TcpSegment},
 };
 
 const LIMITS: TcpLimits = TcpLimits {
@@ -28,9 +29,9 @@ fuzz_target!(|data: &[u8]| {
         rest = next;
         let stream = usize::from(control & 0x07);
         let direction = if control & 0x08 == 0 {
-            StreamDirection::Egress
+            Direction::Egress
         } else {
-            StreamDirection::Ingress
+            Direction::Ingress
         };
         let slot = stream * 2 + usize::from(control & 0x08 != 0);
         let seq = match control >> 4 {

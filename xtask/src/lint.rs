@@ -1,5 +1,6 @@
 //! The static checks `cargo xtask test` runs first: formatting, clippy on the host crates,
-//! and clippy on the kernel crate for its own target (as aya's CI does), all warnings denied.
+//! on the fuzz targets (their own workspace, so the host clippy does not see them) and on
+//! the kernel crate for its own target (as aya's CI does), all warnings denied.
 use std::process::Command;
 
 use anyhow::{Context as _, Result};
@@ -7,9 +8,22 @@ use anyhow::{Context as _, Result};
 use crate::{cargo, run};
 
 pub fn lint() -> Result<()> {
+    let checkout = crate::workspace_root();
     run(cargo().args(["fmt", "--all", "--check"])).context("cargo fmt --check")?;
+    run(cargo()
+        .args(["fmt", "--check", "--manifest-path"])
+        .arg(checkout.join("fuzz/Cargo.toml")))
+    .context("cargo fmt --check on the fuzz targets")?;
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))
         .context("clippy on the host crates")?;
+    run(cargo()
+        .args(["clippy", "--bins", "--manifest-path"])
+        .arg(checkout.join("fuzz/Cargo.toml"))
+        // The workspace's target directory: the observer crate they use is already checked.
+        .arg("--target-dir")
+        .arg(checkout.join("target"))
+        .args(["--", "-D", "warnings"]))
+    .context("clippy on the fuzz targets")?;
     kernel_clippy()
 }
 
