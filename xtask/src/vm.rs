@@ -165,6 +165,12 @@ pub fn run_matrix(selection: &Selection) -> Result<()> {
     // The guest has no cargo: the image test runs the archive built here (the image is the
     // same on every kernel; what the matrix tests is the runtime starting it on each).
     let mut guest_env = vec![("OBSERVER_BIN", agent.display().to_string())];
+    // The guest sees this machine's filesystem: the tools setup installed outside the
+    // system directories (PyPI's kubernetes-validate, cargo's binaries) are found there by
+    // the same search path.
+    if let Some(path) = std::env::var_os("PATH") {
+        guest_env.push(("PATH", path.to_string_lossy().into_owned()));
+    }
     if plan.iter().any(|(_, tests)| tests.contains(&"image")) {
         setup::image_prerequisites()?;
         let image = crate::image::build(&checkout)?;
