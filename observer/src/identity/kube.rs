@@ -416,24 +416,23 @@ impl KubeIdentity {
     }
 
     pub fn service_for_ip(&self, ip: IpAddr) -> Option<ServiceRef> {
-        let services = Arc::clone(
-            &self
-                .shared
-                .services
-                .read()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
+        let services = self.services();
         services.by_ip.get(&ip).cloned()
     }
 
-    pub fn service_exists(&self, namespace: &str, name: &str) -> bool {
-        let services = Arc::clone(
+    /// The Service index as last published (a snapshot: the watch replaces it whole).
+    fn services(&self) -> Arc<ServiceIndex> {
+        Arc::clone(
             &self
                 .shared
                 .services
                 .read()
                 .unwrap_or_else(|p| p.into_inner()),
-        );
+        )
+    }
+
+    pub fn service_exists(&self, namespace: &str, name: &str) -> bool {
+        let services = self.services();
         services
             .names
             .contains(&(Arc::from(namespace), Arc::from(name)))
@@ -442,13 +441,7 @@ impl KubeIdentity {
     /// The target Service `name` of namespace `namespace` declares, if it is of type
     /// ExternalName.
     pub fn external_name(&self, namespace: &str, name: &str) -> Option<Arc<str>> {
-        let services = Arc::clone(
-            &self
-                .shared
-                .services
-                .read()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
+        let services = self.services();
         services
             .external_names
             .get(&(Arc::from(namespace), Arc::from(name)))
