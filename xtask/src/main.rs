@@ -81,6 +81,9 @@ enum Task {
         /// 10 million executions per target instead of a short run.
         #[arg(long)]
         long: bool,
+        /// The sanitizer to build and run with; `none` only for targets without `unsafe`.
+        #[arg(long, value_enum, default_value_t = fuzz::Sanitizer::Address)]
+        sanitizer: fuzz::Sanitizer,
         /// Targets to run (default: all).
         targets: Vec<String>,
     },
@@ -129,7 +132,11 @@ fn main() -> Result<()> {
             phases.run("unit and integration tests on this kernel", || test(&[]));
             // A short fuzz run of every parser of outside bytes.
             phases.run("fuzz (every target, short)", || {
-                fuzz::run(&[], fuzz::Budget::Seconds(fuzz::SHORT_SECONDS))
+                fuzz::run(
+                    &[],
+                    fuzz::Budget::Seconds(fuzz::SHORT_SECONDS),
+                    fuzz::Sanitizer::Address,
+                )
             });
             if host_only {
                 eprintln!("[test] --host-only: the kernel matrix (5.10, 6.1, 6.12) was NOT run");
@@ -153,13 +160,18 @@ fn main() -> Result<()> {
             setup::build_prerequisites()?;
             docs()
         }
-        Task::Fuzz { long, targets } => fuzz::run(
+        Task::Fuzz {
+            long,
+            sanitizer,
+            targets,
+        } => fuzz::run(
             &targets,
             if long {
                 fuzz::Budget::Runs(fuzz::LONG_RUNS)
             } else {
                 fuzz::Budget::Seconds(fuzz::SHORT_SECONDS)
             },
+            sanitizer,
         ),
     }
 }
