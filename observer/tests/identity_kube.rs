@@ -960,3 +960,105 @@ async fn garbage_from_the_api_degrades_without_stopping_lookups_and_recovers() {
     })
     .await;
 }
+
+fn contains(networks: &[ipnet::IpNet], ip: &str) -> bool {
+    let ip: IpAddr = ip.parse().unwrap();
+    networks.iter().any(|n| n.contains(&ip))
+}
+
+/// The cluster-wide watches apply each change to the indexes it touches: a Service deleted
+/// and recreated under another address moves, a Node's new pod CIDR joins the cluster
+/// networks and a deleted Node's leaves them, and a relist after 410 Gone applies what
+/// changed while the watch was broken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_and_nodes_change_one_object_at_a_time() {
+    // Without ServiceCIDRs, so that Service addresses stand for the Service networks too.
+    let state = cluster_state(false);
+    let server = StandIn::start(Arc::clone(&state), localhost()).await;
+    let cgroups = FakeCgroupRoot::new("changes");
+    let identity = identity_against(&server, &cgroups);
+    eventually("enrichment ready", || {
+        (identity.status() == EnrichmentStatus::Ready).then_some(())
+    })
+    .await;
+    eventually("the Service watch open", || watching(&state, SERVICES)).await;
+    eventually("the Node watch open", || watching(&state, NODES)).await;
+    let web_svc = |ip: &str| {
+        identity
+            .service_for_ip(ip.parse().unwrap())
+            .is_some_and(|s| (&*s.namespace, &*s.name) == ("shop", "web"))
+    };
+    assert!(web_svc("198.18.128.20"));
+
+    // Deleted, then recreated (a new UID) at another address.
+    state.lock().unwrap().delete(SERVICES, "svc-shop-web", true);
+    eventually("web's Service gone", || {
+        (identity
+            .service_for_ip("198.18.128.20".parse().unwrap())
+            .is_none()
+            && identity.service_exists("shop", "web") == Some(false))
+        .then_some(())
+    })
+    .await;
+    assert!(!contains(&identity.cluster_networks(), "198.18.128.20"));
+    // The other Services are untouched.
+    assert_eq!(identity.service_exists("default", "kubernetes"), Some(true));
+    assert!(
+        identity
+            .service_for_ip("198.18.128.1".parse().unwrap())
+            .is_some()
+    );
+    let mut recreated = service("web", "shop", "198.18.128.30");
+    recreated["metadata"]["uid"] = json!("svc-shop-web-2");
+    state.lock().unwrap().upsert(SERVICES, recreated, true);
+    eventually("web's Service at its new address", || {
+        web_svc("198.18.128.30").then_some(())
+    })
+    .await;
+    assert_eq!(identity.service_exists("shop", "web"), Some(true));
+    let networks = identity.cluster_networks();
+    assert!(contains(&networks, "198.18.128.30"), "{networks:?}");
+    assert!(!contains(&networks, "198.18.128.20"), "{networks:?}");
+
+    // A Node's status heartbeat leaves its networks as they were; a new pod CIDR joins them.
+    {
+        let mut api = state.lock().unwrap();
+        let mut heartbeat = node("node-b", "198.18.2.0/24", "198.18.0.3");
+        heartbeat["status"]["conditions"][0]["reason"] = json!("KubeletReadyAgain");
+        api.upsert(NODES, heartbeat, true);
+        api.upsert(NODES, node("node-c", "198.18.3.0/24", "198.18.0.4"), true);
+    }
+    eventually("node-c's pod CIDR", || {
+        contains(&identity.cluster_networks(), "198.18.3.9").then_some(())
+    })
+    .await;
+    assert!(contains(&identity.cluster_networks(), "198.18.2.9"));
+    state.lock().unwrap().delete(NODES, "node-node-b", true);
+    eventually("node-b's networks gone", || {
+        let networks = identity.cluster_networks();
+        (!contains(&networks, "198.18.2.9") && !contains(&networks, "198.18.0.3")).then_some(())
+    })
+    .await;
+    assert!(contains(&identity.cluster_networks(), "198.18.1.9"));
+
+    // While the watch is broken the Service moves back and another appears; a relist applies both.
+    {
+        let mut api = state.lock().unwrap();
+        api.delete(SERVICES, "svc-shop-web-2", false);
+        api.upsert(SERVICES, service("web", "shop", "198.18.128.20"), false);
+        api.upsert(SERVICES, service("db", "shop", "198.18.128.40"), false);
+        api.expire_watches(SERVICES);
+    }
+    eventually("the relisted Services", || {
+        (web_svc("198.18.128.20")
+            && identity
+                .service_for_ip("198.18.128.30".parse().unwrap())
+                .is_none()
+            && identity.service_exists("shop", "db") == Some(true))
+        .then_some(())
+    })
+    .await;
+    let networks = identity.cluster_networks();
+    assert!(contains(&networks, "198.18.128.40"), "{networks:?}");
+    assert!(!contains(&networks, "198.18.128.30"), "{networks:?}");
+}

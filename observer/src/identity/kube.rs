@@ -13,7 +13,7 @@ use std::{
     net::IpAddr,
     sync::{
         Arc, Mutex, RwLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
     time::{Duration, Instant, SystemTime},
@@ -233,7 +233,7 @@ struct PodIndex {
     by_uid: HashMap<Arc<str>, Arc<PodMeta>>,
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct ServiceIndex {
     by_ip: HashMap<IpAddr, ServiceRef>,
     names: HashSet<(Arc<str>, Arc<str>)>,
@@ -268,7 +268,10 @@ struct Shared {
     /// Per node: pod CIDRs and internal addresses.
     node_networks: RwLock<HashMap<String, Vec<IpNet>>>,
     service_cidrs: RwLock<HashMap<String, Vec<IpNet>>>,
+    /// The aggregate of the three sources above, rebuilt when read after any of them changed:
+    /// a churning cluster pays for one aggregation per read, not one per change.
     networks: RwLock<Arc<Vec<IpNet>>>,
+    networks_stale: AtomicBool,
     owners: Mutex<HashMap<OwnerKey, OwnerEntry>>,
     owner_queue: mpsc::Sender<OwnerKey>,
     owner_drops: AtomicU64,
@@ -311,6 +314,7 @@ impl KubeIdentity {
             node_networks: RwLock::default(),
             service_cidrs: RwLock::default(),
             networks: RwLock::default(),
+            networks_stale: AtomicBool::new(false),
             owners: Mutex::default(),
             owner_queue: owner_tx,
             owner_drops: AtomicU64::new(0),
@@ -331,7 +335,7 @@ impl KubeIdentity {
                 watcher::Config::default().fields(&pod_selector),
                 Watched::Pods,
                 project_pod,
-                commit_pods,
+                Commit::Whole(commit_pods),
             )),
             tokio::spawn(run_watch(
                 Arc::clone(&shared),
@@ -339,7 +343,7 @@ impl KubeIdentity {
                 watcher::Config::default(),
                 Watched::Services,
                 project_service,
-                commit_services,
+                Commit::Each(change_service),
             )),
             tokio::spawn(run_watch(
                 Arc::clone(&shared),
@@ -347,7 +351,7 @@ impl KubeIdentity {
                 watcher::Config::default(),
                 Watched::Nodes,
                 project_node,
-                commit_nodes,
+                Commit::Each(change_node),
             )),
             tokio::spawn(run_watch(
                 Arc::clone(&shared),
@@ -355,7 +359,7 @@ impl KubeIdentity {
                 watcher::Config::default(),
                 Watched::ServiceCidrs,
                 project_service_cidr,
-                commit_service_cidrs,
+                Commit::Each(change_service_cidr),
             )),
             tokio::spawn(run_owner_fetcher(Arc::clone(&shared), client, owner_rx)),
         ];
@@ -449,6 +453,9 @@ impl KubeIdentity {
     }
 
     pub fn cluster_networks(&self) -> Vec<IpNet> {
+        if self.shared.networks_stale.swap(false, Ordering::AcqRel) {
+            self.shared.recompute_networks();
+        }
         self.shared
             .networks
             .read()
@@ -568,6 +575,10 @@ impl Shared {
         }
     }
 
+    fn networks_changed(&self) {
+        self.networks_stale.store(true, Ordering::Release);
+    }
+
     fn recompute_networks(&self) {
         let mut nets: Vec<IpNet> = Vec::new();
         nets.extend(
@@ -591,20 +602,75 @@ impl Shared {
     }
 }
 
+/// How a watch publishes its objects to the readers.
+enum Commit<T> {
+    /// Rebuilt from the whole set after every change: for the pods of this node (about a
+    /// hundred), where a rebuild costs less than bookkeeping would.
+    Whole(fn(&Shared, &HashMap<String, Arc<T>>)),
+    /// One change at a time (`old` -> `new`, `None` where the object is absent), so that a
+    /// change costs the same in a cluster of 20,000 Services as in one of 20: for cluster-wide
+    /// watches. A relist is applied as the changes between the old set and the new one.
+    Each(fn(&Shared, &str, Option<&T>, Option<&T>)),
+}
+
+impl<T> Commit<T> {
+    fn change(
+        &self,
+        shared: &Shared,
+        items: &HashMap<String, Arc<T>>,
+        key: &str,
+        old: Option<&T>,
+        new: Option<&T>,
+    ) {
+        match self {
+            Commit::Whole(commit) => commit(shared, items),
+            Commit::Each(change) => change(shared, key, old, new),
+        }
+    }
+
+    fn replace(
+        &self,
+        shared: &Shared,
+        items: &mut HashMap<String, Arc<T>>,
+        relisted: HashMap<String, Arc<T>>,
+    ) where
+        T: PartialEq,
+    {
+        let old = std::mem::replace(items, relisted);
+        match self {
+            Commit::Whole(commit) => commit(shared, items),
+            Commit::Each(change) => {
+                for (key, before) in &old {
+                    match items.get(key) {
+                        Some(after) if after == before => {}
+                        after => change(shared, key, Some(before), after.map(Arc::as_ref)),
+                    }
+                }
+                for (key, after) in items.iter() {
+                    if !old.contains_key(key) {
+                        change(shared, key, None, Some(after));
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// One watch: events are reduced to `T` on arrival (only what identity needs is kept), the
-/// full set is kept here, and `commit` publishes it to the readers after each change. An
-/// initial list (or a relist after 410 Gone) is buffered and swapped in whole at `InitDone`,
-/// so objects deleted while the watch was broken disappear.
+/// full set is kept here, and `commit` publishes each change to the readers; an event that
+/// leaves the reduced object as it was (a Node's status heartbeat, a Service's annotations)
+/// costs nothing more. An initial list (or a relist after 410 Gone) is buffered and swapped
+/// in whole at `InitDone`, so objects deleted while the watch was broken disappear.
 async fn run_watch<K, T>(
     shared: Arc<Shared>,
     api: Api<K>,
     config: watcher::Config,
     watched: Watched,
     project: fn(&K) -> Option<(String, T)>,
-    commit: fn(&Shared, &HashMap<String, Arc<T>>),
+    commit: Commit<T>,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
-    T: Send + Sync + 'static,
+    T: PartialEq + Send + Sync + 'static,
 {
     let mut stream = watcher::watcher(api, config).default_backoff().boxed();
     let mut items: HashMap<String, Arc<T>> = HashMap::new();
@@ -638,31 +704,37 @@ async fn run_watch<K, T>(
             }
             Event::InitDone => {
                 if let Some(buffer) = relist.take() {
-                    items = buffer;
+                    commit.replace(&shared, &mut items, buffer);
                 }
-                commit(&shared, &items);
                 shared.watch_event(watched, true);
             }
             Event::Apply(object) => {
                 shared.watch_event(watched, false);
                 match project(&object) {
                     Some((key, value)) => {
-                        items.insert(key, Arc::new(value));
+                        if items.get(&key).is_some_and(|old| **old == value) {
+                            continue;
+                        }
+                        let value = Arc::new(value);
+                        let old = items.insert(key.clone(), Arc::clone(&value));
+                        commit.change(&shared, &items, &key, old.as_deref(), Some(&value));
                     }
                     None => {
-                        if let Some(key) = object_key(&object) {
-                            items.remove(&key);
+                        if let Some(key) = object_key(&object)
+                            && let Some(old) = items.remove(&key)
+                        {
+                            commit.change(&shared, &items, &key, Some(&old), None);
                         }
                     }
                 }
-                commit(&shared, &items);
             }
             Event::Delete(object) => {
                 shared.watch_event(watched, false);
-                if let Some(key) = object_key(&object) {
-                    items.remove(&key);
+                if let Some(key) = object_key(&object)
+                    && let Some(old) = items.remove(&key)
+                {
+                    commit.change(&shared, &items, &key, Some(&old), None);
                 }
-                commit(&shared, &items);
             }
         }
     }
@@ -784,6 +856,7 @@ fn commit_pods(shared: &Shared, items: &HashMap<String, Arc<PodMeta>>) {
     shared.bump();
 }
 
+#[derive(PartialEq)]
 struct ServiceMeta {
     namespace: Arc<str>,
     name: Arc<str>,
@@ -822,28 +895,50 @@ fn project_service(service: &Service) -> Option<(String, ServiceMeta)> {
     ))
 }
 
-fn commit_services(shared: &Shared, items: &HashMap<String, Arc<ServiceMeta>>) {
-    let mut index = ServiceIndex::default();
-    for service in items.values() {
+/// Updates the Service index in place. Readers hold a snapshot only for one lookup, so the
+/// index is nearly always unshared here and `make_mut` copies nothing.
+fn change_service(shared: &Shared, _: &str, old: Option<&ServiceMeta>, new: Option<&ServiceMeta>) {
+    let mut services = shared.services.write().unwrap_or_else(|p| p.into_inner());
+    let index = Arc::make_mut(&mut services);
+    if let Some(old) = old {
+        let key = (Arc::clone(&old.namespace), Arc::clone(&old.name));
+        for ip in &old.cluster_ips {
+            // Another Service may have taken the address meanwhile: leave its entry.
+            if index
+                .by_ip
+                .get(ip)
+                .is_some_and(|s| s.namespace == key.0 && s.name == key.1)
+            {
+                index.by_ip.remove(ip);
+            }
+        }
+        index.external_names.remove(&key);
+        index.names.remove(&key);
+    }
+    if let Some(new) = new {
         let service_ref = ServiceRef {
-            namespace: Arc::clone(&service.namespace),
-            name: Arc::clone(&service.name),
+            namespace: Arc::clone(&new.namespace),
+            name: Arc::clone(&new.name),
         };
-        for ip in &service.cluster_ips {
+        for ip in &new.cluster_ips {
             index.by_ip.insert(*ip, service_ref.clone());
         }
-        index
-            .names
-            .insert((Arc::clone(&service.namespace), Arc::clone(&service.name)));
-        if let Some(target) = &service.external_name {
-            index.external_names.insert(
-                (Arc::clone(&service.namespace), Arc::clone(&service.name)),
-                Arc::clone(target),
-            );
+        let key = (Arc::clone(&new.namespace), Arc::clone(&new.name));
+        if let Some(target) = &new.external_name {
+            index.external_names.insert(key.clone(), Arc::clone(target));
         }
+        index.names.insert(key);
     }
-    *shared.services.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(index);
-    shared.recompute_networks();
+    drop(services);
+    // Service addresses stand for the Service networks only where the API has no ServiceCIDR.
+    if shared
+        .service_cidrs
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_empty()
+    {
+        shared.networks_changed();
+    }
 }
 
 fn project_node(node: &Node) -> Option<(String, Vec<IpNet>)> {
@@ -874,15 +969,18 @@ fn project_node(node: &Node) -> Option<(String, Vec<IpNet>)> {
     Some((uid, nets))
 }
 
-fn commit_nodes(shared: &Shared, items: &HashMap<String, Arc<Vec<IpNet>>>) {
-    *shared
-        .node_networks
-        .write()
-        .unwrap_or_else(|p| p.into_inner()) = items
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_ref().clone()))
-        .collect();
-    shared.recompute_networks();
+/// A Node's or a ServiceCIDR's networks, by the object's key.
+fn change_networks(map: &RwLock<HashMap<String, Vec<IpNet>>>, key: &str, new: Option<&Vec<IpNet>>) {
+    let mut map = map.write().unwrap_or_else(|p| p.into_inner());
+    match new {
+        Some(nets) => map.insert(key.to_owned(), nets.clone()),
+        None => map.remove(key),
+    };
+}
+
+fn change_node(shared: &Shared, key: &str, _: Option<&Vec<IpNet>>, new: Option<&Vec<IpNet>>) {
+    change_networks(&shared.node_networks, key, new);
+    shared.networks_changed();
 }
 
 fn project_service_cidr(cidr: &ServiceCIDR) -> Option<(String, Vec<IpNet>)> {
@@ -898,15 +996,14 @@ fn project_service_cidr(cidr: &ServiceCIDR) -> Option<(String, Vec<IpNet>)> {
     Some((uid, nets))
 }
 
-fn commit_service_cidrs(shared: &Shared, items: &HashMap<String, Arc<Vec<IpNet>>>) {
-    *shared
-        .service_cidrs
-        .write()
-        .unwrap_or_else(|p| p.into_inner()) = items
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_ref().clone()))
-        .collect();
-    shared.recompute_networks();
+fn change_service_cidr(
+    shared: &Shared,
+    key: &str,
+    _: Option<&Vec<IpNet>>,
+    new: Option<&Vec<IpNet>>,
+) {
+    change_networks(&shared.service_cidrs, key, new);
+    shared.networks_changed();
 }
 
 /// Fetches owners' owners one at a time (a handful per node), retrying failures later.
