@@ -602,6 +602,16 @@ impl Shared {
     }
 }
 
+/// A table emptied by a mass delete (a namespace removed) gives its memory back instead of
+/// keeping the capacity of its largest day.
+macro_rules! shrink_after_deletes {
+    ($($table:expr),+) => {
+        $(if $table.capacity() > 64 && $table.capacity() > 4 * $table.len() {
+            $table.shrink_to_fit();
+        })+
+    };
+}
+
 /// How a watch publishes its objects to the readers.
 enum Commit<T> {
     /// Rebuilt from the whole set after every change: for the pods of this node (about a
@@ -734,6 +744,7 @@ async fn run_watch<K, T>(
                     && let Some(old) = items.remove(&key)
                 {
                     commit.change(&shared, &items, &key, Some(&old), None);
+                    shrink_after_deletes!(items);
                 }
             }
         }
@@ -914,6 +925,9 @@ fn change_service(shared: &Shared, _: &str, old: Option<&ServiceMeta>, new: Opti
         }
         index.external_names.remove(&key);
         index.names.remove(&key);
+        if new.is_none() {
+            shrink_after_deletes!(index.by_ip, index.names, index.external_names);
+        }
     }
     if let Some(new) = new {
         let service_ref = ServiceRef {
@@ -976,6 +990,7 @@ fn change_networks(map: &RwLock<HashMap<String, Vec<IpNet>>>, key: &str, new: Op
         Some(nets) => map.insert(key.to_owned(), nets.clone()),
         None => map.remove(key),
     };
+    shrink_after_deletes!(map);
 }
 
 fn change_node(shared: &Shared, key: &str, _: Option<&Vec<IpNet>>, new: Option<&Vec<IpNet>>) {
