@@ -8,18 +8,18 @@
 //! ([`LiveRules::shipped_with_hold`]); the book page "Alerts and dashboards" says so.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
 
 use observer_tests::{
-    CLOSED_PORT, DnsConfig, DnsServer, Family, Pod, PodSpec, Process, Testbed,
+    CLOSED_PORT, DnsServer, Family, Pod, PodSpec, Process, Testbed,
     agent::{Agent, AgentSpec},
     dashboard,
     kube_api::{KubeApi, external_name_service},
     plan,
     prometheus::{LiveRules, Prometheus, ScrapeTarget},
-    story::{DB_PORT, EXTERNAL_DB, cluster_args, connect, testbed},
+    story::{DB_NAME, DB_PORT, EXTERNAL_DB, Outside, cluster_args, connect, testbed},
 };
 use serde_json::Value;
 
@@ -208,33 +208,26 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
         hardcoded.as_str(),
     ];
 
-    let db = tb
-        .add_external_host_at("db", EXTERNAL_DB)
+    // The address after db's (which the story's outside takes below).
+    let partner = tb
+        .add_external_host_at("partner", Ipv4Addr::new(203, 0, 113, 11))
         .expect("external host");
-    let _db_listener = db.listen_tcp(DB_PORT).expect("listener");
-    let partner = tb.add_external_host("partner").expect("external host");
     let _partner_listener = partner.listen_tcp(DB_PORT).expect("listener");
     let svc = tb.add_cluster_host("db-svc").expect("cluster host");
     let _svc_listener = svc.listen_tcp(DB_PORT).expect("listener");
-    let dns = tb
-        .start_dns(
-            DnsConfig::dnsmasq()
-                .local_zone("another-lab.com")
-                .local_zone("partner.example")
-                .record("db.another-lab.com", db.ipv4())
-                .record("api.partner.example", partner.ipv4())
-                .record(&format!("db.{drift}.svc.cluster.local"), svc.ipv4())
-                .cname(
-                    &format!("ledger.{cname}.svc.cluster.local"),
-                    "db.another-lab.com",
-                )
-                // What cluster DNS answers for the ExternalName Service `vendor`.
-                .cname(
-                    &format!("vendor.{cname}.svc.cluster.local"),
-                    "db.another-lab.com",
-                ),
-        )
-        .expect("dnsmasq");
+    let Outside {
+        listener: _db_listener,
+        dns,
+        ..
+    } = Outside::with(&tb, |db, zone| {
+        zone.local_zone("partner.example")
+            .record(DB_NAME, db.ipv4())
+            .record("api.partner.example", partner.ipv4())
+            .record(&format!("db.{drift}.svc.cluster.local"), svc.ipv4())
+            .cname(&format!("ledger.{cname}.svc.cluster.local"), DB_NAME)
+            // What cluster DNS answers for the ExternalName Service `vendor`.
+            .cname(&format!("vendor.{cname}.svc.cluster.local"), DB_NAME)
+    });
     let (esc_pod, _esc_main) = pod_in(&tb, "esc", &esc, &["another-lab.com"]);
     let (cname_pod, _cname_main) = pod_in(&tb, "cname", &cname, &["another-lab.com"]);
     let (drift_pod, _drift_main) = pod_in(&tb, "drift", &drift, &["another-lab.com"]);
@@ -830,17 +823,11 @@ fn dashboard_shows_the_scenarios(prometheus: &Prometheus, ours: &[&str], span: D
 #[test]
 fn agent_health_alerts_fire_for_the_agent_in_trouble_only() {
     let tb = testbed();
-    let db = tb
-        .add_external_host_at("db", EXTERNAL_DB)
-        .expect("external host");
-    let _db_listener = db.listen_tcp(DB_PORT).expect("listener");
-    let dns = tb
-        .start_dns(
-            DnsConfig::dnsmasq()
-                .local_zone("another-lab.com")
-                .record("db.another-lab.com", db.ipv4()),
-        )
-        .expect("dnsmasq");
+    let Outside {
+        listener: _db_listener,
+        dns,
+        ..
+    } = Outside::new(&tb);
     let namespace = format!("trouble-{}", tb.run_id().suffix());
     let (pod, _main) = pod_in(&tb, "web", &namespace, &["another-lab.com"]);
 

@@ -195,20 +195,16 @@ fn seed_story_search_escape_is_flagged() {
 #[test]
 fn service_present_resolves_in_cluster() {
     let tb = testbed();
-    let db = tb
-        .add_external_host_at("db", Ipv4Addr::new(203, 0, 113, 10))
-        .expect("external host");
     let svc = tb.add_cluster_host("db-svc").expect("cluster host");
-    let _external = db.listen_tcp(5432).expect("listener");
     let _service = svc.listen_tcp(5432).expect("listener");
-    let dns = tb
-        .start_dns(
-            DnsConfig::dnsmasq()
-                .local_zone("another-lab.com")
-                .record("db.another-lab.com", db.ipv4())
-                .record("db.simple-web-app.svc.cluster.local", svc.ipv4()),
-        )
-        .expect("dnsmasq");
+    let Outside {
+        listener: _external,
+        dns,
+        ..
+    } = Outside::with(&tb, |db, zone| {
+        zone.record(DB_NAME, db.ipv4())
+            .record("db.simple-web-app.svc.cluster.local", svc.ipv4())
+    });
     let pod = story_pod(&tb, "web");
     let observed = Observed::start();
 
@@ -269,17 +265,11 @@ fn absolute_external_name_is_egress_but_not_flagged() {
 #[test]
 fn ndots_decides_whether_a_dotted_name_walks_the_search_list() {
     let tb = testbed();
-    let db = tb
-        .add_external_host_at("db", Ipv4Addr::new(203, 0, 113, 10))
-        .expect("external host");
-    let _listener = db.listen_tcp(5432).expect("listener");
-    let dns = tb
-        .start_dns(
-            DnsConfig::dnsmasq()
-                .local_zone("another-lab.com")
-                .record("db.another-lab.com", db.ipv4()),
-        )
-        .expect("dnsmasq");
+    let Outside {
+        db,
+        listener: _listener,
+        dns,
+    } = Outside::new(&tb);
     let ndots1 = tb
         .add_pod(PodSpec::new("ndots1").search(STORY_SEARCH).ndots(1))
         .expect("pod");
@@ -374,21 +364,14 @@ fn ndots_decides_whether_a_dotted_name_walks_the_search_list() {
 fn externalname_service_cname_is_declared_egress() {
     let tb = testbed();
     let namespace = format!("vendors-{}", tb.run_id().suffix());
-    let db = tb
-        .add_external_host_at("db", Ipv4Addr::new(203, 0, 113, 10))
-        .expect("external host");
-    let _listener = db.listen_tcp(5432).expect("listener");
-    let dns = tb
-        .start_dns(
-            DnsConfig::dnsmasq()
-                .local_zone("another-lab.com")
-                .record("db.another-lab.com", db.ipv4())
-                .cname(
-                    &format!("ledger.{namespace}.svc.cluster.local"),
-                    "db.another-lab.com",
-                ),
-        )
-        .expect("dnsmasq");
+    let Outside {
+        db,
+        listener: _listener,
+        dns,
+    } = Outside::with(&tb, |db, zone| {
+        zone.record(DB_NAME, db.ipv4())
+            .cname(&format!("ledger.{namespace}.svc.cluster.local"), DB_NAME)
+    });
     let pod = tb
         .add_pod(
             PodSpec::new("billing")
@@ -536,17 +519,11 @@ fn autopath_style_cname_out_of_the_cluster_is_flagged() {
 #[test]
 fn ipv6_only_search_escape_is_flagged() {
     let tb = testbed();
-    let db = tb
-        .add_external_host_at("db", Ipv4Addr::new(203, 0, 113, 10))
-        .expect("external host");
-    let _listener = db.listen_tcp(5432).expect("listener");
-    let dns = tb
-        .start_dns(
-            DnsConfig::dnsmasq()
-                .local_zone("another-lab.com")
-                .record("db.another-lab.com", db.ipv6()),
-        )
-        .expect("dnsmasq");
+    let Outside {
+        db,
+        listener: _listener,
+        dns,
+    } = Outside::with(&tb, |db, zone| zone.record(DB_NAME, db.ipv6()));
     let pod = story_pod(&tb, "web");
     let observed = Observed::start();
 

@@ -13,20 +13,20 @@ use std::{
     time::{Duration, Instant},
 };
 
-use observer_tests::{CLOSED_PORT, DnsConfig, Pod, PodSpec, Testbed, agent::metric_sum, plan};
+use observer_tests::{
+    CLOSED_PORT, Pod, PodSpec, Testbed,
+    agent::metric_sum,
+    plan,
+    story::{DB_NAME, EXTERNAL_DB, Outside, testbed},
+};
 use scenario_pods_support::{
     chain_names, client, client_report, spawn_client, start_agent, text, wait_for_metrics,
     wait_for_records,
 };
 use serde_json::{Value, json};
 
-const EXTERNAL_DB: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const RECORD_WAIT: Duration = Duration::from_secs(120);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-
-fn testbed() -> Testbed {
-    Testbed::new().expect("building the testbed (these scenarios must run as root)")
-}
 
 /// The kubelet's search list for a pod in `namespace`, followed by the node's domain (the
 /// incident's `another-lab.com`), with the kubelet's ndots:5.
@@ -137,26 +137,18 @@ fn each_pod_gets_its_own_resolution() {
     let tb = testbed();
     let db_a = tb.add_cluster_host("db-a").expect("cluster host");
     let db_b = tb.add_cluster_host("db-b").expect("cluster host");
-    let outside = tb
-        .add_external_host_at("outside", EXTERNAL_DB)
-        .expect("external host");
+    let outside = Outside::with(&tb, |outside, zone| {
+        zone.record("db.a.svc.cluster.local", db_a.ipv4())
+            .record("db.b.svc.cluster.local", db_b.ipv4())
+            .record(DB_NAME, outside.ipv4())
+            .record("cdn-a.another-lab.com", outside.ipv4())
+            .record("cdn-b.another-lab.com", outside.ipv4())
+    });
     let _listeners = [
         db_a.listen_tcp(5432).expect("listen"),
         db_b.listen_tcp(5432).expect("listen"),
-        outside.listen_tcp(5432).expect("listen"),
-        outside.listen_tcp(443).expect("listen"),
+        outside.db.listen_tcp(443).expect("listen"),
     ];
-    let _dns = tb
-        .start_dns(
-            DnsConfig::dnsmasq()
-                .local_zone("another-lab.com")
-                .record("db.a.svc.cluster.local", db_a.ipv4())
-                .record("db.b.svc.cluster.local", db_b.ipv4())
-                .record("db.another-lab.com", outside.ipv4())
-                .record("cdn-a.another-lab.com", outside.ipv4())
-                .record("cdn-b.another-lab.com", outside.ipv4()),
-        )
-        .expect("dnsmasq");
     let pod_a = pod_in(&tb, "a", "a");
     let pod_b = pod_in(&tb, "b", "b");
     let pod_c = pod_in(&tb, "c", "c");
@@ -284,19 +276,11 @@ fn each_pod_gets_its_own_resolution() {
 #[test]
 fn unanswered_queries_refused_and_timed_out_connects() {
     let tb = testbed();
-    let outside = tb
-        .add_external_host_at("outside", EXTERNAL_DB)
-        .expect("external host");
-    let _listener = outside.listen_tcp(5432).expect("listen");
-    let _dns = tb
-        .start_dns(
-            DnsConfig::dnsmasq()
-                .local_zone("another-lab.com")
-                .record("db.another-lab.com", outside.ipv4())
-                .record("gone.another-lab.com", plan::UNANSWERED_EXTERNAL_V4)
-                .record("stuck.shop.svc.cluster.local", plan::UNANSWERED_CLUSTER_V4),
-        )
-        .expect("dnsmasq");
+    let _outside = Outside::with(&tb, |outside, zone| {
+        zone.record(DB_NAME, outside.ipv4())
+            .record("gone.another-lab.com", plan::UNANSWERED_EXTERNAL_V4)
+            .record("stuck.shop.svc.cluster.local", plan::UNANSWERED_CLUSTER_V4)
+    });
     let web = pod_in(&tb, "web", "shop");
     // Its nameserver is an address the switch drops silently: glibc's queries go out and
     // nothing ever comes back (one try of one second, so the lookup fails fast).
@@ -438,21 +422,15 @@ fn unanswered_queries_refused_and_timed_out_connects() {
 fn a_name_that_leaves_the_cluster_drifts() {
     let tb = testbed();
     let in_cluster = tb.add_cluster_host("db-svc").expect("cluster host");
-    let outside = tb
-        .add_external_host_at("outside", EXTERNAL_DB)
-        .expect("external host");
-    let _listeners = [
-        in_cluster.listen_tcp(5432).expect("listen"),
-        outside.listen_tcp(5432).expect("listen"),
-    ];
-    let dns = tb
-        .start_dns(
-            DnsConfig::dnsmasq()
-                .local_zone("another-lab.com")
-                .record("db.shop.svc.cluster.local", in_cluster.ipv4())
-                .record("db.another-lab.com", outside.ipv4()),
-        )
-        .expect("dnsmasq");
+    let _in_cluster_listener = in_cluster.listen_tcp(5432).expect("listen");
+    let Outside {
+        listener: _outside_listener,
+        dns,
+        ..
+    } = Outside::with(&tb, |outside, zone| {
+        zone.record("db.shop.svc.cluster.local", in_cluster.ipv4())
+            .record(DB_NAME, outside.ipv4())
+    });
     let web = pod_in(&tb, "web", "shop");
     let agent = start_agent();
     let cg = web.cgroup().container.id();
@@ -502,17 +480,7 @@ fn a_name_that_leaves_the_cluster_drifts() {
 #[test]
 fn a_node_process_escapes_as_the_host() {
     let tb = testbed();
-    let outside = tb
-        .add_external_host_at("outside", EXTERNAL_DB)
-        .expect("external host");
-    let _listener = outside.listen_tcp(5432).expect("listen");
-    let _dns = tb
-        .start_dns(
-            DnsConfig::dnsmasq()
-                .local_zone("another-lab.com")
-                .record("db.another-lab.com", outside.ipv4()),
-        )
-        .expect("dnsmasq");
+    let _outside = Outside::new(&tb);
     // The pod only lends its network namespace and resolv.conf: the process runs in a
     // systemd service's cgroup, as a node daemon would.
     let node_net = pod_in(&tb, "node", "shop");
@@ -564,25 +532,24 @@ fn many_pods_at_once_lose_nothing() {
     const PAUSE: Duration = Duration::from_millis(100);
     let tb = testbed();
     let api = tb.add_cluster_host("api").expect("cluster host");
-    let db = tb
-        .add_external_host_at("db", EXTERNAL_DB)
-        .expect("external host");
     let ext = tb
         .add_external_host_at("ext", Ipv4Addr::new(203, 0, 113, 11))
         .expect("external host");
     let _listeners = [
         api.listen_tcp(8080).expect("listen"),
-        db.listen_tcp(5432).expect("listen"),
         ext.listen_tcp(443).expect("listen"),
     ];
-    let mut dns = DnsConfig::dnsmasq()
-        .local_zone("another-lab.com")
-        .record("db.another-lab.com", db.ipv4())
-        .record("ext.another-lab.com", ext.ipv4());
-    for i in 0..PODS {
-        dns = dns.record(&format!("api.ns{i}.svc.cluster.local"), api.ipv4());
-    }
-    let _dns = tb.start_dns(dns).expect("dnsmasq");
+    let Outside {
+        db,
+        listener: _db_listener,
+        dns: _dns,
+    } = Outside::with(&tb, |db, zone| {
+        (0..PODS).fold(
+            zone.record(DB_NAME, db.ipv4())
+                .record("ext.another-lab.com", ext.ipv4()),
+            |zone, i| zone.record(&format!("api.ns{i}.svc.cluster.local"), api.ipv4()),
+        )
+    });
     let pods: Vec<Pod> = (0..PODS)
         .map(|i| pod_in(&tb, &format!("m{i}"), &format!("ns{i}")))
         .collect();
