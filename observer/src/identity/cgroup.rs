@@ -13,7 +13,7 @@ use crate::mountinfo;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}")]
     Io {
         op: &'static str,
         path: PathBuf,
