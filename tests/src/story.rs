@@ -107,6 +107,15 @@ impl Outside {
     }
 }
 
+/// The backend of a Service `db` inside the cluster: a cluster host listening on [`DB_PORT`].
+pub fn service_db(tb: &Testbed) -> (Host, TcpServer) {
+    let host = tb.add_cluster_host("db-svc").expect("cluster host");
+    let listener = host
+        .listen_tcp(DB_PORT)
+        .expect("listener on the cluster host");
+    (host, listener)
+}
+
 /// The incident's testbed: the [`Outside`] (plus what `extra` adds to its zone) and the pod
 /// `web`.
 pub struct Story {

@@ -314,12 +314,12 @@ fn in_cluster_connection_is_a_healthy_trace_exported_only_with_export_all() {
     let cache = std::cell::RefCell::new(None);
     let service = std::cell::RefCell::new(None);
     let story = Story::with(|tb, dns| {
-        let svc = tb.add_cluster_host("db-svc").expect("cluster host");
+        let (svc, svc_listener) = service_db(tb);
         let ext = tb.add_external_host("cache").expect("external host");
         let dns = dns
             .record(IN_CLUSTER_DB, svc.ipv4())
             .record("cache.another-lab.com", ext.ipv4());
-        service.replace(Some((svc.listen_tcp(DB_PORT).expect("listener"), svc)));
+        service.replace(Some((svc_listener, svc)));
         cache.replace(Some((ext.listen_tcp(DB_PORT).expect("listener"), ext)));
         dns
     });
@@ -618,8 +618,7 @@ fn json_chain(chain: &[(&str, &str, &str)]) -> Value {
 #[test]
 fn json_lines_of_the_seed_story_and_a_healthy_connection() {
     let story = Story::new();
-    let svc = story.tb.add_cluster_host("db-svc").expect("cluster host");
-    let _svc_listener = svc.listen_tcp(DB_PORT).expect("listener");
+    let (svc, _svc_listener) = service_db(&story.tb);
     let agent = Agent::start(AgentSpec::new().args(cluster_args()));
 
     let escaped = story.connect("db", EXTERNAL_DB.into());

@@ -19,7 +19,7 @@ use observer_tests::{
     kube_api::{KubeApi, external_name_service},
     plan,
     prometheus::{LiveRules, Prometheus, ScrapeTarget},
-    story::{DB_NAME, DB_PORT, EXTERNAL_DB, Outside, cluster_args, connect, testbed},
+    story::{DB_NAME, DB_PORT, EXTERNAL_DB, Outside, cluster_args, connect, service_db, testbed},
 };
 use serde_json::Value;
 
@@ -213,13 +213,8 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
         .add_external_host_at("partner", Ipv4Addr::new(203, 0, 113, 11))
         .expect("external host");
     let _partner_listener = partner.listen_tcp(DB_PORT).expect("listener");
-    let svc = tb.add_cluster_host("db-svc").expect("cluster host");
-    let _svc_listener = svc.listen_tcp(DB_PORT).expect("listener");
-    let Outside {
-        listener: _db_listener,
-        dns,
-        ..
-    } = Outside::with(&tb, |db, zone| {
+    let (svc, _svc_listener) = service_db(&tb);
+    let outside = Outside::with(&tb, |db, zone| {
         zone.local_zone("partner.example")
             .record(DB_NAME, db.ipv4())
             .record("api.partner.example", partner.ipv4())
@@ -228,6 +223,7 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
             // What cluster DNS answers for the ExternalName Service `vendor`.
             .cname(&format!("vendor.{cname}.svc.cluster.local"), DB_NAME)
     });
+    let dns = &outside.dns;
     let (esc_pod, _esc_main) = pod_in(&tb, "esc", &esc, &["another-lab.com"]);
     let (cname_pod, _cname_main) = pod_in(&tb, "cname", &cname, &["another-lab.com"]);
     let (drift_pod, _drift_main) = pod_in(&tb, "drift", &drift, &["another-lab.com"]);
@@ -308,7 +304,7 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
     });
 
     // The story: `db` walks the search list and escapes through another-lab.com.
-    connect_to(&esc_pod, "db", EXTERNAL_DB.into(), &dns);
+    connect_to(&esc_pod, "db", EXTERNAL_DB.into(), dns);
     let escape_event = Instant::now();
     let escape_labels = [
         ("namespace", esc.as_str()),
@@ -380,7 +376,7 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
     // The fix: the Service exists; `db` answers in the cluster and nothing new fires.
     dns.add_record(&format!("db.{esc}.svc.cluster.local"), svc.ipv4())
         .expect("the Service's record");
-    connect_to(&esc_pod, "db", svc.ipv4().into(), &dns);
+    connect_to(&esc_pod, "db", svc.ipv4().into(), dns);
     let in_cluster =
         format!("observer_connections_total{{namespace=\"{esc}\",resolution=\"in-cluster\"}}");
     prometheus.wait_for("the fixed connection in Prometheus", GUARD, || {
@@ -424,7 +420,7 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
     );
 
     // An in-cluster name that is a CNAME out of the cluster.
-    connect_to(&cname_pod, "ledger", EXTERNAL_DB.into(), &dns);
+    connect_to(&cname_pod, "ledger", EXTERNAL_DB.into(), dns);
     let ledger = format!("ledger.{cname}.svc.cluster.local");
     let cname_fired = wait_firing(
         &prometheus,
@@ -461,7 +457,7 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
     );
 
     // The same CNAME, declared by the ExternalName Service `vendor`: egress, no alert.
-    connect_to(&cname_pod, "vendor", EXTERNAL_DB.into(), &dns);
+    connect_to(&cname_pod, "vendor", EXTERNAL_DB.into(), dns);
     let vendor = format!("vendor.{cname}.svc.cluster.local");
     let declared = agent.wait_for_record(GUARD, |r| {
         r["cgroup_id"].as_u64() == Some(cname_pod.cgroup().container.id())
@@ -488,7 +484,7 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
     );
 
     // Drift: `db` was in the cluster; its Service goes and the name escapes.
-    connect_to(&drift_pod, "db", svc.ipv4().into(), &dns);
+    connect_to(&drift_pod, "db", svc.ipv4().into(), dns);
     prometheus.wait_for("the drift pod's in-cluster connection", GUARD, || {
         (!prometheus
             .query(&format!(
@@ -499,7 +495,7 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
     });
     dns.remove_record(&format!("db.{drift}.svc.cluster.local"))
         .expect("the Service goes");
-    connect_to(&drift_pod, "db", EXTERNAL_DB.into(), &dns);
+    connect_to(&drift_pod, "db", EXTERNAL_DB.into(), dns);
     let drift_fired = wait_firing(
         &prometheus,
         "ObserverNameDrift",
@@ -550,7 +546,7 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
         &hardcoded_pod,
         "www.outside.example",
         partner.ipv4().into(),
-        &dns,
+        dns,
     );
     let hardcoded_cgroup = hardcoded_pod.cgroup().container.id();
     let record = agent.wait_for_record(GUARD, |r| {
@@ -823,11 +819,8 @@ fn dashboard_shows_the_scenarios(prometheus: &Prometheus, ours: &[&str], span: D
 #[test]
 fn agent_health_alerts_fire_for_the_agent_in_trouble_only() {
     let tb = testbed();
-    let Outside {
-        listener: _db_listener,
-        dns,
-        ..
-    } = Outside::new(&tb);
+    let outside = Outside::new(&tb);
+    let dns = &outside.dns;
     let namespace = format!("trouble-{}", tb.run_id().suffix());
     let (pod, _main) = pod_in(&tb, "web", &namespace, &["another-lab.com"]);
 
@@ -884,7 +877,7 @@ fn agent_health_alerts_fire_for_the_agent_in_trouble_only() {
     );
 
     // A flagged connection is always exported; the collector is closed.
-    connect_to(&pod, "db", EXTERNAL_DB.into(), &dns);
+    connect_to(&pod, "db", EXTERNAL_DB.into(), dns);
     let export = wait_firing(
         &prometheus,
         "ObserverSpanExportFailing",

@@ -21,7 +21,7 @@ use observer_tests::{
     CLOSED_PORT, Family, PodSpec,
     agent::{Agent, AgentExited, AgentSpec},
     plan,
-    story::{DB_NAME, Outside, story_pod, testbed},
+    story::{DB_NAME, Outside, service_db, story_pod, testbed},
 };
 use serde_json::Value;
 
@@ -549,17 +549,13 @@ fn alert_annotations_only_use_labels_the_alert_keeps() {
 #[test]
 fn rules_use_series_and_labels_the_agent_really_exports() {
     let tb = testbed();
-    let in_cluster = tb.add_cluster_host("db-svc").expect("cluster host");
-    let _svc_listener = in_cluster.listen_tcp(5432).expect("listener");
-    let Outside {
-        db,
-        listener: _db_listener,
-        dns,
-    } = Outside::with(&tb, |db, zone| {
+    let (in_cluster, _svc_listener) = service_db(&tb);
+    let outside = Outside::with(&tb, |db, zone| {
         zone.record(DB_NAME, db.ipv4())
             .record("db.simple-web-app.svc.cluster.local", in_cluster.ipv4())
             .cname("ledger.simple-web-app.svc.cluster.local", DB_NAME)
     });
+    let (db, dns) = (&outside.db, &outside.dns);
     let web = story_pod(&tb, "web");
     let lonely = tb
         .add_pod(

@@ -195,20 +195,16 @@ fn seed_story_search_escape_is_flagged() {
 #[test]
 fn service_present_resolves_in_cluster() {
     let tb = testbed();
-    let svc = tb.add_cluster_host("db-svc").expect("cluster host");
-    let _service = svc.listen_tcp(5432).expect("listener");
-    let Outside {
-        listener: _external,
-        dns,
-        ..
-    } = Outside::with(&tb, |db, zone| {
+    let (svc, _service) = service_db(&tb);
+    let outside = Outside::with(&tb, |db, zone| {
         zone.record(DB_NAME, db.ipv4())
             .record("db.simple-web-app.svc.cluster.local", svc.ipv4())
     });
+    let dns = &outside.dns;
     let pod = story_pod(&tb, "web");
     let observed = Observed::start();
 
-    let (_, peer) = connect(&pod, "db", 5432, Family::Any, &dns);
+    let (_, peer) = connect(&pod, "db", 5432, Family::Any, dns);
     assert_eq!(peer, IpAddr::V4(svc.ipv4()));
     assert_eq!(svc.ipv4().octets()[..2], [198, 18]);
 
@@ -265,11 +261,8 @@ fn absolute_external_name_is_egress_but_not_flagged() {
 #[test]
 fn ndots_decides_whether_a_dotted_name_walks_the_search_list() {
     let tb = testbed();
-    let Outside {
-        db,
-        listener: _listener,
-        dns,
-    } = Outside::new(&tb);
+    let outside = Outside::new(&tb);
+    let (db, dns) = (&outside.db, &outside.dns);
     let ndots1 = tb
         .add_pod(PodSpec::new("ndots1").search(STORY_SEARCH).ndots(1))
         .expect("pod");
@@ -277,7 +270,7 @@ fn ndots_decides_whether_a_dotted_name_walks_the_search_list() {
     let observed = Observed::start();
 
     for pod in [&ndots1, &ndots5] {
-        let (_, peer) = connect(pod, "db.another-lab.com", 5432, Family::Any, &dns);
+        let (_, peer) = connect(pod, "db.another-lab.com", 5432, Family::Any, dns);
         assert_eq!(peer, IpAddr::V4(db.ipv4()));
     }
 
@@ -364,14 +357,11 @@ fn ndots_decides_whether_a_dotted_name_walks_the_search_list() {
 fn externalname_service_cname_is_declared_egress() {
     let tb = testbed();
     let namespace = format!("vendors-{}", tb.run_id().suffix());
-    let Outside {
-        db,
-        listener: _listener,
-        dns,
-    } = Outside::with(&tb, |db, zone| {
+    let outside = Outside::with(&tb, |db, zone| {
         zone.record(DB_NAME, db.ipv4())
             .cname(&format!("ledger.{namespace}.svc.cluster.local"), DB_NAME)
     });
+    let (db, dns) = (&outside.db, &outside.dns);
     let pod = tb
         .add_pod(
             PodSpec::new("billing")
@@ -394,7 +384,7 @@ fn externalname_service_cname_is_declared_egress() {
     .expect("the stand-in API server");
     let observed = Observed::with_kube_api(&api);
 
-    let (_, peer) = connect(&pod, "ledger", 5432, Family::Any, &dns);
+    let (_, peer) = connect(&pod, "ledger", 5432, Family::Any, dns);
     assert_eq!(peer, IpAddr::V4(db.ipv4()));
 
     let record = observed.record_of(&pod, 5432);
@@ -519,15 +509,12 @@ fn autopath_style_cname_out_of_the_cluster_is_flagged() {
 #[test]
 fn ipv6_only_search_escape_is_flagged() {
     let tb = testbed();
-    let Outside {
-        db,
-        listener: _listener,
-        dns,
-    } = Outside::with(&tb, |db, zone| zone.record(DB_NAME, db.ipv6()));
+    let outside = Outside::with(&tb, |db, zone| zone.record(DB_NAME, db.ipv6()));
+    let (db, dns) = (&outside.db, &outside.dns);
     let pod = story_pod(&tb, "web");
     let observed = Observed::start();
 
-    let (_, peer) = connect(&pod, "db", 5432, Family::Any, &dns);
+    let (_, peer) = connect(&pod, "db", 5432, Family::Any, dns);
     assert_eq!(peer, IpAddr::V6(db.ipv6()));
 
     let record = observed.record_of(&pod, 5432);

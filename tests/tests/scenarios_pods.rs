@@ -17,7 +17,7 @@ use observer_tests::{
     CLOSED_PORT, Pod, PodSpec, Testbed,
     agent::metric_sum,
     plan,
-    story::{DB_NAME, EXTERNAL_DB, Outside, testbed},
+    story::{DB_NAME, EXTERNAL_DB, Outside, service_db, testbed},
 };
 use scenario_pods_support::{
     chain_names, client, client_report, spawn_client, start_agent, text, wait_for_metrics,
@@ -421,16 +421,12 @@ fn unanswered_queries_refused_and_timed_out_connects() {
 #[test]
 fn a_name_that_leaves_the_cluster_drifts() {
     let tb = testbed();
-    let in_cluster = tb.add_cluster_host("db-svc").expect("cluster host");
-    let _in_cluster_listener = in_cluster.listen_tcp(5432).expect("listen");
-    let Outside {
-        listener: _outside_listener,
-        dns,
-        ..
-    } = Outside::with(&tb, |outside, zone| {
+    let (in_cluster, _in_cluster_listener) = service_db(&tb);
+    let outside = Outside::with(&tb, |outside, zone| {
         zone.record("db.shop.svc.cluster.local", in_cluster.ipv4())
             .record(DB_NAME, outside.ipv4())
     });
+    let dns = &outside.dns;
     let web = pod_in(&tb, "web", "shop");
     let agent = start_agent();
     let cg = web.cgroup().container.id();
@@ -539,17 +535,14 @@ fn many_pods_at_once_lose_nothing() {
         api.listen_tcp(8080).expect("listen"),
         ext.listen_tcp(443).expect("listen"),
     ];
-    let Outside {
-        db,
-        listener: _db_listener,
-        dns: _dns,
-    } = Outside::with(&tb, |db, zone| {
+    let outside = Outside::with(&tb, |db, zone| {
         (0..PODS).fold(
             zone.record(DB_NAME, db.ipv4())
                 .record("ext.another-lab.com", ext.ipv4()),
             |zone, i| zone.record(&format!("api.ns{i}.svc.cluster.local"), api.ipv4()),
         )
     });
+    let db = &outside.db;
     let pods: Vec<Pod> = (0..PODS)
         .map(|i| pod_in(&tb, &format!("m{i}"), &format!("ns{i}")))
         .collect();

@@ -10,7 +10,7 @@ use observer_tests::{
     CLOSED_PORT, CgroupDriver, ConnectOutcome, DnsConfig, DnsProbe, Family, LoggedQuery, PodSpec,
     QosClass, QueryOutcome, TestCommand, Transport, cgroup_of_pid, dns_probe_client_bin, plan,
     probe::qtype,
-    story::{CONNECT_TIMEOUT, Outside, story_pod, testbed},
+    story::{CONNECT_TIMEOUT, Outside, service_db, story_pod, testbed},
 };
 
 const LOG_WAIT: Duration = Duration::from_secs(5);
@@ -26,7 +26,8 @@ fn a_queries(log: &[LoggedQuery]) -> Vec<(String, QueryOutcome)> {
 #[test]
 fn the_search_list_escape_reproduces() {
     let tb = testbed();
-    let Outside { db, listener, dns } = Outside::new(&tb);
+    let outside = Outside::new(&tb);
+    let (db, listener, dns) = (&outside.db, &outside.listener, &outside.dns);
     let pod = story_pod(&tb, "web");
 
     let report = pod
@@ -74,13 +75,9 @@ fn the_search_list_escape_reproduces() {
 #[test]
 fn a_record_added_at_run_time_keeps_the_pod_in_the_cluster() {
     let tb = testbed();
-    let in_cluster = tb.add_cluster_host("db-svc").expect("cluster host");
-    let cluster_listener = in_cluster.listen_tcp(5432).expect("listener");
-    let Outside {
-        db: external,
-        listener: external_listener,
-        dns,
-    } = Outside::new(&tb);
+    let (in_cluster, cluster_listener) = service_db(&tb);
+    let outside = Outside::new(&tb);
+    let (external, external_listener, dns) = (&outside.db, &outside.listener, &outside.dns);
     let pod = story_pod(&tb, "web");
 
     let first = pod
