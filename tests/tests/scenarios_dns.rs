@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use observer_tests::{DnsConfig, Family, PodSpec, QueryOutcome, agent::metric_sum};
 use scenario_support::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const NX: Option<&str> = Some("NXDOMAIN");
 const NOERROR: Option<&str> = Some("NOERROR");
@@ -46,6 +46,24 @@ fn flagged_count(metrics: &str, resolution: &str, query: &str, domain: &str, ser
     )
 }
 
+/// The story's search chain: A and AAAA of `db` under each cluster suffix (NXDOMAIN), then
+/// of db.another-lab.com (NOERROR).
+fn escape_chain() -> Vec<(&'static str, &'static str, Option<&'static str>)> {
+    let cluster = [
+        "db.simple-web-app.svc.cluster.local",
+        "db.svc.cluster.local",
+        "db.cluster.local",
+    ];
+    let mut chain = pairs(&cluster, NX);
+    chain.extend(pairs(&["db.another-lab.com"], NOERROR));
+    chain
+}
+
+/// The record's search chain is `expected` (name, type, rcode), in order.
+fn assert_chain(record: &Value, expected: &[(&str, &str, Option<&str>)]) {
+    assert_eq!(chain(record), owned(expected), "{record:#}");
+}
+
 /// Not flagged; `message` is the chain's note when it wasted queries (with its fix), else
 /// there is no sentence at all.
 fn assert_not_flagged(record: &Value, message: Option<&str>) {
@@ -66,15 +84,15 @@ fn seed_story_search_escape_is_flagged() {
     assert_eq!(peer, IpAddr::V4(db.ipv4()));
 
     let record = observed.record_of(pod, 5432);
-    assert_eq!(record["query_name"], "db", "{record:#}");
-    assert_eq!(record["resolution"], "search-escape", "{record:#}");
-    assert_eq!(record["server_address"], "db.another-lab.com");
-    assert_eq!(record["search_domain"], "another-lab.com");
-    assert_eq!(record["wasted_queries"], 3);
-    assert_eq!(record["egress"], true);
-    assert_eq!(record["flagged"], true);
-    assert_eq!(record["drift"], false);
-    assert_eq!(record["outcome"], "established");
+    assert_fields(
+        &record,
+        json!({
+            "query_name": "db", "resolution": "search-escape",
+            "server_address": "db.another-lab.com", "search_domain": "another-lab.com",
+            "wasted_queries": 3, "egress": true, "flagged": true, "drift": false,
+            "outcome": "established"
+        }),
+    );
     assert_eq!(record["cname_chain"], serde_json::json!([]));
     assert_eq!(destination_ip(&record), IpAddr::V4(db.ipv4()));
     assert_eq!(record["destination"]["port"], 5432);
@@ -83,16 +101,7 @@ fn seed_story_search_escape_is_flagged() {
     assert_eq!(record["pod"]["uid"], pod.cgroup().pod_uid.as_str());
     assert_eq!(record["container_id"], pod.cgroup().container_id.as_str());
     assert_eq!(record["message"], FLAG_MESSAGE);
-    let mut expected = pairs(
-        &[
-            "db.simple-web-app.svc.cluster.local",
-            "db.svc.cluster.local",
-            "db.cluster.local",
-        ],
-        NX,
-    );
-    expected.extend(pairs(&["db.another-lab.com"], NOERROR));
-    assert_eq!(chain(&record), owned(&expected), "{record:#}");
+    assert_chain(&record, &escape_chain());
 
     // The same story as a trace: the connection's root span and one child per DNS query.
     let trace = observed.trace_of(pod);
@@ -158,7 +167,11 @@ fn seed_story_search_escape_is_flagged() {
             )
         })
         .collect();
-    assert_eq!(child_chain, owned(&expected), "one child span per query");
+    assert_eq!(
+        child_chain,
+        owned(&escape_chain()),
+        "one child span per query"
+    );
     assert!(children.iter().all(|c| c.parent_span_id == root.span_id));
     let answer = children
         .iter()
@@ -209,22 +222,21 @@ fn service_present_resolves_in_cluster() {
     assert_eq!(svc.ipv4().octets()[..2], [198, 18]);
 
     let record = observed.record_of(&pod, 5432);
-    assert_eq!(record["query_name"], "db", "{record:#}");
-    assert_eq!(record["resolution"], "in-cluster", "{record:#}");
-    assert_eq!(
-        record["server_address"],
-        "db.simple-web-app.svc.cluster.local"
+    assert_fields(
+        &record,
+        json!({
+            "query_name": "db", "resolution": "in-cluster",
+            "server_address": "db.simple-web-app.svc.cluster.local",
+            "search_domain": "simple-web-app.svc.cluster.local", "wasted_queries": 0,
+            "egress": false
+        }),
     );
-    assert_eq!(record["search_domain"], "simple-web-app.svc.cluster.local");
-    assert_eq!(record["wasted_queries"], 0);
-    assert_eq!(record["egress"], false);
     assert_not_flagged(&record, None);
     assert_eq!(record["outcome"], "established");
     assert_eq!(destination_ip(&record), IpAddr::V4(svc.ipv4()));
-    assert_eq!(
-        chain(&record),
-        owned(&pairs(&["db.simple-web-app.svc.cluster.local"], NOERROR)),
-        "{record:#}"
+    assert_chain(
+        &record,
+        &pairs(&["db.simple-web-app.svc.cluster.local"], NOERROR),
     );
 }
 
@@ -240,19 +252,18 @@ fn absolute_external_name_is_egress_but_not_flagged() {
     assert_eq!(peer, IpAddr::V4(db.ipv4()));
 
     let record = observed.record_of(pod, 5432);
-    assert_eq!(record["query_name"], "db.another-lab.com.", "{record:#}");
-    assert_eq!(record["resolution"], "external", "{record:#}");
-    assert_eq!(record["server_address"], "db.another-lab.com");
-    assert!(record["search_domain"].is_null(), "{record:#}");
-    assert_eq!(record["wasted_queries"], 0);
-    assert_eq!(record["egress"], true);
+    assert_fields(
+        &record,
+        json!({
+            "query_name": "db.another-lab.com.", "resolution": "external",
+            "server_address": "db.another-lab.com", "search_domain": null, "wasted_queries": 0,
+            "egress": true
+        }),
+    );
     assert_not_flagged(&record, None);
     assert_eq!(destination_ip(&record), IpAddr::V4(db.ipv4()));
-    assert_eq!(
-        chain(&record),
-        owned(&pairs(&["db.another-lab.com"], NOERROR)),
-        "no cluster suffix tried: {record:#}"
-    );
+    // No cluster suffix tried.
+    assert_chain(&record, &pairs(&["db.another-lab.com"], NOERROR));
 }
 
 /// Scenario 4: A dotted name under ndots:1 is asked as-is first (external, nothing wasted); the same
@@ -275,26 +286,26 @@ fn ndots_decides_whether_a_dotted_name_walks_the_search_list() {
     }
 
     let direct = observed.record_of(&ndots1, 5432);
-    assert_eq!(direct["query_name"], "db.another-lab.com", "{direct:#}");
-    assert_eq!(direct["resolution"], "external", "{direct:#}");
-    assert_eq!(direct["server_address"], "db.another-lab.com");
-    assert!(direct["search_domain"].is_null());
-    assert_eq!(direct["wasted_queries"], 0);
-    assert_eq!(direct["egress"], true);
-    assert_not_flagged(&direct, None);
-    assert_eq!(
-        chain(&direct),
-        owned(&pairs(&["db.another-lab.com"], NOERROR)),
-        "{direct:#}"
+    assert_fields(
+        &direct,
+        json!({
+            "query_name": "db.another-lab.com", "resolution": "external",
+            "server_address": "db.another-lab.com", "search_domain": null, "wasted_queries": 0,
+            "egress": true
+        }),
     );
+    assert_not_flagged(&direct, None);
+    assert_chain(&direct, &pairs(&["db.another-lab.com"], NOERROR));
 
     let walked = observed.record_of(&ndots5, 5432);
-    assert_eq!(walked["query_name"], "db.another-lab.com", "{walked:#}");
-    assert_eq!(walked["resolution"], "external", "{walked:#}");
-    assert_eq!(walked["server_address"], "db.another-lab.com");
-    assert!(walked["search_domain"].is_null(), "{walked:#}");
-    assert_eq!(walked["wasted_queries"], 4);
-    assert_eq!(walked["egress"], true);
+    assert_fields(
+        &walked,
+        json!({
+            "query_name": "db.another-lab.com", "resolution": "external",
+            "server_address": "db.another-lab.com", "search_domain": null, "wasted_queries": 4,
+            "egress": true
+        }),
+    );
     assert_not_flagged(
         &walked,
         Some(
@@ -312,7 +323,7 @@ fn ndots_decides_whether_a_dotted_name_walks_the_search_list() {
         NX,
     );
     expected.extend(pairs(&["db.another-lab.com"], NOERROR));
-    assert_eq!(chain(&walked), owned(&expected), "{walked:#}");
+    assert_chain(&walked, &expected);
 
     let direct_span = &observed.trace_of(&ndots1)[0];
     assert_eq!(
@@ -472,10 +483,9 @@ fn autopath_style_cname_out_of_the_cluster_is_flagged() {
         "{record:#}"
     );
     assert_eq!(destination_ip(&record), IpAddr::V4(db.ipv4()));
-    assert_eq!(
-        chain(&record),
-        owned(&pairs(&["db.simple-web-app.svc.cluster.local"], NOERROR)),
-        "{record:#}"
+    assert_chain(
+        &record,
+        &pairs(&["db.simple-web-app.svc.cluster.local"], NOERROR),
     );
 
     let root = &observed.trace_of(pod)[0];
@@ -518,13 +528,14 @@ fn ipv6_only_search_escape_is_flagged() {
     assert_eq!(peer, IpAddr::V6(db.ipv6()));
 
     let record = observed.record_of(&pod, 5432);
-    assert_eq!(record["query_name"], "db", "{record:#}");
-    assert_eq!(record["resolution"], "search-escape", "{record:#}");
-    assert_eq!(record["server_address"], "db.another-lab.com");
-    assert_eq!(record["search_domain"], "another-lab.com");
-    assert_eq!(record["wasted_queries"], 3);
-    assert_eq!(record["egress"], true);
-    assert_eq!(record["flagged"], true);
+    assert_fields(
+        &record,
+        json!({
+            "query_name": "db", "resolution": "search-escape",
+            "server_address": "db.another-lab.com", "search_domain": "another-lab.com",
+            "wasted_queries": 3, "egress": true, "flagged": true
+        }),
+    );
     assert_eq!(destination_ip(&record), IpAddr::V6(db.ipv6()));
     assert_eq!(
         record["source"]["address"]
@@ -533,17 +544,8 @@ fn ipv6_only_search_escape_is_flagged() {
         Some(Ok(IpAddr::V6(pod.ipv6()))),
         "{record:#}"
     );
-    let mut expected = pairs(
-        &[
-            "db.simple-web-app.svc.cluster.local",
-            "db.svc.cluster.local",
-            "db.cluster.local",
-        ],
-        NX,
-    );
     // The A query finds the name without an IPv4 address: NOERROR, no data.
-    expected.extend(pairs(&["db.another-lab.com"], NOERROR));
-    assert_eq!(chain(&record), owned(&expected), "{record:#}");
+    assert_chain(&record, &escape_chain());
 
     let root = &observed.trace_of(&pod)[0];
     assert_eq!(str_attr(&root.attributes, "network.type"), Some("ipv6"));
@@ -615,12 +617,14 @@ fn truncated_answer_retried_over_tcp_still_classifies() {
     assert_eq!(dns_over_tcp["egress"], false);
 
     let record = observed.record_of(&pod, 5432);
-    assert_eq!(record["query_name"], "big", "{record:#}");
-    assert_eq!(record["resolution"], "search-escape", "{record:#}");
-    assert_eq!(record["server_address"], "big.another-lab.com");
-    assert_eq!(record["search_domain"], "another-lab.com");
-    assert_eq!(record["wasted_queries"], 3);
-    assert_eq!(record["flagged"], true);
+    assert_fields(
+        &record,
+        json!({
+            "query_name": "big", "resolution": "search-escape",
+            "server_address": "big.another-lab.com", "search_domain": "another-lab.com",
+            "wasted_queries": 3, "flagged": true
+        }),
+    );
     assert_eq!(destination_ip(&record), peer);
     assert_eq!(
         chain_names(&record),

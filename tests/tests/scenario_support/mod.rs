@@ -146,3 +146,16 @@ pub fn destination_ip(record: &Value) -> IpAddr {
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("destination.address is an IP: {record}"))
 }
+
+/// Each field of `expected` has that value in `record` (`null`: absent or null), so a
+/// scenario states how a record classifies its connection in one place.
+pub fn assert_fields(record: &Value, expected: Value) {
+    let fields = expected
+        .as_object()
+        .expect("the expected fields are a JSON object");
+    let found: serde_json::Map<String, Value> = fields
+        .keys()
+        .map(|key| (key.clone(), record[key].clone()))
+        .collect();
+    assert_eq!(Value::Object(found), expected, "{record:#}");
+}
