@@ -475,3 +475,16 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .sum()
 }
+
+/// Each field of `expected` has that value in `record` (`null`: absent or null), so a test
+/// states what a JSON line says about its connection in one place.
+pub fn assert_fields(record: &Value, expected: Value) {
+    let fields = expected
+        .as_object()
+        .expect("the expected fields are a JSON object");
+    let found: serde_json::Map<String, Value> = fields
+        .keys()
+        .map(|key| (key.clone(), record[key].clone()))
+        .collect();
+    assert_eq!(Value::Object(found), expected, "{record:#}");
+}

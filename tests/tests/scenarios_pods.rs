@@ -15,7 +15,7 @@ use std::{
 
 use observer_tests::{
     CLOSED_PORT, Pod, PodSpec, Testbed,
-    agent::metric_sum,
+    agent::{assert_fields, metric_sum},
     plan,
     story::{DB_NAME, EXTERNAL_DB, Outside, service_db, testbed},
 };
@@ -27,6 +27,15 @@ use serde_json::{Value, json};
 
 const RECORD_WAIT: Duration = Duration::from_secs(120);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The sentence the agent writes when `name` escapes through another-lab.com to `ip`.
+fn escape_message(name: &str, ip: &str, namespace: &str) -> String {
+    format!(
+        "{name} resolved through search domain another-lab.com to {ip}, outside the cluster: \
+         use {name}.another-lab.com. if that server is intended, or create the Service {name} \
+         in namespace {namespace}"
+    )
+}
 
 /// The kubelet's search list for a pod in `namespace`, followed by the node's domain (the
 /// incident's `another-lab.com`), with the kubelet's ndots:5.
@@ -221,12 +230,14 @@ fn each_pod_gets_its_own_resolution() {
     for r in &records {
         assert_eq!(r["pod"]["uid"], cg.pod_uid.as_str(), "{r}");
         assert_eq!(destination(r), (IpAddr::V4(EXTERNAL_DB), 5432), "{r}");
-        assert_eq!(text(r, "query_name"), Some("db"), "{r}");
-        assert_eq!(text(r, "server_address"), Some("db.another-lab.com"), "{r}");
-        assert_eq!(text(r, "search_domain"), Some("another-lab.com"), "{r}");
-        assert_eq!(text(r, "resolution"), Some("search-escape"), "{r}");
-        assert_eq!(r["wasted_queries"], 3, "{r}");
-        assert_eq!(r["flagged"], true, "{r}");
+        assert_fields(
+            r,
+            json!({
+                "query_name": "db", "server_address": "db.another-lab.com",
+                "search_domain": "another-lab.com", "resolution": "search-escape",
+                "wasted_queries": 3, "flagged": true
+            }),
+        );
         assert_chain(r, &walk("db", "c", 4));
     }
 
@@ -328,58 +339,31 @@ fn unanswered_queries_refused_and_timed_out_connects() {
             .find(|r| destination(r) == (ip, port))
             .unwrap_or_else(|| panic!("no record for {ip}:{port}:\n{}", dump(&records)))
     };
-    let r = by_port(CLOSED_PORT, IpAddr::V4(EXTERNAL_DB));
-    assert_eq!(text(r, "outcome"), Some("refused"), "{r}");
-    assert_eq!(text(r, "resolution"), Some("search-escape"), "{r}");
-    assert_eq!(text(r, "server_address"), Some("db.another-lab.com"), "{r}");
-    assert_eq!(
-        (&r["egress"], &r["flagged"]),
-        (&json!(true), &json!(true)),
-        "{r}"
-    );
     // The flag sentence; the outcome is its own field (the span status adds it).
-    assert_eq!(
-        text(r, "message"),
-        Some(
-            "db resolved through search domain another-lab.com to 203.0.113.10, outside the cluster: \
-             use db.another-lab.com. if that server is intended, or create the Service db in namespace shop"
-        ),
-        "{r}"
-    );
-    let r = by_port(80, IpAddr::V4(plan::UNANSWERED_EXTERNAL_V4));
-    assert_eq!(text(r, "outcome"), Some("timeout"), "{r}");
-    assert_eq!(text(r, "resolution"), Some("search-escape"), "{r}");
-    assert_eq!(
-        text(r, "server_address"),
-        Some("gone.another-lab.com"),
-        "{r}"
-    );
-    assert_chain(r, &walk("gone", "shop", 4));
-    assert_eq!(
-        (&r["egress"], &r["flagged"]),
-        (&json!(true), &json!(true)),
-        "{r}"
-    );
-    assert_eq!(
-        text(r, "message"),
-        Some(
-            "gone resolved through search domain another-lab.com to 203.0.113.250, outside the cluster: \
-             use gone.another-lab.com. if that server is intended, or create the Service gone in namespace shop"
-        ),
-        "{r}"
-    );
-    let r = by_port(80, IpAddr::V4(plan::UNANSWERED_CLUSTER_V4));
-    assert_eq!(text(r, "outcome"), Some("timeout"), "{r}");
-    assert_eq!(text(r, "resolution"), Some("in-cluster"), "{r}");
-    assert_eq!(
-        text(r, "server_address"),
-        Some("stuck.shop.svc.cluster.local"),
-        "{r}"
-    );
-    assert_eq!(
-        (&r["egress"], &r["flagged"]),
-        (&json!(false), &json!(false)),
-        "{r}"
+    let refused = json!({
+        "outcome": "refused", "resolution": "search-escape",
+        "server_address": "db.another-lab.com", "egress": true, "flagged": true,
+        "message": escape_message("db", "203.0.113.10", "shop")
+    });
+    let timed_out_outside = json!({
+        "outcome": "timeout", "resolution": "search-escape",
+        "server_address": "gone.another-lab.com", "egress": true, "flagged": true,
+        "message": escape_message("gone", "203.0.113.250", "shop")
+    });
+    let timed_out_inside = json!({
+        "outcome": "timeout", "resolution": "in-cluster",
+        "server_address": "stuck.shop.svc.cluster.local", "egress": false, "flagged": false
+    });
+    for (port, ip, expected) in [
+        (CLOSED_PORT, EXTERNAL_DB, refused),
+        (80, plan::UNANSWERED_EXTERNAL_V4, timed_out_outside),
+        (80, plan::UNANSWERED_CLUSTER_V4, timed_out_inside),
+    ] {
+        assert_fields(by_port(port, IpAddr::V4(ip)), expected);
+    }
+    assert_chain(
+        by_port(80, IpAddr::V4(plan::UNANSWERED_EXTERNAL_V4)),
+        &walk("gone", "shop", 4),
     );
 
     // The quiet pod's queries (A and AAAA of its first search-list name) are given up on
@@ -457,13 +441,20 @@ fn a_name_that_leaves_the_cluster_drifts() {
     assert_eq!(records.len(), 2, "{}", dump(&records));
     let r = &records[1];
     assert_eq!(destination(r), (IpAddr::V4(EXTERNAL_DB), 5432), "{r}");
-    assert_eq!(text(r, "query_name"), Some("db"), "{r}");
-    assert_eq!(text(r, "resolution"), Some("search-escape"), "{r}");
-    assert_eq!(text(r, "server_address"), Some("db.another-lab.com"), "{r}");
+    assert_fields(
+        r,
+        json!({
+            "query_name": "db", "resolution": "search-escape",
+            "server_address": "db.another-lab.com"
+        }),
+    );
     assert_chain(r, &walk("db", "shop", 4));
-    assert_eq!(r["drift"], true, "{r}");
-    assert_eq!(r["flagged"], true, "{r}");
-    assert_eq!(r["egress"], true, "{r}");
+    assert_fields(
+        r,
+        json!({
+            "drift": true, "flagged": true, "egress": true
+        }),
+    );
     assert_eq!(
         records[0]["drift"], false,
         "the first connect did not drift"
@@ -496,16 +487,19 @@ fn a_node_process_escapes_as_the_host() {
     assert!(r["pod"].is_null(), "a node process has no pod: {r}");
     assert!(r["container_id"].is_null(), "{r}");
     assert_eq!(destination(r), (IpAddr::V4(EXTERNAL_DB), 5432), "{r}");
-    assert_eq!(text(r, "query_name"), Some("db"), "{r}");
-    assert_eq!(text(r, "server_address"), Some("db.another-lab.com"), "{r}");
-    assert_eq!(text(r, "search_domain"), Some("another-lab.com"), "{r}");
-    assert_eq!(text(r, "resolution"), Some("search-escape"), "{r}");
+    assert_fields(
+        r,
+        json!({
+            "query_name": "db", "server_address": "db.another-lab.com",
+            "search_domain": "another-lab.com", "resolution": "search-escape"
+        }),
+    );
     assert_chain(r, &walk("db", "shop", 4));
-    assert_eq!(r["wasted_queries"], 3, "{r}");
-    assert_eq!(
-        (&r["egress"], &r["flagged"]),
-        (&json!(true), &json!(true)),
-        "{r}"
+    assert_fields(
+        r,
+        json!({
+            "wasted_queries": 3, "egress": true, "flagged": true
+        }),
     );
     assert!(
         agent

@@ -8,7 +8,7 @@ use observer_tests::{
     kube_api::KubeApi,
     otlp::OtlpReceiver,
 };
-pub use observer_tests::{story::*, traces::*};
+pub use observer_tests::{agent::assert_fields, story::*, traces::*};
 use opentelemetry_proto::tonic::trace::v1::Span;
 use serde_json::Value;
 
@@ -145,17 +145,4 @@ pub fn destination_ip(record: &Value) -> IpAddr {
         .as_str()
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("destination.address is an IP: {record}"))
-}
-
-/// Each field of `expected` has that value in `record` (`null`: absent or null), so a
-/// scenario states how a record classifies its connection in one place.
-pub fn assert_fields(record: &Value, expected: Value) {
-    let fields = expected
-        .as_object()
-        .expect("the expected fields are a JSON object");
-    let found: serde_json::Map<String, Value> = fields
-        .keys()
-        .map(|key| (key.clone(), record[key].clone()))
-        .collect();
-    assert_eq!(Value::Object(found), expected, "{record:#}");
 }
