@@ -53,6 +53,23 @@ fn pod_in(tb: &Testbed, name: &str, namespace: &str, extra: &[&str]) -> (Pod, Pr
     (pod, main)
 }
 
+/// A healthy agent raises none of the alerts about the agent itself (lost kernel events,
+/// failing or full span export, degraded enrichment).
+fn assert_raises_no_agent_alert(prometheus: &Prometheus, agent: &Agent) {
+    let instance = agent.metrics_addr().to_string();
+    for name in [
+        "ObserverKernelEventsLost",
+        "ObserverSpanExportFailing",
+        "ObserverSpanQueueFull",
+        "ObserverEnrichmentDegraded",
+    ] {
+        assert!(
+            alerts_of(prometheus, name, &[("instance", &instance)]).is_empty(),
+            "the healthy agent raised {name}"
+        );
+    }
+}
+
 /// The alerts named `name` whose labels include every pair of `labels`.
 fn alerts_of(prometheus: &Prometheus, name: &str, labels: &[(&str, &str)]) -> Vec<Value> {
     prometheus
@@ -687,19 +704,7 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
             "{name} is active for exactly its scenario's namespaces"
         );
     }
-    // The healthy agent raises none of the agent's own alerts.
-    let instance = agent.metrics_addr().to_string();
-    for name in [
-        "ObserverKernelEventsLost",
-        "ObserverSpanExportFailing",
-        "ObserverSpanQueueFull",
-        "ObserverEnrichmentDegraded",
-    ] {
-        assert!(
-            alerts_of(&prometheus, name, &[("instance", &instance)]).is_empty(),
-            "the healthy agent raised {name}"
-        );
-    }
+    assert_raises_no_agent_alert(&prometheus, &agent);
 
     dashboard_shows_the_scenarios(&prometheus, &ours, test_start.elapsed());
     drop(prometheus);
@@ -907,18 +912,7 @@ fn agent_health_alerts_fire_for_the_agent_in_trouble_only() {
     );
 
     prometheus.wait_evaluations(2, GUARD);
-    let healthy_instance = healthy.metrics_addr().to_string();
-    for name in [
-        "ObserverKernelEventsLost",
-        "ObserverSpanExportFailing",
-        "ObserverSpanQueueFull",
-        "ObserverEnrichmentDegraded",
-    ] {
-        assert!(
-            alerts_of(&prometheus, name, &[("instance", &healthy_instance)]).is_empty(),
-            "the healthy agent raised {name}"
-        );
-    }
+    assert_raises_no_agent_alert(&prometheus, &healthy);
     drop(prometheus);
     let _ = std::fs::remove_file(&kubeconfig);
     assert!(troubled.stop().success());
