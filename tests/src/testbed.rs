@@ -345,10 +345,13 @@ impl Testbed {
 
         let cgroup = self.kube_cgroup_numbered(spec.driver, spec.qos, u32::from(n))?;
         let pod = Pod {
-            name: spec.name,
-            netns,
-            ipv4,
-            ipv6,
+            host: Host {
+                name: spec.name,
+                kind: HostKind::Cluster,
+                netns,
+                ipv4,
+                ipv6,
+            },
             resolv,
             resolv_path,
             cgroup,
