@@ -116,6 +116,11 @@ impl Client {
             ),
             Reply::Silent => return,
         };
+        self.deliver(c, &response(id, name, qtype, rcode, &answers, soa));
+    }
+
+    /// Delivers a response's wire bytes from the server to this client.
+    fn deliver(&mut self, c: &mut Correlator, bytes: &[u8]) {
         let at = self.tick();
         c.observe_dns_wire(
             &self.scope,
@@ -123,7 +128,7 @@ impl Client {
             Direction::Ingress,
             self.server,
             self.addr,
-            &response(id, name, qtype, rcode, &answers, soa),
+            bytes,
         )
         .unwrap();
     }
@@ -747,13 +752,8 @@ fn answers_to_another_question_or_to_no_question_name_nothing() {
     configured(&mut c, &client, 5);
     // Same id and 4-tuple, but the response asks another question: not the answer.
     let id = client.send(&mut c, "api.example.com", A);
-    let at = client.tick();
-    c.observe_dns_wire(
-        &client.scope,
-        at,
-        Direction::Ingress,
-        client.server,
-        client.addr,
+    client.deliver(
+        &mut c,
         &response(
             id,
             "evil.example.net",
@@ -762,8 +762,7 @@ fn answers_to_another_question_or_to_no_question_name_nothing() {
             &[addr("evil.example.net", 300, "203.0.113.66")],
             None,
         ),
-    )
-    .unwrap();
+    );
     assert_eq!(c.counters().responses_mismatched, 1);
     let r = client.connect(&mut c, 1, "203.0.113.66:443", Outcome::Established);
     assert_eq!(r.resolution, Resolution::None);
@@ -783,16 +782,7 @@ fn answers_to_another_question_or_to_no_question_name_nothing() {
     bytes.drain(12..12 + qlen);
     bytes[4] = 0;
     bytes[5] = 0;
-    let at = client.tick();
-    c.observe_dns_wire(
-        &client.scope,
-        at,
-        Direction::Ingress,
-        client.server,
-        client.addr,
-        &bytes,
-    )
-    .unwrap();
+    client.deliver(&mut c, &bytes);
     let r = client.connect(&mut c, 2, "203.0.113.67:443", Outcome::Established);
     assert_eq!(r.resolution, Resolution::None, "{r:?}");
 }
