@@ -719,53 +719,40 @@ fn print_chain(style: &Style, chain: &[Query]) {
     }
 }
 
+/// One connection's column in the side-by-side table, row by row.
+fn column(v: &ConnectionView) -> [String; 8] {
+    let text = |t: &Option<String>| t.clone().unwrap_or_else(|| "-".into());
+    [
+        "db".into(),
+        v.answered_by.clone(),
+        text(&v.search_domain),
+        v.chain.len().to_string(),
+        v.wasted.map_or("-".into(), |w| w.to_string()),
+        v.destination.to_string(),
+        text(&v.resolution),
+        format!("{} / {}", yes_no(v.egress), yes_no(v.flagged)),
+    ]
+}
+
 fn side_by_side(style: &Style, before: &ConnectionView, after: &ConnectionView) {
-    let text = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-    let rows: Vec<(&str, String, String)> = vec![
-        ("asked for", "db".into(), "db".into()),
-        (
-            "answered by",
-            before.answered_by.clone(),
-            after.answered_by.clone(),
-        ),
-        (
-            "search domain",
-            text(&before.search_domain),
-            text(&after.search_domain),
-        ),
-        (
-            "DNS queries",
-            format!("{}", before.chain.len()),
-            format!("{}", after.chain.len()),
-        ),
-        (
-            "wasted lookups",
-            before.wasted.map_or("-".into(), |w| w.to_string()),
-            after.wasted.map_or("-".into(), |w| w.to_string()),
-        ),
-        (
-            "connected to",
-            before.destination.to_string(),
-            after.destination.to_string(),
-        ),
-        (
-            "resolution",
-            text(&before.resolution),
-            text(&after.resolution),
-        ),
-        (
-            "egress / flagged",
-            format!("{} / {}", yes_no(before.egress), yes_no(before.flagged)),
-            format!("{} / {}", yes_no(after.egress), yes_no(after.flagged)),
-        ),
+    let labels = [
+        "asked for",
+        "answered by",
+        "search domain",
+        "DNS queries",
+        "wasted lookups",
+        "connected to",
+        "resolution",
+        "egress / flagged",
     ];
+    let rows = labels.into_iter().zip(column(before)).zip(column(after));
     println!(
         "  {:<17} {:<38} {}",
         "",
         style.bold("before (no Service)"),
         style.bold("after (Service db)")
     );
-    for (what, b, a) in rows {
+    for ((what, b), a) in rows {
         println!("  {:<17} {:<38} {}", style.dim(what), b, a);
     }
 }
