@@ -10,7 +10,7 @@ use observer_tests::{
     CLOSED_PORT, CgroupDriver, ConnectOutcome, DnsConfig, DnsProbe, Family, LoggedQuery, PodSpec,
     QosClass, QueryOutcome, TestCommand, Transport, cgroup_of_pid, dns_probe_client_bin, plan,
     probe::qtype,
-    story::{CONNECT_TIMEOUT, Outside, service_db, story_pod, testbed},
+    story::{CONNECT_TIMEOUT, Story, service_db, story_pod, testbed},
 };
 
 const LOG_WAIT: Duration = Duration::from_secs(5);
@@ -25,10 +25,8 @@ fn a_queries(log: &[LoggedQuery]) -> Vec<(String, QueryOutcome)> {
 
 #[test]
 fn the_search_list_escape_reproduces() {
-    let tb = testbed();
-    let outside = Outside::new(&tb);
-    let (db, listener, dns) = (&outside.db, &outside.listener, &outside.dns);
-    let pod = story_pod(&tb, "web");
+    let story = Story::new();
+    let (db, dns, pod) = (&story.db, &story.dns, &story.pod);
 
     let report = pod
         .connect_tcp("db", 5432, Family::Any, CONNECT_TIMEOUT)
@@ -41,7 +39,8 @@ fn the_search_list_escape_reproduces() {
     };
     assert_eq!(peer.ip(), IpAddr::V4(db.ipv4()));
     assert_eq!(local.ip(), IpAddr::V4(pod.ipv4()));
-    listener
+    story
+        .listener
         .wait_for_peer(pod.ipv4().into(), LOG_WAIT)
         .expect("the external host saw the pod");
 
@@ -74,11 +73,11 @@ fn the_search_list_escape_reproduces() {
 
 #[test]
 fn a_record_added_at_run_time_keeps_the_pod_in_the_cluster() {
-    let tb = testbed();
-    let (in_cluster, cluster_listener) = service_db(&tb);
-    let outside = Outside::new(&tb);
-    let (external, external_listener, dns) = (&outside.db, &outside.listener, &outside.dns);
-    let pod = story_pod(&tb, "web");
+    let story = Story::new();
+    // The Service's record comes at run time, below.
+    let (in_cluster, cluster_listener) = service_db(&story.tb);
+    let (external, external_listener) = (&story.db, &story.listener);
+    let (dns, pod) = (&story.dns, &story.pod);
 
     let first = pod
         .connect_tcp("db", 5432, Family::V4, CONNECT_TIMEOUT)
