@@ -116,6 +116,15 @@ pub fn service_db(tb: &Testbed) -> (Host, TcpServer) {
     (host, listener)
 }
 
+/// A resolver outside the cluster, on the external host `resolver`, answering `address` for
+/// outside.example and every name below it: the nameserver of a pod that hard-codes one.
+pub fn outside_resolver(tb: &Testbed, address: IpAddr) -> (Host, Process) {
+    let host = tb.add_external_host("resolver").expect("external host");
+    let resolver = crate::dns::start_outside_resolver(&host, "outside.example", address)
+        .expect("the outside resolver");
+    (host, resolver)
+}
+
 /// The incident's testbed: the [`Outside`] (plus what `extra` adds to its zone) and the pod
 /// `web`.
 pub struct Story {

@@ -19,7 +19,10 @@ use observer_tests::{
     kube_api::{KubeApi, external_name_service},
     plan,
     prometheus::{LiveRules, Prometheus, ScrapeTarget},
-    story::{DB_NAME, DB_PORT, EXTERNAL_DB, Outside, cluster_args, connect, service_db, testbed},
+    story::{
+        DB_NAME, DB_PORT, EXTERNAL_DB, Outside, cluster_args, connect, outside_resolver,
+        service_db, testbed,
+    },
 };
 use serde_json::Value;
 
@@ -259,13 +262,7 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
         )
         .expect("pod whose DNS server never answers");
     // A pod whose nameserver is a resolver outside the cluster.
-    let resolver_host = tb.add_external_host("resolver").expect("external host");
-    let _outside_resolver = observer_tests::dns::start_outside_resolver(
-        &resolver_host,
-        "outside.example",
-        partner.ipv4().into(),
-    )
-    .expect("the outside resolver");
+    let (resolver_host, _outside_resolver) = outside_resolver(&tb, partner.ipv4().into());
     let hardcoded_pod = tb
         .add_pod(
             PodSpec::new("hardcoded")

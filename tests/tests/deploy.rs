@@ -21,7 +21,7 @@ use observer_tests::{
     CLOSED_PORT, Family, PodSpec,
     agent::{Agent, AgentExited, AgentSpec},
     plan,
-    story::{DB_NAME, Outside, service_db, story_pod, testbed},
+    story::{DB_NAME, Outside, outside_resolver, service_db, story_pod, testbed},
 };
 use serde_json::Value;
 
@@ -606,13 +606,7 @@ fn rules_use_series_and_labels_the_agent_really_exports() {
 
     let _ = lonely.resolve("ghost", Family::V4);
     // A pod whose nameserver is outside the cluster.
-    let resolver_host = tb.add_external_host("resolver").expect("external host");
-    let _outside = observer_tests::dns::start_outside_resolver(
-        &resolver_host,
-        "outside.example",
-        db.ipv4().into(),
-    )
-    .expect("outside resolver");
+    let (resolver_host, _outside) = outside_resolver(&tb, db.ipv4().into());
     let hardcoded = tb
         .add_pod(PodSpec::new("hardcoded").nameserver(resolver_host.ipv4()))
         .expect("pod with an outside nameserver");
