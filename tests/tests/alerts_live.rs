@@ -129,6 +129,14 @@ fn wait_firing(
     fired
 }
 
+/// The first record of `pod` whose `field` is `value`.
+fn record_of(agent: &Agent, pod: &Pod, field: &str, value: &str) -> Value {
+    let cgroup = pod.cgroup().container.id();
+    agent.wait_for_record(GUARD, |r| {
+        r["cgroup_id"].as_u64() == Some(cgroup) && r[field] == value
+    })
+}
+
 /// What would end a flagged or amplified record's chain: its message after the reason.
 fn fix_in(record: &Value) -> String {
     let message = record["message"].as_str().unwrap_or_default();
@@ -359,11 +367,7 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
         )
     );
     // The alert says the fix in the words of the connection's record (and span status).
-    let escape_record = agent.wait_for_record(GUARD, |r| {
-        r["cgroup_id"].as_u64() == Some(esc_pod.cgroup().container.id())
-            && r["resolution"] == "search-escape"
-    });
-    let escape_fix = fix_in(&escape_record);
+    let escape_fix = fix_in(&record_of(&agent, &esc_pod, "resolution", "search-escape"));
     assert_eq!(
         escape_fix,
         format!(
@@ -451,11 +455,7 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
         cname_fired.alert["annotations"]["summary"],
         format!("{cname}/_unknown followed the CNAME of {ledger} out of the cluster")
     );
-    let cname_record = agent.wait_for_record(GUARD, |r| {
-        r["cgroup_id"].as_u64() == Some(cname_pod.cgroup().container.id())
-            && r["resolution"] == "cname-escape"
-    });
-    let cname_fix = fix_in(&cname_record);
+    let cname_fix = fix_in(&record_of(&agent, &cname_pod, "resolution", "cname-escape"));
     assert_eq!(
         cname_fix,
         format!(
@@ -473,10 +473,7 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
     // The same CNAME, declared by the ExternalName Service `vendor`: egress, no alert.
     connect_to(&cname_pod, "vendor", EXTERNAL_DB.into(), dns);
     let vendor = format!("vendor.{cname}.svc.cluster.local");
-    let declared = agent.wait_for_record(GUARD, |r| {
-        r["cgroup_id"].as_u64() == Some(cname_pod.cgroup().container.id())
-            && r["server_address"] == vendor.as_str()
-    });
+    let declared = record_of(&agent, &cname_pod, "server_address", &vendor);
     assert_eq!(declared["resolution"], "declared-egress", "{declared}");
     assert_eq!(declared["flagged"], false, "{declared}");
     let declared_series = format!(
@@ -562,11 +559,12 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
         partner.ipv4().into(),
         dns,
     );
-    let hardcoded_cgroup = hardcoded_pod.cgroup().container.id();
-    let record = agent.wait_for_record(GUARD, |r| {
-        r["cgroup_id"].as_u64() == Some(hardcoded_cgroup)
-            && r["server_address"] == "www.outside.example"
-    });
+    let record = record_of(
+        &agent,
+        &hardcoded_pod,
+        "server_address",
+        "www.outside.example",
+    );
     assert_eq!(
         record["dns_server"],
         resolver_host.ipv4().to_string(),
