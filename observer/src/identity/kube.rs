@@ -323,40 +323,23 @@ impl KubeIdentity {
             ),
             successes,
         });
-        let pod_selector = format!("spec.nodeName={}", shared.config.node_name);
         let tasks = vec![
-            tokio::spawn(run_watch(
-                Arc::clone(&shared),
-                Api::<Pod>::all(client.clone()),
-                watcher::Config::default().fields(&pod_selector),
-                Watched::Pods,
-                project_pod,
-                commit_pods,
-            )),
-            tokio::spawn(run_watch(
-                Arc::clone(&shared),
-                Api::<Service>::all(client.clone()),
-                watcher::Config::default(),
+            spawn_watch(&shared, &client, Watched::Pods, project_pod, commit_pods),
+            spawn_watch(
+                &shared,
+                &client,
                 Watched::Services,
                 project_service,
                 commit_services,
-            )),
-            tokio::spawn(run_watch(
-                Arc::clone(&shared),
-                Api::<Node>::all(client.clone()),
-                watcher::Config::default(),
-                Watched::Nodes,
-                project_node,
-                commit_nodes,
-            )),
-            tokio::spawn(run_watch(
-                Arc::clone(&shared),
-                Api::<ServiceCIDR>::all(client.clone()),
-                watcher::Config::default(),
+            ),
+            spawn_watch(&shared, &client, Watched::Nodes, project_node, commit_nodes),
+            spawn_watch(
+                &shared,
+                &client,
                 Watched::ServiceCidrs,
                 project_service_cidr,
                 commit_service_cidrs,
-            )),
+            ),
             tokio::spawn(run_owner_fetcher(Arc::clone(&shared), client, owner_rx)),
         ];
         Ok(KubeIdentity {
@@ -591,6 +574,36 @@ impl Shared {
     }
 }
 
+/// Spawns [`run_watch`] over every `K` the API server lists: of the pods, only this node's.
+fn spawn_watch<K, T>(
+    shared: &Arc<Shared>,
+    client: &Client,
+    watched: Watched,
+    project: fn(&K) -> Option<(String, T)>,
+    commit: fn(&Shared, &HashMap<String, Arc<T>>),
+) -> JoinHandle<()>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default,
+    T: Send + Sync + 'static,
+{
+    let config = match watched {
+        Watched::Pods => {
+            watcher::Config::default().fields(&format!("spec.nodeName={}", shared.config.node_name))
+        }
+        _ => watcher::Config::default(),
+    };
+    let api = Api::all(client.clone());
+    tokio::spawn(run_watch(
+        Arc::clone(shared),
+        api,
+        config,
+        watched,
+        project,
+        commit,
+    ))
+}
+
 /// One watch: events are reduced to `T` on arrival (only what identity needs is kept), the
 /// full set is kept here, and `commit` publishes it to the readers after each change. An
 /// initial list (or a relist after 410 Gone) is buffered and swapped in whole at `InitDone`,
@@ -791,21 +804,26 @@ struct ServiceMeta {
     external_name: Option<Arc<str>>,
 }
 
+/// A dual-stack field's values: the plural field (`clusterIPs`, `podCIDRs`) when the API
+/// server filled it, else the older singular one.
+fn plural_or_single<'a>(plural: Option<&'a Vec<String>>, single: Option<&'a str>) -> Vec<&'a str> {
+    let mut values: Vec<&str> = plural.into_iter().flatten().map(String::as_str).collect();
+    if values.is_empty()
+        && let Some(value) = single
+    {
+        values.push(value);
+    }
+    values
+}
+
 fn project_service(service: &Service) -> Option<(String, ServiceMeta)> {
     let meta = &service.metadata;
     let uid = meta.uid.clone()?;
     let spec = service.spec.as_ref();
-    let mut texts: Vec<&str> = spec
-        .and_then(|s| s.cluster_ips.as_ref())
-        .into_iter()
-        .flatten()
-        .map(String::as_str)
-        .collect();
-    if texts.is_empty()
-        && let Some(ip) = spec.and_then(|s| s.cluster_ip.as_deref())
-    {
-        texts.push(ip);
-    }
+    let texts = plural_or_single(
+        spec.and_then(|s| s.cluster_ips.as_ref()),
+        spec.and_then(|s| s.cluster_ip.as_deref()),
+    );
     // Headless Services say "None"; ExternalName ones have no cluster IP.
     let cluster_ips = texts.into_iter().filter_map(|t| t.parse().ok()).collect();
     Some((
@@ -849,17 +867,10 @@ fn commit_services(shared: &Shared, items: &HashMap<String, Arc<ServiceMeta>>) {
 fn project_node(node: &Node) -> Option<(String, Vec<IpNet>)> {
     let uid = node.metadata.uid.clone()?;
     let spec = node.spec.as_ref();
-    let mut cidrs: Vec<&str> = spec
-        .and_then(|s| s.pod_cidrs.as_ref())
-        .into_iter()
-        .flatten()
-        .map(String::as_str)
-        .collect();
-    if cidrs.is_empty()
-        && let Some(cidr) = spec.and_then(|s| s.pod_cidr.as_deref())
-    {
-        cidrs.push(cidr);
-    }
+    let cidrs = plural_or_single(
+        spec.and_then(|s| s.pod_cidrs.as_ref()),
+        spec.and_then(|s| s.pod_cidr.as_deref()),
+    );
     let mut nets: Vec<IpNet> = cidrs.into_iter().filter_map(|c| c.parse().ok()).collect();
     nets.extend(
         node.status
@@ -875,10 +886,17 @@ fn project_node(node: &Node) -> Option<(String, Vec<IpNet>)> {
 }
 
 fn commit_nodes(shared: &Shared, items: &HashMap<String, Arc<Vec<IpNet>>>) {
-    *shared
-        .node_networks
-        .write()
-        .unwrap_or_else(|p| p.into_inner()) = items
+    commit_networks(shared, &shared.node_networks, items);
+}
+
+/// Publishes one source of the cluster's networks (nodes' pod CIDRs, ServiceCIDRs) and
+/// recomputes the union the classifier reads.
+fn commit_networks(
+    shared: &Shared,
+    source: &RwLock<HashMap<String, Vec<IpNet>>>,
+    items: &HashMap<String, Arc<Vec<IpNet>>>,
+) {
+    *source.write().unwrap_or_else(|p| p.into_inner()) = items
         .iter()
         .map(|(k, v)| (k.clone(), v.as_ref().clone()))
         .collect();
@@ -899,14 +917,7 @@ fn project_service_cidr(cidr: &ServiceCIDR) -> Option<(String, Vec<IpNet>)> {
 }
 
 fn commit_service_cidrs(shared: &Shared, items: &HashMap<String, Arc<Vec<IpNet>>>) {
-    *shared
-        .service_cidrs
-        .write()
-        .unwrap_or_else(|p| p.into_inner()) = items
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_ref().clone()))
-        .collect();
-    shared.recompute_networks();
+    commit_networks(shared, &shared.service_cidrs, items);
 }
 
 /// Fetches owners' owners one at a time (a handful per node), retrying failures later.
