@@ -18,7 +18,19 @@ use ring::{hmac, rand::SystemRandom};
 
 use crate::record::{Answer, ConnectionRecord};
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// How DNS names are rewritten in spans, metrics and output (`--redact-names`).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Deserialize,
+    serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum RedactMode {
     #[default]
     Off,
