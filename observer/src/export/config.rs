@@ -1,10 +1,11 @@
 //! Span export settings: the standard `OTEL_EXPORTER_OTLP_*` variables, overridable by the CLI.
 use std::{path::PathBuf, time::Duration};
 
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
+
 /// Which connections become traces (`--export`). Flagged connections are always exported.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SpanSelection {
     Flagged,

@@ -14,22 +14,15 @@
 //! Addresses are not names and are kept.
 use std::{net::IpAddr, sync::Arc};
 
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
+
 use ring::{hmac, rand::SystemRandom};
 
 use crate::record::{Answer, ConnectionRecord};
 
 /// How DNS names are rewritten in spans, metrics and output (`--redact-names`).
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    clap::ValueEnum,
-    serde::Deserialize,
-    serde::Serialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RedactMode {
     #[default]
