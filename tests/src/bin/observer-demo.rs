@@ -21,6 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use observer::error::Chain;
 use observer_tests::{
     ConnectOutcome, DnsConfig, DnsServer, Family, PodSpec, QueryOutcome, Testbed, TestbedError,
     agent::{free_local_port, http_get},
@@ -60,13 +61,13 @@ enum DemoError {
         "the demo builds network namespaces and loads eBPF programs: run `cargo xtask demo` as root"
     )]
     NotRoot,
-    #[error("{0}")]
+    #[error(transparent)]
     Testbed(#[from] TestbedError),
     #[error(
         "the agent binary {path} is missing: build it with `cargo build -p observer --bin observer` (`cargo xtask demo` does)"
     )]
     AgentMissing { path: PathBuf },
-    #[error("starting the agent {path}: {source}")]
+    #[error("starting the agent {path}")]
     AgentStart {
         path: PathBuf,
         #[source]
@@ -82,7 +83,7 @@ enum DemoError {
     },
     #[error("{what}: {detail}")]
     Unexpected { what: &'static str, detail: String },
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}")]
     Io {
         op: &'static str,
         path: PathBuf,
@@ -111,7 +112,7 @@ fn main() -> ExitCode {
             ExitCode::from(130)
         }
         Err(e) => {
-            eprintln!("\n{} {e}", style.red("observer-demo failed:"));
+            eprintln!("\n{} {}", style.red("observer-demo failed:"), Chain(&e));
             ExitCode::FAILURE
         }
     }
