@@ -1,7 +1,7 @@
 //! The testbed's one error type: every variant says what was being done and on what.
 use std::{io, path::PathBuf, process::ExitStatus, time::Duration};
 
-use observer::error::Chain;
+use observer::error::{Chain, PathIoError};
 
 #[derive(thiserror::Error)]
 pub enum TestbedError {
@@ -16,13 +16,8 @@ pub enum TestbedError {
         program: &'static str,
         package: &'static str,
     },
-    #[error("{op} {path}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     #[error("starting {command}")]
     Spawn {
         command: String,
@@ -69,5 +64,5 @@ pub(crate) fn io_err(
     path: impl Into<PathBuf>,
 ) -> impl FnOnce(io::Error) -> TestbedError {
     let path = path.into();
-    move |source| TestbedError::Io { op, path, source }
+    move |source| TestbedError::Io(PathIoError { op, path, source })
 }

@@ -21,7 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use observer::error::Chain;
+use observer::error::{Chain, PathIoError};
 use observer_tests::{
     ConnectOutcome, DnsConfig, DnsServer, Family, PodSpec, QueryOutcome, Testbed, TestbedError,
     agent::{free_local_port, http_get},
@@ -83,13 +83,8 @@ enum DemoError {
     },
     #[error("{what}: {detail}")]
     Unexpected { what: &'static str, detail: String },
-    #[error("{op} {path}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     #[error("usage: observer-demo [--agent <observer binary>] [--spans-file <path>] ({0})")]
     Usage(String),
     #[error("interrupted")]
@@ -317,12 +312,8 @@ fn demo(style: &Style, options: &Options) -> Result<()> {
         "a database outside the cluster",
     );
     println!("  the pod's /etc/resolv.conf, as the kubelet writes it:");
-    let resolv =
-        std::fs::read_to_string(pod.resolv_conf_path()).map_err(|source| DemoError::Io {
-            op: "read",
-            path: pod.resolv_conf_path().to_owned(),
-            source,
-        })?;
+    let resolv = std::fs::read_to_string(pod.resolv_conf_path())
+        .map_err(PathIoError::at("read", pod.resolv_conf_path()))?;
     for line in resolv.lines() {
         println!("    {}", style.dim(line));
     }
@@ -332,11 +323,8 @@ fn demo(style: &Style, options: &Options) -> Result<()> {
         Ok(endpoint) if !endpoint.is_empty() => SpanDestination::Otlp(endpoint),
         _ => {
             // The agent appends: each demo run starts with a file of its own spans only.
-            std::fs::write(&options.spans_file, "").map_err(|source| DemoError::Io {
-                op: "create",
-                path: options.spans_file.clone(),
-                source,
-            })?;
+            std::fs::write(&options.spans_file, "")
+                .map_err(PathIoError::at("create", options.spans_file.clone()))?;
             SpanDestination::File(options.spans_file.clone())
         }
     };
@@ -855,10 +843,7 @@ struct SpanReader {
 
 impl SpanReader {
     fn poll(&mut self, path: &Path, uid: &str) -> Result<&[Trace]> {
-        let io = |op| {
-            let path = path.to_owned();
-            move |source| DemoError::Io { op, path, source }
-        };
+        let io = |op| PathIoError::at(op, path);
         let mut file = std::fs::File::open(path).map_err(io("open"))?;
         file.seek(SeekFrom::Start(self.offset))
             .map_err(io("seek"))?;
