@@ -323,23 +323,40 @@ impl KubeIdentity {
             ),
             successes,
         });
+        let pod_selector = format!("spec.nodeName={}", shared.config.node_name);
         let tasks = vec![
-            spawn_watch(&shared, &client, Watched::Pods, project_pod, commit_pods),
-            spawn_watch(
-                &shared,
-                &client,
+            tokio::spawn(run_watch(
+                Arc::clone(&shared),
+                Api::<Pod>::all(client.clone()),
+                watcher::Config::default().fields(&pod_selector),
+                Watched::Pods,
+                project_pod,
+                commit_pods,
+            )),
+            tokio::spawn(run_watch(
+                Arc::clone(&shared),
+                Api::<Service>::all(client.clone()),
+                watcher::Config::default(),
                 Watched::Services,
                 project_service,
                 commit_services,
-            ),
-            spawn_watch(&shared, &client, Watched::Nodes, project_node, commit_nodes),
-            spawn_watch(
-                &shared,
-                &client,
+            )),
+            tokio::spawn(run_watch(
+                Arc::clone(&shared),
+                Api::<Node>::all(client.clone()),
+                watcher::Config::default(),
+                Watched::Nodes,
+                project_node,
+                commit_nodes,
+            )),
+            tokio::spawn(run_watch(
+                Arc::clone(&shared),
+                Api::<ServiceCIDR>::all(client.clone()),
+                watcher::Config::default(),
                 Watched::ServiceCidrs,
                 project_service_cidr,
                 commit_service_cidrs,
-            ),
+            )),
             tokio::spawn(run_owner_fetcher(Arc::clone(&shared), client, owner_rx)),
         ];
         Ok(KubeIdentity {
@@ -572,36 +589,6 @@ impl Shared {
         let aggregated = IpNet::aggregate(&nets);
         *self.networks.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(aggregated);
     }
-}
-
-/// Spawns [`run_watch`] over every `K` the API server lists: of the pods, only this node's.
-fn spawn_watch<K, T>(
-    shared: &Arc<Shared>,
-    client: &Client,
-    watched: Watched,
-    project: fn(&K) -> Option<(String, T)>,
-    commit: fn(&Shared, &HashMap<String, Arc<T>>),
-) -> JoinHandle<()>
-where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    K::DynamicType: Default,
-    T: Send + Sync + 'static,
-{
-    let config = match watched {
-        Watched::Pods => {
-            watcher::Config::default().fields(&format!("spec.nodeName={}", shared.config.node_name))
-        }
-        _ => watcher::Config::default(),
-    };
-    let api = Api::all(client.clone());
-    tokio::spawn(run_watch(
-        Arc::clone(shared),
-        api,
-        config,
-        watched,
-        project,
-        commit,
-    ))
 }
 
 /// One watch: events are reduced to `T` on arrival (only what identity needs is kept), the
@@ -886,17 +873,10 @@ fn project_node(node: &Node) -> Option<(String, Vec<IpNet>)> {
 }
 
 fn commit_nodes(shared: &Shared, items: &HashMap<String, Arc<Vec<IpNet>>>) {
-    commit_networks(shared, &shared.node_networks, items);
-}
-
-/// Publishes one source of the cluster's networks (nodes' pod CIDRs, ServiceCIDRs) and
-/// recomputes the union the classifier reads.
-fn commit_networks(
-    shared: &Shared,
-    source: &RwLock<HashMap<String, Vec<IpNet>>>,
-    items: &HashMap<String, Arc<Vec<IpNet>>>,
-) {
-    *source.write().unwrap_or_else(|p| p.into_inner()) = items
+    *shared
+        .node_networks
+        .write()
+        .unwrap_or_else(|p| p.into_inner()) = items
         .iter()
         .map(|(k, v)| (k.clone(), v.as_ref().clone()))
         .collect();
@@ -917,7 +897,14 @@ fn project_service_cidr(cidr: &ServiceCIDR) -> Option<(String, Vec<IpNet>)> {
 }
 
 fn commit_service_cidrs(shared: &Shared, items: &HashMap<String, Arc<Vec<IpNet>>>) {
-    commit_networks(shared, &shared.service_cidrs, items);
+    *shared
+        .service_cidrs
+        .write()
+        .unwrap_or_else(|p| p.into_inner()) = items
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_ref().clone()))
+        .collect();
+    shared.recompute_networks();
 }
 
 /// Fetches owners' owners one at a time (a handful per node), retrying failures later.
