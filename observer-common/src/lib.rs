@@ -245,8 +245,12 @@ impl LossCounter {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: plain-old-data, `#[repr(C)]`, every bit pattern valid.
+    // SAFETY: `DnsEvent` is `#[repr(C)]`, `Copy`, made of integers and integer arrays only
+    // (padding spelled out as `_pad` fields, so no byte is uninitialised): every bit
+    // pattern is a valid value, which is what `Pod` promises aya.
     unsafe impl aya::Pod for super::DnsEvent {}
+    // SAFETY: as for `DnsEvent`: `#[repr(C)]`, `Copy`, integers and integer arrays with
+    // explicit padding; every bit pattern is valid.
     unsafe impl aya::Pod for super::ConnectEvent {}
 }
 

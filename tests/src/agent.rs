@@ -237,26 +237,22 @@ impl Agent {
     }
 
     fn wait_ready(&mut self, within: Duration) -> Result<(), AgentExited> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = take_if_exited(&mut self.child) {
+        let every = Duration::from_millis(50);
+        match wait_http_ready(&mut self.child, self.metrics_addr, "/readyz", within, every) {
+            Ok(()) => Ok(()),
+            Err(NotReady::Exited(status)) => {
                 for reader in self.readers.drain(..) {
                     let _ = reader.join();
                 }
-                return Err(AgentExited {
+                Err(AgentExited {
                     status,
                     stderr: self.stderr(),
-                });
+                })
             }
-            if http_get(self.metrics_addr, "/readyz").is_ok_and(|(code, _)| code == 200) {
-                return Ok(());
-            }
-            assert!(
-                Instant::now() < deadline,
+            Err(NotReady::TimedOut) => panic!(
                 "the agent was not ready within {within:?}; its log:\n{}",
                 self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(50));
+            ),
         }
     }
 
@@ -411,6 +407,39 @@ impl Drop for Agent {
     }
 }
 
+/// How a wait for a child's HTTP readiness ended without it.
+#[derive(Debug)]
+pub enum NotReady {
+    /// The child exited first.
+    Exited(ExitStatus),
+    /// The wait's hang guard passed.
+    TimedOut,
+}
+
+/// Polls `GET path` on `addr` every `every` until it answers 200, `child` exits, or
+/// `within` passes: how the agent and Prometheus are waited for.
+pub fn wait_http_ready(
+    child: &mut Option<Child>,
+    addr: SocketAddr,
+    path: &str,
+    within: Duration,
+    every: Duration,
+) -> Result<(), NotReady> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = take_if_exited(child) {
+            return Err(NotReady::Exited(status));
+        }
+        if http_get(addr, path).is_ok_and(|(code, _)| code == 200) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(NotReady::TimedOut);
+        }
+        std::thread::sleep(every);
+    }
+}
+
 /// A plain HTTP/1.1 GET on loopback: status code and body.
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     // Hang guards: a scrape is answered, if slowly by an agent in a guest under TCG.
@@ -474,4 +503,17 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             ok.then(|| value.parse::<f64>().ok()).flatten()
         })
         .sum()
+}
+
+/// Each field of `expected` has that value in `record` (`null`: absent or null), so a test
+/// states what a JSON line says about its connection in one place.
+pub fn assert_fields(record: &Value, expected: Value) {
+    let fields = expected
+        .as_object()
+        .expect("the expected fields are a JSON object");
+    let found: serde_json::Map<String, Value> = fields
+        .keys()
+        .map(|key| (key.clone(), record[key].clone()))
+        .collect();
+    assert_eq!(Value::Object(found), expected, "{record:#}");
 }

@@ -6,6 +6,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub use observer::identity::{CgroupDriver, QosClass};
+
 use crate::error::{Result, TestbedError, io_err};
 
 /// The cgroup2 mount point, by the agent's own rule (on hybrid hosts it is not
@@ -83,30 +85,13 @@ fn read_procs(dir: &Path) -> Result<Vec<u32>> {
     Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
 }
 
-/// The kubelet's cgroup driver, which decides the directory names.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum CgroupDriver {
-    /// `kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid_>.slice/cri-containerd-<id>.scope`
-    Systemd,
-    /// `kubepods/<qos>/pod<uid>/<id>`
-    Cgroupfs,
-}
-
-/// A pod's QoS class; guaranteed pods sit directly under kubepods (no class directory).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum QosClass {
-    Guaranteed,
-    Burstable,
-    BestEffort,
-}
-
-impl QosClass {
-    fn dir(self) -> Option<&'static str> {
-        match self {
-            Self::Guaranteed => None,
-            Self::Burstable => Some("burstable"),
-            Self::BestEffort => Some("besteffort"),
-        }
+/// The directory the kubelet puts a pod of `qos` under; guaranteed pods sit directly under
+/// kubepods (no class directory).
+fn qos_dir(qos: QosClass) -> Option<&'static str> {
+    match qos {
+        QosClass::Guaranteed => None,
+        QosClass::Burstable => Some("burstable"),
+        QosClass::BestEffort => Some("besteffort"),
     }
 }
 
@@ -121,7 +106,7 @@ pub fn kubelet_paths(
     match driver {
         CgroupDriver::Systemd => {
             let uid = pod_uid.replace('-', "_");
-            let pod = match qos.dir() {
+            let pod = match qos_dir(qos) {
                 None => format!("kubepods.slice/kubepods-pod{uid}.slice"),
                 Some(q) => {
                     format!("kubepods.slice/kubepods-{q}.slice/kubepods-{q}-pod{uid}.slice")
@@ -131,7 +116,7 @@ pub fn kubelet_paths(
             (pod, container)
         }
         CgroupDriver::Cgroupfs => {
-            let pod = match qos.dir() {
+            let pod = match qos_dir(qos) {
                 None => format!("kubepods/pod{pod_uid}"),
                 Some(q) => format!("kubepods/{q}/pod{pod_uid}"),
             };

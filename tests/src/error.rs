@@ -1,6 +1,8 @@
 //! The testbed's one error type: every variant says what was being done and on what.
 use std::{io, path::PathBuf, process::ExitStatus, time::Duration};
 
+use observer::error::{Chain, PathIoError};
+
 #[derive(thiserror::Error)]
 pub enum TestbedError {
     #[error(
@@ -14,14 +16,9 @@ pub enum TestbedError {
         program: &'static str,
         package: &'static str,
     },
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("starting {command}: {source}")]
+    #[error(transparent)]
+    Io(#[from] PathIoError),
+    #[error("starting {command}")]
     Spawn {
         command: String,
         #[source]
@@ -37,7 +34,7 @@ pub enum TestbedError {
     Timeout { what: String, after: Duration },
     #[error("no cgroup2 mount found in /proc/self/mountinfo")]
     NoCgroup2,
-    #[error("in network namespace {netns}: {op}: {source}")]
+    #[error("in network namespace {netns}: {op}")]
     Netns {
         netns: String,
         op: &'static str,
@@ -52,10 +49,11 @@ pub enum TestbedError {
     UnexpectedOutput { what: String, output: String },
 }
 
-/// Tests `.expect()` testbed results, which prints Debug: make that the readable message.
+/// Tests `.expect()` testbed results, which prints Debug: make that the readable message,
+/// the error and its causes (each says its part once; see `observer::error::Chain`).
 impl std::fmt::Debug for TestbedError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Display::fmt(self, f)
+        write!(f, "{}", Chain(self))
     }
 }
 
@@ -66,5 +64,5 @@ pub(crate) fn io_err(
     path: impl Into<PathBuf>,
 ) -> impl FnOnce(io::Error) -> TestbedError {
     let path = path.into();
-    move |source| TestbedError::Io { op, path, source }
+    move |source| TestbedError::Io(PathIoError { op, path, source })
 }

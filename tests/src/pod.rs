@@ -3,7 +3,7 @@
 use std::{
     ffi::OsStr,
     fmt::Write as _,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -12,7 +12,8 @@ use crate::{
     cgroup::{CgroupDriver, KubeCgroup, QosClass},
     error::{Result, TestbedError},
     exec::{CommandOutput, DEFAULT_TIMEOUT, PYTHON3},
-    netns::{NetNs, TestCommand},
+    host::Host,
+    netns::TestCommand,
     probe::{DnsProbe, ProbeReport},
 };
 
@@ -208,35 +209,24 @@ pub struct ResolveReport {
     pub addrs: Result<Vec<IpAddr>, String>,
 }
 
-/// A pod (cheap to clone; the testbed removes it).
+/// A pod (cheap to clone; the testbed removes it): a host of the cluster segment (its name,
+/// network namespace and addresses, through `Deref`) with its own resolv.conf and cgroups.
 #[derive(Clone, Debug)]
 pub struct Pod {
-    pub(crate) name: String,
-    pub(crate) netns: NetNs,
-    pub(crate) ipv4: Ipv4Addr,
-    pub(crate) ipv6: Ipv6Addr,
+    pub(crate) host: Host,
     pub(crate) resolv: ResolvConf,
     pub(crate) resolv_path: PathBuf,
     pub(crate) cgroup: KubeCgroup,
 }
 
+impl std::ops::Deref for Pod {
+    type Target = Host;
+    fn deref(&self) -> &Host {
+        &self.host
+    }
+}
+
 impl Pod {
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    pub fn netns(&self) -> &NetNs {
-        &self.netns
-    }
-
-    pub fn ipv4(&self) -> Ipv4Addr {
-        self.ipv4
-    }
-
-    pub fn ipv6(&self) -> Ipv6Addr {
-        self.ipv6
-    }
-
     pub fn resolv_conf(&self) -> &ResolvConf {
         &self.resolv
     }

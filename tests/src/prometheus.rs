@@ -17,9 +17,8 @@ use std::{
 use serde_json::{Value, json};
 
 use crate::{
-    agent::{free_local_port, http_get},
+    agent::{NotReady, free_local_port, http_get, wait_http_ready},
     deploy_files::{prometheus_rule, require_tool},
-    exec::take_if_exited,
     names::RunId,
 };
 
@@ -154,20 +153,16 @@ impl Prometheus {
     }
 
     fn wait_ready(&mut self, within: Duration) {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = take_if_exited(&mut self.child) {
-                panic!("prometheus exited ({status}); its log:\n{}", self.log());
+        let every = Duration::from_millis(100);
+        match wait_http_ready(&mut self.child, self.addr, "/-/ready", within, every) {
+            Ok(()) => {}
+            Err(NotReady::Exited(status)) => {
+                panic!("prometheus exited ({status}); its log:\n{}", self.log())
             }
-            if http_get(self.addr, "/-/ready").is_ok_and(|(code, _)| code == 200) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
+            Err(NotReady::TimedOut) => panic!(
                 "prometheus was not ready within {within:?}; its log:\n{}",
                 self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
+            ),
         }
     }
 

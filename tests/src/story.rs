@@ -74,8 +74,59 @@ pub fn connect(
     }
 }
 
-/// The incident's testbed: `db` (external, listening on [`DB_PORT`]), dnsmasq with the local
-/// zone another-lab.com and db's record (plus what `extra` adds), and the pod `web`.
+/// Where the story's `db` lives outside the cluster, and the name that reaches it.
+pub const DB_NAME: &str = "db.another-lab.com";
+
+/// The incident's outside on a testbed: the external host `db` at [`EXTERNAL_DB`] listening
+/// on [`DB_PORT`], and dnsmasq serving the local zone another-lab.com. Tests that need their
+/// own pods (other names, namespaces or ndots) start from this; [`Story`] adds the pod `web`.
+pub struct Outside {
+    pub db: Host,
+    pub listener: TcpServer,
+    pub dns: DnsServer,
+}
+
+impl Outside {
+    /// The outside as told: db.another-lab.com has db's IPv4 address, nothing more.
+    pub fn new(tb: &Testbed) -> Outside {
+        Outside::with(tb, |db, zone| zone.record(DB_NAME, db.ipv4()))
+    }
+
+    /// The outside with the records `records` writes into the zone (given db, and the zone
+    /// without any record yet).
+    pub fn with(tb: &Testbed, records: impl FnOnce(&Host, DnsConfig) -> DnsConfig) -> Outside {
+        let db = tb
+            .add_external_host_at("db", EXTERNAL_DB)
+            .expect("external host");
+        let listener = db
+            .listen_tcp(DB_PORT)
+            .expect("listener on the external host");
+        let zone = DnsConfig::dnsmasq().local_zone("another-lab.com");
+        let dns = tb.start_dns(records(&db, zone)).expect("dnsmasq");
+        Outside { db, listener, dns }
+    }
+}
+
+/// The backend of a Service `db` inside the cluster: a cluster host listening on [`DB_PORT`].
+pub fn service_db(tb: &Testbed) -> (Host, TcpServer) {
+    let host = tb.add_cluster_host("db-svc").expect("cluster host");
+    let listener = host
+        .listen_tcp(DB_PORT)
+        .expect("listener on the cluster host");
+    (host, listener)
+}
+
+/// A resolver outside the cluster, on the external host `resolver`, answering `address` for
+/// outside.example and every name below it: the nameserver of a pod that hard-codes one.
+pub fn outside_resolver(tb: &Testbed, address: IpAddr) -> (Host, Process) {
+    let host = tb.add_external_host("resolver").expect("external host");
+    let resolver = crate::dns::start_outside_resolver(&host, "outside.example", address)
+        .expect("the outside resolver");
+    (host, resolver)
+}
+
+/// The incident's testbed: the [`Outside`] (plus what `extra` adds to its zone) and the pod
+/// `web`.
 pub struct Story {
     /// The container's main process, alive as long as the story (a real container always
     /// has one): observer reads the pod's resolv.conf through a live process of the pod,
@@ -98,16 +149,8 @@ impl Story {
     /// The story with more of the testbed: `extra` may add hosts and DNS records.
     pub fn with(extra: impl FnOnce(&Testbed, DnsConfig) -> DnsConfig) -> Story {
         let tb = testbed();
-        let db = tb
-            .add_external_host_at("db", EXTERNAL_DB)
-            .expect("external host");
-        let listener = db
-            .listen_tcp(DB_PORT)
-            .expect("listener on the external host");
-        let config = DnsConfig::dnsmasq()
-            .local_zone("another-lab.com")
-            .record("db.another-lab.com", db.ipv4());
-        let dns = tb.start_dns(extra(&tb, config)).expect("dnsmasq");
+        let Outside { db, listener, dns } =
+            Outside::with(&tb, |db, zone| extra(&tb, zone.record(DB_NAME, db.ipv4())));
         let pod = story_pod(&tb, "web");
         let main = pod
             .command("sleep")

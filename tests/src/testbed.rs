@@ -118,7 +118,7 @@ impl Testbed {
         require_root()?;
         IP.path()?;
         if let Err(e) = cleanup::cleanup_leftovers() {
-            eprintln!("observer testbed: cleaning leftovers of earlier runs: {e}");
+            eprintln!("observer testbed: cleaning leftovers of earlier runs: {e:?}");
         }
         let cgroup_root = cgroup::cgroup2_mount()?;
         SYSTEM_SLICE_EXISTED.get_or_init(|| cgroup_root.join("system.slice").exists());
@@ -345,10 +345,13 @@ impl Testbed {
 
         let cgroup = self.kube_cgroup_numbered(spec.driver, spec.qos, u32::from(n))?;
         let pod = Pod {
-            name: spec.name,
-            netns,
-            ipv4,
-            ipv6,
+            host: Host {
+                name: spec.name,
+                kind: HostKind::Cluster,
+                netns,
+                ipv4,
+                ipv6,
+            },
             resolv,
             resolv_path,
             cgroup,
@@ -567,7 +570,7 @@ impl Testbed {
 impl Drop for Testbed {
     fn drop(&mut self) {
         for e in self.teardown() {
-            eprintln!("observer testbed {}: teardown: {e}", self.run.suffix());
+            eprintln!("observer testbed {}: teardown: {e:?}", self.run.suffix());
         }
     }
 }

@@ -314,12 +314,12 @@ fn in_cluster_connection_is_a_healthy_trace_exported_only_with_export_all() {
     let cache = std::cell::RefCell::new(None);
     let service = std::cell::RefCell::new(None);
     let story = Story::with(|tb, dns| {
-        let svc = tb.add_cluster_host("db-svc").expect("cluster host");
+        let (svc, svc_listener) = service_db(tb);
         let ext = tb.add_external_host("cache").expect("external host");
         let dns = dns
             .record(IN_CLUSTER_DB, svc.ipv4())
             .record("cache.another-lab.com", ext.ipv4());
-        service.replace(Some((svc.listen_tcp(DB_PORT).expect("listener"), svc)));
+        service.replace(Some((svc_listener, svc)));
         cache.replace(Some((ext.listen_tcp(DB_PORT).expect("listener"), ext)));
         dns
     });
@@ -523,36 +523,6 @@ fn metrics_count_the_seed_story() {
     stop_cleanly(agent);
 }
 
-const JSON_FIELDS: [&str; 26] = [
-    "time",
-    "pod",
-    "container_id",
-    "cgroup_id",
-    "pid",
-    "comm",
-    "destination",
-    "outcome",
-    "query_name",
-    "server_address",
-    "resolution",
-    "search_chain",
-    "egress",
-    "flagged",
-    "drift",
-    "workload",
-    "container_name",
-    "node",
-    "source",
-    "search_domain",
-    "cname_chain",
-    "wasted_queries",
-    "message",
-    "dns_server",
-    "dns_from_outside",
-    // Not a field: keeps the count honest when the list above changes.
-    "",
-];
-
 fn assert_json_opener(record: &Value, story: &Story, conn: &Connection) {
     let mut keys: Vec<&str> = record
         .as_object()
@@ -561,10 +531,10 @@ fn assert_json_opener(record: &Value, story: &Story, conn: &Connection) {
         .map(String::as_str)
         .collect();
     keys.sort_unstable();
-    let mut documented: Vec<&str> = JSON_FIELDS
+    // The fields the book's output reference is generated from.
+    let mut documented: Vec<&str> = observer::export::JSON_FIELDS
         .iter()
-        .copied()
-        .filter(|f| !f.is_empty())
+        .map(|(name, _)| *name)
         .collect();
     documented.sort_unstable();
     assert_eq!(keys, documented, "the documented fields, no more: {record}");
@@ -618,8 +588,7 @@ fn json_chain(chain: &[(&str, &str, &str)]) -> Value {
 #[test]
 fn json_lines_of_the_seed_story_and_a_healthy_connection() {
     let story = Story::new();
-    let svc = story.tb.add_cluster_host("db-svc").expect("cluster host");
-    let _svc_listener = svc.listen_tcp(DB_PORT).expect("listener");
+    let (svc, _svc_listener) = service_db(&story.tb);
     let agent = Agent::start(AgentSpec::new().args(cluster_args()));
 
     let escaped = story.connect("db", EXTERNAL_DB.into());

@@ -8,18 +8,21 @@
 //! ([`LiveRules::shipped_with_hold`]); the book page "Alerts and dashboards" says so.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
 
 use observer_tests::{
-    CLOSED_PORT, DnsConfig, DnsServer, Family, Pod, PodSpec, Process, Testbed,
+    CLOSED_PORT, DnsServer, Family, Pod, PodSpec, Process, Testbed,
     agent::{Agent, AgentSpec},
     dashboard,
     kube_api::{KubeApi, external_name_service},
     plan,
     prometheus::{LiveRules, Prometheus, ScrapeTarget},
-    story::{DB_PORT, EXTERNAL_DB, cluster_args, connect, testbed},
+    story::{
+        DB_NAME, DB_PORT, EXTERNAL_DB, Outside, cluster_args, connect, outside_resolver,
+        service_db, testbed,
+    },
 };
 use serde_json::Value;
 
@@ -51,6 +54,23 @@ fn pod_in(tb: &Testbed, name: &str, namespace: &str, extra: &[&str]) -> (Pod, Pr
         .spawn()
         .expect("the pod's main process");
     (pod, main)
+}
+
+/// A healthy agent raises none of the alerts about the agent itself (lost kernel events,
+/// failing or full span export, degraded enrichment).
+fn assert_raises_no_agent_alert(prometheus: &Prometheus, agent: &Agent) {
+    let instance = agent.metrics_addr().to_string();
+    for name in [
+        "ObserverKernelEventsLost",
+        "ObserverSpanExportFailing",
+        "ObserverSpanQueueFull",
+        "ObserverEnrichmentDegraded",
+    ] {
+        assert!(
+            alerts_of(prometheus, name, &[("instance", &instance)]).is_empty(),
+            "the healthy agent raised {name}"
+        );
+    }
 }
 
 /// The alerts named `name` whose labels include every pair of `labels`.
@@ -107,6 +127,14 @@ fn wait_firing(
         fired.to_firing
     );
     fired
+}
+
+/// The first record of `pod` whose `field` is `value`.
+fn record_of(agent: &Agent, pod: &Pod, field: &str, value: &str) -> Value {
+    let cgroup = pod.cgroup().container.id();
+    agent.wait_for_record(GUARD, |r| {
+        r["cgroup_id"].as_u64() == Some(cgroup) && r[field] == value
+    })
 }
 
 /// What would end a flagged or amplified record's chain: its message after the reason.
@@ -208,33 +236,22 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
         hardcoded.as_str(),
     ];
 
-    let db = tb
-        .add_external_host_at("db", EXTERNAL_DB)
+    // The address after db's (which the story's outside takes below).
+    let partner = tb
+        .add_external_host_at("partner", Ipv4Addr::new(203, 0, 113, 11))
         .expect("external host");
-    let _db_listener = db.listen_tcp(DB_PORT).expect("listener");
-    let partner = tb.add_external_host("partner").expect("external host");
     let _partner_listener = partner.listen_tcp(DB_PORT).expect("listener");
-    let svc = tb.add_cluster_host("db-svc").expect("cluster host");
-    let _svc_listener = svc.listen_tcp(DB_PORT).expect("listener");
-    let dns = tb
-        .start_dns(
-            DnsConfig::dnsmasq()
-                .local_zone("another-lab.com")
-                .local_zone("partner.example")
-                .record("db.another-lab.com", db.ipv4())
-                .record("api.partner.example", partner.ipv4())
-                .record(&format!("db.{drift}.svc.cluster.local"), svc.ipv4())
-                .cname(
-                    &format!("ledger.{cname}.svc.cluster.local"),
-                    "db.another-lab.com",
-                )
-                // What cluster DNS answers for the ExternalName Service `vendor`.
-                .cname(
-                    &format!("vendor.{cname}.svc.cluster.local"),
-                    "db.another-lab.com",
-                ),
-        )
-        .expect("dnsmasq");
+    let (svc, _svc_listener) = service_db(&tb);
+    let outside = Outside::with(&tb, |db, zone| {
+        zone.local_zone("partner.example")
+            .record(DB_NAME, db.ipv4())
+            .record("api.partner.example", partner.ipv4())
+            .record(&format!("db.{drift}.svc.cluster.local"), svc.ipv4())
+            .cname(&format!("ledger.{cname}.svc.cluster.local"), DB_NAME)
+            // What cluster DNS answers for the ExternalName Service `vendor`.
+            .cname(&format!("vendor.{cname}.svc.cluster.local"), DB_NAME)
+    });
+    let dns = &outside.dns;
     let (esc_pod, _esc_main) = pod_in(&tb, "esc", &esc, &["another-lab.com"]);
     let (cname_pod, _cname_main) = pod_in(&tb, "cname", &cname, &["another-lab.com"]);
     let (drift_pod, _drift_main) = pod_in(&tb, "drift", &drift, &["another-lab.com"]);
@@ -253,13 +270,7 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
         )
         .expect("pod whose DNS server never answers");
     // A pod whose nameserver is a resolver outside the cluster.
-    let resolver_host = tb.add_external_host("resolver").expect("external host");
-    let _outside_resolver = observer_tests::dns::start_outside_resolver(
-        &resolver_host,
-        "outside.example",
-        partner.ipv4().into(),
-    )
-    .expect("the outside resolver");
+    let (resolver_host, _outside_resolver) = outside_resolver(&tb, partner.ipv4().into());
     let hardcoded_pod = tb
         .add_pod(
             PodSpec::new("hardcoded")
@@ -315,7 +326,7 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
     });
 
     // The story: `db` walks the search list and escapes through another-lab.com.
-    connect_to(&esc_pod, "db", EXTERNAL_DB.into(), &dns);
+    connect_to(&esc_pod, "db", EXTERNAL_DB.into(), dns);
     let escape_event = Instant::now();
     let escape_labels = [
         ("namespace", esc.as_str()),
@@ -356,11 +367,7 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
         )
     );
     // The alert says the fix in the words of the connection's record (and span status).
-    let escape_record = agent.wait_for_record(GUARD, |r| {
-        r["cgroup_id"].as_u64() == Some(esc_pod.cgroup().container.id())
-            && r["resolution"] == "search-escape"
-    });
-    let escape_fix = fix_in(&escape_record);
+    let escape_fix = fix_in(&record_of(&agent, &esc_pod, "resolution", "search-escape"));
     assert_eq!(
         escape_fix,
         format!(
@@ -387,7 +394,7 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
     // The fix: the Service exists; `db` answers in the cluster and nothing new fires.
     dns.add_record(&format!("db.{esc}.svc.cluster.local"), svc.ipv4())
         .expect("the Service's record");
-    connect_to(&esc_pod, "db", svc.ipv4().into(), &dns);
+    connect_to(&esc_pod, "db", svc.ipv4().into(), dns);
     let in_cluster =
         format!("observer_connections_total{{namespace=\"{esc}\",resolution=\"in-cluster\"}}");
     prometheus.wait_for("the fixed connection in Prometheus", GUARD, || {
@@ -431,7 +438,7 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
     );
 
     // An in-cluster name that is a CNAME out of the cluster.
-    connect_to(&cname_pod, "ledger", EXTERNAL_DB.into(), &dns);
+    connect_to(&cname_pod, "ledger", EXTERNAL_DB.into(), dns);
     let ledger = format!("ledger.{cname}.svc.cluster.local");
     let cname_fired = wait_firing(
         &prometheus,
@@ -448,11 +455,7 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
         cname_fired.alert["annotations"]["summary"],
         format!("{cname}/_unknown followed the CNAME of {ledger} out of the cluster")
     );
-    let cname_record = agent.wait_for_record(GUARD, |r| {
-        r["cgroup_id"].as_u64() == Some(cname_pod.cgroup().container.id())
-            && r["resolution"] == "cname-escape"
-    });
-    let cname_fix = fix_in(&cname_record);
+    let cname_fix = fix_in(&record_of(&agent, &cname_pod, "resolution", "cname-escape"));
     assert_eq!(
         cname_fix,
         format!(
@@ -468,12 +471,9 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
     );
 
     // The same CNAME, declared by the ExternalName Service `vendor`: egress, no alert.
-    connect_to(&cname_pod, "vendor", EXTERNAL_DB.into(), &dns);
+    connect_to(&cname_pod, "vendor", EXTERNAL_DB.into(), dns);
     let vendor = format!("vendor.{cname}.svc.cluster.local");
-    let declared = agent.wait_for_record(GUARD, |r| {
-        r["cgroup_id"].as_u64() == Some(cname_pod.cgroup().container.id())
-            && r["server_address"] == vendor.as_str()
-    });
+    let declared = record_of(&agent, &cname_pod, "server_address", &vendor);
     assert_eq!(declared["resolution"], "declared-egress", "{declared}");
     assert_eq!(declared["flagged"], false, "{declared}");
     let declared_series = format!(
@@ -495,7 +495,7 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
     );
 
     // Drift: `db` was in the cluster; its Service goes and the name escapes.
-    connect_to(&drift_pod, "db", svc.ipv4().into(), &dns);
+    connect_to(&drift_pod, "db", svc.ipv4().into(), dns);
     prometheus.wait_for("the drift pod's in-cluster connection", GUARD, || {
         (!prometheus
             .query(&format!(
@@ -506,7 +506,7 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
     });
     dns.remove_record(&format!("db.{drift}.svc.cluster.local"))
         .expect("the Service goes");
-    connect_to(&drift_pod, "db", EXTERNAL_DB.into(), &dns);
+    connect_to(&drift_pod, "db", EXTERNAL_DB.into(), dns);
     let drift_fired = wait_firing(
         &prometheus,
         "ObserverNameDrift",
@@ -557,13 +557,14 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
         &hardcoded_pod,
         "www.outside.example",
         partner.ipv4().into(),
-        &dns,
+        dns,
     );
-    let hardcoded_cgroup = hardcoded_pod.cgroup().container.id();
-    let record = agent.wait_for_record(GUARD, |r| {
-        r["cgroup_id"].as_u64() == Some(hardcoded_cgroup)
-            && r["server_address"] == "www.outside.example"
-    });
+    let record = record_of(
+        &agent,
+        &hardcoded_pod,
+        "server_address",
+        "www.outside.example",
+    );
     assert_eq!(
         record["dns_server"],
         resolver_host.ipv4().to_string(),
@@ -698,19 +699,7 @@ fn workload_alerts_fire_for_their_scenario_and_stay_quiet_without_it() {
             "{name} is active for exactly its scenario's namespaces"
         );
     }
-    // The healthy agent raises none of the agent's own alerts.
-    let instance = agent.metrics_addr().to_string();
-    for name in [
-        "ObserverKernelEventsLost",
-        "ObserverSpanExportFailing",
-        "ObserverSpanQueueFull",
-        "ObserverEnrichmentDegraded",
-    ] {
-        assert!(
-            alerts_of(&prometheus, name, &[("instance", &instance)]).is_empty(),
-            "the healthy agent raised {name}"
-        );
-    }
+    assert_raises_no_agent_alert(&prometheus, &agent);
 
     dashboard_shows_the_scenarios(&prometheus, &ours, test_start.elapsed());
     drop(prometheus);
@@ -830,17 +819,8 @@ fn dashboard_shows_the_scenarios(prometheus: &Prometheus, ours: &[&str], span: D
 #[test]
 fn agent_health_alerts_fire_for_the_agent_in_trouble_only() {
     let tb = testbed();
-    let db = tb
-        .add_external_host_at("db", EXTERNAL_DB)
-        .expect("external host");
-    let _db_listener = db.listen_tcp(DB_PORT).expect("listener");
-    let dns = tb
-        .start_dns(
-            DnsConfig::dnsmasq()
-                .local_zone("another-lab.com")
-                .record("db.another-lab.com", db.ipv4()),
-        )
-        .expect("dnsmasq");
+    let outside = Outside::new(&tb);
+    let dns = &outside.dns;
     let namespace = format!("trouble-{}", tb.run_id().suffix());
     let (pod, _main) = pod_in(&tb, "web", &namespace, &["another-lab.com"]);
 
@@ -897,7 +877,7 @@ fn agent_health_alerts_fire_for_the_agent_in_trouble_only() {
     );
 
     // A flagged connection is always exported; the collector is closed.
-    connect_to(&pod, "db", EXTERNAL_DB.into(), &dns);
+    connect_to(&pod, "db", EXTERNAL_DB.into(), dns);
     let export = wait_firing(
         &prometheus,
         "ObserverSpanExportFailing",
@@ -927,18 +907,7 @@ fn agent_health_alerts_fire_for_the_agent_in_trouble_only() {
     );
 
     prometheus.wait_evaluations(2, GUARD);
-    let healthy_instance = healthy.metrics_addr().to_string();
-    for name in [
-        "ObserverKernelEventsLost",
-        "ObserverSpanExportFailing",
-        "ObserverSpanQueueFull",
-        "ObserverEnrichmentDegraded",
-    ] {
-        assert!(
-            alerts_of(&prometheus, name, &[("instance", &healthy_instance)]).is_empty(),
-            "the healthy agent raised {name}"
-        );
-    }
+    assert_raises_no_agent_alert(&prometheus, &healthy);
     drop(prometheus);
     let _ = std::fs::remove_file(&kubeconfig);
     assert!(troubled.stop().success());

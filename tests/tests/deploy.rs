@@ -18,10 +18,10 @@ use observer_tests::deploy_files::{
     alert_rules, deploy_dir, document_of_kind, prometheus_rule, require_tool, yaml_documents,
 };
 use observer_tests::{
-    CLOSED_PORT, DnsConfig, Family, PodSpec,
+    CLOSED_PORT, Family, PodSpec,
     agent::{Agent, AgentExited, AgentSpec},
     plan,
-    story::{EXTERNAL_DB, story_pod, testbed},
+    story::{DB_NAME, Outside, outside_resolver, service_db, story_pod, testbed},
 };
 use serde_json::Value;
 
@@ -549,24 +549,13 @@ fn alert_annotations_only_use_labels_the_alert_keeps() {
 #[test]
 fn rules_use_series_and_labels_the_agent_really_exports() {
     let tb = testbed();
-    let db = tb
-        .add_external_host_at("db", EXTERNAL_DB)
-        .expect("external host");
-    let _db_listener = db.listen_tcp(5432).expect("listener");
-    let in_cluster = tb.add_cluster_host("db-svc").expect("cluster host");
-    let _svc_listener = in_cluster.listen_tcp(5432).expect("listener");
-    let dns = tb
-        .start_dns(
-            DnsConfig::dnsmasq()
-                .local_zone("another-lab.com")
-                .record("db.another-lab.com", db.ipv4())
-                .record("db.simple-web-app.svc.cluster.local", in_cluster.ipv4())
-                .cname(
-                    "ledger.simple-web-app.svc.cluster.local",
-                    "db.another-lab.com",
-                ),
-        )
-        .expect("dnsmasq");
+    let (in_cluster, _svc_listener) = service_db(&tb);
+    let outside = Outside::with(&tb, |db, zone| {
+        zone.record(DB_NAME, db.ipv4())
+            .record("db.simple-web-app.svc.cluster.local", in_cluster.ipv4())
+            .cname("ledger.simple-web-app.svc.cluster.local", DB_NAME)
+    });
+    let (db, dns) = (&outside.db, &outside.dns);
     let web = story_pod(&tb, "web");
     let lonely = tb
         .add_pod(
@@ -617,13 +606,7 @@ fn rules_use_series_and_labels_the_agent_really_exports() {
 
     let _ = lonely.resolve("ghost", Family::V4);
     // A pod whose nameserver is outside the cluster.
-    let resolver_host = tb.add_external_host("resolver").expect("external host");
-    let _outside = observer_tests::dns::start_outside_resolver(
-        &resolver_host,
-        "outside.example",
-        db.ipv4().into(),
-    )
-    .expect("outside resolver");
+    let (resolver_host, _outside) = outside_resolver(&tb, db.ipv4().into());
     let hardcoded = tb
         .add_pod(PodSpec::new("hardcoded").nameserver(resolver_host.ipv4()))
         .expect("pod with an outside nameserver");
@@ -723,17 +706,7 @@ fn the_manifests_capability_set_is_enough_and_each_capability_is_needed() {
     );
 
     let tb = testbed();
-    let db = tb
-        .add_external_host_at("db", EXTERNAL_DB)
-        .expect("external host");
-    let _listener = db.listen_tcp(5432).expect("listener");
-    let _dns = tb
-        .start_dns(
-            DnsConfig::dnsmasq()
-                .local_zone("another-lab.com")
-                .record("db.another-lab.com", db.ipv4()),
-        )
-        .expect("dnsmasq");
+    let _outside = Outside::new(&tb);
     let story = story_pod(&tb, "web");
     // A search list Kubernetes did not write (dnsConfig.searches): only the pod's own
     // resolv.conf tells the agent it is one.

@@ -677,31 +677,17 @@ fn a_tree_without_git_history_reports_commit_unknown_unless_told() {
 }
 
 /// What a containerised agent runs in: the story's cluster, the agent's own pod network
-/// (the DaemonSet is not hostNetwork) and the image loaded into podman.
-struct Stage {
-    story: Story,
-    network: Pod,
-    podman: Podman,
-    image: String,
-}
-
-impl Stage {
-    fn new() -> Self {
-        let archive = image_archive();
-        let story = Story::new();
-        let network = story
-            .tb
-            .add_pod(PodSpec::new("observer"))
-            .expect("the agent's pod network");
-        let podman = Podman::new();
-        let image = podman.load(archive);
-        Stage {
-            story,
-            network,
-            podman,
-            image,
-        }
-    }
+/// (the DaemonSet is not hostNetwork), podman and the name of the image loaded into it.
+fn stage() -> (Story, Pod, Podman, String) {
+    let archive = image_archive();
+    let story = Story::new();
+    let network = story
+        .tb
+        .add_pod(PodSpec::new("observer"))
+        .expect("the agent's pod network");
+    let podman = Podman::new();
+    let image = podman.load(archive);
+    (story, network, podman, image)
 }
 
 /// In the testbed, the containerised agent, under the DaemonSet's own settings, becomes
@@ -709,12 +695,7 @@ impl Stage {
 /// detaches and exits 0 within the grace period.
 #[test]
 fn under_the_daemonsets_security_context_the_image_flags_the_story_and_stops_cleanly() {
-    let Stage {
-        story,
-        network,
-        podman,
-        image,
-    } = Stage::new();
+    let (story, network, podman, image) = stage();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -788,12 +769,7 @@ fn under_the_daemonsets_security_context_the_image_flags_the_story_and_stops_cle
 /// naming it, or keeps running and its log names it (the part of the job it cannot do).
 #[test]
 fn a_container_without_one_of_the_capabilities_names_it() {
-    let Stage {
-        story,
-        network,
-        podman,
-        image,
-    } = Stage::new();
+    let (story, network, podman, image) = stage();
     let deployment = Deployment::from_manifest(network.netns(), &[]);
     let mut exited = Vec::new();
     for missing in &deployment.capabilities {

@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use observer_tests::{DnsConfig, Family, PodSpec, QueryOutcome, agent::metric_sum};
 use scenario_support::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const NX: Option<&str> = Some("NXDOMAIN");
 const NOERROR: Option<&str> = Some("NOERROR");
@@ -46,6 +46,24 @@ fn flagged_count(metrics: &str, resolution: &str, query: &str, domain: &str, ser
     )
 }
 
+/// The story's search chain: A and AAAA of `db` under each cluster suffix (NXDOMAIN), then
+/// of db.another-lab.com (NOERROR).
+fn escape_chain() -> Vec<(&'static str, &'static str, Option<&'static str>)> {
+    let cluster = [
+        "db.simple-web-app.svc.cluster.local",
+        "db.svc.cluster.local",
+        "db.cluster.local",
+    ];
+    let mut chain = pairs(&cluster, NX);
+    chain.extend(pairs(&["db.another-lab.com"], NOERROR));
+    chain
+}
+
+/// The record's search chain is `expected` (name, type, rcode), in order.
+fn assert_chain(record: &Value, expected: &[(&str, &str, Option<&str>)]) {
+    assert_eq!(chain(record), owned(expected), "{record:#}");
+}
+
 /// Not flagged; `message` is the chain's note when it wasted queries (with its fix), else
 /// there is no sentence at all.
 fn assert_not_flagged(record: &Value, message: Option<&str>) {
@@ -66,15 +84,15 @@ fn seed_story_search_escape_is_flagged() {
     assert_eq!(peer, IpAddr::V4(db.ipv4()));
 
     let record = observed.record_of(pod, 5432);
-    assert_eq!(record["query_name"], "db", "{record:#}");
-    assert_eq!(record["resolution"], "search-escape", "{record:#}");
-    assert_eq!(record["server_address"], "db.another-lab.com");
-    assert_eq!(record["search_domain"], "another-lab.com");
-    assert_eq!(record["wasted_queries"], 3);
-    assert_eq!(record["egress"], true);
-    assert_eq!(record["flagged"], true);
-    assert_eq!(record["drift"], false);
-    assert_eq!(record["outcome"], "established");
+    assert_fields(
+        &record,
+        json!({
+            "query_name": "db", "resolution": "search-escape",
+            "server_address": "db.another-lab.com", "search_domain": "another-lab.com",
+            "wasted_queries": 3, "egress": true, "flagged": true, "drift": false,
+            "outcome": "established"
+        }),
+    );
     assert_eq!(record["cname_chain"], serde_json::json!([]));
     assert_eq!(destination_ip(&record), IpAddr::V4(db.ipv4()));
     assert_eq!(record["destination"]["port"], 5432);
@@ -83,16 +101,7 @@ fn seed_story_search_escape_is_flagged() {
     assert_eq!(record["pod"]["uid"], pod.cgroup().pod_uid.as_str());
     assert_eq!(record["container_id"], pod.cgroup().container_id.as_str());
     assert_eq!(record["message"], FLAG_MESSAGE);
-    let mut expected = pairs(
-        &[
-            "db.simple-web-app.svc.cluster.local",
-            "db.svc.cluster.local",
-            "db.cluster.local",
-        ],
-        NX,
-    );
-    expected.extend(pairs(&["db.another-lab.com"], NOERROR));
-    assert_eq!(chain(&record), owned(&expected), "{record:#}");
+    assert_chain(&record, &escape_chain());
 
     // The same story as a trace: the connection's root span and one child per DNS query.
     let trace = observed.trace_of(pod);
@@ -158,7 +167,11 @@ fn seed_story_search_escape_is_flagged() {
             )
         })
         .collect();
-    assert_eq!(child_chain, owned(&expected), "one child span per query");
+    assert_eq!(
+        child_chain,
+        owned(&escape_chain()),
+        "one child span per query"
+    );
     assert!(children.iter().all(|c| c.parent_span_id == root.span_id));
     let answer = children
         .iter()
@@ -195,44 +208,35 @@ fn seed_story_search_escape_is_flagged() {
 #[test]
 fn service_present_resolves_in_cluster() {
     let tb = testbed();
-    let db = tb
-        .add_external_host_at("db", Ipv4Addr::new(203, 0, 113, 10))
-        .expect("external host");
-    let svc = tb.add_cluster_host("db-svc").expect("cluster host");
-    let _external = db.listen_tcp(5432).expect("listener");
-    let _service = svc.listen_tcp(5432).expect("listener");
-    let dns = tb
-        .start_dns(
-            DnsConfig::dnsmasq()
-                .local_zone("another-lab.com")
-                .record("db.another-lab.com", db.ipv4())
-                .record("db.simple-web-app.svc.cluster.local", svc.ipv4()),
-        )
-        .expect("dnsmasq");
+    let (svc, _service) = service_db(&tb);
+    let outside = Outside::with(&tb, |db, zone| {
+        zone.record(DB_NAME, db.ipv4())
+            .record("db.simple-web-app.svc.cluster.local", svc.ipv4())
+    });
+    let dns = &outside.dns;
     let pod = story_pod(&tb, "web");
     let observed = Observed::start();
 
-    let (_, peer) = connect(&pod, "db", 5432, Family::Any, &dns);
+    let (_, peer) = connect(&pod, "db", 5432, Family::Any, dns);
     assert_eq!(peer, IpAddr::V4(svc.ipv4()));
     assert_eq!(svc.ipv4().octets()[..2], [198, 18]);
 
     let record = observed.record_of(&pod, 5432);
-    assert_eq!(record["query_name"], "db", "{record:#}");
-    assert_eq!(record["resolution"], "in-cluster", "{record:#}");
-    assert_eq!(
-        record["server_address"],
-        "db.simple-web-app.svc.cluster.local"
+    assert_fields(
+        &record,
+        json!({
+            "query_name": "db", "resolution": "in-cluster",
+            "server_address": "db.simple-web-app.svc.cluster.local",
+            "search_domain": "simple-web-app.svc.cluster.local", "wasted_queries": 0,
+            "egress": false
+        }),
     );
-    assert_eq!(record["search_domain"], "simple-web-app.svc.cluster.local");
-    assert_eq!(record["wasted_queries"], 0);
-    assert_eq!(record["egress"], false);
     assert_not_flagged(&record, None);
     assert_eq!(record["outcome"], "established");
     assert_eq!(destination_ip(&record), IpAddr::V4(svc.ipv4()));
-    assert_eq!(
-        chain(&record),
-        owned(&pairs(&["db.simple-web-app.svc.cluster.local"], NOERROR)),
-        "{record:#}"
+    assert_chain(
+        &record,
+        &pairs(&["db.simple-web-app.svc.cluster.local"], NOERROR),
     );
 }
 
@@ -248,19 +252,18 @@ fn absolute_external_name_is_egress_but_not_flagged() {
     assert_eq!(peer, IpAddr::V4(db.ipv4()));
 
     let record = observed.record_of(pod, 5432);
-    assert_eq!(record["query_name"], "db.another-lab.com.", "{record:#}");
-    assert_eq!(record["resolution"], "external", "{record:#}");
-    assert_eq!(record["server_address"], "db.another-lab.com");
-    assert!(record["search_domain"].is_null(), "{record:#}");
-    assert_eq!(record["wasted_queries"], 0);
-    assert_eq!(record["egress"], true);
+    assert_fields(
+        &record,
+        json!({
+            "query_name": "db.another-lab.com.", "resolution": "external",
+            "server_address": "db.another-lab.com", "search_domain": null, "wasted_queries": 0,
+            "egress": true
+        }),
+    );
     assert_not_flagged(&record, None);
     assert_eq!(destination_ip(&record), IpAddr::V4(db.ipv4()));
-    assert_eq!(
-        chain(&record),
-        owned(&pairs(&["db.another-lab.com"], NOERROR)),
-        "no cluster suffix tried: {record:#}"
-    );
+    // No cluster suffix tried.
+    assert_chain(&record, &pairs(&["db.another-lab.com"], NOERROR));
 }
 
 /// Scenario 4: A dotted name under ndots:1 is asked as-is first (external, nothing wasted); the same
@@ -269,17 +272,8 @@ fn absolute_external_name_is_egress_but_not_flagged() {
 #[test]
 fn ndots_decides_whether_a_dotted_name_walks_the_search_list() {
     let tb = testbed();
-    let db = tb
-        .add_external_host_at("db", Ipv4Addr::new(203, 0, 113, 10))
-        .expect("external host");
-    let _listener = db.listen_tcp(5432).expect("listener");
-    let dns = tb
-        .start_dns(
-            DnsConfig::dnsmasq()
-                .local_zone("another-lab.com")
-                .record("db.another-lab.com", db.ipv4()),
-        )
-        .expect("dnsmasq");
+    let outside = Outside::new(&tb);
+    let (db, dns) = (&outside.db, &outside.dns);
     let ndots1 = tb
         .add_pod(PodSpec::new("ndots1").search(STORY_SEARCH).ndots(1))
         .expect("pod");
@@ -287,31 +281,31 @@ fn ndots_decides_whether_a_dotted_name_walks_the_search_list() {
     let observed = Observed::start();
 
     for pod in [&ndots1, &ndots5] {
-        let (_, peer) = connect(pod, "db.another-lab.com", 5432, Family::Any, &dns);
+        let (_, peer) = connect(pod, "db.another-lab.com", 5432, Family::Any, dns);
         assert_eq!(peer, IpAddr::V4(db.ipv4()));
     }
 
     let direct = observed.record_of(&ndots1, 5432);
-    assert_eq!(direct["query_name"], "db.another-lab.com", "{direct:#}");
-    assert_eq!(direct["resolution"], "external", "{direct:#}");
-    assert_eq!(direct["server_address"], "db.another-lab.com");
-    assert!(direct["search_domain"].is_null());
-    assert_eq!(direct["wasted_queries"], 0);
-    assert_eq!(direct["egress"], true);
-    assert_not_flagged(&direct, None);
-    assert_eq!(
-        chain(&direct),
-        owned(&pairs(&["db.another-lab.com"], NOERROR)),
-        "{direct:#}"
+    assert_fields(
+        &direct,
+        json!({
+            "query_name": "db.another-lab.com", "resolution": "external",
+            "server_address": "db.another-lab.com", "search_domain": null, "wasted_queries": 0,
+            "egress": true
+        }),
     );
+    assert_not_flagged(&direct, None);
+    assert_chain(&direct, &pairs(&["db.another-lab.com"], NOERROR));
 
     let walked = observed.record_of(&ndots5, 5432);
-    assert_eq!(walked["query_name"], "db.another-lab.com", "{walked:#}");
-    assert_eq!(walked["resolution"], "external", "{walked:#}");
-    assert_eq!(walked["server_address"], "db.another-lab.com");
-    assert!(walked["search_domain"].is_null(), "{walked:#}");
-    assert_eq!(walked["wasted_queries"], 4);
-    assert_eq!(walked["egress"], true);
+    assert_fields(
+        &walked,
+        json!({
+            "query_name": "db.another-lab.com", "resolution": "external",
+            "server_address": "db.another-lab.com", "search_domain": null, "wasted_queries": 4,
+            "egress": true
+        }),
+    );
     assert_not_flagged(
         &walked,
         Some(
@@ -329,7 +323,7 @@ fn ndots_decides_whether_a_dotted_name_walks_the_search_list() {
         NX,
     );
     expected.extend(pairs(&["db.another-lab.com"], NOERROR));
-    assert_eq!(chain(&walked), owned(&expected), "{walked:#}");
+    assert_chain(&walked, &expected);
 
     let direct_span = &observed.trace_of(&ndots1)[0];
     assert_eq!(
@@ -374,21 +368,11 @@ fn ndots_decides_whether_a_dotted_name_walks_the_search_list() {
 fn externalname_service_cname_is_declared_egress() {
     let tb = testbed();
     let namespace = format!("vendors-{}", tb.run_id().suffix());
-    let db = tb
-        .add_external_host_at("db", Ipv4Addr::new(203, 0, 113, 10))
-        .expect("external host");
-    let _listener = db.listen_tcp(5432).expect("listener");
-    let dns = tb
-        .start_dns(
-            DnsConfig::dnsmasq()
-                .local_zone("another-lab.com")
-                .record("db.another-lab.com", db.ipv4())
-                .cname(
-                    &format!("ledger.{namespace}.svc.cluster.local"),
-                    "db.another-lab.com",
-                ),
-        )
-        .expect("dnsmasq");
+    let outside = Outside::with(&tb, |db, zone| {
+        zone.record(DB_NAME, db.ipv4())
+            .cname(&format!("ledger.{namespace}.svc.cluster.local"), DB_NAME)
+    });
+    let (db, dns) = (&outside.db, &outside.dns);
     let pod = tb
         .add_pod(
             PodSpec::new("billing")
@@ -411,7 +395,7 @@ fn externalname_service_cname_is_declared_egress() {
     .expect("the stand-in API server");
     let observed = Observed::with_kube_api(&api);
 
-    let (_, peer) = connect(&pod, "ledger", 5432, Family::Any, &dns);
+    let (_, peer) = connect(&pod, "ledger", 5432, Family::Any, dns);
     assert_eq!(peer, IpAddr::V4(db.ipv4()));
 
     let record = observed.record_of(&pod, 5432);
@@ -499,10 +483,9 @@ fn autopath_style_cname_out_of_the_cluster_is_flagged() {
         "{record:#}"
     );
     assert_eq!(destination_ip(&record), IpAddr::V4(db.ipv4()));
-    assert_eq!(
-        chain(&record),
-        owned(&pairs(&["db.simple-web-app.svc.cluster.local"], NOERROR)),
-        "{record:#}"
+    assert_chain(
+        &record,
+        &pairs(&["db.simple-web-app.svc.cluster.local"], NOERROR),
     );
 
     let root = &observed.trace_of(pod)[0];
@@ -536,31 +519,23 @@ fn autopath_style_cname_out_of_the_cluster_is_flagged() {
 #[test]
 fn ipv6_only_search_escape_is_flagged() {
     let tb = testbed();
-    let db = tb
-        .add_external_host_at("db", Ipv4Addr::new(203, 0, 113, 10))
-        .expect("external host");
-    let _listener = db.listen_tcp(5432).expect("listener");
-    let dns = tb
-        .start_dns(
-            DnsConfig::dnsmasq()
-                .local_zone("another-lab.com")
-                .record("db.another-lab.com", db.ipv6()),
-        )
-        .expect("dnsmasq");
+    let outside = Outside::with(&tb, |db, zone| zone.record(DB_NAME, db.ipv6()));
+    let (db, dns) = (&outside.db, &outside.dns);
     let pod = story_pod(&tb, "web");
     let observed = Observed::start();
 
-    let (_, peer) = connect(&pod, "db", 5432, Family::Any, &dns);
+    let (_, peer) = connect(&pod, "db", 5432, Family::Any, dns);
     assert_eq!(peer, IpAddr::V6(db.ipv6()));
 
     let record = observed.record_of(&pod, 5432);
-    assert_eq!(record["query_name"], "db", "{record:#}");
-    assert_eq!(record["resolution"], "search-escape", "{record:#}");
-    assert_eq!(record["server_address"], "db.another-lab.com");
-    assert_eq!(record["search_domain"], "another-lab.com");
-    assert_eq!(record["wasted_queries"], 3);
-    assert_eq!(record["egress"], true);
-    assert_eq!(record["flagged"], true);
+    assert_fields(
+        &record,
+        json!({
+            "query_name": "db", "resolution": "search-escape",
+            "server_address": "db.another-lab.com", "search_domain": "another-lab.com",
+            "wasted_queries": 3, "egress": true, "flagged": true
+        }),
+    );
     assert_eq!(destination_ip(&record), IpAddr::V6(db.ipv6()));
     assert_eq!(
         record["source"]["address"]
@@ -569,17 +544,8 @@ fn ipv6_only_search_escape_is_flagged() {
         Some(Ok(IpAddr::V6(pod.ipv6()))),
         "{record:#}"
     );
-    let mut expected = pairs(
-        &[
-            "db.simple-web-app.svc.cluster.local",
-            "db.svc.cluster.local",
-            "db.cluster.local",
-        ],
-        NX,
-    );
     // The A query finds the name without an IPv4 address: NOERROR, no data.
-    expected.extend(pairs(&["db.another-lab.com"], NOERROR));
-    assert_eq!(chain(&record), owned(&expected), "{record:#}");
+    assert_chain(&record, &escape_chain());
 
     let root = &observed.trace_of(&pod)[0];
     assert_eq!(str_attr(&root.attributes, "network.type"), Some("ipv6"));
@@ -651,12 +617,14 @@ fn truncated_answer_retried_over_tcp_still_classifies() {
     assert_eq!(dns_over_tcp["egress"], false);
 
     let record = observed.record_of(&pod, 5432);
-    assert_eq!(record["query_name"], "big", "{record:#}");
-    assert_eq!(record["resolution"], "search-escape", "{record:#}");
-    assert_eq!(record["server_address"], "big.another-lab.com");
-    assert_eq!(record["search_domain"], "another-lab.com");
-    assert_eq!(record["wasted_queries"], 3);
-    assert_eq!(record["flagged"], true);
+    assert_fields(
+        &record,
+        json!({
+            "query_name": "big", "resolution": "search-escape",
+            "server_address": "big.another-lab.com", "search_domain": "another-lab.com",
+            "wasted_queries": 3, "flagged": true
+        }),
+    );
     assert_eq!(destination_ip(&record), peer);
     assert_eq!(
         chain_names(&record),

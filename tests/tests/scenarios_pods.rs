@@ -13,19 +13,28 @@ use std::{
     time::{Duration, Instant},
 };
 
-use observer_tests::{CLOSED_PORT, DnsConfig, Pod, PodSpec, Testbed, agent::metric_sum, plan};
+use observer_tests::{
+    CLOSED_PORT, Pod, PodSpec, Testbed,
+    agent::{assert_fields, metric_sum},
+    plan,
+    story::{DB_NAME, EXTERNAL_DB, Outside, service_db, testbed},
+};
 use scenario_pods_support::{
     chain_names, client, client_report, spawn_client, start_agent, text, wait_for_metrics,
     wait_for_records,
 };
 use serde_json::{Value, json};
 
-const EXTERNAL_DB: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const RECORD_WAIT: Duration = Duration::from_secs(120);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-fn testbed() -> Testbed {
-    Testbed::new().expect("building the testbed (these scenarios must run as root)")
+/// The sentence the agent writes when `name` escapes through another-lab.com to `ip`.
+fn escape_message(name: &str, ip: &str, namespace: &str) -> String {
+    format!(
+        "{name} resolved through search domain another-lab.com to {ip}, outside the cluster: \
+         use {name}.another-lab.com. if that server is intended, or create the Service {name} \
+         in namespace {namespace}"
+    )
 }
 
 /// The kubelet's search list for a pod in `namespace`, followed by the node's domain (the
@@ -137,26 +146,18 @@ fn each_pod_gets_its_own_resolution() {
     let tb = testbed();
     let db_a = tb.add_cluster_host("db-a").expect("cluster host");
     let db_b = tb.add_cluster_host("db-b").expect("cluster host");
-    let outside = tb
-        .add_external_host_at("outside", EXTERNAL_DB)
-        .expect("external host");
+    let outside = Outside::with(&tb, |outside, zone| {
+        zone.record("db.a.svc.cluster.local", db_a.ipv4())
+            .record("db.b.svc.cluster.local", db_b.ipv4())
+            .record(DB_NAME, outside.ipv4())
+            .record("cdn-a.another-lab.com", outside.ipv4())
+            .record("cdn-b.another-lab.com", outside.ipv4())
+    });
     let _listeners = [
         db_a.listen_tcp(5432).expect("listen"),
         db_b.listen_tcp(5432).expect("listen"),
-        outside.listen_tcp(5432).expect("listen"),
-        outside.listen_tcp(443).expect("listen"),
+        outside.db.listen_tcp(443).expect("listen"),
     ];
-    let _dns = tb
-        .start_dns(
-            DnsConfig::dnsmasq()
-                .local_zone("another-lab.com")
-                .record("db.a.svc.cluster.local", db_a.ipv4())
-                .record("db.b.svc.cluster.local", db_b.ipv4())
-                .record("db.another-lab.com", outside.ipv4())
-                .record("cdn-a.another-lab.com", outside.ipv4())
-                .record("cdn-b.another-lab.com", outside.ipv4()),
-        )
-        .expect("dnsmasq");
     let pod_a = pod_in(&tb, "a", "a");
     let pod_b = pod_in(&tb, "b", "b");
     let pod_c = pod_in(&tb, "c", "c");
@@ -229,12 +230,14 @@ fn each_pod_gets_its_own_resolution() {
     for r in &records {
         assert_eq!(r["pod"]["uid"], cg.pod_uid.as_str(), "{r}");
         assert_eq!(destination(r), (IpAddr::V4(EXTERNAL_DB), 5432), "{r}");
-        assert_eq!(text(r, "query_name"), Some("db"), "{r}");
-        assert_eq!(text(r, "server_address"), Some("db.another-lab.com"), "{r}");
-        assert_eq!(text(r, "search_domain"), Some("another-lab.com"), "{r}");
-        assert_eq!(text(r, "resolution"), Some("search-escape"), "{r}");
-        assert_eq!(r["wasted_queries"], 3, "{r}");
-        assert_eq!(r["flagged"], true, "{r}");
+        assert_fields(
+            r,
+            json!({
+                "query_name": "db", "server_address": "db.another-lab.com",
+                "search_domain": "another-lab.com", "resolution": "search-escape",
+                "wasted_queries": 3, "flagged": true
+            }),
+        );
         assert_chain(r, &walk("db", "c", 4));
     }
 
@@ -284,19 +287,11 @@ fn each_pod_gets_its_own_resolution() {
 #[test]
 fn unanswered_queries_refused_and_timed_out_connects() {
     let tb = testbed();
-    let outside = tb
-        .add_external_host_at("outside", EXTERNAL_DB)
-        .expect("external host");
-    let _listener = outside.listen_tcp(5432).expect("listen");
-    let _dns = tb
-        .start_dns(
-            DnsConfig::dnsmasq()
-                .local_zone("another-lab.com")
-                .record("db.another-lab.com", outside.ipv4())
-                .record("gone.another-lab.com", plan::UNANSWERED_EXTERNAL_V4)
-                .record("stuck.shop.svc.cluster.local", plan::UNANSWERED_CLUSTER_V4),
-        )
-        .expect("dnsmasq");
+    let _outside = Outside::with(&tb, |outside, zone| {
+        zone.record(DB_NAME, outside.ipv4())
+            .record("gone.another-lab.com", plan::UNANSWERED_EXTERNAL_V4)
+            .record("stuck.shop.svc.cluster.local", plan::UNANSWERED_CLUSTER_V4)
+    });
     let web = pod_in(&tb, "web", "shop");
     // Its nameserver is an address the switch drops silently: glibc's queries go out and
     // nothing ever comes back (one try of one second, so the lookup fails fast).
@@ -344,58 +339,31 @@ fn unanswered_queries_refused_and_timed_out_connects() {
             .find(|r| destination(r) == (ip, port))
             .unwrap_or_else(|| panic!("no record for {ip}:{port}:\n{}", dump(&records)))
     };
-    let r = by_port(CLOSED_PORT, IpAddr::V4(EXTERNAL_DB));
-    assert_eq!(text(r, "outcome"), Some("refused"), "{r}");
-    assert_eq!(text(r, "resolution"), Some("search-escape"), "{r}");
-    assert_eq!(text(r, "server_address"), Some("db.another-lab.com"), "{r}");
-    assert_eq!(
-        (&r["egress"], &r["flagged"]),
-        (&json!(true), &json!(true)),
-        "{r}"
-    );
     // The flag sentence; the outcome is its own field (the span status adds it).
-    assert_eq!(
-        text(r, "message"),
-        Some(
-            "db resolved through search domain another-lab.com to 203.0.113.10, outside the cluster: \
-             use db.another-lab.com. if that server is intended, or create the Service db in namespace shop"
-        ),
-        "{r}"
-    );
-    let r = by_port(80, IpAddr::V4(plan::UNANSWERED_EXTERNAL_V4));
-    assert_eq!(text(r, "outcome"), Some("timeout"), "{r}");
-    assert_eq!(text(r, "resolution"), Some("search-escape"), "{r}");
-    assert_eq!(
-        text(r, "server_address"),
-        Some("gone.another-lab.com"),
-        "{r}"
-    );
-    assert_chain(r, &walk("gone", "shop", 4));
-    assert_eq!(
-        (&r["egress"], &r["flagged"]),
-        (&json!(true), &json!(true)),
-        "{r}"
-    );
-    assert_eq!(
-        text(r, "message"),
-        Some(
-            "gone resolved through search domain another-lab.com to 203.0.113.250, outside the cluster: \
-             use gone.another-lab.com. if that server is intended, or create the Service gone in namespace shop"
-        ),
-        "{r}"
-    );
-    let r = by_port(80, IpAddr::V4(plan::UNANSWERED_CLUSTER_V4));
-    assert_eq!(text(r, "outcome"), Some("timeout"), "{r}");
-    assert_eq!(text(r, "resolution"), Some("in-cluster"), "{r}");
-    assert_eq!(
-        text(r, "server_address"),
-        Some("stuck.shop.svc.cluster.local"),
-        "{r}"
-    );
-    assert_eq!(
-        (&r["egress"], &r["flagged"]),
-        (&json!(false), &json!(false)),
-        "{r}"
+    let refused = json!({
+        "outcome": "refused", "resolution": "search-escape",
+        "server_address": "db.another-lab.com", "egress": true, "flagged": true,
+        "message": escape_message("db", "203.0.113.10", "shop")
+    });
+    let timed_out_outside = json!({
+        "outcome": "timeout", "resolution": "search-escape",
+        "server_address": "gone.another-lab.com", "egress": true, "flagged": true,
+        "message": escape_message("gone", "203.0.113.250", "shop")
+    });
+    let timed_out_inside = json!({
+        "outcome": "timeout", "resolution": "in-cluster",
+        "server_address": "stuck.shop.svc.cluster.local", "egress": false, "flagged": false
+    });
+    for (port, ip, expected) in [
+        (CLOSED_PORT, EXTERNAL_DB, refused),
+        (80, plan::UNANSWERED_EXTERNAL_V4, timed_out_outside),
+        (80, plan::UNANSWERED_CLUSTER_V4, timed_out_inside),
+    ] {
+        assert_fields(by_port(port, IpAddr::V4(ip)), expected);
+    }
+    assert_chain(
+        by_port(80, IpAddr::V4(plan::UNANSWERED_EXTERNAL_V4)),
+        &walk("gone", "shop", 4),
     );
 
     // The quiet pod's queries (A and AAAA of its first search-list name) are given up on
@@ -437,22 +405,12 @@ fn unanswered_queries_refused_and_timed_out_connects() {
 #[test]
 fn a_name_that_leaves_the_cluster_drifts() {
     let tb = testbed();
-    let in_cluster = tb.add_cluster_host("db-svc").expect("cluster host");
-    let outside = tb
-        .add_external_host_at("outside", EXTERNAL_DB)
-        .expect("external host");
-    let _listeners = [
-        in_cluster.listen_tcp(5432).expect("listen"),
-        outside.listen_tcp(5432).expect("listen"),
-    ];
-    let dns = tb
-        .start_dns(
-            DnsConfig::dnsmasq()
-                .local_zone("another-lab.com")
-                .record("db.shop.svc.cluster.local", in_cluster.ipv4())
-                .record("db.another-lab.com", outside.ipv4()),
-        )
-        .expect("dnsmasq");
+    let (in_cluster, _in_cluster_listener) = service_db(&tb);
+    let outside = Outside::with(&tb, |outside, zone| {
+        zone.record("db.shop.svc.cluster.local", in_cluster.ipv4())
+            .record(DB_NAME, outside.ipv4())
+    });
+    let dns = &outside.dns;
     let web = pod_in(&tb, "web", "shop");
     let agent = start_agent();
     let cg = web.cgroup().container.id();
@@ -483,13 +441,20 @@ fn a_name_that_leaves_the_cluster_drifts() {
     assert_eq!(records.len(), 2, "{}", dump(&records));
     let r = &records[1];
     assert_eq!(destination(r), (IpAddr::V4(EXTERNAL_DB), 5432), "{r}");
-    assert_eq!(text(r, "query_name"), Some("db"), "{r}");
-    assert_eq!(text(r, "resolution"), Some("search-escape"), "{r}");
-    assert_eq!(text(r, "server_address"), Some("db.another-lab.com"), "{r}");
+    assert_fields(
+        r,
+        json!({
+            "query_name": "db", "resolution": "search-escape",
+            "server_address": "db.another-lab.com"
+        }),
+    );
     assert_chain(r, &walk("db", "shop", 4));
-    assert_eq!(r["drift"], true, "{r}");
-    assert_eq!(r["flagged"], true, "{r}");
-    assert_eq!(r["egress"], true, "{r}");
+    assert_fields(
+        r,
+        json!({
+            "drift": true, "flagged": true, "egress": true
+        }),
+    );
     assert_eq!(
         records[0]["drift"], false,
         "the first connect did not drift"
@@ -502,17 +467,7 @@ fn a_name_that_leaves_the_cluster_drifts() {
 #[test]
 fn a_node_process_escapes_as_the_host() {
     let tb = testbed();
-    let outside = tb
-        .add_external_host_at("outside", EXTERNAL_DB)
-        .expect("external host");
-    let _listener = outside.listen_tcp(5432).expect("listen");
-    let _dns = tb
-        .start_dns(
-            DnsConfig::dnsmasq()
-                .local_zone("another-lab.com")
-                .record("db.another-lab.com", outside.ipv4()),
-        )
-        .expect("dnsmasq");
+    let _outside = Outside::new(&tb);
     // The pod only lends its network namespace and resolv.conf: the process runs in a
     // systemd service's cgroup, as a node daemon would.
     let node_net = pod_in(&tb, "node", "shop");
@@ -532,16 +487,19 @@ fn a_node_process_escapes_as_the_host() {
     assert!(r["pod"].is_null(), "a node process has no pod: {r}");
     assert!(r["container_id"].is_null(), "{r}");
     assert_eq!(destination(r), (IpAddr::V4(EXTERNAL_DB), 5432), "{r}");
-    assert_eq!(text(r, "query_name"), Some("db"), "{r}");
-    assert_eq!(text(r, "server_address"), Some("db.another-lab.com"), "{r}");
-    assert_eq!(text(r, "search_domain"), Some("another-lab.com"), "{r}");
-    assert_eq!(text(r, "resolution"), Some("search-escape"), "{r}");
+    assert_fields(
+        r,
+        json!({
+            "query_name": "db", "server_address": "db.another-lab.com",
+            "search_domain": "another-lab.com", "resolution": "search-escape"
+        }),
+    );
     assert_chain(r, &walk("db", "shop", 4));
-    assert_eq!(r["wasted_queries"], 3, "{r}");
-    assert_eq!(
-        (&r["egress"], &r["flagged"]),
-        (&json!(true), &json!(true)),
-        "{r}"
+    assert_fields(
+        r,
+        json!({
+            "wasted_queries": 3, "egress": true, "flagged": true
+        }),
     );
     assert!(
         agent
@@ -564,25 +522,21 @@ fn many_pods_at_once_lose_nothing() {
     const PAUSE: Duration = Duration::from_millis(100);
     let tb = testbed();
     let api = tb.add_cluster_host("api").expect("cluster host");
-    let db = tb
-        .add_external_host_at("db", EXTERNAL_DB)
-        .expect("external host");
     let ext = tb
         .add_external_host_at("ext", Ipv4Addr::new(203, 0, 113, 11))
         .expect("external host");
     let _listeners = [
         api.listen_tcp(8080).expect("listen"),
-        db.listen_tcp(5432).expect("listen"),
         ext.listen_tcp(443).expect("listen"),
     ];
-    let mut dns = DnsConfig::dnsmasq()
-        .local_zone("another-lab.com")
-        .record("db.another-lab.com", db.ipv4())
-        .record("ext.another-lab.com", ext.ipv4());
-    for i in 0..PODS {
-        dns = dns.record(&format!("api.ns{i}.svc.cluster.local"), api.ipv4());
-    }
-    let _dns = tb.start_dns(dns).expect("dnsmasq");
+    let outside = Outside::with(&tb, |db, zone| {
+        (0..PODS).fold(
+            zone.record(DB_NAME, db.ipv4())
+                .record("ext.another-lab.com", ext.ipv4()),
+            |zone, i| zone.record(&format!("api.ns{i}.svc.cluster.local"), api.ipv4()),
+        )
+    });
+    let db = &outside.db;
     let pods: Vec<Pod> = (0..PODS)
         .map(|i| pod_in(&tb, &format!("m{i}"), &format!("ns{i}")))
         .collect();

@@ -10,7 +10,7 @@ use observer_tests::{
     CLOSED_PORT, CgroupDriver, ConnectOutcome, DnsConfig, DnsProbe, Family, LoggedQuery, PodSpec,
     QosClass, QueryOutcome, TestCommand, Transport, cgroup_of_pid, dns_probe_client_bin, plan,
     probe::qtype,
-    story::{CONNECT_TIMEOUT, story_pod, testbed},
+    story::{CONNECT_TIMEOUT, Story, service_db, story_pod, testbed},
 };
 
 const LOG_WAIT: Duration = Duration::from_secs(5);
@@ -25,19 +25,8 @@ fn a_queries(log: &[LoggedQuery]) -> Vec<(String, QueryOutcome)> {
 
 #[test]
 fn the_search_list_escape_reproduces() {
-    let tb = testbed();
-    let db = tb
-        .add_external_host_at("db", Ipv4Addr::new(203, 0, 113, 10))
-        .expect("external host");
-    let listener = db.listen_tcp(5432).expect("listener");
-    let dns = tb
-        .start_dns(
-            DnsConfig::dnsmasq()
-                .local_zone("another-lab.com")
-                .record("db.another-lab.com", db.ipv4()),
-        )
-        .expect("dnsmasq");
-    let pod = story_pod(&tb, "web");
+    let story = Story::new();
+    let (db, dns, pod) = (&story.db, &story.dns, &story.pod);
 
     let report = pod
         .connect_tcp("db", 5432, Family::Any, CONNECT_TIMEOUT)
@@ -50,7 +39,8 @@ fn the_search_list_escape_reproduces() {
     };
     assert_eq!(peer.ip(), IpAddr::V4(db.ipv4()));
     assert_eq!(local.ip(), IpAddr::V4(pod.ipv4()));
-    listener
+    story
+        .listener
         .wait_for_peer(pod.ipv4().into(), LOG_WAIT)
         .expect("the external host saw the pod");
 
@@ -83,19 +73,11 @@ fn the_search_list_escape_reproduces() {
 
 #[test]
 fn a_record_added_at_run_time_keeps_the_pod_in_the_cluster() {
-    let tb = testbed();
-    let external = tb.add_external_host("db").expect("external host");
-    let in_cluster = tb.add_cluster_host("db-svc").expect("cluster host");
-    let external_listener = external.listen_tcp(5432).expect("listener");
-    let cluster_listener = in_cluster.listen_tcp(5432).expect("listener");
-    let dns = tb
-        .start_dns(
-            DnsConfig::dnsmasq()
-                .local_zone("another-lab.com")
-                .record("db.another-lab.com", external.ipv4()),
-        )
-        .expect("dnsmasq");
-    let pod = story_pod(&tb, "web");
+    let story = Story::new();
+    // The Service's record comes at run time, below.
+    let (in_cluster, cluster_listener) = service_db(&story.tb);
+    let (external, external_listener) = (&story.db, &story.listener);
+    let (dns, pod) = (&story.dns, &story.pod);
 
     let first = pod
         .connect_tcp("db", 5432, Family::V4, CONNECT_TIMEOUT)

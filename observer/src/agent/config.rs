@@ -16,7 +16,10 @@ use clap::{ArgMatches, Args, ValueEnum, parser::ValueSource};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-pub use crate::identity::KubeMode;
+pub use crate::{
+    export::{RedactMode, SpanSelection},
+    identity::KubeMode,
+};
 
 /// Flags of `observer run`, and the keys of its config file. Options are `Option`s (lists
 /// empty) so that an absent flag can fall back to the config file before the default.
@@ -71,7 +74,7 @@ pub struct RunArgs {
     pub output: Option<OutputFormat>,
     /// Which connections become spans [default: egress]. Flagged ones always do.
     #[arg(long, env = "OBSERVER_EXPORT")]
-    pub export: Option<ExportPolicySetting>,
+    pub export: Option<SpanSelection>,
     /// Fraction (0..=1) of the selected, unflagged connections exported as spans [default: 1].
     #[arg(long, env = "OBSERVER_SAMPLE_RATIO", value_name = "RATIO")]
     pub sample_ratio: Option<f64>,
@@ -90,15 +93,7 @@ pub struct RunArgs {
     /// Rewrite DNS names in spans, metrics and output: `hash` (keyed per run) or `redact`;
     /// the cluster and search domains stay visible [default: off].
     #[arg(long, env = "OBSERVER_REDACT_NAMES")]
-    pub redact_names: Option<RedactNames>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RedactNames {
-    Off,
-    Hash,
-    Redact,
+    pub redact_names: Option<RedactMode>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
@@ -107,14 +102,6 @@ pub enum OutputFormat {
     Text,
     Json,
     None,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ExportPolicySetting {
-    Flagged,
-    Egress,
-    All,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
@@ -138,13 +125,13 @@ pub struct Settings {
     pub node_name: Option<String>,
     pub metrics_addr: SocketAddr,
     pub output: OutputFormat,
-    pub export: ExportPolicySetting,
+    pub export: SpanSelection,
     pub sample_ratio: f64,
     pub spans_file: Option<PathBuf>,
     pub log_format: LogFormat,
     pub log_level: String,
     pub ring_size_kib: Option<u32>,
-    pub redact_names: RedactNames,
+    pub redact_names: RedactMode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -299,7 +286,7 @@ impl Settings {
                 .unwrap_or(OutputFormat::Text),
             export: l
                 .pick("export", "export", args.export, file.export)
-                .unwrap_or(ExportPolicySetting::Egress),
+                .unwrap_or(SpanSelection::Egress),
             sample_ratio: l
                 .pick(
                     "sample_ratio",
@@ -328,7 +315,7 @@ impl Settings {
                     args.redact_names,
                     file.redact_names,
                 )
-                .unwrap_or(RedactNames::Off),
+                .unwrap_or(RedactMode::Off),
         };
         settings.validate()?;
         Ok((settings, l.origins))
@@ -416,9 +403,9 @@ mod tests {
         assert_eq!(s.kube, KubeMode::Auto);
         assert_eq!(s.metrics_addr, DEFAULT_METRICS_ADDR.parse().unwrap());
         assert_eq!(s.output, OutputFormat::Text);
-        assert_eq!(s.export, ExportPolicySetting::Egress);
+        assert_eq!(s.export, SpanSelection::Egress);
         assert_eq!(s.sample_ratio, 1.0);
-        assert_eq!(s.redact_names, RedactNames::Off);
+        assert_eq!(s.redact_names, RedactMode::Off);
     }
 
     #[test]
@@ -431,13 +418,13 @@ mod tests {
         let f = file.to_str().unwrap();
         assert_eq!(
             parse(&["--config", f]).unwrap().redact_names,
-            RedactNames::Redact
+            RedactMode::Redact
         );
         assert_eq!(
             parse(&["--config", f, "--redact-names", "hash"])
                 .unwrap()
                 .redact_names,
-            RedactNames::Hash
+            RedactMode::Hash
         );
         let err = parse(&["--redact-names", "maybe"]).unwrap_err();
         assert!(err.contains("possible values"), "{err}");

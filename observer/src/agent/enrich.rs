@@ -91,16 +91,10 @@ fn namespace_from_search_list(who: &WorkloadIdentity, cluster_domain: &str) -> O
 
 fn workload(w: &model::WorkloadRef) -> Option<Workload> {
     let kind = match &w.kind {
-        model::WorkloadKind::Deployment => WorkloadKind::Deployment,
-        model::WorkloadKind::ReplicaSet => WorkloadKind::ReplicaSet,
-        model::WorkloadKind::StatefulSet => WorkloadKind::StatefulSet,
-        model::WorkloadKind::DaemonSet => WorkloadKind::DaemonSet,
-        model::WorkloadKind::Job => WorkloadKind::Job,
-        model::WorkloadKind::CronJob => WorkloadKind::CronJob,
-        model::WorkloadKind::Pod => WorkloadKind::Pod,
         // A custom controller: name the pod's workload by the controller's name anyway,
         // so service.name stays what the user knows.
-        model::WorkloadKind::Other(_) => WorkloadKind::Pod,
+        WorkloadKind::Other(_) => WorkloadKind::Pod,
+        kind => kind.clone(),
     };
     Some(Workload {
         kind,

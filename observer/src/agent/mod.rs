@@ -25,8 +25,8 @@ use crate::{
     },
     export::{
         Enriched, EnrichmentState, ExportConfig, ExportIdentity, JsonWriter, Metrics, PodIdentity,
-        Readiness, RedactMode, Redactor, SpanExporter, SpanSelection, SpanSink, TextWriter,
-        UnjoinedReason, UnmatchedReason, WallClock, color_on, serve_http,
+        Readiness, Redactor, SpanExporter, SpanSink, TextWriter, UnjoinedReason, UnmatchedReason,
+        WallClock, color_on, serve_http,
     },
     identity::{EnrichmentStatus, Identity, IdentityConfig, WorkloadIdentity},
     networks,
@@ -34,7 +34,7 @@ use crate::{
     record::{BootNs, ConnectionRecord},
     scope::ScopeKey,
 };
-use config::{ExportPolicySetting, OutputFormat, RedactNames, Settings};
+use config::{OutputFormat, Settings};
 use enrich::NodeFacts;
 use reorder::Reorder;
 use scopes::ScopeCgroups;
@@ -104,14 +104,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         }
     };
 
-    let redactor = Redactor::new(
-        match settings.redact_names {
-            RedactNames::Off => RedactMode::Off,
-            RedactNames::Hash => RedactMode::Hash,
-            RedactNames::Redact => RedactMode::Redact,
-        },
-        &settings.cluster_domain,
-    )?;
+    let redactor = Redactor::new(settings.redact_names, &settings.cluster_domain)?;
     let mut agent = Agent {
         redactor,
         core: Correlator::new(CorrelatorConfig {
@@ -170,11 +163,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 fn export_config(settings: &Settings) -> anyhow::Result<ExportConfig> {
     let mut config =
         ExportConfig::from_env().context("reading the OTEL_EXPORTER_OTLP_* variables")?;
-    config.selection = match settings.export {
-        ExportPolicySetting::Flagged => SpanSelection::Flagged,
-        ExportPolicySetting::Egress => SpanSelection::Egress,
-        ExportPolicySetting::All => SpanSelection::All,
-    };
+    config.selection = settings.export;
     config.sample_ratio = settings.sample_ratio;
     if settings.spans_file.is_some() {
         config.json_path = settings.spans_file.clone();

@@ -116,6 +116,11 @@ impl Client {
             ),
             Reply::Silent => return,
         };
+        self.deliver(c, &response(id, name, qtype, rcode, &answers, soa));
+    }
+
+    /// Delivers a response's wire bytes from the server to this client.
+    fn deliver(&mut self, c: &mut Correlator, bytes: &[u8]) {
         let at = self.tick();
         c.observe_dns_wire(
             &self.scope,
@@ -123,7 +128,7 @@ impl Client {
             Direction::Ingress,
             self.server,
             self.addr,
-            &response(id, name, qtype, rcode, &answers, soa),
+            bytes,
         )
         .unwrap();
     }
@@ -144,6 +149,11 @@ impl Client {
             other => other.clone(),
         };
         self.receive(c, aaaa, name, AAAA, &aaaa_reply);
+    }
+
+    /// A lookup the server answers with one address (`ttl` seconds) for `name` itself.
+    fn resolve(&mut self, c: &mut Correlator, name: &str, ttl: u32, ip_text: &str) {
+        self.lookup(c, name, Reply::Addrs(vec![addr(name, ttl, ip_text)]));
     }
 
     fn connect(
@@ -184,6 +194,14 @@ fn configured(c: &mut Correlator, client: &Client, ndots: u8) {
         },
     )
     .unwrap();
+}
+
+/// The usual client: pod-a at 198.18.1.5 with the story's search list and `ndots`.
+fn configured_pod_a(ndots: u8) -> (Correlator, Client) {
+    let mut c = Correlator::new(config());
+    let client = Client::new("pod-a", "198.18.1.5");
+    configured(&mut c, &client, ndots);
+    (c, client)
 }
 
 /// The motivating story: three NXDOMAINs, then the external search domain answers.
@@ -238,17 +256,12 @@ fn seed_story_is_a_flagged_search_escape_with_or_without_resolv_conf() {
 
 #[test]
 fn service_present_is_in_cluster() {
-    let mut c = Correlator::new(config());
-    let mut client = Client::new("pod-a", "198.18.1.5");
-    configured(&mut c, &client, 5);
-    client.lookup(
+    let (mut c, mut client) = configured_pod_a(5);
+    client.resolve(
         &mut c,
         "db.simple-web-app.svc.cluster.local",
-        Reply::Addrs(vec![addr(
-            "db.simple-web-app.svc.cluster.local",
-            30,
-            "198.18.0.20",
-        )]),
+        30,
+        "198.18.0.20",
     );
     let r = client.connect(&mut c, 1, "198.18.0.20:5432", Outcome::Established);
     assert_eq!(r.resolution, Resolution::InCluster);
@@ -264,9 +277,7 @@ fn service_present_is_in_cluster() {
 
 #[test]
 fn autopath_cname_out_of_the_cluster_domain_is_a_cname_escape() {
-    let mut c = Correlator::new(config());
-    let mut client = Client::new("pod-a", "198.18.1.5");
-    configured(&mut c, &client, 5);
+    let (mut c, mut client) = configured_pod_a(5);
     client.lookup(
         &mut c,
         "db.simple-web-app.svc.cluster.local",
@@ -303,11 +314,7 @@ fn aaaa_only_answer_joins_a_v6_connect() {
     client.lookup(&mut c, "db.simple-web-app.svc.cluster.local", Reply::Nx);
     client.lookup(&mut c, "db.svc.cluster.local", Reply::Nx);
     client.lookup(&mut c, "db.cluster.local", Reply::Nx);
-    client.lookup(
-        &mut c,
-        "db.another-lab.com",
-        Reply::Addrs(vec![addr("db.another-lab.com", 300, "2001:db8::10")]),
-    );
+    client.resolve(&mut c, "db.another-lab.com", 300, "2001:db8::10");
     let r = client.connect(&mut c, 1, "[2001:db8::10]:5432", Outcome::Established);
     assert_eq!(r.resolution, Resolution::SearchEscape);
     assert!(r.flagged);
@@ -342,14 +349,11 @@ fn answers_expire_after_ttl_plus_grace() {
         let mut c = Correlator::new(cfg.clone());
         let mut client = Client::new("pod-a", "198.18.1.5");
         configured(&mut c, &client, 5);
-        client.lookup(
+        client.resolve(
             &mut c,
             "db.simple-web-app.svc.cluster.local",
-            Reply::Addrs(vec![addr(
-                "db.simple-web-app.svc.cluster.local",
-                30,
-                "198.18.0.20",
-            )]),
+            30,
+            "198.18.0.20",
         );
         client.now += wait;
         let r = client.connect(&mut c, 1, "198.18.0.20:80", Outcome::Established);
@@ -367,32 +371,16 @@ fn scopes_never_share_answers() {
     let mut a = Client::new("pod-a", "198.18.1.5");
     let mut b = Client::new("pod-b", "198.18.1.6");
     // CDN: different names, one address.
-    a.lookup(
-        &mut c,
-        "img.shop.example",
-        Reply::Addrs(vec![addr("img.shop.example", 60, "203.0.113.50")]),
-    );
-    b.lookup(
-        &mut c,
-        "static.news.example",
-        Reply::Addrs(vec![addr("static.news.example", 60, "203.0.113.50")]),
-    );
+    a.resolve(&mut c, "img.shop.example", 60, "203.0.113.50");
+    b.resolve(&mut c, "static.news.example", 60, "203.0.113.50");
     let ra = a.connect(&mut c, 1, "203.0.113.50:443", Outcome::Established);
     let rb = b.connect(&mut c, 2, "203.0.113.50:443", Outcome::Established);
     assert_eq!(&*ra.chain.unwrap().query_name, "img.shop.example");
     assert_eq!(&*rb.chain.unwrap().query_name, "static.news.example");
 
     // One name, different addresses per pod: each pod only knows its own.
-    a.lookup(
-        &mut c,
-        "api.example.com",
-        Reply::Addrs(vec![addr("api.example.com", 60, "203.0.113.1")]),
-    );
-    b.lookup(
-        &mut c,
-        "api.example.com",
-        Reply::Addrs(vec![addr("api.example.com", 60, "203.0.113.2")]),
-    );
+    a.resolve(&mut c, "api.example.com", 60, "203.0.113.1");
+    b.resolve(&mut c, "api.example.com", 60, "203.0.113.2");
     assert!(
         a.connect(&mut c, 3, "203.0.113.1:443", Outcome::Established)
             .chain
@@ -413,9 +401,7 @@ fn scopes_never_share_answers() {
 
 #[test]
 fn loopback_is_never_egress() {
-    let mut c = Correlator::new(config());
-    let mut client = Client::new("pod-a", "198.18.1.5");
-    configured(&mut c, &client, 5);
+    let (mut c, mut client) = configured_pod_a(5);
     for (sock, dest) in [
         (1, "127.0.0.1:9464"),
         (2, "[::1]:9464"),
@@ -431,15 +417,9 @@ fn loopback_is_never_egress() {
 
 #[test]
 fn absolute_name_is_external_not_an_escape() {
-    let mut c = Correlator::new(config());
-    let mut client = Client::new("pod-a", "198.18.1.5");
-    configured(&mut c, &client, 5);
+    let (mut c, mut client) = configured_pod_a(5);
     // `db.another-lab.com.`: tried as-is although it has fewer dots than ndots.
-    client.lookup(
-        &mut c,
-        "db.another-lab.com",
-        Reply::Addrs(vec![addr("db.another-lab.com", 300, "203.0.113.10")]),
-    );
+    client.resolve(&mut c, "db.another-lab.com", 300, "203.0.113.10");
     let r = client.connect(&mut c, 1, "203.0.113.10:5432", Outcome::Established);
     assert_eq!(r.resolution, Resolution::External);
     assert!(r.egress && !r.flagged);
@@ -451,14 +431,8 @@ fn absolute_name_is_external_not_an_escape() {
 #[test]
 fn ndots_decides_whether_a_dotted_name_walks_the_search_list() {
     // ndots:1: as-is first.
-    let mut c = Correlator::new(config());
-    let mut client = Client::new("pod-a", "198.18.1.5");
-    configured(&mut c, &client, 1);
-    client.lookup(
-        &mut c,
-        "api.example.com",
-        Reply::Addrs(vec![addr("api.example.com", 60, "203.0.113.7")]),
-    );
+    let (mut c, mut client) = configured_pod_a(1);
+    client.resolve(&mut c, "api.example.com", 60, "203.0.113.7");
     let chain = client
         .connect(&mut c, 1, "203.0.113.7:443", Outcome::Established)
         .chain
@@ -469,17 +443,11 @@ fn ndots_decides_whether_a_dotted_name_walks_the_search_list() {
     );
 
     // ndots:5: every search domain first, then as-is.
-    let mut c = Correlator::new(config());
-    let mut client = Client::new("pod-a", "198.18.1.5");
-    configured(&mut c, &client, 5);
+    let (mut c, mut client) = configured_pod_a(5);
     for d in SEARCH {
         client.lookup(&mut c, &format!("api.example.com.{d}"), Reply::Nx);
     }
-    client.lookup(
-        &mut c,
-        "api.example.com",
-        Reply::Addrs(vec![addr("api.example.com", 60, "203.0.113.7")]),
-    );
+    client.resolve(&mut c, "api.example.com", 60, "203.0.113.7");
     let r = client.connect(&mut c, 1, "203.0.113.7:443", Outcome::Established);
     assert_eq!(r.resolution, Resolution::External);
     assert!(!r.flagged);
@@ -491,18 +459,12 @@ fn ndots_decides_whether_a_dotted_name_walks_the_search_list() {
     assert_eq!(c.counters().chains_started, 1);
 
     // ndots:5 and a wildcard in an outside search domain: the dotted name escapes.
-    let mut c = Correlator::new(config());
-    let mut client = Client::new("pod-a", "198.18.1.5");
-    configured(&mut c, &client, 5);
+    let (mut c, mut client) = configured_pod_a(5);
     for d in &SEARCH[..3] {
         client.lookup(&mut c, &format!("api.example.com.{d}"), Reply::Nx);
     }
     let wildcard = "api.example.com.another-lab.com";
-    client.lookup(
-        &mut c,
-        wildcard,
-        Reply::Addrs(vec![addr(wildcard, 60, "203.0.113.66")]),
-    );
+    client.resolve(&mut c, wildcard, 60, "203.0.113.66");
     let r = client.connect(&mut c, 1, "203.0.113.66:443", Outcome::Established);
     assert_eq!(r.resolution, Resolution::SearchEscape);
     assert!(r.flagged && r.chain.unwrap().ndots_walk);
@@ -510,9 +472,7 @@ fn ndots_decides_whether_a_dotted_name_walks_the_search_list() {
 
 #[test]
 fn unanswered_queries_are_reported_by_tick() {
-    let mut c = Correlator::new(config());
-    let mut client = Client::new("pod-a", "198.18.1.5");
-    configured(&mut c, &client, 5);
+    let (mut c, mut client) = configured_pod_a(5);
     client.lookup(&mut c, "db.simple-web-app.svc.cluster.local", Reply::Nx);
     client.lookup(&mut c, "db.svc.cluster.local", Reply::Silent);
     let sent = client.now;
@@ -540,14 +500,11 @@ fn drift_is_tracked_per_workload() {
         c.set_drift_key(&cl.scope, "simple-web-app/deployment/web")
             .unwrap();
     }
-    old.lookup(
+    old.resolve(
         &mut c,
         "db.simple-web-app.svc.cluster.local",
-        Reply::Addrs(vec![addr(
-            "db.simple-web-app.svc.cluster.local",
-            30,
-            "198.18.0.20",
-        )]),
+        30,
+        "198.18.0.20",
     );
     assert!(
         !old.connect(&mut c, 1, "198.18.0.20:5432", Outcome::Established)
@@ -572,9 +529,7 @@ fn drift_is_tracked_per_workload() {
 
 #[test]
 fn outcomes_and_connects_without_outcome() {
-    let mut c = Correlator::new(config());
-    let mut client = Client::new("pod-a", "198.18.1.5");
-    configured(&mut c, &client, 5);
+    let (mut c, mut client) = configured_pod_a(5);
     seed_story(&mut c, &mut client);
     for (id, outcome) in [
         (1, Outcome::Refused),
@@ -730,11 +685,7 @@ fn caps_evict_and_count() {
 fn tick_expires_chains_and_idle_scopes() {
     let mut c = Correlator::new(config());
     let mut client = Client::new("pod-a", "198.18.1.5");
-    client.lookup(
-        &mut c,
-        "a.example.com",
-        Reply::Addrs(vec![addr("a.example.com", 30, "203.0.113.9")]),
-    );
+    client.resolve(&mut c, "a.example.com", 30, "203.0.113.9");
     assert_eq!(c.cached_answers(), 1);
     let grace = c.config().answer_grace_ns;
     c.tick(client.now + 30 * SEC + grace + SEC);
@@ -749,27 +700,18 @@ fn tick_expires_chains_and_idle_scopes() {
 
 #[test]
 fn concurrent_lookups_of_one_pod_keep_their_own_chains() {
-    let mut c = Correlator::new(config());
-    let mut client = Client::new("pod-a", "198.18.1.5");
-    configured(&mut c, &client, 5);
+    let (mut c, mut client) = configured_pod_a(5);
     // Two threads: `db` walks while `cache` resolves in-cluster in between.
     client.lookup(&mut c, "db.simple-web-app.svc.cluster.local", Reply::Nx);
-    client.lookup(
+    client.resolve(
         &mut c,
         "cache.simple-web-app.svc.cluster.local",
-        Reply::Addrs(vec![addr(
-            "cache.simple-web-app.svc.cluster.local",
-            30,
-            "198.18.0.30",
-        )]),
+        30,
+        "198.18.0.30",
     );
     client.lookup(&mut c, "db.svc.cluster.local", Reply::Nx);
     client.lookup(&mut c, "db.cluster.local", Reply::Nx);
-    client.lookup(
-        &mut c,
-        "db.another-lab.com",
-        Reply::Addrs(vec![addr("db.another-lab.com", 300, "203.0.113.10")]),
-    );
+    client.resolve(&mut c, "db.another-lab.com", 300, "203.0.113.10");
     let db = client.connect(&mut c, 1, "203.0.113.10:5432", Outcome::Established);
     let cache = client.connect(&mut c, 2, "198.18.0.30:6379", Outcome::Established);
     assert_eq!(db.chain.unwrap().wasted_queries, 3);
@@ -810,13 +752,8 @@ fn answers_to_another_question_or_to_no_question_name_nothing() {
     configured(&mut c, &client, 5);
     // Same id and 4-tuple, but the response asks another question: not the answer.
     let id = client.send(&mut c, "api.example.com", A);
-    let at = client.tick();
-    c.observe_dns_wire(
-        &client.scope,
-        at,
-        Direction::Ingress,
-        client.server,
-        client.addr,
+    client.deliver(
+        &mut c,
         &response(
             id,
             "evil.example.net",
@@ -825,8 +762,7 @@ fn answers_to_another_question_or_to_no_question_name_nothing() {
             &[addr("evil.example.net", 300, "203.0.113.66")],
             None,
         ),
-    )
-    .unwrap();
+    );
     assert_eq!(c.counters().responses_mismatched, 1);
     let r = client.connect(&mut c, 1, "203.0.113.66:443", Outcome::Established);
     assert_eq!(r.resolution, Resolution::None);
@@ -846,16 +782,7 @@ fn answers_to_another_question_or_to_no_question_name_nothing() {
     bytes.drain(12..12 + qlen);
     bytes[4] = 0;
     bytes[5] = 0;
-    let at = client.tick();
-    c.observe_dns_wire(
-        &client.scope,
-        at,
-        Direction::Ingress,
-        client.server,
-        client.addr,
-        &bytes,
-    )
-    .unwrap();
+    client.deliver(&mut c, &bytes);
     let r = client.connect(&mut c, 2, "203.0.113.67:443", Outcome::Established);
     assert_eq!(r.resolution, Resolution::None, "{r:?}");
 }

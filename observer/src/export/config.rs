@@ -1,24 +1,17 @@
 //! Span export settings: the standard `OTEL_EXPORTER_OTLP_*` variables, overridable by the CLI.
 use std::{path::PathBuf, time::Duration};
 
-/// Which connections become traces. Flagged connections are always exported.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
+
+/// Which connections become traces (`--export`). Flagged connections are always exported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SpanSelection {
     Flagged,
-    /// Every connection to a destination outside the cluster networks.
+    // Every connection to a destination outside the cluster networks.
     Egress,
     All,
-}
-
-impl SpanSelection {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "flagged" => Some(Self::Flagged),
-            "egress" => Some(Self::Egress),
-            "all" => Some(Self::All),
-            _ => None,
-        }
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -20,6 +20,7 @@ mod spans;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+pub use crate::identity::WorkloadKind;
 pub use config::{ConfigError, ExportConfig, OtlpProtocol, SpanSelection};
 pub use exporter::{ExportError, SpanExporter, SpanSink, Submit};
 pub use http_server::{Readiness, ServeError, serve_http};
@@ -72,45 +73,6 @@ pub struct ContainerIdentity {
 pub struct Workload {
     pub kind: WorkloadKind,
     pub name: String,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum WorkloadKind {
-    Deployment,
-    StatefulSet,
-    DaemonSet,
-    Job,
-    CronJob,
-    ReplicaSet,
-    /// A bare pod with no controller.
-    Pod,
-}
-
-impl WorkloadKind {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            WorkloadKind::Deployment => "Deployment",
-            WorkloadKind::StatefulSet => "StatefulSet",
-            WorkloadKind::DaemonSet => "DaemonSet",
-            WorkloadKind::Job => "Job",
-            WorkloadKind::CronJob => "CronJob",
-            WorkloadKind::ReplicaSet => "ReplicaSet",
-            WorkloadKind::Pod => "Pod",
-        }
-    }
-
-    /// The OpenTelemetry resource attribute naming a workload of this kind.
-    pub const fn resource_attribute(self) -> &'static str {
-        match self {
-            WorkloadKind::Deployment => "k8s.deployment.name",
-            WorkloadKind::StatefulSet => "k8s.statefulset.name",
-            WorkloadKind::DaemonSet => "k8s.daemonset.name",
-            WorkloadKind::Job => "k8s.job.name",
-            WorkloadKind::CronJob => "k8s.cronjob.name",
-            WorkloadKind::ReplicaSet => "k8s.replicaset.name",
-            WorkloadKind::Pod => "k8s.pod.name",
-        }
-    }
 }
 
 /// Turns kernel CLOCK_BOOTTIME stamps into wall-clock time: `unix = boot + offset`.

@@ -156,7 +156,7 @@ struct JsonQuery<'a> {
 
 #[derive(Serialize)]
 struct JsonWorkload<'a> {
-    kind: &'static str,
+    kind: &'a str,
     name: &'a str,
 }
 

@@ -14,11 +14,16 @@
 //! Addresses are not names and are kept.
 use std::{net::IpAddr, sync::Arc};
 
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
+
 use ring::{hmac, rand::SystemRandom};
 
 use crate::record::{Answer, ConnectionRecord};
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// How DNS names are rewritten in spans, metrics and output (`--redact-names`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum RedactMode {
     #[default]
     Off,

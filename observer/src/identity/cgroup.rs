@@ -9,17 +9,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::mountinfo;
+use crate::{error::PathIoError, mountinfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     #[error("no cgroup2 mount in {path}")]
     NoCgroup2Mount { path: PathBuf },
 }
@@ -28,11 +23,7 @@ pub enum CgroupError {
 /// ([`crate::mountinfo::cgroup2_root`]).
 pub fn find_cgroup2_mount() -> Result<PathBuf, CgroupError> {
     let path = PathBuf::from(mountinfo::SELF_MOUNTINFO);
-    let mounts = mountinfo::read_own().map_err(|source| CgroupError::Io {
-        op: "read",
-        path: path.clone(),
-        source,
-    })?;
+    let mounts = mountinfo::read_own().map_err(PathIoError::at("read", path.clone()))?;
     mountinfo::cgroup2_root(&mounts).ok_or(CgroupError::NoCgroup2Mount { path })
 }
 

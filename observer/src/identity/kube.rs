@@ -875,21 +875,26 @@ struct ServiceMeta {
     external_name: Option<Arc<str>>,
 }
 
+/// A dual-stack field's values: the plural field (`clusterIPs`, `podCIDRs`) when the API
+/// server filled it, else the older singular one.
+fn plural_or_single<'a>(plural: Option<&'a Vec<String>>, single: Option<&'a str>) -> Vec<&'a str> {
+    let mut values: Vec<&str> = plural.into_iter().flatten().map(String::as_str).collect();
+    if values.is_empty()
+        && let Some(value) = single
+    {
+        values.push(value);
+    }
+    values
+}
+
 fn project_service(service: &Service) -> Option<(String, ServiceMeta)> {
     let meta = &service.metadata;
     let uid = meta.uid.clone()?;
     let spec = service.spec.as_ref();
-    let mut texts: Vec<&str> = spec
-        .and_then(|s| s.cluster_ips.as_ref())
-        .into_iter()
-        .flatten()
-        .map(String::as_str)
-        .collect();
-    if texts.is_empty()
-        && let Some(ip) = spec.and_then(|s| s.cluster_ip.as_deref())
-    {
-        texts.push(ip);
-    }
+    let texts = plural_or_single(
+        spec.and_then(|s| s.cluster_ips.as_ref()),
+        spec.and_then(|s| s.cluster_ip.as_deref()),
+    );
     // Headless Services say "None"; ExternalName ones have no cluster IP.
     let cluster_ips = texts.into_iter().filter_map(|t| t.parse().ok()).collect();
     Some((
@@ -958,17 +963,10 @@ fn change_service(shared: &Shared, _: &str, old: Option<&ServiceMeta>, new: Opti
 fn project_node(node: &Node) -> Option<(String, Vec<IpNet>)> {
     let uid = node.metadata.uid.clone()?;
     let spec = node.spec.as_ref();
-    let mut cidrs: Vec<&str> = spec
-        .and_then(|s| s.pod_cidrs.as_ref())
-        .into_iter()
-        .flatten()
-        .map(String::as_str)
-        .collect();
-    if cidrs.is_empty()
-        && let Some(cidr) = spec.and_then(|s| s.pod_cidr.as_deref())
-    {
-        cidrs.push(cidr);
-    }
+    let cidrs = plural_or_single(
+        spec.and_then(|s| s.pod_cidrs.as_ref()),
+        spec.and_then(|s| s.pod_cidr.as_deref()),
+    );
     let mut nets: Vec<IpNet> = cidrs.into_iter().filter_map(|c| c.parse().ok()).collect();
     nets.extend(
         node.status

@@ -20,6 +20,9 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
+
 pub use cgroup::{CgroupCache, CgroupCacheConfig, CgroupCacheStats, CgroupError};
 pub use cgroup_path::{
     CgroupDriver, CgroupOwner, CgroupPathError, ContainerId, ContainerRuntime, PodCgroup,
@@ -34,17 +37,7 @@ pub use resolv::{
 use crate::scope::ScopeKey;
 
 /// Whether to enrich identity from the Kubernetes API.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    clap::ValueEnum,
-    serde::Deserialize,
-    serde::Serialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KubeMode {
     /// Use the API when `kube::Config::infer()` finds one (in-cluster or kubeconfig);

@@ -52,16 +52,17 @@ impl WorkloadKind {
         }
     }
 
-    /// The OpenTelemetry resource attribute naming this kind of workload, if one exists.
-    pub fn otel_name_attribute(&self) -> Option<&'static str> {
+    /// The OpenTelemetry resource attribute naming a workload of this kind; a custom
+    /// controller's workload is named like a bare pod's.
+    pub fn resource_attribute(&self) -> &'static str {
         match self {
-            WorkloadKind::Deployment => Some("k8s.deployment.name"),
-            WorkloadKind::ReplicaSet => Some("k8s.replicaset.name"),
-            WorkloadKind::StatefulSet => Some("k8s.statefulset.name"),
-            WorkloadKind::DaemonSet => Some("k8s.daemonset.name"),
-            WorkloadKind::Job => Some("k8s.job.name"),
-            WorkloadKind::CronJob => Some("k8s.cronjob.name"),
-            WorkloadKind::Pod | WorkloadKind::Other(_) => None,
+            WorkloadKind::Deployment => "k8s.deployment.name",
+            WorkloadKind::ReplicaSet => "k8s.replicaset.name",
+            WorkloadKind::StatefulSet => "k8s.statefulset.name",
+            WorkloadKind::DaemonSet => "k8s.daemonset.name",
+            WorkloadKind::Job => "k8s.job.name",
+            WorkloadKind::CronJob => "k8s.cronjob.name",
+            WorkloadKind::Pod | WorkloadKind::Other(_) => "k8s.pod.name",
         }
     }
 }

@@ -13,7 +13,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{error::Chain, scope::ScopeKey};
+use crate::{
+    error::{Chain, PathIoError},
+    scope::ScopeKey,
+};
 
 /// glibc's defaults and caps (resolv.h: RES_MAXNDOTS, RES_MAXRETRANS, RES_MAXRETRY, MAXNS).
 pub const DEFAULT_NDOTS: u8 = 1;
@@ -97,13 +100,8 @@ pub enum ResolvConfError {
     Binary { offset: usize },
     #[error("process {pid} no longer belongs to {scope}: its pid was reused")]
     NotAMember { pid: u32, scope: String },
-    #[error("{op} {path}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
 }
 
 /// Parses resolv.conf by glibc's rules: a keyword starts the line and is followed by a blank;
@@ -284,11 +282,7 @@ pub fn read_resolv_conf_of_member(
     scope: &ScopeKey,
 ) -> Result<ResolvConf, ResolvConfError> {
     let dir = proc_root.join(pid.to_string());
-    let handle = std::fs::File::open(&dir).map_err(|source| ResolvConfError::Io {
-        op: "open",
-        path: dir.clone(),
-        source,
-    })?;
+    let handle = std::fs::File::open(&dir).map_err(PathIoError::at("open", dir.clone()))?;
     let base = PathBuf::from(format!("/proc/self/fd/{}", handle.as_raw_fd()));
     let cgroups = read_file_bounded(&base.join("cgroup"))?;
     if !member_of(&String::from_utf8_lossy(&cgroups), scope) {
@@ -334,20 +328,12 @@ fn member_of(cgroup_file: &str, scope: &ScopeKey) -> bool {
 }
 
 fn read_file_bounded(path: &std::path::Path) -> Result<Vec<u8>, ResolvConfError> {
-    let file = std::fs::File::open(path).map_err(|source| ResolvConfError::Io {
-        op: "open",
-        path: path.to_owned(),
-        source,
-    })?;
+    let file = std::fs::File::open(path).map_err(PathIoError::at("open", path))?;
     let mut bytes = Vec::new();
     // One byte past the limit tells "too large" from "exactly at the limit".
     file.take(MAX_FILE_BYTES as u64 + 1)
         .read_to_end(&mut bytes)
-        .map_err(|source| ResolvConfError::Io {
-            op: "read",
-            path: path.to_owned(),
-            source,
-        })?;
+        .map_err(PathIoError::at("read", path))?;
     Ok(bytes)
 }
 
@@ -492,14 +478,14 @@ impl ResolvCache {
                 Err(ResolvConfError::NotAMember { .. }) => {
                     // Its pid now names a process elsewhere: forget it, try the next one.
                 }
-                Err(ResolvConfError::Io { source, .. })
+                Err(ResolvConfError::Io(PathIoError { source, .. }))
                     if source.kind() == std::io::ErrorKind::NotFound
                         || source.raw_os_error() == Some(libc::ESRCH) =>
                 {
                     // The process exited: forget it and try the next one.
                 }
                 Err(e) => {
-                    if let ResolvConfError::Io { source, .. } = &e
+                    if let ResolvConfError::Io(PathIoError { source, .. }) = &e
                         && source.kind() == std::io::ErrorKind::PermissionDenied
                         && !self.permission_warned.swap(true, Ordering::Relaxed)
                     {

@@ -9,10 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use observer_tests::{
-    agent::{free_local_port, http_get, metric_sum},
-    exec::take_if_exited,
-};
+use observer_tests::agent::{NotReady, free_local_port, http_get, metric_sum, wait_http_ready};
 
 use super::util::{cpu_seconds, status_kib};
 
@@ -57,21 +54,14 @@ impl AgentProcess {
     }
 
     fn wait_ready(&mut self, within: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = take_if_exited(&mut self.child) {
-                bail!(
-                    "the agent exited before it was ready ({status}); its log:\n{}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
-            }
-            if http_get(self.metrics, "/readyz").is_ok_and(|(code, _)| code == 200) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("the agent was not ready within {within:?}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let every = Duration::from_millis(50);
+        match wait_http_ready(&mut self.child, self.metrics, "/readyz", within, every) {
+            Ok(()) => Ok(()),
+            Err(NotReady::Exited(status)) => bail!(
+                "the agent exited before it was ready ({status}); its log:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            ),
+            Err(NotReady::TimedOut) => bail!("the agent was not ready within {within:?}"),
         }
     }
 

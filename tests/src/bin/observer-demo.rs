@@ -21,6 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use observer::error::{Chain, PathIoError};
 use observer_tests::{
     ConnectOutcome, DnsConfig, DnsServer, Family, PodSpec, QueryOutcome, Testbed, TestbedError,
     agent::{free_local_port, http_get},
@@ -60,13 +61,13 @@ enum DemoError {
         "the demo builds network namespaces and loads eBPF programs: run `cargo xtask demo` as root"
     )]
     NotRoot,
-    #[error("{0}")]
+    #[error(transparent)]
     Testbed(#[from] TestbedError),
     #[error(
         "the agent binary {path} is missing: build it with `cargo build -p observer --bin observer` (`cargo xtask demo` does)"
     )]
     AgentMissing { path: PathBuf },
-    #[error("starting the agent {path}: {source}")]
+    #[error("starting the agent {path}")]
     AgentStart {
         path: PathBuf,
         #[source]
@@ -82,13 +83,8 @@ enum DemoError {
     },
     #[error("{what}: {detail}")]
     Unexpected { what: &'static str, detail: String },
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     #[error("usage: observer-demo [--agent <observer binary>] [--spans-file <path>] ({0})")]
     Usage(String),
     #[error("interrupted")]
@@ -111,7 +107,7 @@ fn main() -> ExitCode {
             ExitCode::from(130)
         }
         Err(e) => {
-            eprintln!("\n{} {e}", style.red("observer-demo failed:"));
+            eprintln!("\n{} {}", style.red("observer-demo failed:"), Chain(&e));
             ExitCode::FAILURE
         }
     }
@@ -316,12 +312,8 @@ fn demo(style: &Style, options: &Options) -> Result<()> {
         "a database outside the cluster",
     );
     println!("  the pod's /etc/resolv.conf, as the kubelet writes it:");
-    let resolv =
-        std::fs::read_to_string(pod.resolv_conf_path()).map_err(|source| DemoError::Io {
-            op: "read",
-            path: pod.resolv_conf_path().to_owned(),
-            source,
-        })?;
+    let resolv = std::fs::read_to_string(pod.resolv_conf_path())
+        .map_err(PathIoError::at("read", pod.resolv_conf_path()))?;
     for line in resolv.lines() {
         println!("    {}", style.dim(line));
     }
@@ -331,11 +323,8 @@ fn demo(style: &Style, options: &Options) -> Result<()> {
         Ok(endpoint) if !endpoint.is_empty() => SpanDestination::Otlp(endpoint),
         _ => {
             // The agent appends: each demo run starts with a file of its own spans only.
-            std::fs::write(&options.spans_file, "").map_err(|source| DemoError::Io {
-                op: "create",
-                path: options.spans_file.clone(),
-                source,
-            })?;
+            std::fs::write(&options.spans_file, "")
+                .map_err(PathIoError::at("create", options.spans_file.clone()))?;
             SpanDestination::File(options.spans_file.clone())
         }
     };
@@ -719,53 +708,40 @@ fn print_chain(style: &Style, chain: &[Query]) {
     }
 }
 
+/// One connection's column in the side-by-side table, row by row.
+fn column(v: &ConnectionView) -> [String; 8] {
+    let text = |t: &Option<String>| t.clone().unwrap_or_else(|| "-".into());
+    [
+        "db".into(),
+        v.answered_by.clone(),
+        text(&v.search_domain),
+        v.chain.len().to_string(),
+        v.wasted.map_or("-".into(), |w| w.to_string()),
+        v.destination.to_string(),
+        text(&v.resolution),
+        format!("{} / {}", yes_no(v.egress), yes_no(v.flagged)),
+    ]
+}
+
 fn side_by_side(style: &Style, before: &ConnectionView, after: &ConnectionView) {
-    let text = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-    let rows: Vec<(&str, String, String)> = vec![
-        ("asked for", "db".into(), "db".into()),
-        (
-            "answered by",
-            before.answered_by.clone(),
-            after.answered_by.clone(),
-        ),
-        (
-            "search domain",
-            text(&before.search_domain),
-            text(&after.search_domain),
-        ),
-        (
-            "DNS queries",
-            format!("{}", before.chain.len()),
-            format!("{}", after.chain.len()),
-        ),
-        (
-            "wasted lookups",
-            before.wasted.map_or("-".into(), |w| w.to_string()),
-            after.wasted.map_or("-".into(), |w| w.to_string()),
-        ),
-        (
-            "connected to",
-            before.destination.to_string(),
-            after.destination.to_string(),
-        ),
-        (
-            "resolution",
-            text(&before.resolution),
-            text(&after.resolution),
-        ),
-        (
-            "egress / flagged",
-            format!("{} / {}", yes_no(before.egress), yes_no(before.flagged)),
-            format!("{} / {}", yes_no(after.egress), yes_no(after.flagged)),
-        ),
+    let labels = [
+        "asked for",
+        "answered by",
+        "search domain",
+        "DNS queries",
+        "wasted lookups",
+        "connected to",
+        "resolution",
+        "egress / flagged",
     ];
+    let rows = labels.into_iter().zip(column(before)).zip(column(after));
     println!(
         "  {:<17} {:<38} {}",
         "",
         style.bold("before (no Service)"),
         style.bold("after (Service db)")
     );
-    for (what, b, a) in rows {
+    for ((what, b), a) in rows {
         println!("  {:<17} {:<38} {}", style.dim(what), b, a);
     }
 }
@@ -867,10 +843,7 @@ struct SpanReader {
 
 impl SpanReader {
     fn poll(&mut self, path: &Path, uid: &str) -> Result<&[Trace]> {
-        let io = |op| {
-            let path = path.to_owned();
-            move |source| DemoError::Io { op, path, source }
-        };
+        let io = |op| PathIoError::at(op, path);
         let mut file = std::fs::File::open(path).map_err(io("open"))?;
         file.seek(SeekFrom::Start(self.offset))
             .map_err(io("seek"))?;

@@ -11,7 +11,7 @@ fn main() -> ExitCode {
     match hold() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("testbed-hold: {e}");
+            eprintln!("testbed-hold: {e:?}");
             ExitCode::FAILURE
         }
     }

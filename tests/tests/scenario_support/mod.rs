@@ -8,7 +8,7 @@ use observer_tests::{
     kube_api::KubeApi,
     otlp::OtlpReceiver,
 };
-pub use observer_tests::{story::*, traces::*};
+pub use observer_tests::{agent::assert_fields, story::*, traces::*};
 use opentelemetry_proto::tonic::trace::v1::Span;
 use serde_json::Value;
 
