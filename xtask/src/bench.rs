@@ -135,7 +135,12 @@ fn build_core_replay(root: &Path) -> Result<PathBuf> {
     let text = String::from_utf8_lossy(&out.stdout);
     let key = "\"executable\":\"";
     text.lines()
-        .filter(|l| l.contains("\"reason\":\"compiler-artifact\""))
+        // The agent's binary is built too: the benchmark target is the one of kind bench.
+        .filter(|l| {
+            l.contains("\"reason\":\"compiler-artifact\"")
+                && l.contains("\"kind\":[\"bench\"]")
+                && l.contains("\"name\":\"correlate\"")
+        })
         .find_map(|l| {
             let start = l.find(key)? + key.len();
             let len = l[start..].find('"')?;
