@@ -24,7 +24,7 @@ use observer::{
 
 /// The agent's allocator (see `main.rs`): the figures are the agent's.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: observer::agent::memory::Allocator = observer::agent::memory::Allocator;
 
 const SCOPES: usize = 10_000;
 

@@ -15,7 +15,7 @@ use tokio::signal::unix::{SignalKind, signal};
 /// lists, records); mimalloc serves them at a fraction of glibc malloc's cost (see the
 /// book's Performance page, "The correlation core").
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: observer::agent::memory::Allocator = observer::agent::memory::Allocator;
 
 fn main() -> ExitCode {
     // The matches, not only the parsed values: `--print-config` tells a flag from its

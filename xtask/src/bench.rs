@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: what observer costs a node, each figure measured against a baseline
 //! taken in the same run. This task only prepares and builds; the measuring is done by the
 //! `observer-bench` driver (package observer-tests), which needs root, a built agent and the
-//! testbed. Results go to `target/bench/` of the workspace (never committed).
+//! testbed. Results go to `target/bench/` of the workspace (never committed); every run's
+//! figures are appended, with its date, to `target/bench/history.jsonl`.
 use std::{
     fs::File,
     path::{Path, PathBuf},
@@ -38,15 +39,7 @@ pub fn bench(quick: bool) -> Result<()> {
         "--bin",
         "observer",
     ]))?;
-    run(cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "observer-tests",
-        "--bin",
-        "observer-bench",
-    ]))?;
-    let release = target_dir(&root)?.join("release");
+    let release = build_driver(&root)?;
     // The build directory may be shared: measure a private copy of this tree's agent.
     let agent = out.join("observer");
     std::fs::copy(release.join("observer"), &agent)
@@ -70,19 +63,90 @@ pub fn bench(quick: bool) -> Result<()> {
         ])
         .stdout(log))?;
 
+    let core_bin = build_core_replay(&root)?;
     let mut driver = Command::new(release.join("observer-bench"));
     driver
+        .current_dir(&root)
         .arg("run")
         .arg("--agent")
         .arg(&agent)
         .arg("--core-log")
         .arg(&core_log)
+        .arg("--core-bin")
+        .arg(&core_bin)
         .arg("--out")
         .arg(&out);
     if quick {
         driver.arg("--quick");
     }
     run(&mut driver)
+}
+
+/// `cargo xtask bench --instructions`: the userspace instruction counts alone.
+pub fn instructions() -> Result<()> {
+    setup::apt_install("instruction counts", setup::PROFILE_PACKAGES)?;
+    let root = crate::workspace_root();
+    let out = root.join("target").join("bench");
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let release = build_driver(&root)?;
+    let core_bin = build_core_replay(&root)?;
+    run(Command::new(release.join("observer-bench"))
+        .current_dir(&root)
+        .arg("instructions")
+        .arg("--core-bin")
+        .arg(&core_bin)
+        .arg("--out")
+        .arg(&out))
+}
+
+/// Builds the driver in release; returns the directory it is in.
+fn build_driver(root: &Path) -> Result<PathBuf> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "observer-tests",
+        "--bin",
+        "observer-bench",
+    ]))?;
+    Ok(target_dir(root)?.join("release"))
+}
+
+/// Builds the correlation core's benchmark (the replay that callgrind counts) and returns
+/// its executable, as cargo reports it (the file name carries a hash).
+fn build_core_replay(root: &Path) -> Result<PathBuf> {
+    let out = cargo()
+        .args([
+            "bench",
+            "--package",
+            "observer",
+            "--bench",
+            "correlate",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .current_dir(root)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("building the correlate benchmark")?;
+    if !out.status.success() {
+        bail!("building the correlate benchmark failed");
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let key = "\"executable\":\"";
+    text.lines()
+        // The agent's binary is built too: the benchmark target is the one of kind bench.
+        .filter(|l| {
+            l.contains("\"reason\":\"compiler-artifact\"")
+                && l.contains("\"kind\":[\"bench\"]")
+                && l.contains("\"name\":\"correlate\"")
+        })
+        .find_map(|l| {
+            let start = l.find(key)? + key.len();
+            let len = l[start..].find('"')?;
+            Some(PathBuf::from(&l[start..start + len]))
+        })
+        .context("cargo reported no executable for the correlate benchmark")
 }
 
 /// Cargo's target directory for this workspace (CARGO_TARGET_DIR or the config may move it).

@@ -25,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install every prerequisite (idempotent): nightly rust-src, LLVM 22, bpf-linker,
-    /// the testbed's programs and the image tools (buildah, podman, runc, skopeo).
+    /// the testbed's programs, the image tools (buildah, podman, runc, skopeo) and valgrind.
     Setup,
     /// Build the kernel programs and the agent.
     Build {
@@ -68,11 +68,16 @@ enum Task {
     /// crate for its own target.
     Lint,
     /// Measure what observer costs a node (root): in-kernel cost, throughput with and
-    /// without the agent, losses, agent CPU and memory, core replay. Writes target/bench/.
+    /// without the agent, losses, agent CPU and memory, core replay, userspace instruction
+    /// counts (callgrind). Writes target/bench/.
     Bench {
         /// Shorter runs and fewer alternations (about a third of the time, noisier).
         #[arg(long)]
         quick: bool,
+        /// Only the userspace instruction counts (callgrind on the core replay; about a
+        /// minute, no root needed). Writes target/bench/instructions.{json,md}.
+        #[arg(long, conflicts_with = "quick")]
+        instructions: bool,
     },
     /// Regenerate the book's reference tables (settings, metrics, JSON fields) from the code.
     Docs,
@@ -155,7 +160,16 @@ fn main() -> Result<()> {
             setup::build_prerequisites()?;
             lint::lint()
         }
-        Task::Bench { quick } => bench::bench(quick),
+        Task::Bench {
+            quick,
+            instructions,
+        } => {
+            if instructions {
+                bench::instructions()
+            } else {
+                bench::bench(quick)
+            }
+        }
         Task::Docs => {
             setup::build_prerequisites()?;
             docs()

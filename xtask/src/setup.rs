@@ -53,6 +53,10 @@ const MDBOOK_VERSION: &str = "0.5.4";
 /// crates.io takes minutes.
 const LYCHEE_VERSION: &str = "0.24.2";
 
+/// callgrind counts the userspace instructions per DNS message and per connect
+/// (`cargo xtask bench`); callgrind_annotate reads its profiles.
+pub(crate) const PROFILE_PACKAGES: &[&str] = &["valgrind"];
+
 /// Everything: what building needs and what the test suite needs.
 pub fn all() -> Result<()> {
     build_prerequisites()?;
@@ -62,6 +66,7 @@ pub fn all() -> Result<()> {
     book_tools()?;
     apt_install("image", IMAGE_PACKAGES)?;
     apt_install("image test", IMAGE_TEST_PACKAGES)?;
+    apt_install("instruction counts", PROFILE_PACKAGES)?;
     say("setup complete");
     Ok(())
 }

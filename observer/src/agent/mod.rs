@@ -4,7 +4,7 @@
 //! plain single-threaded value; the exporters and the HTTP server run beside it.
 pub mod config;
 pub mod enrich;
-mod memory;
+pub mod memory;
 pub mod reorder;
 pub mod scopes;
 

@@ -185,3 +185,35 @@ pub fn write_file(path: &Path, text: &str) -> io::Result<()> {
     std::fs::write(path, text)
         .map_err(|e| io::Error::new(e.kind(), format!("writing {}: {e}", path.display())))
 }
+
+/// Appends `line` and a newline to `path`, creating it if needed.
+pub fn append_line(path: &Path, line: &str) -> io::Result<()> {
+    use std::io::Write as _;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| writeln!(f, "{line}"))
+        .map_err(|e| io::Error::new(e.kind(), format!("appending to {}: {e}", path.display())))
+}
+
+/// The commit measured (`git rev-parse --short HEAD` in the working directory, with
+/// `-dirty` when the tree has changes); `None` outside a git checkout.
+pub fn git_commit() -> Option<String> {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let commit = git(&["rev-parse", "--short", "HEAD"])?;
+    let dirty =
+        git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    Some(if dirty {
+        format!("{commit}-dirty")
+    } else {
+        commit
+    })
+}

@@ -2,8 +2,10 @@
 //! baseline taken in the same run. `cargo xtask bench` builds and runs it (as root):
 //!
 //! ```text
-//! observer-bench run --agent <observer binary> --out <dir> [--core-log <file>] [--quick]
+//! observer-bench run --agent <observer binary> --out <dir> [--core-log <file>]
+//!                    [--core-bin <correlate bench binary>] [--quick]
 //!                    [--agent-arg <flag of observer run>]...
+//! observer-bench instructions --core-bin <correlate bench binary> --out <dir>
 //! observer-bench connect-loop --to <addr> --secs <s>       (run inside a testbed pod)
 //! observer-bench load --dns-rate <n/s> --connect-rate <n/s> --secs <s>   (idem)
 //! ```
@@ -13,6 +15,8 @@
 //! each reports the CPU its generator used next to the agent's.
 #[path = "../bench/agent.rs"]
 mod agent;
+#[path = "../bench/instructions.rs"]
+mod instructions;
 #[path = "../bench/kernel.rs"]
 mod kernel;
 #[path = "../bench/load.rs"]
@@ -42,8 +46,9 @@ fn main() -> ExitCode {
         Some("connect-loop") => connect_loop_cmd(&Args::parse(&args[1..])),
         Some("load") => load_cmd(&Args::parse(&args[1..])),
         Some("kernel") => kernel_cmd(&Args::parse(&args[1..])),
+        Some("instructions") => instructions_cmd(&Args::parse(&args[1..])),
         _ => Err(anyhow::anyhow!(
-            "usage: observer-bench run --agent BIN --out DIR [--core-log FILE] [--quick] | kernel [--quick] | connect-loop --to ADDR --secs S | load --dns-rate N --connect-rate N --secs S"
+            "usage: observer-bench run --agent BIN --out DIR [--core-log FILE] [--core-bin BIN] [--quick] | instructions --core-bin BIN --out DIR | kernel [--quick] | connect-loop --to ADDR --secs S | load --dns-rate N --connect-rate N --secs S"
         )),
     };
     match result {
@@ -97,6 +102,35 @@ fn kernel_cmd(args: &Args) -> anyhow::Result<()> {
     let cost = kernel::measure(args.switch("--quick"))?;
     println!("{}", serde_json::to_string_pretty(&cost)?);
     Ok(())
+}
+
+/// The instruction counts alone (callgrind; no root needed): rows, report and history as
+/// a full run writes them.
+fn instructions_cmd(args: &Args) -> anyhow::Result<()> {
+    let out = PathBuf::from(args.required("--out")?);
+    std::fs::create_dir_all(&out)?;
+    let started = Instant::now();
+    let mut rows = Vec::new();
+    let mut details = serde_json::Map::new();
+    instruction_rows(
+        Path::new(args.required("--core-bin")?),
+        &out,
+        &mut rows,
+        &mut details,
+    )?;
+    let title = format!(
+        "observer: userspace instructions (callgrind), {}",
+        utc_now()
+    );
+    write_report(
+        &out,
+        "instructions",
+        &title,
+        &rows,
+        details,
+        started,
+        json!({}),
+    )
 }
 
 fn connect_loop_cmd(args: &Args) -> anyhow::Result<()> {
@@ -386,6 +420,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
         Some(path) => core_rows(Path::new(path), &mut rows, &mut details)?,
         None => eprintln!("[bench] no --core-log: the correlation core rows are left out"),
     }
+    match args.value("--core-bin") {
+        Some(bin) => instruction_rows(Path::new(bin), &out, &mut rows, &mut details)?,
+        None => eprintln!("[bench] no --core-bin: the instruction count rows are left out"),
+    }
 
     let title = format!(
         "observer: what it costs the node\n{} cores, load average {} at start, Linux {}, {} run, {}",
@@ -395,35 +433,81 @@ fn run(args: &Args) -> anyhow::Result<()> {
         if plan.quick { "quick" } else { "full" },
         utc_now()
     );
-    let table = report::table(&rows);
-    let notes = report::notes(&rows);
+    write_report(
+        &out,
+        "bench",
+        &title,
+        &rows,
+        details,
+        started,
+        json!({
+            "quick": plan.quick,
+            "cores": util::cores(),
+            "kernel": util::kernel_release(),
+            "load_average_at_start": load_at_start,
+            "agent_args": plan.agent_args,
+        }),
+    )?;
+    report::plot(&rows, &title, &out)?;
+    eprintln!("[bench] plot: {}/bench.png", out.display());
+    Ok(())
+}
+
+/// Prints the table and its notes, writes `<stem>.json` (every figure and detail) and
+/// `<stem>.md`, and appends the run's rows, with its date, to `history.jsonl`: the files
+/// of one run are replaced by the next, the history keeps every run's figures.
+fn write_report(
+    out: &Path,
+    stem: &str,
+    title: &str,
+    rows: &[Row],
+    details: serde_json::Map<String, Value>,
+    started: Instant,
+    about: Value,
+) -> anyhow::Result<()> {
+    let table = report::table(rows);
+    let notes = report::notes(rows);
     println!("\n{title}\n\n{table}\n{notes}");
-    let doc = json!({
-        "title": title,
-        "quick": plan.quick,
-        "cores": util::cores(),
-        "kernel": util::kernel_release(),
-        "load_average_at_start": load_at_start,
-        "agent_args": plan.agent_args,
-        "seconds": started.elapsed().as_secs_f64(),
-        "rows": rows.iter().map(|r| {
+    let date = utc_now();
+    let rows_json: Vec<Value> = rows
+        .iter()
+        .map(|r| {
             let mut v = serde_json::to_value(r).unwrap_or(Value::Null);
             v["met"] = json!(r.met());
             v
-        }).collect::<Vec<_>>(),
+        })
+        .collect();
+    let mut doc = json!({
+        "title": title,
+        "date": date,
+        "commit": util::git_commit(),
+        "seconds": started.elapsed().as_secs_f64(),
+        "rows": rows_json,
         "details": details,
     });
+    if let (Some(doc), Value::Object(about)) = (doc.as_object_mut(), about) {
+        doc.extend(about);
+    }
     util::write_file(
-        &out.join("bench.json"),
+        &out.join(format!("{stem}.json")),
         &serde_json::to_string_pretty(&doc)?,
     )?;
     util::write_file(
-        &out.join("bench.md"),
+        &out.join(format!("{stem}.md")),
         &format!("{title}\n\n{table}\n{notes}"),
     )?;
-    report::plot(&rows, &title, &out)?;
+    let history = json!({
+        "date": date,
+        "run": stem,
+        "commit": doc["commit"],
+        "rows": rows.iter().map(|r| json!({"measure": r.measure, "value": r.value, "unit": r.unit})).collect::<Vec<_>>(),
+    });
+    util::append_line(
+        &out.join("history.jsonl"),
+        &serde_json::to_string(&history)?,
+    )?;
     eprintln!(
-        "[bench] done in {:.0} s: {}/bench.json, bench.md, bench.png",
+        "[bench] done in {:.0} s: {}/{stem}.json, {stem}.md; this run's figures appended to history.jsonl",
         started.elapsed().as_secs_f64(),
         out.display()
     );
@@ -540,6 +624,59 @@ fn dnsperf(pod: &Pod, dns: &DnsServer, queries: &Path, secs: u32) -> anyhow::Res
         eprintln!("[bench]   dnsperf lost queries: {lost}");
     }
     Ok(qps)
+}
+
+/// Instructions per DNS message and per connect: one round of the correlation core's
+/// replay under callgrind (see `instructions.rs`).
+fn instruction_rows(
+    core_bin: &Path,
+    out: &Path,
+    rows: &mut Vec<Row>,
+    details: &mut serde_json::Map<String, Value>,
+) -> anyhow::Result<()> {
+    eprintln!(
+        "[bench] userspace instructions: one round of the core replay under callgrind (about a minute)"
+    );
+    let n = instructions::measure(core_bin, out)?;
+    let top = n
+        .top_functions
+        .iter()
+        .map(|(f, count)| {
+            format!(
+                "{f} {:.1} %",
+                *count as f64 * 100.0 / n.collected.max(1) as f64
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    rows.push(
+        Row::new(
+            "userspace instructions per DNS message (parse + index)",
+            n.per_dns_message,
+            "instructions",
+            Goal::AtMost,
+            1_000.0,
+        )
+        .note(format!(
+            "callgrind, one round of the core replay's warm phase (`steady_replay`): {} messages (queries and responses) of {} pods; of which dns::parse {:.0}. costliest functions by own instructions, as a share of both phases' instructions: {top}. Profile: {}",
+            n.messages, n.scopes, n.parse_per_dns_message, n.profile
+        )),
+    );
+    rows.push(
+        Row::new(
+            "userspace instructions per connect (a chain's first, record built)",
+            n.per_first_connect,
+            "instructions",
+            Goal::AtMost,
+            800.0,
+        )
+        .note(format!(
+            "callgrind, the same round's `steady_connects_first`: {} connects, open + outcome + the record with its chain",
+            n.connects
+        )),
+    );
+    details.insert("instructions".into(), serde_json::to_value(&n)?);
+    Ok(())
 }
 
 /// The correlation core's own benchmark summary (observer/benches/correlate.rs).
