@@ -654,6 +654,12 @@ fn localhost() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
 
+/// Whether any of `networks` holds the address `ip`.
+fn contains(networks: &[ipnet::IpNet], ip: &str) -> bool {
+    let ip: IpAddr = ip.parse().unwrap();
+    networks.iter().any(|n| n.contains(&ip))
+}
+
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -755,11 +761,7 @@ async fn pods_of_this_node_resolve_to_workloads_and_deleted_pods_disappear() {
             "{expected} not in {networks:?}"
         );
     }
-    assert!(
-        !networks
-            .iter()
-            .any(|n| n.contains(&"203.0.113.10".parse::<IpAddr>().unwrap()))
-    );
+    assert!(!contains(&networks, "203.0.113.10"), "{networks:?}");
 
     // A DELETED event removes the pod; node identity still answers for its cgroup.
     state.lock().unwrap().delete(PODS, WEB_UID, true);
@@ -893,17 +895,8 @@ async fn an_api_without_service_cidr_is_not_an_error() {
     );
     // Service networks come from the cluster IPs instead.
     let networks = identity.cluster_networks();
-    let cluster_ip: IpAddr = "198.18.128.20".parse().unwrap();
-    assert!(
-        networks.iter().any(|n| n.contains(&cluster_ip)),
-        "{networks:?}"
-    );
-    assert!(
-        !networks
-            .iter()
-            .any(|n| n.contains(&"198.18.130.1".parse::<IpAddr>().unwrap())),
-        "{networks:?}"
-    );
+    assert!(contains(&networks, "198.18.128.20"), "{networks:?}");
+    assert!(!contains(&networks, "198.18.130.1"), "{networks:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -959,11 +952,6 @@ async fn garbage_from_the_api_degrades_without_stopping_lookups_and_recovers() {
         (identity.status() == EnrichmentStatus::Ready).then_some(())
     })
     .await;
-}
-
-fn contains(networks: &[ipnet::IpNet], ip: &str) -> bool {
-    let ip: IpAddr = ip.parse().unwrap();
-    networks.iter().any(|n| n.contains(&ip))
 }
 
 /// The cluster-wide watches apply each change to the indexes it touches: a Service deleted

@@ -424,7 +424,8 @@ impl KubeIdentity {
         services.by_ip.get(&ip).cloned()
     }
 
-    /// The Service index as last published (a snapshot: the watch replaces it whole).
+    /// The Service index as last published. A lookup holds this snapshot only while it
+    /// reads; the watch updates the index in place when no lookup holds it (`change_service`).
     fn services(&self) -> Arc<ServiceIndex> {
         Arc::clone(
             &self
