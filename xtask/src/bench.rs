@@ -52,15 +52,9 @@ pub fn bench(quick: bool) -> Result<()> {
         File::create(&core_log).with_context(|| format!("creating {}", core_log.display()))?;
     eprintln!("[bench] correlation core replay (cargo bench -p observer --bench correlate)");
     run(cargo()
-        .args([
-            "bench",
-            "--package",
-            "observer",
-            "--bench",
-            "correlate",
-            "--",
-            "summary-only",
-        ])
+        .arg("bench")
+        .args(CORE_BENCH)
+        .args(["--", "summary-only"])
         .stdout(log))?;
 
     let core_bin = build_core_replay(&root)?;
@@ -112,19 +106,17 @@ fn build_driver(root: &Path) -> Result<PathBuf> {
     Ok(target_dir(root)?.join("release"))
 }
 
+/// The correlation core's benchmark: the replay whose summary the report reads and whose
+/// instructions callgrind counts.
+const CORE_BENCH: [&str; 4] = ["--package", "observer", "--bench", "correlate"];
+
 /// Builds the correlation core's benchmark (the replay that callgrind counts) and returns
 /// its executable, as cargo reports it (the file name carries a hash).
 fn build_core_replay(root: &Path) -> Result<PathBuf> {
     let out = cargo()
-        .args([
-            "bench",
-            "--package",
-            "observer",
-            "--bench",
-            "correlate",
-            "--no-run",
-            "--message-format=json",
-        ])
+        .arg("bench")
+        .args(CORE_BENCH)
+        .args(["--no-run", "--message-format=json"])
         .current_dir(root)
         .stderr(std::process::Stdio::inherit())
         .output()
