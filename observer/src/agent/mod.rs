@@ -1,10 +1,14 @@
 //! `observer run`: the agent that wires probes, identity, correlation and export.
 //!
 //! One task owns the correlation core and every per-event decision, so the core stays a
-//! plain single-threaded value; the exporters and the HTTP server run beside it.
+//! plain single-threaded value; the exporters and the HTTP server run beside it. Identity's
+//! filesystem reads run on a thread of their own (`identities`): that task never waits on
+//! them.
 pub mod config;
 pub mod enrich;
+pub mod identities;
 pub mod memory;
+pub mod parking;
 pub mod reorder;
 pub mod scopes;
 
@@ -36,6 +40,8 @@ use crate::{
 };
 use config::{OutputFormat, Settings};
 use enrich::NodeFacts;
+use identities::{Identities, Update};
+use parking::{Parking, ParkingLimits};
 use reorder::Reorder;
 use scopes::ScopeCgroups;
 
@@ -50,6 +56,13 @@ const REFRESH: Duration = Duration::from_secs(30);
 const RELEASE: Duration = Duration::from_millis(20);
 /// Events held for reordering at most; past it the oldest go through unordered.
 const REORDER_CAPACITY: usize = 65_536;
+/// How long, and how many, events of a new cgroup wait for its identity: generous, as a
+/// late but right record is worth more than a prompt one without its pod or search list.
+const IDENTITY_WAIT: ParkingLimits = ParkingLimits {
+    max_wait_ns: 30_000_000_000,
+    per_cgroup: 4096,
+    total: 65_536,
+};
 
 /// Run the agent until SIGINT or SIGTERM.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -74,6 +87,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     })
     .await
     .context("starting pod identity")?;
+    let (identities, identity_updates) =
+        Identities::start(identity).context("starting the identity worker")?;
 
     let boot = BootClock::new().context("reading the system clocks")?;
     let wall = WallClock::new(boot.offset_ns());
@@ -109,11 +124,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         redactor,
         core: Correlator::new(CorrelatorConfig {
             cluster_domain: settings.cluster_domain.clone(),
-            cluster_networks: cluster_networks(&settings, &identity),
+            cluster_networks: cluster_networks(&settings, identities.shared()),
             ..CorrelatorConfig::default()
         }),
         tcp: TcpReassembler::new(TcpLimits::default()),
-        identity,
+        identities,
+        parking: Parking::new(IDENTITY_WAIT),
         node: NodeFacts {
             cluster: settings.cluster_name.clone(),
             node: settings.node_name.clone(),
@@ -137,7 +153,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     readiness.set_export_running(true);
     tracing::info!(cgroup = %probes.cgroup().display(), "observing");
 
-    let result = agent.event_loop(events, &probes).await;
+    let result = agent.event_loop(events, identity_updates, &probes).await;
 
     // Detach first: nothing new arrives while the last spans are flushed.
     readiness.set_probes_attached(false);
@@ -247,7 +263,10 @@ struct Agent {
     redactor: Redactor,
     core: Correlator,
     tcp: TcpReassembler,
-    identity: Identity,
+    /// The loop's snapshot of identities, filled by the identity worker.
+    identities: Identities,
+    /// Events of cgroups whose identity the worker has not answered yet.
+    parking: Parking<Event>,
     node: NodeFacts,
     /// Scopes whose resolver config and drift key were handed to the core.
     configured: HashSet<ScopeKey>,
@@ -272,6 +291,7 @@ impl Agent {
     async fn event_loop(
         &mut self,
         mut events: mpsc::Receiver<Event>,
+        mut identity_updates: mpsc::Receiver<Update>,
         probes: &Probes,
     ) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(TICK);
@@ -293,6 +313,10 @@ impl Agent {
                 event = events.recv() => match event {
                     Some(event) => self.hold(event),
                     None => anyhow::bail!("the kernel ring readers stopped"),
+                },
+                update = identity_updates.recv() => match update {
+                    Some(update) => self.identity_update(update),
+                    None => anyhow::bail!("the identity worker stopped"),
                 },
                 _ = release.tick() => {
                     // The horizon first, then the channel: every event older than the horizon
@@ -329,9 +353,17 @@ impl Agent {
         Ok(())
     }
 
-    /// Keeps an event until both rings have been read past its time.
+    /// Keeps an event until both rings have been read past its time. Its cgroup's identity
+    /// is asked for now: events wait in the reorder stage, and a short-lived process (one
+    /// lookup, one connect) may have exited by the time they leave it. The worker reads the
+    /// cgroup's members from the first DNS packet on, while the lookup is still in flight.
     fn hold(&mut self, event: Event) {
-        self.prefetch_identity(&event);
+        let pid = match &event {
+            Event::Dns(_) => None,
+            Event::ConnectOpen(open) => Some(open.pid),
+            Event::ConnectOutcome(outcome) => Some(outcome.connect.pid),
+        };
+        self.identities.ask(event.cgroup_id(), pid);
         let mut ready = std::mem::take(&mut self.ready);
         self.reorder.push(event.timestamp(), event, &mut ready);
         self.handle_all(&mut ready);
@@ -344,18 +376,72 @@ impl Agent {
         self.handle_all(&mut ready);
         self.ready = ready;
         self.horizon = self.horizon.max(horizon);
+        for (cgroup_id, events) in self.parking.expire(self.horizon) {
+            tracing::debug!(
+                cgroup_id,
+                events = events.len(),
+                "identity still unknown: events handled without it"
+            );
+            self.identities.give_up(cgroup_id);
+            events.into_iter().for_each(|event| self.handle(event));
+        }
     }
 
-    /// Whatever is still waiting for order is handled before the agent stops.
+    /// Whatever is still waiting for order or identity is handled before the agent stops.
     fn drain(&mut self) {
         let mut ready = std::mem::take(&mut self.ready);
         self.reorder.drain(&mut ready);
         self.handle_all(&mut ready);
+        for (cgroup_id, events) in self.parking.drain() {
+            self.identities.give_up(cgroup_id);
+            events.into_iter().for_each(|event| self.handle(event));
+        }
     }
 
     fn handle_all(&mut self, ready: &mut Vec<Event>) {
         for event in ready.drain(..) {
+            self.dispatch(event);
+        }
+    }
+
+    /// Hands an event in order to the core, or parks it while its cgroup's identity is
+    /// awaited (behind any earlier event of the cgroup still waiting).
+    fn dispatch(&mut self, event: Event) {
+        let cgroup_id = event.cgroup_id();
+        if !self.parking.is_waiting(cgroup_id) && self.identities.get(cgroup_id).is_some() {
             self.handle(event);
+            return;
+        }
+        if let Some(given_up) = self.parking.park(cgroup_id, event.timestamp(), event) {
+            tracing::debug!(
+                cgroup_id,
+                events = given_up.len(),
+                "too many events waiting for identity: handled without it"
+            );
+            self.identities.give_up(cgroup_id);
+            given_up.into_iter().for_each(|event| self.handle(event));
+        }
+    }
+
+    fn identity_update(&mut self, update: Update) {
+        match update {
+            Update::Resolved(who) => {
+                let cgroup_id = who.cgroup_id;
+                self.identities.landed(who);
+                for event in self.parking.resolved(cgroup_id) {
+                    self.handle(event);
+                }
+            }
+            Update::Gone(gone) => {
+                let gone: HashSet<u64> = gone.into_iter().collect();
+                self.identities.remove(&gone);
+                for scope in self.scope_cgroups.departed(|id| !gone.contains(&id)) {
+                    tracing::debug!(%scope, "every cgroup of the scope is gone: forgetting it");
+                    self.configured.remove(&scope);
+                    self.core.remove_scope(&scope);
+                    self.identities.forget(&scope);
+                }
+            }
         }
     }
 
@@ -363,7 +449,7 @@ impl Agent {
         match event {
             Event::Dns(packet) => self.dns(packet),
             Event::ConnectOpen(open) => {
-                let who = self.who(open.cgroup_id, Some(open.pid));
+                let who = self.who(open.cgroup_id);
                 self.core.connect_open(correlate::ConnectOpen {
                     scope: who.scope.clone(),
                     sock_id: open.sock_id,
@@ -390,22 +476,10 @@ impl Agent {
         }
     }
 
-    /// Events wait in the reorder stage before they are handled, and a short-lived process
-    /// (one lookup, one connect) may have exited by then. Its pod's resolv.conf is read now,
-    /// while the process most likely still runs, so that its first lookup is read with it.
-    fn prefetch_identity(&self, event: &Event) {
-        let (cgroup_id, pid) = match event {
-            Event::Dns(packet) => (packet.cgroup_id, None),
-            Event::ConnectOpen(open) => (open.cgroup_id, Some(open.pid)),
-            Event::ConnectOutcome(_) => return,
-        };
-        self.identity.resolve(cgroup_id, pid);
-    }
-
-    /// Identity of a cgroup, handing the core the pod's resolv.conf and drift key the first
-    /// time the scope is seen with them.
-    fn who(&mut self, cgroup_id: u64, pid: Option<u32>) -> Arc<WorkloadIdentity> {
-        let who = self.identity.resolve(cgroup_id, pid);
+    /// Identity of a cgroup from the snapshot, handing the core the pod's resolv.conf and
+    /// drift key the first time the scope is seen with them.
+    fn who(&mut self, cgroup_id: u64) -> Arc<WorkloadIdentity> {
+        let who = self.identities.or_unknown(cgroup_id);
         if who.cgroup_path.is_some() {
             self.scope_cgroups.note(&who.scope, cgroup_id);
         }
@@ -434,7 +508,7 @@ impl Agent {
             self.core.count_server_side();
             return;
         }
-        let who = self.who(packet.cgroup_id, None);
+        let who = self.who(packet.cgroup_id);
         match packet.protocol {
             Protocol::Udp => {
                 if packet.truncated {
@@ -513,12 +587,12 @@ impl Agent {
 
     fn emit(&mut self, mut record: ConnectionRecord) {
         // Before redaction: the Service's names are compared in clear.
-        let identity = &self.identity;
+        let identity = self.identities.shared();
         enrich::declare_egress(&mut record, &self.node.cluster_domain, |namespace, name| {
             identity.external_name(namespace, name)
         });
         self.redactor.record(&mut record);
-        let who = self.identity.resolve(record.cgroup_id, Some(record.pid));
+        let who = self.identities.or_unknown(record.cgroup_id);
         let enriched = Enriched {
             identity: enrich::export_identity(&who, &self.node),
             record,
@@ -565,7 +639,17 @@ impl Agent {
         ] {
             self.metrics.set_core_evictions(kind, total);
         }
-        let status = self.identity.status();
+        for (kind, total) in [
+            ("identity_wait_expired", self.parking.expired),
+            ("identity_wait_full", self.parking.overflowed),
+            (
+                "identity_requests_dropped",
+                self.identities.requests_dropped,
+            ),
+        ] {
+            self.metrics.set_core_evictions(kind, total);
+        }
+        let status = self.identities.shared().status();
         self.readiness.set_enrichment(&match &status {
             EnrichmentStatus::Disabled => "cgroup-only (no Kubernetes API)".to_owned(),
             EnrichmentStatus::Syncing => "syncing with the Kubernetes API".to_owned(),
@@ -607,32 +691,17 @@ impl Agent {
                 }
             },
         };
-        enrich::export_identity(&self.identity.resolve(cgroup, None), &self.node)
+        enrich::export_identity(&self.identities.or_unknown(cgroup), &self.node)
     }
 
     fn refresh(&mut self) {
         memory::release_freed();
-        self.identity.refresh_cgroups();
-        self.forget_departed_scopes();
-        let networks = cluster_networks(&self.settings, &self.identity);
+        // The walk runs on the worker; the cgroups it finds gone come back as an update.
+        self.identities.refresh();
+        let networks = cluster_networks(&self.settings, self.identities.shared());
         if networks != self.core.config().cluster_networks {
             tracing::info!(?networks, "cluster networks changed");
             self.core.set_cluster_networks(networks);
-        }
-    }
-}
-
-impl Agent {
-    fn forget_departed_scopes(&mut self) {
-        let identity = &self.identity;
-        let departed = self
-            .scope_cgroups
-            .departed(|id| identity.resolve(id, None).cgroup_path.is_some());
-        for scope in departed {
-            tracing::debug!(%scope, "every cgroup of the scope is gone: forgetting it");
-            self.configured.remove(&scope);
-            self.core.remove_scope(&scope);
-            self.identity.forget_scope(&scope);
         }
     }
 }

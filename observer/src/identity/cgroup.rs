@@ -110,6 +110,16 @@ impl CgroupCache {
         self.read_map().get(&id).cloned()
     }
 
+    /// Whether the last walk found cgroup `id`; never walks.
+    pub fn knows(&self, id: u64) -> bool {
+        self.read_map().contains_key(&id)
+    }
+
+    /// How long a miss may have to wait for the next walk.
+    pub fn min_rescan_interval(&self) -> Duration {
+        self.config.min_rescan_interval
+    }
+
     /// Walks the tree now, regardless of the rate limit (periodic housekeeping, startup).
     pub fn refresh(&self) {
         let mut scan = self.scan.lock().unwrap_or_else(|p| p.into_inner());

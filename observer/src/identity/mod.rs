@@ -94,6 +94,21 @@ pub struct WorkloadIdentity {
 }
 
 impl WorkloadIdentity {
+    /// What is known of a cgroup without its path: a cgroup of the node, scoped alone.
+    pub fn unknown(cgroup_id: u64) -> WorkloadIdentity {
+        WorkloadIdentity {
+            scope: ScopeKey::Host(cgroup_id),
+            cgroup_id,
+            cgroup_path: None,
+            pod_cgroup: None,
+            cgroup_error: None,
+            pod: None,
+            container_name: None,
+            workload: None,
+            resolver: None,
+        }
+    }
+
     pub fn container_id(&self) -> Option<&ContainerId> {
         self.pod_cgroup.as_ref().and_then(PodCgroup::container_id)
     }
@@ -193,10 +208,11 @@ impl Identity {
         };
         if let Some(hit) = memoised {
             let resolver = inner.resolv.get_or_discover(&hit.scope, pid, || {
-                match (hit.cgroup_path.as_deref(), &hit.pod_cgroup) {
-                    (Some(path), Some(pod)) => pod_member_pids(inner.cgroups.root(), path, pod),
-                    _ => Vec::new(),
-                }
+                member_pids(
+                    inner.cgroups.root(),
+                    hit.cgroup_path.as_deref(),
+                    hit.pod_cgroup.as_ref(),
+                )
             });
             let same_resolver = match (&hit.resolver, &resolver) {
                 (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -217,10 +233,11 @@ impl Identity {
             None => ScopeKey::Host(cgroup_id),
         };
         let resolver = inner.resolv.get_or_discover(&scope, pid, || {
-            match (cgroup_path.as_deref(), &pod_cgroup) {
-                (Some(path), Some(pod)) => pod_member_pids(inner.cgroups.root(), path, pod),
-                _ => Vec::new(),
-            }
+            member_pids(
+                inner.cgroups.root(),
+                cgroup_path.as_deref(),
+                pod_cgroup.as_ref(),
+            )
         });
         let mut memo = inner.memo.lock().unwrap_or_else(|p| p.into_inner());
         let (pod, container_name, workload) = match (&inner.kube, &pod_cgroup) {
@@ -298,6 +315,22 @@ impl Identity {
         self.inner.cgroups.stats()
     }
 
+    /// Whether the last cgroup walk found cgroup `id`; reads no file.
+    pub fn cgroup_known(&self, id: u64) -> bool {
+        self.inner.cgroups.knows(id)
+    }
+
+    /// How long an unknown cgroup may wait for the next cgroup walk.
+    pub fn cgroup_rescan_interval(&self) -> std::time::Duration {
+        self.inner.cgroups.min_rescan_interval()
+    }
+
+    /// Changes whenever the Kubernetes metadata changes (0 in host mode): identities
+    /// resolved under another generation may be stale. One atomic load.
+    pub fn kube_generation(&self) -> u64 {
+        self.inner.kube.as_ref().map_or(0, KubeIdentity::generation)
+    }
+
     /// Re-walks the cgroup tree now (periodic housekeeping: forgets removed cgroups).
     pub fn refresh_cgroups(&self) {
         self.inner.cgroups.refresh();
@@ -312,24 +345,47 @@ impl Identity {
     }
 }
 
+/// Processes that can show a cgroup's resolv.conf: a pod's members (see
+/// [`pod_member_pids`]), or a node cgroup's own processes, so that a node process that
+/// exits right after its lookup is read while its lookup is in flight.
+fn member_pids(
+    root: &std::path::Path,
+    relative: Option<&str>,
+    pod: Option<&PodCgroup>,
+) -> Vec<u32> {
+    match (relative, pod) {
+        (Some(path), Some(pod)) => pod_member_pids(root, path, pod),
+        (Some(path), None) => {
+            let mut pids = Vec::new();
+            add_procs(&root.join(path.trim_start_matches('/')), &mut pids);
+            pids
+        }
+        (None, _) => Vec::new(),
+    }
+}
+
+/// Pids read from member files at most per discovery: a few small kernel files, never many.
+const MEMBER_PIDS_MAX: usize = 8;
+
+/// Appends the pids of the cgroup at `dir` (its `cgroup.procs`), up to [`MEMBER_PIDS_MAX`].
+fn add_procs(dir: &std::path::Path, pids: &mut Vec<u32>) {
+    if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        let room = MEMBER_PIDS_MAX.saturating_sub(pids.len());
+        pids.extend(
+            text.lines()
+                .filter_map(|l| l.trim().parse::<u32>().ok())
+                .take(room),
+        );
+    }
+}
+
 /// Processes that can show a pod's resolv.conf, best first: those of the event's own cgroup,
 /// then those of the pod's other containers (its main process or a sidecar outlives a
 /// one-shot client). Conmon monitors are skipped: they run in the node's root, whose
 /// resolv.conf is not the pod's. A few small kernel files are read; never many pids.
 fn pod_member_pids(root: &std::path::Path, relative: &str, pod: &PodCgroup) -> Vec<u32> {
-    const MAX: usize = 8;
     let relative = relative.trim_start_matches('/').trim_end_matches('/');
     let mut pids = Vec::new();
-    let add_procs = |dir: &std::path::Path, pids: &mut Vec<u32>| {
-        if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-            let room = MAX.saturating_sub(pids.len());
-            pids.extend(
-                text.lines()
-                    .filter_map(|l| l.trim().parse::<u32>().ok())
-                    .take(room),
-            );
-        }
-    };
     if !matches!(pod.member, PodMember::ConmonMonitor { .. }) {
         add_procs(&root.join(relative), &mut pids);
     }
@@ -344,7 +400,7 @@ fn pod_member_pids(root: &std::path::Path, relative: &str, pod: &PodCgroup) -> V
         return pids;
     };
     for child in children.flatten() {
-        if pids.len() >= MAX {
+        if pids.len() >= MEMBER_PIDS_MAX {
             break;
         }
         let Some(name) = child.file_name().to_str().map(str::to_owned) else {
