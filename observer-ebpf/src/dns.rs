@@ -14,15 +14,15 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray, RingBuf},
 };
 use observer_common::{
-    DNS_EVENT_HEADER_LEN, DNS_FLAG_TRUNCATED, DNS_PAYLOAD_MAX, DNS_PORT_SLOTS, DnsEvent, Family,
-    LossCounter, Protocol,
+    DNS_EVENT_HEADER_LEN, DNS_FLAG_TRUNCATED, DNS_PAYLOAD_MAX, DNS_PORT_SLOTS, Direction, DnsEvent,
+    Family, LossCounter, Protocol,
 };
 
 use crate::{
     loss::count,
     mem::put_ipv4,
     packet::{Packet, read},
-    ring::{Ring, submit_flags},
+    ring::{Ring, first_dns_from, submit_flags_waking},
 };
 
 /// Resized by the agent at load time.
@@ -134,9 +134,13 @@ pub fn capture(skb: *mut __sk_buff, packet: Packet) {
         count(LossCounter::DnsCaptureCut);
     }
 
+    let cgroup_id = unsafe { bpf_skb_cgroup_id(skb) };
+    // The sender of an outgoing message runs now; the agent learns of a new cgroup at once
+    // so that it can read the cgroup's resolv.conf through it (see `first_dns_from`).
+    let wake_now = packet.direction == Direction::Egress && first_dns_from(cgroup_id);
     unsafe {
         (*event).timestamp_ns = bpf_ktime_get_boot_ns();
-        (*event).cgroup_id = bpf_skb_cgroup_id(skb);
+        (*event).cgroup_id = cgroup_id;
         (*event).socket_cookie = bpf_get_socket_cookie(skb.cast());
         (*event).tcp_seq = tcp_seq;
         (*event).payload_len = payload_len;
@@ -155,7 +159,7 @@ pub fn capture(skb: *mut __sk_buff, packet: Packet) {
     // most its size.
     let record = unsafe { core::slice::from_raw_parts(event.cast::<u8>(), record_len) };
     if DNS_EVENTS
-        .output::<[u8]>(record, submit_flags(Ring::Dns, record_len))
+        .output::<[u8]>(record, submit_flags_waking(Ring::Dns, record_len, wake_now))
         .is_err()
     {
         count(LossCounter::DnsRingFull);

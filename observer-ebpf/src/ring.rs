@@ -30,6 +30,35 @@ static CONNECT_RING_WAKE_BYTES: u64 = (1 << 19) / 8;
 #[map]
 static RING_UNWOKEN_BYTES: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 
+/// Slots of each CPU's memory of the cgroups it recently sent DNS from (a power of two).
+const RECENT_CGROUP_SLOTS: u32 = 64;
+
+/// Per CPU, the cgroup id last seen in each slot (slot: the id's low bits).
+#[map]
+static RECENT_DNS_CGROUPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(RECENT_CGROUP_SLOTS, 0);
+
+/// Whether this CPU has not sent DNS from `cgroup_id` lately (and remembers it now). The
+/// agent reads a new cgroup's identity, its pod's resolv.conf included, through processes
+/// that still run: a one-shot process (one lookup, one connect, exit) is gone well within
+/// the poll interval, so the first query of a cgroup wakes the reader at once. A pod that
+/// keeps querying finds its slot set and pays nothing more; an array lookup is inlined.
+#[inline(always)]
+pub fn first_dns_from(cgroup_id: u64) -> bool {
+    let slot = (cgroup_id as u32) & (RECENT_CGROUP_SLOTS - 1);
+    let Some(seen) = RECENT_DNS_CGROUPS.get_ptr_mut(slot) else {
+        return false;
+    };
+    // Per-CPU slot: no other program instance writes it concurrently.
+    unsafe {
+        if *seen == cgroup_id {
+            false
+        } else {
+            *seen = cgroup_id;
+            true
+        }
+    }
+}
+
 /// Which ring a record goes to, for its wakeup threshold.
 #[derive(Clone, Copy)]
 pub enum Ring {
@@ -40,6 +69,12 @@ pub enum Ring {
 /// Flags for submitting a record of `record_len` bytes to `which`.
 #[inline(always)]
 pub fn submit_flags(which: Ring, record_len: usize) -> u64 {
+    submit_flags_waking(which, record_len, false)
+}
+
+/// As [`submit_flags`]; `wake_now` wakes the reader whatever the backlog.
+#[inline(always)]
+pub fn submit_flags_waking(which: Ring, record_len: usize, wake_now: bool) -> u64 {
     let Some(unwoken) = RING_UNWOKEN_BYTES.get_ptr_mut(which as u32) else {
         return u64::from(BPF_RB_FORCE_WAKEUP);
     };
@@ -51,7 +86,7 @@ pub fn submit_flags(which: Ring, record_len: usize) -> u64 {
     };
     // Per-CPU slot: no other program instance writes it concurrently.
     let total = unsafe { *unwoken } + record_len as u64 + RECORD_HEADER;
-    if total >= share {
+    if wake_now || total >= share {
         unsafe { *unwoken = 0 };
         u64::from(BPF_RB_FORCE_WAKEUP)
     } else {

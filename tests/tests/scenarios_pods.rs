@@ -194,6 +194,21 @@ fn each_pod_gets_its_own_resolution() {
         let own_service = format!("db.{ns}.svc.cluster.local");
         for r in &records {
             assert_eq!(r["pod"]["uid"], cg.pod_uid.as_str(), "{r}");
+            // Each client is a one-shot process (lookup, connect, exit) and the pod has no
+            // other: its resolv.conf was read while its lookup was in flight, since without
+            // the Kubernetes API the namespace comes from the search list.
+            assert_eq!(
+                r["pod"]["namespace"],
+                ns,
+                "{r}\n{}",
+                agent
+                    .stderr()
+                    .lines()
+                    .filter(|l| l.contains("identity read")
+                        && l.contains(&cg.container.id().to_string()))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
             assert_eq!(
                 text(r, "container_id"),
                 Some(cg.container_id.as_str()),
@@ -229,6 +244,10 @@ fn each_pod_gets_its_own_resolution() {
     assert_eq!(records.len(), ROUNDS, "pod c:\n{}", dump(&records));
     for r in &records {
         assert_eq!(r["pod"]["uid"], cg.pod_uid.as_str(), "{r}");
+        assert_eq!(
+            r["pod"]["namespace"], "c",
+            "one-shot clients, their own search list: {r}"
+        );
         assert_eq!(destination(r), (IpAddr::V4(EXTERNAL_DB), 5432), "{r}");
         assert_fields(
             r,
@@ -662,6 +681,189 @@ fn many_pods_at_once_lose_nothing() {
             .map(|n| n.as_u64().expect("count"))
             .sum();
         assert_eq!(records.len() as u64, made, "pod {}", pod.name());
+    }
+    agent.stop();
+}
+
+/// A named pipe in the temporary directory, removed when dropped: reading it blocks until a
+/// writer opens it and closes it, as a hung `/proc` or cgroupfs read blocks.
+struct Fifo(std::path::PathBuf);
+
+impl Fifo {
+    fn new(tag: &str) -> Fifo {
+        let path = std::env::temp_dir().join(format!(
+            "observer-{tag}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: a valid NUL-terminated path; mkfifo touches nothing else.
+        let made = unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) };
+        assert_eq!(
+            made,
+            0,
+            "mkfifo {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+        Fifo(path)
+    }
+
+    /// Lets the reader blocked on the pipe go on: opens it for writing (once the reader has
+    /// it open, bounded) and closes it, so the reader sees its end.
+    fn release(&self, within: Duration) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let deadline = Instant::now() + within;
+        loop {
+            // Non-blocking: with no reader yet, open fails (ENXIO) instead of waiting.
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&self.0)
+            {
+                Ok(writer) => {
+                    drop(writer);
+                    return;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("opening {} for writing: {e}", self.0.display()),
+            }
+        }
+    }
+}
+
+impl Drop for Fifo {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Identity never blocks correlation. The identity worker's first read of one pod's identity
+/// stalls (a real blocking read of a named pipe, through the agent's test-only fault
+/// injection point `OBSERVER_FAULT_STALL_IDENTITY`): that pod's connects wait, while another
+/// pod's connects made after them are still reported. Once the read goes on, the stalled
+/// pod's connects are all reported, in the order they were made, with its pod and the
+/// search list of its own resolv.conf.
+#[test]
+fn a_stalled_identity_read_holds_back_only_its_own_pod() {
+    let tb = testbed();
+    let _outside = Outside::new(&tb);
+    let busy = pod_in(&tb, "busy", "busy");
+    let stalled = pod_in(&tb, "stalled", "slow");
+    // The pod's long-running process: what the agent reads the pod's resolv.conf through
+    // once the stall is over, its one-shot clients being gone by then.
+    let _main = stalled
+        .command("sleep")
+        .arg("3600")
+        .spawn()
+        .expect("the stalled pod's main process");
+    let fifo = Fifo::new("stall");
+    let stalled_cgroup = stalled.cgroup().container.id();
+    let busy_cgroup = busy.cgroup().container.id();
+    let filter = "info,observer::agent=debug";
+    let mut spec = observer_tests::agent::AgentSpec::new()
+        .args(["--kube", "off", "--log-level", filter])
+        .env("RUST_LOG", filter)
+        .env(
+            "OBSERVER_FAULT_STALL_IDENTITY",
+            format!("{stalled_cgroup}:{}", fifo.0.display()),
+        );
+    for cidr in scenario_pods_support::CLUSTER_CIDRS {
+        spec = spec.args(["--cluster-cidr", cidr]);
+    }
+    let agent = observer_tests::agent::Agent::start(spec);
+
+    // The busy pod's identity is known before the stall begins.
+    let first = connect(&busy, "db", 5432);
+    assert_eq!(first["outcome"], "established", "{first}");
+    wait_for_records(&agent, busy_cgroup, 1, RECORD_WAIT);
+
+    // The stalled pod's one-shot clients: their events reach the agent, whose worker
+    // stalls on their cgroup.
+    let stalled_pids: Vec<u64> = (0..2)
+        .map(|_| {
+            let report = connect(&stalled, "db", 5432);
+            assert_eq!(report["outcome"], "established", "{report}");
+            report["pid"].as_u64().expect("pid")
+        })
+        .collect();
+    let deadline = Instant::now() + RECORD_WAIT;
+    while !agent
+        .stderr()
+        .contains("fault injection: stalling the identity worker")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the identity worker never reached the stall:\n{}",
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // While it stalls, the busy pod's later connects are reported...
+    let later = connect(&busy, "db", 5432);
+    let later_pid = later["pid"].as_u64().expect("pid");
+    agent.wait_for_record(RECORD_WAIT, |r| {
+        r["cgroup_id"].as_u64() == Some(busy_cgroup) && r["pid"].as_u64() == Some(later_pid)
+    });
+    // ...and the stalled pod's earlier ones wait for their identity rather than going on
+    // without it.
+    assert!(
+        agent.records_of_cgroup(stalled_cgroup).is_empty(),
+        "reported before its identity was read:\n{}",
+        dump(&agent.records_of_cgroup(stalled_cgroup))
+    );
+    assert!(
+        !agent
+            .stderr()
+            .contains("fault injection: the identity worker goes on"),
+        "the stall ended by itself"
+    );
+
+    fifo.release(RECORD_WAIT);
+    let records = wait_for_records(&agent, stalled_cgroup, stalled_pids.len(), RECORD_WAIT);
+    assert_eq!(
+        records
+            .iter()
+            .map(|r| r["pid"].as_u64())
+            .collect::<Vec<_>>(),
+        stalled_pids.iter().map(|p| Some(*p)).collect::<Vec<_>>(),
+        "every connect once, in order:\n{}",
+        dump(&records)
+    );
+    for r in &records {
+        assert_eq!(r["pod"]["uid"], stalled.cgroup().pod_uid.as_str(), "{r}");
+        // Without the Kubernetes API the namespace comes from the pod's own search list.
+        assert_eq!(r["pod"]["namespace"], "slow", "{r}");
+        assert_fields(
+            r,
+            json!({
+                "query_name": "db", "server_address": "db.another-lab.com",
+                "search_domain": "another-lab.com", "resolution": "search-escape",
+                "wasted_queries": 3, "flagged": true
+            }),
+        );
+        assert_chain(r, &walk("db", "slow", 4));
+    }
+    for r in agent.records_of_cgroup(busy_cgroup) {
+        assert_eq!(r["pod"]["namespace"], "busy", "{r}");
+        assert_chain(&r, &walk("db", "busy", 4));
+    }
+    let metrics = wait_for_metrics(&agent, RECORD_WAIT, |m| {
+        m.contains("kind=\"identity_wait_expired\"")
+    });
+    for kind in [
+        "identity_wait_expired",
+        "identity_wait_full",
+        "identity_requests_dropped",
+    ] {
+        assert_eq!(
+            metric_sum(&metrics, "observer_core_evictions_total", &[("kind", kind)]),
+            0.0,
+            "{kind}"
+        );
     }
     agent.stop();
 }

@@ -318,7 +318,16 @@ impl Worker {
             tracing::warn!(cgroup_id, "fault injection: the identity worker goes on");
         }
         let misses_before = self.identity.cgroup_stats().rate_limited_misses;
+        let started = Instant::now();
         let who = self.identity.resolve(cgroup_id, pid);
+        tracing::trace!(
+            cgroup_id,
+            ?pid,
+            scope = %who.scope,
+            resolver = who.resolver.is_some(),
+            took_us = started.elapsed().as_micros() as u64,
+            "identity read"
+        );
         if may_defer
             && who.cgroup_path.is_none()
             && self.identity.cgroup_stats().rate_limited_misses > misses_before

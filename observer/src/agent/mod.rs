@@ -59,7 +59,7 @@ const REORDER_CAPACITY: usize = 65_536;
 /// How long, and how many, events of a new cgroup wait for its identity: generous, as a
 /// late but right record is worth more than a prompt one without its pod or search list.
 const IDENTITY_WAIT: ParkingLimits = ParkingLimits {
-    max_wait_ns: 30_000_000_000,
+    max_wait_ns: 60_000_000_000,
     per_cgroup: 4096,
     total: 65_536,
 };

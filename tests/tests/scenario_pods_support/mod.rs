@@ -14,7 +14,7 @@ pub const CLUSTER_CIDRS: [&str; 2] = ["198.18.0.0/15", "2001:db8:c::/64"];
 /// The real agent, told the testbed's cluster networks, without Kubernetes, logging the
 /// queries it gives up on (debug level of the agent module).
 pub fn start_agent() -> Agent {
-    let filter = "info,observer::agent=debug";
+    let filter = "info,observer::agent=debug,observer::agent::identities=trace";
     let mut spec = AgentSpec::new()
         .args(["--kube", "off", "--log-level", filter])
         .env("RUST_LOG", filter);
