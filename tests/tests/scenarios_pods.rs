@@ -805,9 +805,15 @@ fn a_stalled_identity_read_holds_back_only_its_own_pod() {
     // While it stalls, the busy pod's later connects are reported...
     let later = connect(&busy, "db", 5432);
     let later_pid = later["pid"].as_u64().expect("pid");
+    let connected = Instant::now();
     agent.wait_for_record(RECORD_WAIT, |r| {
         r["cgroup_id"].as_u64() == Some(busy_cgroup) && r["pid"].as_u64() == Some(later_pid)
     });
+    // A figure for the book, not a bound: how soon a record comes while identity stalls.
+    eprintln!(
+        "during the stall, the busy pod's connect was reported {:?} after it returned",
+        connected.elapsed()
+    );
     // ...and the stalled pod's earlier ones wait for their identity rather than going on
     // without it.
     assert!(
@@ -823,7 +829,12 @@ fn a_stalled_identity_read_holds_back_only_its_own_pod() {
     );
 
     fifo.release(RECORD_WAIT);
+    let released = Instant::now();
     let records = wait_for_records(&agent, stalled_cgroup, stalled_pids.len(), RECORD_WAIT);
+    eprintln!(
+        "the stalled pod's connects were reported {:?} after the stall ended",
+        released.elapsed()
+    );
     assert_eq!(
         records
             .iter()

@@ -343,3 +343,66 @@ impl Worker {
         self.updates.blocking_send(update).is_ok()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+    use crate::identity::{CgroupCache, CgroupCacheConfig, ResolvCache, ResolvCacheConfig};
+
+    /// A directory tree stands in for cgroupfs: the cache maps inode numbers to paths.
+    fn tree(tag: &str) -> PathBuf {
+        let base = std::env::temp_dir().join(format!("observer-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(base.join("system.slice")).unwrap();
+        base
+    }
+
+    async fn next_resolved(updates: &mut mpsc::Receiver<Update>) -> Arc<WorkloadIdentity> {
+        // A hang guard only: the answer is awaited as an event.
+        let update = tokio::time::timeout(Duration::from_secs(60), updates.recv())
+            .await
+            .expect("the worker answered")
+            .expect("the worker runs");
+        match update {
+            Update::Resolved(who) => who,
+            other => panic!("expected an identity, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_loop_asks_without_waiting_and_a_cgroup_newer_than_the_last_walk_gets_its_path() {
+        let base = tree("identities");
+        let identity = Identity::host_only(
+            CgroupCache::new(&base, CgroupCacheConfig::default()),
+            ResolvCache::new(ResolvCacheConfig::default()),
+        );
+        let (mut identities, mut updates) = Identities::start(identity).unwrap();
+
+        let known = std::fs::metadata(base.join("system.slice")).unwrap().ino();
+        identities.ask(known, None);
+        assert!(
+            identities.get(known).is_none(),
+            "nothing known before the answer"
+        );
+        identities.ask(known, None);
+        let who = next_resolved(&mut updates).await;
+        assert_eq!(who.cgroup_path.as_deref(), Some("/system.slice"));
+        identities.landed(who);
+        assert_eq!(
+            identities.get(known).unwrap().cgroup_path.as_deref(),
+            Some("/system.slice")
+        );
+
+        // Created right after the walk: the walk's rate limit keeps it unknown for a moment,
+        // and the worker asks again when a walk is allowed rather than answer "unknown".
+        std::fs::create_dir(base.join("late.service")).unwrap();
+        let late = std::fs::metadata(base.join("late.service")).unwrap().ino();
+        identities.ask(late, None);
+        let who = next_resolved(&mut updates).await;
+        assert_eq!(who.cgroup_id, late);
+        assert_eq!(who.cgroup_path.as_deref(), Some("/late.service"));
+        assert_eq!(identities.requests_dropped, 0);
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+}
