@@ -188,13 +188,15 @@ impl Identity {
         }
     }
 
-    /// Who owns cgroup `cgroup_id`. Never waits on the network: the cgroup cache may walk the
-    /// local cgroup tree (rate-limited) and the resolver cache may read one small file.
+    /// Who owns cgroup `cgroup_id`. Never waits on the network, but reads the node's files:
+    /// the cgroup cache may walk the local cgroup tree (rate-limited) and the resolver cache
+    /// may read `cgroup.procs` and a few small `/proc` files. The agent calls it on its
+    /// identity worker only, never on the task that owns the correlation core.
     /// `pid`, when known, is remembered to read the pod's resolv.conf through.
     pub fn resolve(&self, cgroup_id: u64, pid: Option<u32>) -> Arc<WorkloadIdentity> {
         let inner = &self.inner;
         let cgroup_path = inner.cgroups.path_of(cgroup_id);
-        let kube_generation = inner.kube.as_ref().map_or(0, KubeIdentity::generation);
+        let kube_generation = self.kube_generation();
         // Every event asks: what the path says is read from the identity memoised for the
         // same path rather than parsed again.
         let memoised = {
