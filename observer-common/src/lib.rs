@@ -25,6 +25,10 @@ pub mod names {
     pub const DNS_RING_WAKE_BYTES: &str = "DNS_RING_WAKE_BYTES";
     pub const CONNECT_RING_WAKE_BYTES: &str = "CONNECT_RING_WAKE_BYTES";
     pub const LOSS_COUNTERS: &str = "LOSS_COUNTERS";
+    /// Global: non-zero skips the server's side of UDP DNS exchanges in the kernel.
+    pub const DNS_SKIP_SERVER_SIDE: &str = "DNS_SKIP_SERVER_SIDE";
+    /// Per-CPU count of the UDP DNS messages skipped as the server's side.
+    pub const DNS_SERVER_SIDE: &str = "DNS_SERVER_SIDE";
 
     /// Programs, by function name in the kernel crate.
     pub const PROG_PACKET_INGRESS: &str = "packet_ingress";

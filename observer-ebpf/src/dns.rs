@@ -21,7 +21,7 @@ use observer_common::{
 use crate::{
     loss::count,
     mem::put_ipv4,
-    packet::{Packet, read},
+    packet::{Packet, load, read},
     ring::{Ring, first_dns_from, submit_flags_waking},
 };
 
@@ -50,6 +50,23 @@ static DNS_PORT_MIN: u16 = 0;
 #[unsafe(no_mangle)]
 static DNS_PORT_MAX: u16 = u16::MAX;
 
+/// Non-zero: the server's side of a UDP exchange (a query received, a response sent) is
+/// counted in `DNS_SERVER_SIDE` and never crosses the ring. A node's DNS server (CoreDNS, a
+/// node-local cache) sees every lookup of the node reversed; the agent only reads the
+/// client's side, so copying the server's would double the ring traffic for nothing.
+/// Read-only data, set by the agent at load time.
+#[unsafe(no_mangle)]
+static DNS_SKIP_SERVER_SIDE: u8 = 0;
+
+/// Per-CPU count of the UDP messages skipped as the server's side.
+#[map]
+static DNS_SERVER_SIDE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Offset of the flags byte holding QR in the DNS header.
+const DNS_FLAGS_OFFSET: u32 = 2;
+/// A DNS header's length: anything shorter goes to the agent, which reports it malformed.
+const DNS_HEADER_LEN: u32 = 12;
+
 #[inline(always)]
 pub fn is_dns_port(port: u16) -> bool {
     let (min, max) = unsafe { (read_volatile(&DNS_PORT_MIN), read_volatile(&DNS_PORT_MAX)) };
@@ -58,6 +75,21 @@ pub fn is_dns_port(port: u16) -> bool {
         && DNS_PORTS
             .get(u32::from(port))
             .is_some_and(|slot| *slot != 0)
+}
+
+/// A query arriving or a response leaving: the server's socket. Read from the header's QR
+/// bit; a header that cannot be read is left to the agent.
+#[inline(always)]
+fn is_server_side(skb: *mut __sk_buff, direction: Direction, payload_offset: u32) -> bool {
+    // Through the helper: the verifier cannot bound a direct read at this variable offset.
+    let Some(flags) = load::<u8>(skb, payload_offset + DNS_FLAGS_OFFSET) else {
+        return false;
+    };
+    let is_response = flags & 0x80 != 0;
+    match direction {
+        Direction::Ingress => !is_response,
+        Direction::Egress => is_response,
+    }
 }
 
 /// The slow path, for DNS-port packets only.
@@ -82,6 +114,17 @@ pub fn capture(skb: *mut __sk_buff, packet: Packet) {
         return;
     }
     let payload_len = skb_len - payload_offset;
+    if packet.protocol == Protocol::Udp as u8
+        && payload_len >= DNS_HEADER_LEN
+        && unsafe { read_volatile(&DNS_SKIP_SERVER_SIDE) } != 0
+        && is_server_side(skb, packet.direction, payload_offset)
+    {
+        if let Some(slot) = DNS_SERVER_SIDE.get_ptr_mut(0) {
+            // Per-CPU slot: no other program instance writes it concurrently.
+            unsafe { *slot += 1 };
+        }
+        return;
+    }
     let cut = payload_len > PAYLOAD_MAX;
     let captured_len = if cut { PAYLOAD_MAX } else { payload_len };
 

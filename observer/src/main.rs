@@ -74,6 +74,8 @@ fn run_agent(args: RunArgs, matches: Option<&ArgMatches>) -> anyhow::Result<()> 
 fn run_events(args: EventsArgs) -> anyhow::Result<()> {
     let mut options = ProbeOptions {
         dns_ports: args.dns_ports,
+        // Every packet is shown, the DNS server's side included.
+        dns_server_side: true,
         ..ProbeOptions::default()
     };
     if let Some(kib) = args.ring_size_kib {

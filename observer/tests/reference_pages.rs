@@ -193,6 +193,7 @@ fn exercised_metrics() -> Metrics {
     metrics.observe_external_dns_response(&seed.identity);
     metrics.observe_dns_parse_error("truncated");
     metrics.set_kernel_events_lost("dns", "dns_ring_full", 1);
+    metrics.set_dns_server_side_messages(1);
     metrics.set_core_evictions("chains_evicted", 1);
     metrics.set_unjoined_connects(UnjoinedReason::AnswerExpired, 1);
     metrics.set_enrichment_state(EnrichmentState::Kube);

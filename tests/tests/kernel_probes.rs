@@ -480,7 +480,24 @@ fn a_connect_ended_by_an_icmp_error_ends_timeout() {
 
 /// A second, real DNS server (dnsmasq) on `port` of an in-cluster host, answering `name`.
 fn dnsmasq_on_port(host: &Host, port: u16, name: &str, answer: Ipv4Addr) -> Process {
-    host.command(DNSMASQ.path().expect("dnsmasq"))
+    dnsmasq_answering(
+        host.command(DNSMASQ.path().expect("dnsmasq")),
+        host,
+        port,
+        name,
+        answer,
+    )
+}
+
+/// dnsmasq run by `command` (in a host, or in a pod's cgroup), listening on `host`'s address.
+fn dnsmasq_answering(
+    command: TestCommand,
+    host: &Host,
+    port: u16,
+    name: &str,
+    answer: Ipv4Addr,
+) -> Process {
+    command
         .args([
             "--keep-in-foreground",
             "--conf-file=/dev/null",
@@ -498,6 +515,76 @@ fn dnsmasq_on_port(host: &Host, port: u16, name: &str, answer: Ipv4Addr) -> Proc
         .expect("second dnsmasq")
 }
 
+/// Probes `server` for `name` until it answers (dnsmasq needs a moment to bind).
+fn wait_answering(pod: &Pod, server: SocketAddr, name: &str) {
+    for _ in 0..40 {
+        let mut p = DnsProbe::new(server, name, qtype::A, Transport::Udp);
+        p.timeout = Duration::from_millis(100);
+        let r = pod.dns_probe(dns_probe_client_bin!(), &p).expect("probe");
+        if r.response.is_some() {
+            return;
+        }
+    }
+    panic!("the DNS server at {server} never answered {name}");
+}
+
+/// A pod that runs a DNS server (as CoreDNS or a node-local cache does) sees each lookup
+/// reversed: the query arrives, the response leaves. The agent reads only the client's
+/// side, so over UDP the programs count the server's and keep it off the ring; loaded to
+/// show every packet (`observer events`), they deliver it.
+#[test]
+fn the_dns_servers_side_is_counted_in_the_kernel_not_delivered() {
+    let tb = testbed();
+    let (server_pod, server_cgroup) = kernel_test_pod(&tb, "dns-server");
+    let (client, client_cgroup) = kernel_test_pod(&tb, "dns-client");
+    let _server = dnsmasq_answering(
+        server_pod.command(DNSMASQ.path().expect("dnsmasq")),
+        &server_pod,
+        53,
+        "served.test",
+        API_V4,
+    );
+    let server = SocketAddr::new(server_pod.ipv4().into(), 53);
+    wait_answering(&client, server, "served.test");
+    let server_side = |events: &[Event]| {
+        dns_packets(events)
+            .filter(|p| p.cgroup_id == server_cgroup)
+            .count()
+    };
+
+    let mut capture = Capture::start(ProbeOptions::default(), [client_cgroup, server_cgroup]);
+    let skipped_before = capture.probes().dns_server_side_skipped().expect("counter");
+    let exchange = probe(&client, server, "served.test", Transport::Udp);
+    // The client's side arrives whole, as ever.
+    assert_exchange_captured(&capture, &exchange, client_cgroup);
+    let skipped = capture.probes().dns_server_side_skipped().expect("counter") - skipped_before;
+    // The server's two packets ran the programs before the client's response did, so they
+    // are counted by now; other DNS servers on the machine may add to the count.
+    assert!(skipped >= 2, "{skipped} server-side messages counted");
+    assert_eq!(server_side(&capture.events()), 0, "{:#?}", capture.events());
+    drop(capture);
+
+    let capture = Capture::start(
+        ProbeOptions {
+            dns_server_side: true,
+            ..ProbeOptions::default()
+        },
+        [client_cgroup, server_cgroup],
+    );
+    let exchange = probe(&client, server, "served.test", Transport::Udp);
+    assert_exchange_captured(&capture, &exchange, client_cgroup);
+    let events = capture.events();
+    let delivered: Vec<_> = dns_packets(&events)
+        .filter(|p| p.cgroup_id == server_cgroup)
+        .map(|p| p.direction)
+        .collect();
+    assert_eq!(
+        delivered,
+        [Direction::Ingress, Direction::Egress],
+        "the server's query in, response out: {events:#?}"
+    );
+}
+
 #[test]
 fn dns_ports_are_configurable() {
     const ALT_PORT: u16 = 5353;
@@ -508,19 +595,8 @@ fn dns_ports_are_configurable() {
     let alt_server = SocketAddr::new(alt_host.ipv4().into(), ALT_PORT);
     let (pod, cgroup) = kernel_test_pod(&tb, "ports");
 
-    // dnsmasq needs a moment to bind: probe until it answers (these exchanges are not
-    // captured, the programs are not loaded yet).
-    let mut ready = false;
-    for _ in 0..40 {
-        let mut p = DnsProbe::new(alt_server, "alt.test", qtype::A, Transport::Udp);
-        p.timeout = Duration::from_millis(100);
-        let r = pod.dns_probe(dns_probe_client_bin!(), &p).expect("probe");
-        if r.response.is_some() {
-            ready = true;
-            break;
-        }
-    }
-    assert!(ready, "the dnsmasq on port {ALT_PORT} never answered");
+    // These exchanges are not captured: the programs are not loaded yet.
+    wait_answering(&pod, alt_server, "alt.test");
 
     let capture = Capture::start(
         ProbeOptions {

@@ -502,8 +502,10 @@ impl Agent {
 
     fn dns(&mut self, packet: DnsPacket) {
         let direction = packet.direction;
-        // A node's DNS server (CoreDNS, a node-local cache) sees every exchange reversed: its
-        // side is told by the header alone, so it costs neither a parse nor an identity.
+        // A node's DNS server (CoreDNS, a node-local cache) sees every exchange reversed. The
+        // kernel programs skip its UDP side before the ring; should one get here (programs
+        // loaded to deliver it), the header alone tells it, so it costs neither a parse nor
+        // an identity.
         if packet.protocol == Protocol::Udp && is_server_side(direction, &packet.payload) {
             self.core.count_server_side();
             return;
@@ -621,6 +623,15 @@ impl Agent {
             }
             Err(e) => {
                 tracing::warn!(error = %crate::error::Chain(&e), "reading the kernel loss counters")
+            }
+        }
+        // UDP ones are skipped in the kernel; a TCP stream's are told apart here.
+        match probes.dns_server_side_skipped() {
+            Ok(skipped) => self.metrics.set_dns_server_side_messages(
+                skipped + self.core.counters().dns_server_side_ignored,
+            ),
+            Err(e) => {
+                tracing::warn!(error = %crate::error::Chain(&e), "reading the kernel's server-side DNS count")
             }
         }
         publish_core_counters(&self.metrics, self.core.counters());

@@ -215,6 +215,7 @@ pub struct Metrics {
     evictions: Family<KindLabels, Counter>,
     unmatched_responses: Family<ReasonLabels, Counter>,
     unjoined_connects: Family<ReasonLabels, Counter>,
+    dns_server_side: Counter,
     caps: Mutex<Caps>,
 }
 
@@ -342,6 +343,14 @@ impl Metrics {
              whose open it never saw, by reason",
             unjoined_connects.clone(),
         );
+        let dns_server_side = Counter::default();
+        registry.register(
+            "dns_server_side_messages",
+            "DNS messages of a server's side (queries received, responses sent), left unread: \
+             the client's side of the same exchange is what observer follows; over UDP the \
+             kernel programs skip them before the ring",
+            dns_server_side.clone(),
+        );
         let metrics = Self {
             registry,
             connections,
@@ -361,6 +370,7 @@ impl Metrics {
             evictions,
             unmatched_responses,
             unjoined_connects,
+            dns_server_side,
             caps: Mutex::new(Caps::new(limits)),
         };
         // Export health series exist from the start, so `rate()` and alert rules see zeros.
@@ -502,6 +512,11 @@ impl Metrics {
         };
         drop(caps);
         raise_to(&self.kernel_lost.get_or_create(&labels), total);
+    }
+
+    /// Sets the total of DNS messages left unread as a server's side.
+    pub fn set_dns_server_side_messages(&self, total: u64) {
+        raise_to(&self.dns_server_side, total);
     }
 
     /// Sets the total of evictions of `kind` that the correlation core reports.

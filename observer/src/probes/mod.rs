@@ -106,6 +106,11 @@ pub struct ProbeOptions {
     /// floor of any program there: the cost benchmark reports observer's work above it.
     /// The agent never sets it.
     pub baseline: bool,
+    /// Deliver the server's side of UDP DNS exchanges too (queries received, responses
+    /// sent). Off, the kernel counts them ([`Probes::dns_server_side_skipped`]) instead: the
+    /// agent reads only the client's side, and a node's DNS server would otherwise double
+    /// what crosses the ring. `observer events` turns it on to show every packet.
+    pub dns_server_side: bool,
 }
 
 impl Default for ProbeOptions {
@@ -119,6 +124,7 @@ impl Default for ProbeOptions {
             kernel_log: KernelLogLevel::default(),
             cgroup: None,
             baseline: false,
+            dns_server_side: false,
         }
     }
 }
@@ -406,6 +412,7 @@ impl Probes {
             .max(1) as u64;
         let dns_wake = (u64::from(options.dns_ring_bytes) / 8 / cpus).max(1);
         let connect_wake = (u64::from(options.connect_ring_bytes) / 8 / cpus).max(1);
+        let skip_server_side = u8::from(!options.dns_server_side);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::DNS_EVENTS, options.dns_ring_bytes)
             .map_max_entries(names::CONNECT_EVENTS, options.connect_ring_bytes)
@@ -414,6 +421,7 @@ impl Probes {
             .override_global(names::DNS_PORT_MAX, &port_max, true)
             .override_global(names::DNS_RING_WAKE_BYTES, &dns_wake, true)
             .override_global(names::CONNECT_RING_WAKE_BYTES, &connect_wake, true)
+            .override_global(names::DNS_SKIP_SERVER_SIDE, &skip_server_side, true)
             .load(KERNEL_OBJECT)
             .map_err(|e| match e {
                 EbpfError::MapError(MapError::CreateError { io_error, .. })
@@ -547,7 +555,22 @@ impl Probes {
 
     /// Kernel-side losses so far, summed over CPUs.
     pub fn loss_counters(&self) -> Result<LossCounts, ProbeError> {
-        let name = names::LOSS_COUNTERS;
+        let mut totals = LossCounts::default();
+        for counter in LossCounter::ALL {
+            totals.0[counter as usize] =
+                self.per_cpu_total(names::LOSS_COUNTERS, counter as u32)?;
+        }
+        Ok(totals)
+    }
+
+    /// UDP DNS messages the kernel skipped as the server's side of an exchange (see
+    /// [`ProbeOptions::dns_server_side`]), all CPUs.
+    pub fn dns_server_side_skipped(&self) -> Result<u64, ProbeError> {
+        self.per_cpu_total(names::DNS_SERVER_SIDE, 0)
+    }
+
+    /// Slot `index` of the per-CPU counter map `name`, summed over the CPUs.
+    fn per_cpu_total(&self, name: &'static str, index: u32) -> Result<u64, ProbeError> {
         let map = self
             .ebpf
             .map(name)
@@ -557,18 +580,12 @@ impl Probes {
             map: name,
             source,
         })?;
-        let mut totals = LossCounts::default();
-        for counter in LossCounter::ALL {
-            let per_cpu = counters
-                .get(&(counter as u32), 0)
-                .map_err(|source| ProbeError::Map {
-                    op: "reading",
-                    map: name,
-                    source,
-                })?;
-            totals.0[counter as usize] = per_cpu.iter().sum();
-        }
-        Ok(totals)
+        let per_cpu = counters.get(&index, 0).map_err(|source| ProbeError::Map {
+            op: "reading",
+            map: name,
+            source,
+        })?;
+        Ok(per_cpu.iter().sum())
     }
 
     /// Ring records the agent could not decode (a kernel/agent mismatch; should stay 0).
