@@ -30,8 +30,10 @@ static CONNECT_RING_WAKE_BYTES: u64 = (1 << 19) / 8;
 #[map]
 static RING_UNWOKEN_BYTES: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 
-/// Slots of each CPU's memory of the cgroups it recently sent DNS from (a power of two).
-const RECENT_CGROUP_SLOTS: u32 = 64;
+/// Slots of each CPU's memory of the cgroups it recently sent DNS from (a power of two):
+/// well above the pods of a node (110 by default), so that pods querying in turn rarely
+/// share a slot, which would wake the reader on each of their queries.
+const RECENT_CGROUP_SLOTS: u32 = 1024;
 
 /// Per CPU, the cgroup id last seen in each slot (slot: the id's low bits).
 #[map]
