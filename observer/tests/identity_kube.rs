@@ -17,6 +17,7 @@ use observer::{
     },
     kube_standin::{
         ApiState, BOOKMARK_EVERY, NODES, PODS, SERVICE_CIDRS, SERVICES, StandIn,
+        cluster::{ChurnRates, ClusterShape, SimulatedCluster},
         objects::{node, owned, pod, service, service_cidr},
     },
     scope::ScopeKey,
@@ -611,4 +612,242 @@ async fn services_and_nodes_change_one_object_at_a_time() {
     let networks = identity.cluster_networks();
     assert!(contains(&networks, "198.18.128.40"), "{networks:?}");
     assert!(!contains(&networks, "198.18.128.30"), "{networks:?}");
+}
+
+/// Whether the agent's indexes hold exactly what the API server holds: this node's pods,
+/// every Service by name and by cluster IP, ExternalName targets, every Node's networks.
+fn agrees_with_the_api(identity: &Identity, state: &Mutex<ApiState>) -> Result<(), String> {
+    let kube = identity.kube().unwrap();
+    let api = state.lock().unwrap();
+    let pods: Vec<Value> = api
+        .objects(PODS)
+        .into_iter()
+        .filter(|p| p["spec"]["nodeName"] == NODE)
+        .collect();
+    for pod in &pods {
+        let uid = pod["metadata"]["uid"].as_str().unwrap();
+        if kube.pod_by_uid(uid).is_none() {
+            return Err(format!("pod {uid} missing"));
+        }
+    }
+    if kube.pods().len() != pods.len() {
+        return Err(format!(
+            "{} pods, the API has {}",
+            kube.pods().len(),
+            pods.len()
+        ));
+    }
+    let services = api.objects(SERVICES);
+    let mut addresses = 0;
+    for svc in &services {
+        let (ns, name) = (
+            svc["metadata"]["namespace"].as_str().unwrap(),
+            svc["metadata"]["name"].as_str().unwrap(),
+        );
+        if identity.service_exists(ns, name) != Some(true) {
+            return Err(format!("Service {ns}/{name} missing"));
+        }
+        if let Some(ip) = svc["spec"]["clusterIP"]
+            .as_str()
+            .and_then(|ip| ip.parse().ok())
+        {
+            addresses += 1;
+            let found = identity.service_for_ip(ip);
+            if found.as_ref().map(|s| (&*s.namespace, &*s.name)) != Some((ns, name)) {
+                return Err(format!("{ip} gives {found:?}, not {ns}/{name}"));
+            }
+        }
+        if let Some(target) = svc["spec"]["externalName"].as_str()
+            && identity.external_name(ns, name).as_deref() != Some(target)
+        {
+            return Err(format!("{ns}/{name} has no ExternalName {target}"));
+        }
+    }
+    let sizes = kube.index_sizes();
+    if sizes.service_names.0 != services.len() || sizes.service_addresses.0 != addresses {
+        return Err(format!(
+            "{sizes:?} for {} Services with {addresses} addresses",
+            services.len()
+        ));
+    }
+    if sizes.node_networks.0 != api.len(NODES) {
+        return Err(format!("{sizes:?} for {} Nodes", api.len(NODES)));
+    }
+    Ok(())
+}
+
+async fn wait_agreement(identity: &Identity, state: &Mutex<ApiState>) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match agrees_with_the_api(identity, state) {
+            Ok(()) => return,
+            Err(why) if Instant::now() > deadline => {
+                panic!("the agent never agreed with the API within {WAIT:?}: {why}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// A cluster larger than one list page (kube-rs asks for 500 at a time) churns; midway the
+/// API server compacts its history, so every watch ends with 410 Expired and must list
+/// again. Every change made before, during and after the relist ends up in the indexes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_expired_mid_churn_resumes_without_a_gap() {
+    let shape = ClusterShape {
+        nodes: 10,
+        pods: 300,
+        pods_on_agent_node: 30,
+        services: 700,
+    };
+    let mut api = ApiState::new();
+    let mut cluster = SimulatedCluster::populate(&mut api, shape, NODE);
+    let state = Arc::new(Mutex::new(api));
+    let server = StandIn::start(Arc::clone(&state), localhost(), Duration::from_millis(200))
+        .await
+        .unwrap();
+    let cgroups = FakeCgroupRoot::new("churn");
+    let identity = identity_against(&server, &cgroups);
+    wait_agreement(&identity, &state).await;
+    let paged = state.lock().unwrap().requests_to(SERVICES);
+    assert!(
+        paged.iter().any(|r| r.contains("continue=")),
+        "the Service list was not paginated: {paged:?}"
+    );
+    for collection in [PODS, SERVICES, NODES] {
+        eventually("the watches open", || watching(&state, collection)).await;
+    }
+    let lists_before = list_requests(&state);
+
+    let rates = ChurnRates {
+        pod_changes: 400.0,
+        service_changes: 200.0,
+        node_status_updates: 20.0,
+    };
+    for step in 0..40 {
+        cluster.churn(&mut state.lock().unwrap(), rates, 0.05);
+        if step == 20 {
+            state.lock().unwrap().compact();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    wait_agreement(&identity, &state).await;
+    assert!(
+        list_requests(&state) > lists_before,
+        "the pods were not listed again after 410"
+    );
+    assert!(cluster.changes.services >= 400, "{:?}", cluster.changes);
+}
+
+/// After most Services are deleted at once (a namespace removed), the indexes give back the
+/// room they took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn indexes_return_to_their_bound_after_a_mass_delete() {
+    let state = cluster_state(false);
+    let many = 3_000;
+    {
+        let mut api = state.lock().unwrap();
+        for i in 0..many {
+            let ip = format!("198.19.{}.{}", i / 250, i % 250 + 1);
+            api.upsert(SERVICES, service(&format!("s{i}"), "gone", &ip), false);
+        }
+    }
+    let server = StandIn::start(Arc::clone(&state), localhost(), BOOKMARK_EVERY)
+        .await
+        .unwrap();
+    let cgroups = FakeCgroupRoot::new("massdelete");
+    let identity = identity_against(&server, &cgroups);
+    let kube = identity.kube().unwrap().clone();
+    let full = eventually("every Service indexed", || {
+        let sizes = kube.index_sizes();
+        (sizes.service_names.0 >= many).then_some(sizes)
+    })
+    .await;
+    assert!(full.service_addresses.1 >= many, "{full:?}");
+    eventually("the Service watch open", || watching(&state, SERVICES)).await;
+
+    {
+        let mut api = state.lock().unwrap();
+        for i in 0..many {
+            api.delete(SERVICES, &format!("svc-gone-s{i}"), true);
+        }
+    }
+    let after = eventually("the namespace's Services gone", || {
+        let sizes = kube.index_sizes();
+        (sizes.service_names.0 == 3).then_some(sizes)
+    })
+    .await;
+    // The three Services of `cluster_state` are left; a table shrinks once it is more than
+    // four times too large and above 64 entries.
+    for (len, capacity) in [after.service_addresses, after.service_names] {
+        assert!(capacity <= 64, "{after:?} after deleting {many}");
+        assert!(len <= 3, "{after:?}");
+    }
+    assert!(
+        identity
+            .service_for_ip("198.19.0.1".parse().unwrap())
+            .is_none()
+    );
+    assert_eq!(identity.service_exists("shop", "web"), Some(true));
+}
+
+/// A pod whose first packets come before the API server has it: node identity answers at
+/// once (its UID and container, no names), and the names follow when the pod arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_known_to_the_api_after_its_first_packets_gets_its_identity() {
+    let state = cluster_state(true);
+    let server = StandIn::start(Arc::clone(&state), localhost(), BOOKMARK_EVERY)
+        .await
+        .unwrap();
+    let cgroups = FakeCgroupRoot::new("latepod");
+    let late_cgroup = cgroups.container(LATE_UID, LATE_CID);
+    let identity = identity_against(&server, &cgroups);
+    eventually("enrichment ready", || {
+        (identity.status() == EnrichmentStatus::Ready).then_some(())
+    })
+    .await;
+    eventually("the Pod watch open", || watching(&state, PODS)).await;
+    let first = identity.resolve(late_cgroup, None);
+    assert_eq!(first.scope, ScopeKey::Pod(Arc::from(LATE_UID)));
+    assert_eq!(first.container_id().unwrap().as_str(), LATE_CID);
+    assert!(first.pod.is_none(), "{first:?}");
+
+    state.lock().unwrap().upsert(PODS, late_pod(), true);
+    let later = eventually("the pod's names", || {
+        let id = identity.resolve(late_cgroup, None);
+        id.pod.is_some().then_some(id)
+    })
+    .await;
+    assert_eq!(later.scope, first.scope);
+    assert_eq!(&*later.pod.as_ref().unwrap().name, "solo");
+    assert_eq!(later.container_name.as_deref(), Some("solo"));
+}
+
+/// With the cluster networks given (`--cluster-cidr`), Nodes are not watched at all: no
+/// request for them, and enrichment is ready without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_are_not_watched_when_the_cluster_networks_are_given() {
+    let state = cluster_state(true);
+    let server = StandIn::start(Arc::clone(&state), localhost(), BOOKMARK_EVERY)
+        .await
+        .unwrap();
+    let config = kube::Config::new(server.url().parse().unwrap());
+    let watch = KubeWatchConfig {
+        watch_nodes: false,
+        ..KubeWatchConfig::new(NODE)
+    };
+    let kube = KubeIdentity::start(config, watch).expect("kube client");
+    eventually("enrichment ready", || {
+        (kube.status() == EnrichmentStatus::Ready).then_some(())
+    })
+    .await;
+    assert!(
+        kube.service_for_ip("198.18.128.20".parse().unwrap())
+            .is_some()
+    );
+    assert!(
+        state.lock().unwrap().requests_to(NODES).is_empty(),
+        "Nodes were asked for"
+    );
+    assert_eq!(kube.index_sizes().node_networks.0, 0);
 }

@@ -67,7 +67,7 @@ impl ChurnRates {
 
 /// Changes made so far, by collection (a Service recreated elsewhere counts two: its
 /// deletion and its creation).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ChangeCounts {
     pub pods: u64,
     pub services: u64,

@@ -210,6 +210,16 @@ impl ApiState {
         serde_json::from_slice(&stored.json).ok()
     }
 
+    /// Every object of `collection`, as last stored.
+    pub fn objects(&self, collection: &str) -> Vec<Value> {
+        self.collections
+            .get(collection)
+            .into_iter()
+            .flat_map(BTreeMap::values)
+            .filter_map(|stored| serde_json::from_slice(&stored.json).ok())
+            .collect()
+    }
+
     /// How many objects `collection` holds.
     pub fn len(&self, collection: &str) -> usize {
         self.collections.get(collection).map_or(0, BTreeMap::len)
