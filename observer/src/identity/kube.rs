@@ -1287,6 +1287,22 @@ mod tests {
     }
 
     #[test]
+    fn a_node_is_read_for_its_pod_cidrs_and_internal_ips_only() {
+        let node = crate::kube_standin::objects::node("n1", "198.18.7.0/24", "198.18.0.7");
+        let read: NodeNetworks = serde_json::from_value(node).unwrap();
+        let (uid, nets) = project_node(&read).unwrap();
+        assert_eq!(uid, "node-n1");
+        let expected: Vec<IpNet> = vec![
+            "198.18.7.0/24".parse().unwrap(),
+            "198.18.0.7/32".parse().unwrap(),
+        ];
+        assert_eq!(nets, expected);
+        // A Node without spec or status (a fresh registration) has no networks yet.
+        let bare: NodeNetworks = serde_json::from_str(r#"{"metadata": {"uid": "u"}}"#).unwrap();
+        assert_eq!(project_node(&bare).unwrap().1, Vec::<IpNet>::new());
+    }
+
+    #[test]
     fn non_controller_owner_is_not_the_workload() {
         let refs = [OwnerReference {
             api_version: "v1".into(),
