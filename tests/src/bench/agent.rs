@@ -27,11 +27,12 @@ impl AgentProcess {
     }
 
     /// Starts `observer run --kube auto` as the agent of `node`, with the API server of
-    /// `kubeconfig`.
+    /// `kubeconfig`; `extra` are more of its flags.
     pub fn start_with_kube(
         bin: &Path,
         kubeconfig: &Path,
         node: &str,
+        extra: &[String],
         log: &Path,
     ) -> anyhow::Result<Self> {
         let kube = [
@@ -40,7 +41,7 @@ impl AgentProcess {
             "--node-name".into(),
             node.into(),
         ];
-        Self::spawn(bin, &kube, &[], Some(kubeconfig), log)
+        Self::spawn(bin, &kube, extra, Some(kubeconfig), log)
     }
 
     fn spawn(

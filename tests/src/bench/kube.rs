@@ -48,8 +48,14 @@ pub struct ClusterRun {
 #[derive(Debug, Serialize)]
 pub struct KubeCost {
     pub rss_idle_mib: f64,
+    /// The 1/10 cluster, then the large one.
     pub runs: Vec<ClusterRun>,
+    /// The large cluster with `--cluster-cidr` given (no Node watch).
+    pub networks_given: ClusterRun,
 }
+
+/// The simulated cluster's networks (see `kube_standin::cluster`): Nodes, Services, pods.
+const CLUSTER_NETWORKS: [&str; 3] = ["198.18.0.0/16", "198.19.0.0/16", "2001:db8::/32"];
 
 /// Runs the phase: idle, then the 1/10 cluster, then the large one.
 pub fn measure(agent_bin: &Path, out: &Path, quick: bool) -> anyhow::Result<KubeCost> {
@@ -63,6 +69,7 @@ pub fn measure(agent_bin: &Path, out: &Path, quick: bool) -> anyhow::Result<Kube
         agent_bin,
         standin.kubeconfig(),
         AGENT_NODE,
+        &[],
         &out.join("agent-kube-idle.log"),
     )?;
     wait_synced(&agent)?;
@@ -74,15 +81,30 @@ pub fn measure(agent_bin: &Path, out: &Path, quick: bool) -> anyhow::Result<Kube
     let mut runs = Vec::new();
     for factor in [0.1, 1.0] {
         let shape = ClusterShape::LARGE.scaled(factor);
-        runs.push(cluster_run(agent_bin, out, shape, settle, churn)?);
+        runs.push(cluster_run(agent_bin, out, shape, &[], settle, churn)?);
     }
-    Ok(KubeCost { rss_idle_mib, runs })
+    // The large cluster again, its networks given: no Node watch.
+    let given = CLUSTER_NETWORKS.map(|n| ["--cluster-cidr".to_owned(), n.to_owned()]);
+    let runs_given = cluster_run(
+        agent_bin,
+        out,
+        ClusterShape::LARGE,
+        given.as_flattened(),
+        settle,
+        churn,
+    )?;
+    Ok(KubeCost {
+        rss_idle_mib,
+        runs,
+        networks_given: runs_given,
+    })
 }
 
 fn cluster_run(
     agent_bin: &Path,
     out: &Path,
     shape: ClusterShape,
+    agent_args: &[String],
     settle: Duration,
     churn: Duration,
 ) -> anyhow::Result<ClusterRun> {
@@ -103,7 +125,12 @@ fn cluster_run(
         agent_bin,
         standin.kubeconfig(),
         AGENT_NODE,
-        &out.join(format!("agent-kube-{}.log", shape.nodes)),
+        agent_args,
+        &out.join(format!(
+            "agent-kube-{}{}.log",
+            shape.nodes,
+            if agent_args.is_empty() { "" } else { "-given" }
+        )),
     )?;
     wait_synced(&agent)?;
     let sync_secs = started.elapsed().as_secs_f64();
@@ -205,9 +232,13 @@ pub fn rows(cost: &KubeCost) -> Vec<Row> {
         )
         .note("VmRSS of `observer run --kube auto` synced with a stand-in API server holding no objects, settled"),
     );
-    for run in &cost.runs {
+    let labelled = cost.runs.iter().map(|run| (run, "")).chain([(
+        &cost.networks_given,
+        ", --cluster-cidr given (no Node watch)",
+    )]);
+    for (run, how) in labelled {
         let size = format!(
-            "{} nodes / {} pods / {} services",
+            "{} nodes / {} pods / {} services{how}",
             run.nodes, run.pods, run.services
         );
         rows.push(
