@@ -102,6 +102,12 @@ impl ApiAccess {
 
 const LIST_WATCH: &[&str] = &["list", "watch"];
 
+/// Objects per page of the cluster-wide lists (kube-rs and the API server default to 500).
+/// A page is read whole and decoded before the next: 500 Nodes are about 5 MB of JSON, and
+/// the peak of the initial list stays in the agent's resident memory; pages of 100 keep it
+/// near 1 MB for a few more requests at start (50 for 5,000 Nodes).
+const LIST_PAGE: u32 = 100;
+
 /// The owners fetched one by name to walk up to their workload ([`fetch_owner_parent`]).
 const OWNER_ACCESS: [ApiAccess; 2] = [
     ApiAccess::of::<ReplicaSet>(&["get"]),
@@ -362,7 +368,7 @@ impl KubeIdentity {
             tokio::spawn(run_watch(
                 Arc::clone(&shared),
                 Api::<Service>::all(client.clone()),
-                watcher::Config::default(),
+                watcher::Config::default().page_size(LIST_PAGE),
                 Watched::Services,
                 project_service,
                 Commit::Each(change_service),
@@ -370,7 +376,7 @@ impl KubeIdentity {
             tokio::spawn(run_watch(
                 Arc::clone(&shared),
                 Api::<ServiceCIDR>::all(client.clone()),
-                watcher::Config::default(),
+                watcher::Config::default().page_size(LIST_PAGE),
                 Watched::ServiceCidrs,
                 project_service_cidr,
                 Commit::Each(change_service_cidr),
@@ -380,7 +386,7 @@ impl KubeIdentity {
             tasks.push(tokio::spawn(run_watch(
                 Arc::clone(&shared),
                 Api::<NodeNetworks>::all(client.clone()),
-                watcher::Config::default(),
+                watcher::Config::default().page_size(LIST_PAGE),
                 Watched::Nodes,
                 project_node,
                 Commit::Each(change_node),

@@ -35,6 +35,7 @@ pub struct ClusterRun {
     pub sync_secs: f64,
     pub rss_loaded_mib: f64,
     pub hwm_loaded_mib: f64,
+    pub rss_after_churn_mib: f64,
     pub churn_secs: f64,
     pub changes: ChangeCounts,
     pub agent_cpu_percent: f64,
@@ -155,6 +156,7 @@ fn cluster_run(
     let churn_secs = t0.elapsed().as_secs_f64();
     let cpu = agent.cpu_seconds()? - cpu0;
     let after = sent(&state);
+    let rss_after_churn_mib = agent.rss_kib()?.0 as f64 / 1024.0;
     agent.stop()?;
     let changes = ChangeCounts {
         pods: cluster.changes.pods - changes0.pods,
@@ -169,6 +171,7 @@ fn cluster_run(
         sync_secs,
         rss_loaded_mib: rss as f64 / 1024.0,
         hwm_loaded_mib: hwm as f64 / 1024.0,
+        rss_after_churn_mib,
         churn_secs,
         changes,
         agent_cpu_percent: cpu / churn_secs * 100.0,
@@ -250,9 +253,10 @@ pub fn rows(cost: &KubeCost) -> Vec<Row> {
                 64.0,
             )
             .note(format!(
-                "VmRSS {:.1} MiB once synced and settled (VmHWM {:.1} MiB, the initial lists included) less idle {:.1} MiB; synced {:.1} s after start; the lists were {:.1} MiB",
+                "VmRSS {:.1} MiB once synced and settled (VmHWM {:.1} MiB, the initial lists included; VmRSS {:.1} MiB after the churn) less idle {:.1} MiB; synced {:.1} s after start; the lists were {:.1} MiB",
                 run.rss_loaded_mib,
                 run.hwm_loaded_mib,
+                run.rss_after_churn_mib,
                 cost.rss_idle_mib,
                 run.sync_secs,
                 run.list_bytes as f64 / 1048576.0
