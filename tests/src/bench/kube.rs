@@ -62,8 +62,10 @@ const CLUSTER_NETWORKS: [&str; 3] = ["198.18.0.0/16", "198.19.0.0/16", "2001:db8
 
 /// Runs the phase: idle, then the 1/10 cluster, then the large one.
 pub fn measure(agent_bin: &Path, out: &Path, quick: bool) -> anyhow::Result<KubeCost> {
-    let settle = Duration::from_secs(if quick { 2 } else { 5 });
-    let churn = Duration::from_secs(if quick { 10 } else { 30 });
+    // The seconds after a sync are not quiet (the lists' memory handed back, owner fetches):
+    // a quick run shortens the churn, not the settling.
+    let settle = Duration::from_secs(5);
+    let churn = Duration::from_secs(if quick { 15 } else { 30 });
 
     eprintln!("[bench] kube: the agent against an empty cluster (idle)");
     let empty = Arc::new(Mutex::new(ApiState::new()));
