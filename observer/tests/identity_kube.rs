@@ -719,6 +719,23 @@ async fn a_watch_expired_mid_churn_resumes_without_a_gap() {
     }
     let lists_before = list_requests(&state);
 
+    // Bookmarks (every 200 ms here) keep the watch as it is: no new watch request, no error.
+    let watch_requests = |collection| {
+        let api = state.lock().unwrap();
+        let requests = api.requests_to(collection);
+        requests.iter().filter(|r| r.contains("watch=true")).count()
+    };
+    let watches_before = watch_requests(SERVICES);
+    for _ in 0..2 {
+        let sent = state.lock().unwrap().bytes_sent(SERVICES);
+        eventually("a bookmark sent", || {
+            (state.lock().unwrap().bytes_sent(SERVICES) > sent).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(watch_requests(SERVICES), watches_before);
+    assert_eq!(identity.status(), EnrichmentStatus::Ready);
+
     let rates = ChurnRates {
         pod_changes: 400.0,
         service_changes: 200.0,
