@@ -13,6 +13,9 @@ pub mod dns;
 pub mod error;
 pub mod export;
 pub mod identity;
+/// A stand-in Kubernetes API server for the tests and benchmarks (see its module doc).
+#[cfg(any(test, feature = "test-support"))]
+pub mod kube_standin;
 pub mod mountinfo;
 pub mod networks;
 pub mod probes;

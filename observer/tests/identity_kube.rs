@@ -1,476 +1,31 @@
-//! Identity from the Kubernetes API, driven through kube-rs's real client against a stand-in
-//! API server that speaks the API's HTTP wire protocol: JSON lists with
-//! `metadata.resourceVersion`, `?watch=true` streams of newline-delimited watch events,
-//! `ERROR` events carrying a 410 Status, 404 Status bodies, and dropped connections.
+//! Identity from the Kubernetes API, driven through kube-rs's real client against the
+//! stand-in API server (`observer::kube_standin`), which speaks the API's HTTP wire protocol:
+//! paginated JSON lists, `?watch=true` streams of newline-delimited watch events resumed from
+//! a resourceVersion, `ERROR` events carrying a 410 Status, 404 Status bodies, and dropped
+//! connections.
 use std::{
-    collections::BTreeMap,
-    convert::Infallible,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
-use hyper::{Request, Response, StatusCode, body::Frame, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
 use observer::{
     identity::{
         CgroupCache, CgroupCacheConfig, EnrichmentStatus, Identity, KubeIdentity, KubeWatchConfig,
         ResolvCache, ResolvCacheConfig, WorkloadKind,
     },
+    kube_standin::{
+        ApiState, BOOKMARK_EVERY, NODES, PODS, SERVICE_CIDRS, SERVICES, StandIn,
+        cluster::{ChurnRates, ClusterShape, SimulatedCluster},
+        objects::{node, owned, pod, service, service_cidr},
+    },
     scope::ScopeKey,
 };
 use serde_json::{Value, json};
-use tokio::{net::TcpListener, sync::mpsc, task::JoinSet};
 
 const NODE: &str = "node-a";
 const WAIT: Duration = Duration::from_secs(20);
-
-// ---------------------------------------------------------------------------------------------
-// The stand-in API server.
-
-#[derive(Default)]
-struct ApiState {
-    resource_version: u64,
-    /// Collection path (`/api/v1/pods`) -> objects by uid.
-    collections: BTreeMap<&'static str, BTreeMap<String, Value>>,
-    /// `namespace/name` -> object, for the on-demand gets of owners.
-    replicasets: BTreeMap<String, Value>,
-    jobs: BTreeMap<String, Value>,
-    service_cidr_api: bool,
-    /// Open watch streams per collection, with the field selector they asked for.
-    watchers: Vec<(&'static str, Option<String>, mpsc::UnboundedSender<Bytes>)>,
-    /// Every request line received (`GET /api/v1/pods?...`).
-    requests: Vec<String>,
-    /// Collections answered with broken JSON (200 OK, cut mid-object), as a faulty proxy or
-    /// API server might.
-    garbage: Vec<&'static str>,
-}
-
-const PODS: &str = "/api/v1/pods";
-const SERVICES: &str = "/api/v1/services";
-const NODES: &str = "/api/v1/nodes";
-const SERVICE_CIDRS: &str = "/apis/networking.k8s.io/v1/servicecidrs";
-
-fn list_kind(collection: &str) -> (&'static str, &'static str) {
-    match collection {
-        PODS => ("v1", "PodList"),
-        SERVICES => ("v1", "ServiceList"),
-        NODES => ("v1", "NodeList"),
-        _ => ("networking.k8s.io/v1", "ServiceCIDRList"),
-    }
-}
-
-fn matches_selector(object: &Value, selector: Option<&str>) -> bool {
-    match selector.and_then(|s| s.strip_prefix("spec.nodeName=")) {
-        Some(node) => object["spec"]["nodeName"] == node,
-        None => true,
-    }
-}
-
-fn status_body(code: u16, reason: &str, message: &str) -> Value {
-    json!({
-        "kind": "Status", "apiVersion": "v1", "metadata": {},
-        "status": "Failure", "message": message, "reason": reason, "code": code
-    })
-}
-
-impl ApiState {
-    fn next_rv(&mut self) -> String {
-        self.resource_version += 1;
-        self.resource_version.to_string()
-    }
-
-    /// Stores an object (stamping a new resourceVersion) and tells the open watches.
-    fn upsert(&mut self, collection: &'static str, mut object: Value, notify: bool) {
-        let rv = self.next_rv();
-        object["metadata"]["resourceVersion"] = json!(rv);
-        let uid = object["metadata"]["uid"].as_str().unwrap().to_owned();
-        let existed = self
-            .collections
-            .entry(collection)
-            .or_default()
-            .insert(uid, object.clone())
-            .is_some();
-        if notify {
-            let kind = if existed { "MODIFIED" } else { "ADDED" };
-            self.notify(collection, kind, &object);
-        }
-    }
-
-    fn delete(&mut self, collection: &'static str, uid: &str, notify: bool) {
-        let rv = self.next_rv();
-        let Some(mut object) = self.collections.entry(collection).or_default().remove(uid) else {
-            return;
-        };
-        object["metadata"]["resourceVersion"] = json!(rv);
-        if notify {
-            self.notify(collection, "DELETED", &object);
-        }
-    }
-
-    fn notify(&mut self, collection: &'static str, kind: &str, object: &Value) {
-        let line = Bytes::from(format!("{}\n", json!({"type": kind, "object": object})));
-        self.watchers.retain(|(c, selector, tx)| {
-            if *c != collection || !matches_selector(object, selector.as_deref()) {
-                return !tx.is_closed();
-            }
-            tx.send(line.clone()).is_ok()
-        });
-    }
-
-    /// Ends every open watch of `collection` with an ERROR event carrying 410 Gone, as the
-    /// API server does when the watch's resourceVersion fell out of its window.
-    fn expire_watches(&mut self, collection: &'static str) {
-        let gone = status_body(410, "Expired", "too old resource version: 12 (4711)");
-        let line = Bytes::from(format!("{}\n", json!({"type": "ERROR", "object": gone})));
-        self.watchers.retain(|(c, _, tx)| {
-            if *c == collection {
-                let _ = tx.send(line.clone());
-                false // dropping the sender ends the stream after the event
-            } else {
-                true
-            }
-        });
-    }
-
-    /// Sends a line that is not JSON to every open watch of `collection`, then ends them.
-    fn garbage_to_watches(&mut self, collection: &'static str) {
-        let line =
-            Bytes::from_static(b"{\"type\": \"ADDED\", \"object\": {\"metadata\": \x00\xff]]\n");
-        self.watchers.retain(|(c, _, tx)| {
-            if *c == collection {
-                let _ = tx.send(line.clone());
-                false
-            } else {
-                true
-            }
-        });
-    }
-
-    fn requests_to(&self, collection: &str) -> Vec<String> {
-        self.requests
-            .iter()
-            .filter(|r| r.split(['?', ' ']).nth(1) == Some(collection))
-            .cloned()
-            .collect()
-    }
-}
-
-type Body = BoxBody<Bytes, Infallible>;
-
-fn json_response(code: StatusCode, value: &Value) -> Response<Body> {
-    Response::builder()
-        .status(code)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(value.to_string())).boxed())
-        .unwrap()
-}
-
-fn handle(
-    state: &Arc<Mutex<ApiState>>,
-    request: &Request<hyper::body::Incoming>,
-) -> Response<Body> {
-    let mut api = state.lock().unwrap();
-    let path = request.uri().path().to_owned();
-    api.requests
-        .push(format!("{} {}", request.method(), request.uri()));
-    let query: BTreeMap<String, String> = request
-        .uri()
-        .query()
-        .map(|q| {
-            url_pairs(q)
-                .into_iter()
-                .collect::<BTreeMap<String, String>>()
-        })
-        .unwrap_or_default();
-    let collection = [PODS, SERVICES, NODES, SERVICE_CIDRS]
-        .into_iter()
-        .find(|c| *c == path);
-    if let Some(collection) = collection {
-        if collection == SERVICE_CIDRS && !api.service_cidr_api {
-            return json_response(
-                StatusCode::NOT_FOUND,
-                &status_body(
-                    404,
-                    "NotFound",
-                    "the server could not find the requested resource",
-                ),
-            );
-        }
-        let selector = query.get("fieldSelector").cloned();
-        if query.get("watch").map(String::as_str) == Some("true") {
-            let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
-            api.watchers.push((collection, selector, tx));
-            let stream = futures::stream::unfold(rx, |mut rx| async move {
-                let line = rx.recv().await?;
-                Some((Ok::<_, Infallible>(Frame::data(line)), rx))
-            });
-            return Response::builder()
-                .status(StatusCode::OK)
-                .header("content-type", "application/json")
-                .body(BodyExt::boxed(StreamBody::new(stream)))
-                .unwrap();
-        }
-        if api.garbage.contains(&collection) {
-            return Response::builder()
-                .status(StatusCode::OK)
-                .header("content-type", "application/json")
-                .body(
-                    Full::new(Bytes::from_static(
-                        b"{\"apiVersion\": \"v1\", \"items\": [{\"metadata\": ",
-                    ))
-                    .boxed(),
-                )
-                .unwrap();
-        }
-        let (api_version, kind) = list_kind(collection);
-        let items: Vec<Value> = api
-            .collections
-            .get(collection)
-            .into_iter()
-            .flat_map(|m| m.values())
-            .filter(|o| matches_selector(o, selector.as_deref()))
-            .cloned()
-            .collect();
-        let list = json!({
-            "apiVersion": api_version, "kind": kind,
-            "metadata": {"resourceVersion": api.resource_version.to_string()},
-            "items": items
-        });
-        return json_response(StatusCode::OK, &list);
-    }
-    // Owner gets: /apis/apps/v1/namespaces/<ns>/replicasets/<name>, .../batch/v1/.../jobs/<name>
-    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    if let ["apis", group, "v1", "namespaces", ns, resource, name] = parts.as_slice() {
-        let key = format!("{ns}/{name}");
-        let found = match (*group, *resource) {
-            ("apps", "replicasets") => api.replicasets.get(&key),
-            ("batch", "jobs") => api.jobs.get(&key),
-            _ => None,
-        };
-        return match found {
-            Some(object) => json_response(StatusCode::OK, object),
-            None => json_response(
-                StatusCode::NOT_FOUND,
-                &status_body(404, "NotFound", &format!("{resource} \"{name}\" not found")),
-            ),
-        };
-    }
-    json_response(
-        StatusCode::NOT_FOUND,
-        &status_body(
-            404,
-            "NotFound",
-            "the server could not find the requested resource",
-        ),
-    )
-}
-
-fn url_pairs(query: &str) -> Vec<(String, String)> {
-    query
-        .split('&')
-        .filter_map(|pair| {
-            let (k, v) = pair.split_once('=')?;
-            Some((percent_decode(k), percent_decode(v)))
-        })
-        .collect()
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len() + 1
-            && let Ok(b) = u8::from_str_radix(&text[i + 1..i + 3], 16)
-        {
-            out.push(b);
-            i += 3;
-            continue;
-        }
-        out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// A running stand-in. Stopping it closes the listener and every open connection (the
-/// client sees its watches drop); it can start again on the same port with the same state.
-struct StandIn {
-    state: Arc<Mutex<ApiState>>,
-    addr: SocketAddr,
-    connections: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl StandIn {
-    async fn start(state: Arc<Mutex<ApiState>>, addr: SocketAddr) -> StandIn {
-        let listener = TcpListener::bind(addr)
-            .await
-            .expect("bind stand-in API server");
-        let addr = listener.local_addr().unwrap();
-        let serving = Arc::clone(&state);
-        let connections = tokio::spawn(async move {
-            let mut open = JoinSet::new();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let state = Arc::clone(&serving);
-                open.spawn(async move {
-                    let service = service_fn(move |request| {
-                        let response = handle(&state, &request);
-                        async move { Ok::<_, Infallible>(response) }
-                    });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-            // `open` is dropped with this task: aborting it aborts every connection.
-        });
-        StandIn {
-            state,
-            addr,
-            connections: Some(connections),
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(task) = self.connections.take() {
-            task.abort();
-        }
-        // Open watch senders would otherwise keep streams alive in the state.
-        self.state.lock().unwrap().watchers.clear();
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-}
-
-impl Drop for StandIn {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Objects in the shapes the API server returns.
-
-fn pod(
-    name: &str,
-    namespace: &str,
-    uid: &str,
-    node: &str,
-    ip: &str,
-    owner: Option<(&str, &str, &str)>,
-    containers: &[(&str, &str)],
-) -> Value {
-    let owner_refs: Vec<Value> = owner
-        .into_iter()
-        .map(|(api_version, kind, owner_name)| {
-            json!({
-                "apiVersion": api_version, "kind": kind, "name": owner_name,
-                "uid": format!("{owner_name}-uid"), "controller": true, "blockOwnerDeletion": true
-            })
-        })
-        .collect();
-    let statuses: Vec<Value> = containers
-        .iter()
-        .map(|(cname, cid)| {
-            json!({
-                "name": cname, "ready": true, "restartCount": 0, "started": true,
-                "image": format!("registry.example/{cname}:1.4.2"),
-                "imageID": format!("registry.example/{cname}@sha256:9b1c0e8f4a5d"),
-                "containerID": format!("containerd://{cid}"),
-                "state": {"running": {"startedAt": "2025-06-01T10:00:03Z"}}
-            })
-        })
-        .collect();
-    let specs: Vec<Value> = containers
-        .iter()
-        .map(
-            |(cname, _)| json!({"name": cname, "image": format!("registry.example/{cname}:1.4.2")}),
-        )
-        .collect();
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {
-            "name": name, "namespace": namespace, "uid": uid,
-            "creationTimestamp": "2025-06-01T10:00:00Z",
-            "labels": {"app": name.split('-').next().unwrap()},
-            "ownerReferences": owner_refs
-        },
-        "spec": {
-            "nodeName": node, "containers": specs, "restartPolicy": "Always",
-            "dnsPolicy": "ClusterFirst", "serviceAccountName": "default"
-        },
-        "status": {
-            "phase": "Running", "qosClass": "Burstable", "hostIP": "198.18.0.2",
-            "podIP": ip, "podIPs": [{"ip": ip}], "startTime": "2025-06-01T10:00:00Z",
-            "containerStatuses": statuses
-        }
-    })
-}
-
-fn owned(kind: &str, api_version: &str, name: &str, namespace: &str, owner: (&str, &str)) -> Value {
-    json!({
-        "apiVersion": api_version, "kind": kind,
-        "metadata": {
-            "name": name, "namespace": namespace, "uid": format!("{name}-uid"),
-            "resourceVersion": "7",
-            "ownerReferences": [{
-                "apiVersion": if owner.0 == "Deployment" { "apps/v1" } else { "batch/v1" },
-                "kind": owner.0, "name": owner.1, "uid": format!("{}-uid", owner.1),
-                "controller": true, "blockOwnerDeletion": true
-            }]
-        },
-        "spec": {}
-    })
-}
-
-fn service(name: &str, namespace: &str, ip: &str) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": name, "namespace": namespace, "uid": format!("svc-{namespace}-{name}")},
-        "spec": {
-            "type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip],
-            "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack",
-            "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}],
-            "selector": {"app": name}, "sessionAffinity": "None"
-        },
-        "status": {"loadBalancer": {}}
-    })
-}
-
-fn node(name: &str, pod_cidr: &str, internal_ip: &str) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": name, "uid": format!("node-{name}"), "labels": {"kubernetes.io/hostname": name}},
-        "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
-        "status": {
-            "addresses": [
-                {"type": "InternalIP", "address": internal_ip},
-                {"type": "Hostname", "address": name}
-            ],
-            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}]
-        }
-    })
-}
-
-fn service_cidr(cidr: &str) -> Value {
-    json!({
-        "apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
-        "metadata": {"name": "kubernetes", "uid": "servicecidr-kubernetes"},
-        "spec": {"cidrs": [cidr]},
-        "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "", "message": "",
-                                   "lastTransitionTime": "2025-06-01T09:00:00Z"}]}
-    })
-}
 
 const WEB_UID: &str = "3f6a2b1c-9d4e-4f5a-8b7c-0d1e2f3a4b5c";
 const JOB_UID: &str = "51c0a9e2-7b3d-4c1e-9f2a-6d8e0b4c2a17";
@@ -495,10 +50,8 @@ fn late_pod() -> Value {
 }
 
 fn cluster_state(service_cidr_api: bool) -> Arc<Mutex<ApiState>> {
-    let mut api = ApiState {
-        service_cidr_api,
-        ..ApiState::default()
-    };
+    let mut api = ApiState::new();
+    api.service_cidr_api = service_cidr_api;
     api.upsert(
         PODS,
         pod(
@@ -643,11 +196,7 @@ async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
 
 /// Whether the agent holds a watch of `collection` open on the stand-in.
 fn watching(state: &Mutex<ApiState>, collection: &str) -> Option<()> {
-    let api = state.lock().unwrap();
-    api.watchers
-        .iter()
-        .any(|(c, _, tx)| *c == collection && !tx.is_closed())
-        .then_some(())
+    state.lock().unwrap().is_watching(collection).then_some(())
 }
 
 fn localhost() -> SocketAddr {
@@ -665,7 +214,9 @@ fn contains(networks: &[ipnet::IpNet], ip: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pods_of_this_node_resolve_to_workloads_and_deleted_pods_disappear() {
     let state = cluster_state(true);
-    let server = StandIn::start(Arc::clone(&state), localhost()).await;
+    let server = StandIn::start(Arc::clone(&state), localhost(), BOOKMARK_EVERY)
+        .await
+        .unwrap();
     let cgroups = FakeCgroupRoot::new("pods");
     let web_cgroup = cgroups.container(WEB_UID, WEB_CID);
     let sidecar_cgroup = cgroups.container(WEB_UID, SIDECAR_CID);
@@ -792,7 +343,9 @@ async fn pods_of_this_node_resolve_to_workloads_and_deleted_pods_disappear() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_410_gone_watch_error_rebuilds_the_store_from_a_relist() {
     let state = cluster_state(true);
-    let server = StandIn::start(Arc::clone(&state), localhost()).await;
+    let server = StandIn::start(Arc::clone(&state), localhost(), BOOKMARK_EVERY)
+        .await
+        .unwrap();
     let cgroups = FakeCgroupRoot::new("gone");
     let identity = identity_against(&server, &cgroups);
     let kube = identity.kube().unwrap().clone();
@@ -838,8 +391,10 @@ fn list_requests(state: &Arc<Mutex<ApiState>>) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_outage_degrades_without_stopping_lookups_and_recovers() {
     let state = cluster_state(true);
-    let mut server = StandIn::start(Arc::clone(&state), localhost()).await;
-    let addr = server.addr;
+    let mut server = StandIn::start(Arc::clone(&state), localhost(), BOOKMARK_EVERY)
+        .await
+        .unwrap();
+    let addr = server.addr();
     let cgroups = FakeCgroupRoot::new("outage");
     let web_cgroup = cgroups.container(WEB_UID, WEB_CID);
     let identity = identity_against(&server, &cgroups);
@@ -872,7 +427,9 @@ async fn api_outage_degrades_without_stopping_lookups_and_recovers() {
 
     // The server comes back on the same address with the same state: the watches resume
     // and the status returns to Ready without any object changing.
-    let _server = StandIn::start(Arc::clone(&state), addr).await;
+    let _server = StandIn::start(Arc::clone(&state), addr, BOOKMARK_EVERY)
+        .await
+        .unwrap();
     eventually("ready again", || {
         (identity.status() == EnrichmentStatus::Ready).then_some(())
     })
@@ -882,7 +439,9 @@ async fn api_outage_degrades_without_stopping_lookups_and_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_without_service_cidr_is_not_an_error() {
     let state = cluster_state(false);
-    let server = StandIn::start(Arc::clone(&state), localhost()).await;
+    let server = StandIn::start(Arc::clone(&state), localhost(), BOOKMARK_EVERY)
+        .await
+        .unwrap();
     let cgroups = FakeCgroupRoot::new("nocidr");
     let identity = identity_against(&server, &cgroups);
     eventually("enrichment ready", || {
@@ -904,7 +463,9 @@ async fn garbage_from_the_api_degrades_without_stopping_lookups_and_recovers() {
     // Lists of Pods come back cut mid-object (200 OK) from the start.
     let state = cluster_state(true);
     state.lock().unwrap().garbage.push(PODS);
-    let server = StandIn::start(Arc::clone(&state), localhost()).await;
+    let server = StandIn::start(Arc::clone(&state), localhost(), BOOKMARK_EVERY)
+        .await
+        .unwrap();
     let cgroups = FakeCgroupRoot::new("garbage");
     let web_cgroup = cgroups.container(WEB_UID, WEB_CID);
     let identity = identity_against(&server, &cgroups);
@@ -962,7 +523,9 @@ async fn garbage_from_the_api_degrades_without_stopping_lookups_and_recovers() {
 async fn services_and_nodes_change_one_object_at_a_time() {
     // Without ServiceCIDRs, so that Service addresses stand for the Service networks too.
     let state = cluster_state(false);
-    let server = StandIn::start(Arc::clone(&state), localhost()).await;
+    let server = StandIn::start(Arc::clone(&state), localhost(), BOOKMARK_EVERY)
+        .await
+        .unwrap();
     let cgroups = FakeCgroupRoot::new("changes");
     let identity = identity_against(&server, &cgroups);
     eventually("enrichment ready", || {
@@ -1049,4 +612,259 @@ async fn services_and_nodes_change_one_object_at_a_time() {
     let networks = identity.cluster_networks();
     assert!(contains(&networks, "198.18.128.40"), "{networks:?}");
     assert!(!contains(&networks, "198.18.128.30"), "{networks:?}");
+}
+
+/// Whether the agent's indexes hold exactly what the API server holds: this node's pods,
+/// every Service by name and by cluster IP, ExternalName targets, every Node's networks.
+fn agrees_with_the_api(identity: &Identity, state: &Mutex<ApiState>) -> Result<(), String> {
+    let kube = identity.kube().unwrap();
+    let api = state.lock().unwrap();
+    let pods: Vec<Value> = api
+        .objects(PODS)
+        .into_iter()
+        .filter(|p| p["spec"]["nodeName"] == NODE)
+        .collect();
+    for pod in &pods {
+        let uid = pod["metadata"]["uid"].as_str().unwrap();
+        if kube.pod_by_uid(uid).is_none() {
+            return Err(format!("pod {uid} missing"));
+        }
+    }
+    if kube.pods().len() != pods.len() {
+        return Err(format!(
+            "{} pods, the API has {}",
+            kube.pods().len(),
+            pods.len()
+        ));
+    }
+    let services = api.objects(SERVICES);
+    let mut addresses = 0;
+    for svc in &services {
+        let (ns, name) = (
+            svc["metadata"]["namespace"].as_str().unwrap(),
+            svc["metadata"]["name"].as_str().unwrap(),
+        );
+        if identity.service_exists(ns, name) != Some(true) {
+            return Err(format!("Service {ns}/{name} missing"));
+        }
+        if let Some(ip) = svc["spec"]["clusterIP"]
+            .as_str()
+            .and_then(|ip| ip.parse().ok())
+        {
+            addresses += 1;
+            let found = identity.service_for_ip(ip);
+            if found.as_ref().map(|s| (&*s.namespace, &*s.name)) != Some((ns, name)) {
+                return Err(format!("{ip} gives {found:?}, not {ns}/{name}"));
+            }
+        }
+        if let Some(target) = svc["spec"]["externalName"].as_str()
+            && identity.external_name(ns, name).as_deref() != Some(target)
+        {
+            return Err(format!("{ns}/{name} has no ExternalName {target}"));
+        }
+    }
+    let sizes = kube.index_sizes();
+    if sizes.service_names.0 != services.len() || sizes.service_addresses.0 != addresses {
+        return Err(format!(
+            "{sizes:?} for {} Services with {addresses} addresses",
+            services.len()
+        ));
+    }
+    if sizes.node_networks.0 != api.len(NODES) {
+        return Err(format!("{sizes:?} for {} Nodes", api.len(NODES)));
+    }
+    Ok(())
+}
+
+async fn wait_agreement(identity: &Identity, state: &Mutex<ApiState>) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match agrees_with_the_api(identity, state) {
+            Ok(()) => return,
+            Err(why) if Instant::now() > deadline => {
+                panic!("the agent never agreed with the API within {WAIT:?}: {why}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// A cluster larger than one list page (kube-rs asks for 500 at a time) churns; midway the
+/// API server compacts its history, so every watch ends with 410 Expired and must list
+/// again. Every change made before, during and after the relist ends up in the indexes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_expired_mid_churn_resumes_without_a_gap() {
+    let shape = ClusterShape {
+        nodes: 10,
+        pods: 300,
+        pods_on_agent_node: 30,
+        services: 700,
+    };
+    let mut api = ApiState::new();
+    let mut cluster = SimulatedCluster::populate(&mut api, shape, NODE);
+    let state = Arc::new(Mutex::new(api));
+    let server = StandIn::start(Arc::clone(&state), localhost(), Duration::from_millis(200))
+        .await
+        .unwrap();
+    let cgroups = FakeCgroupRoot::new("churn");
+    let identity = identity_against(&server, &cgroups);
+    wait_agreement(&identity, &state).await;
+    let paged = state.lock().unwrap().requests_to(SERVICES);
+    assert!(
+        paged.iter().any(|r| r.contains("continue=")),
+        "the Service list was not paginated: {paged:?}"
+    );
+    for collection in [PODS, SERVICES, NODES] {
+        eventually("the watches open", || watching(&state, collection)).await;
+    }
+    let lists_before = list_requests(&state);
+
+    // Bookmarks (every 200 ms here) keep the watch as it is: no new watch request, no error.
+    let watch_requests = |collection| {
+        let api = state.lock().unwrap();
+        let requests = api.requests_to(collection);
+        requests.iter().filter(|r| r.contains("watch=true")).count()
+    };
+    let watches_before = watch_requests(SERVICES);
+    for _ in 0..2 {
+        let sent = state.lock().unwrap().bytes_sent(SERVICES);
+        eventually("a bookmark sent", || {
+            (state.lock().unwrap().bytes_sent(SERVICES) > sent).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(watch_requests(SERVICES), watches_before);
+    assert_eq!(identity.status(), EnrichmentStatus::Ready);
+
+    let rates = ChurnRates {
+        pod_changes: 400.0,
+        service_changes: 200.0,
+        node_status_updates: 20.0,
+    };
+    for step in 0..40 {
+        cluster.churn(&mut state.lock().unwrap(), rates, 0.05);
+        if step == 20 {
+            state.lock().unwrap().compact();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    wait_agreement(&identity, &state).await;
+    assert!(
+        list_requests(&state) > lists_before,
+        "the pods were not listed again after 410"
+    );
+    assert!(cluster.changes.services >= 400, "{:?}", cluster.changes);
+}
+
+/// After most Services are deleted at once (a namespace removed), the indexes give back the
+/// room they took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn indexes_return_to_their_bound_after_a_mass_delete() {
+    let state = cluster_state(false);
+    let many = 3_000;
+    {
+        let mut api = state.lock().unwrap();
+        for i in 0..many {
+            let ip = format!("198.19.{}.{}", i / 250, i % 250 + 1);
+            api.upsert(SERVICES, service(&format!("s{i}"), "gone", &ip), false);
+        }
+    }
+    let server = StandIn::start(Arc::clone(&state), localhost(), BOOKMARK_EVERY)
+        .await
+        .unwrap();
+    let cgroups = FakeCgroupRoot::new("massdelete");
+    let identity = identity_against(&server, &cgroups);
+    let kube = identity.kube().unwrap().clone();
+    let full = eventually("every Service indexed", || {
+        let sizes = kube.index_sizes();
+        (sizes.service_names.0 >= many).then_some(sizes)
+    })
+    .await;
+    assert!(full.service_addresses.1 >= many, "{full:?}");
+    eventually("the Service watch open", || watching(&state, SERVICES)).await;
+
+    {
+        let mut api = state.lock().unwrap();
+        for i in 0..many {
+            api.delete(SERVICES, &format!("svc-gone-s{i}"), true);
+        }
+    }
+    let after = eventually("the namespace's Services gone", || {
+        let sizes = kube.index_sizes();
+        (sizes.service_names.0 == 3).then_some(sizes)
+    })
+    .await;
+    // The three Services of `cluster_state` are left; a table shrinks once it is more than
+    // four times too large and above 64 entries.
+    for (len, capacity) in [after.service_addresses, after.service_names] {
+        assert!(capacity <= 64, "{after:?} after deleting {many}");
+        assert!(len <= 3, "{after:?}");
+    }
+    assert!(
+        identity
+            .service_for_ip("198.19.0.1".parse().unwrap())
+            .is_none()
+    );
+    assert_eq!(identity.service_exists("shop", "web"), Some(true));
+}
+
+/// A pod whose first packets come before the API server has it: node identity answers at
+/// once (its UID and container, no names), and the names follow when the pod arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_known_to_the_api_after_its_first_packets_gets_its_identity() {
+    let state = cluster_state(true);
+    let server = StandIn::start(Arc::clone(&state), localhost(), BOOKMARK_EVERY)
+        .await
+        .unwrap();
+    let cgroups = FakeCgroupRoot::new("latepod");
+    let late_cgroup = cgroups.container(LATE_UID, LATE_CID);
+    let identity = identity_against(&server, &cgroups);
+    eventually("enrichment ready", || {
+        (identity.status() == EnrichmentStatus::Ready).then_some(())
+    })
+    .await;
+    eventually("the Pod watch open", || watching(&state, PODS)).await;
+    let first = identity.resolve(late_cgroup, None);
+    assert_eq!(first.scope, ScopeKey::Pod(Arc::from(LATE_UID)));
+    assert_eq!(first.container_id().unwrap().as_str(), LATE_CID);
+    assert!(first.pod.is_none(), "{first:?}");
+
+    state.lock().unwrap().upsert(PODS, late_pod(), true);
+    let later = eventually("the pod's names", || {
+        let id = identity.resolve(late_cgroup, None);
+        id.pod.is_some().then_some(id)
+    })
+    .await;
+    assert_eq!(later.scope, first.scope);
+    assert_eq!(&*later.pod.as_ref().unwrap().name, "solo");
+    assert_eq!(later.container_name.as_deref(), Some("solo"));
+}
+
+/// With the cluster networks given (`--cluster-cidr`), Nodes are not watched at all: no
+/// request for them, and enrichment is ready without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_are_not_watched_when_the_cluster_networks_are_given() {
+    let state = cluster_state(true);
+    let server = StandIn::start(Arc::clone(&state), localhost(), BOOKMARK_EVERY)
+        .await
+        .unwrap();
+    let config = kube::Config::new(server.url().parse().unwrap());
+    let watch = KubeWatchConfig {
+        watch_nodes: false,
+        ..KubeWatchConfig::new(NODE)
+    };
+    let kube = KubeIdentity::start(config, watch).expect("kube client");
+    eventually("enrichment ready", || {
+        (kube.status() == EnrichmentStatus::Ready).then_some(())
+    })
+    .await;
+    assert!(
+        kube.service_for_ip("198.18.128.20".parse().unwrap())
+            .is_some()
+    );
+    assert!(
+        state.lock().unwrap().requests_to(NODES).is_empty(),
+        "Nodes were asked for"
+    );
+    assert_eq!(kube.index_sizes().node_networks.0, 0);
 }

@@ -31,19 +31,8 @@ pub fn bench(quick: bool) -> Result<()> {
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
 
     // Release builds of what is measured: the agent and the driver.
-    run(cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "observer",
-        "--bin",
-        "observer",
-    ]))?;
+    let agent = build_agent(&root, &out)?;
     let release = build_driver(&root)?;
-    // The build directory may be shared: measure a private copy of this tree's agent.
-    let agent = out.join("observer");
-    std::fs::copy(release.join("observer"), &agent)
-        .with_context(|| format!("copying the agent binary to {}", agent.display()))?;
 
     // The correlation core's own benchmark, summary only (the criterion groups are skipped
     // by a filter that matches none of them): throughput and the 1M-answer memory peak.
@@ -74,6 +63,49 @@ pub fn bench(quick: bool) -> Result<()> {
         driver.arg("--quick");
     }
     run(&mut driver)
+}
+
+/// `cargo xtask bench --kube`: the large-cluster phase alone (the agent against the
+/// stand-in API server; a few minutes).
+pub fn kube(quick: bool) -> Result<()> {
+    if !is_root() {
+        bail!("the agent loads eBPF programs: run `cargo xtask bench --kube` as root");
+    }
+    setup::all()?;
+    let root = crate::workspace_root();
+    let out = root.join("target").join("bench");
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let agent = build_agent(&root, &out)?;
+    let release = build_driver(&root)?;
+    let mut driver = Command::new(release.join("observer-bench"));
+    driver
+        .current_dir(&root)
+        .arg("kube")
+        .arg("--agent")
+        .arg(&agent)
+        .arg("--out")
+        .arg(&out);
+    if quick {
+        driver.arg("--quick");
+    }
+    run(&mut driver)
+}
+
+/// Builds the agent in release and returns a private copy of it in `out`: the build
+/// directory may be shared.
+fn build_agent(root: &Path, out: &Path) -> Result<PathBuf> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "observer",
+        "--bin",
+        "observer",
+    ]))?;
+    let agent = out.join("observer");
+    std::fs::copy(target_dir(root)?.join("release").join("observer"), &agent)
+        .with_context(|| format!("copying the agent binary to {}", agent.display()))?;
+    Ok(agent)
 }
 
 /// `cargo xtask bench --instructions`: the userspace instruction counts alone.

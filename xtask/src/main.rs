@@ -78,6 +78,11 @@ enum Task {
         /// minute, no root needed). Writes target/bench/instructions.{json,md}.
         #[arg(long, conflicts_with = "quick")]
         instructions: bool,
+        /// Only the large-cluster phase (root): the agent against the stand-in API server
+        /// holding 5,000 nodes, 150,000 pods and 20,000 Services, and the 1/10 cluster.
+        /// Writes target/bench/kube.{json,md}.
+        #[arg(long, conflicts_with = "instructions")]
+        kube: bool,
     },
     /// Regenerate the book's reference tables (settings, metrics, JSON fields) from the code.
     Docs,
@@ -163,9 +168,12 @@ fn main() -> Result<()> {
         Task::Bench {
             quick,
             instructions,
+            kube,
         } => {
             if instructions {
                 bench::instructions()
+            } else if kube {
+                bench::kube(quick)
             } else {
                 bench::bench(quick)
             }

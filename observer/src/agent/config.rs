@@ -36,7 +36,8 @@ pub struct RunArgs {
     #[serde(skip)]
     pub print_config: bool,
     /// A cluster network (pods, services, nodes), IPv4 or IPv6 CIDR. Repeatable; merged
-    /// with what Kubernetes reports [default: from Kubernetes, else the private ranges].
+    /// with what Kubernetes reports. Given, Nodes are not watched (their networks are all
+    /// the agent reads of them) [default: from Kubernetes, else the private ranges].
     #[arg(
         long = "cluster-cidr",
         env = "OBSERVER_CLUSTER_CIDR",

@@ -83,6 +83,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let identity = Identity::start(IdentityConfig {
         kube_mode: settings.kube,
         node_name: settings.node_name.clone(),
+        cluster_networks_given: !settings.cluster_cidrs.is_empty(),
         ..IdentityConfig::default()
     })
     .await

@@ -28,7 +28,7 @@ use k8s_openapi::{
         core::v1::{Node, Pod, Service},
         networking::v1::ServiceCIDR,
     },
-    apimachinery::pkg::apis::meta::v1::OwnerReference,
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
 };
 use kube::{
     Api, Client, Config, Resource,
@@ -38,7 +38,7 @@ use kube::{
         watcher::{self, Event},
     },
 };
-use serde::de::DeserializeOwned;
+use serde::{Deserialize, de::DeserializeOwned};
 use tokio::{sync::mpsc, task::JoinHandle};
 
 use super::{
@@ -60,6 +60,10 @@ pub struct KubeWatchConfig {
     pub owner_queue: usize,
     /// Time allowed for one owner fetch.
     pub owner_request_timeout: Duration,
+    /// Whether Nodes are watched, for their pod CIDRs and InternalIPs (the cluster
+    /// networks). Every Node's status update reaches every agent, so when the cluster's
+    /// networks are given (`--cluster-cidr`) the watch is left out.
+    pub watch_nodes: bool,
 }
 
 impl KubeWatchConfig {
@@ -70,6 +74,7 @@ impl KubeWatchConfig {
             owner_retry: Duration::from_secs(5),
             owner_queue: 1024,
             owner_request_timeout: Duration::from_secs(10),
+            watch_nodes: true,
         }
     }
 }
@@ -96,6 +101,12 @@ impl ApiAccess {
 }
 
 const LIST_WATCH: &[&str] = &["list", "watch"];
+
+/// Objects per page of the cluster-wide lists (kube-rs and the API server default to 500).
+/// A page is read whole and decoded before the next: 500 Nodes are about 5 MB of JSON, and
+/// the peak of the initial list stays in the agent's resident memory; pages of 100 keep it
+/// near 1 MB for a few more requests at start (50 for 5,000 Nodes).
+const LIST_PAGE: u32 = 100;
 
 /// The owners fetched one by name to walk up to their workload ([`fetch_owner_parent`]).
 const OWNER_ACCESS: [ApiAccess; 2] = [
@@ -151,8 +162,9 @@ impl Watched {
 #[derive(Default)]
 struct WatchHealth {
     synced: bool,
-    /// The API has no such resource (ServiceCIDR before Kubernetes 1.33): not watched.
-    unsupported: bool,
+    /// Not watched: the API has no such resource (ServiceCIDR before Kubernetes 1.33), or
+    /// it is not needed (Nodes when the cluster networks are given).
+    not_watched: bool,
     failing: Option<WatchFailure>,
 }
 
@@ -292,6 +304,16 @@ impl Drop for Tasks {
 }
 
 /// Handle to the API-backed stores. Cheap to clone; dropping the last clone stops the watches.
+/// `(entries, capacity)` of each index [`KubeIdentity`] keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexSizes {
+    pub service_addresses: (usize, usize),
+    pub service_names: (usize, usize),
+    pub external_names: (usize, usize),
+    pub node_networks: (usize, usize),
+    pub pods: (usize, usize),
+}
+
 #[derive(Clone)]
 pub struct KubeIdentity {
     shared: Arc<Shared>,
@@ -308,7 +330,7 @@ impl KubeIdentity {
             .build();
         let (owner_tx, owner_rx) = mpsc::channel(watch.owner_queue.max(1));
         let shared = Arc::new(Shared {
-            config: watch,
+            config: watch.clone(),
             pods: RwLock::default(),
             services: RwLock::default(),
             node_networks: RwLock::default(),
@@ -322,13 +344,19 @@ impl KubeIdentity {
             watches: Mutex::new(
                 Watched::ALL
                     .into_iter()
-                    .map(|w| (w, WatchHealth::default()))
+                    .map(|w| {
+                        let health = WatchHealth {
+                            not_watched: w == Watched::Nodes && !watch.watch_nodes,
+                            ..WatchHealth::default()
+                        };
+                        (w, health)
+                    })
                     .collect(),
             ),
             successes,
         });
         let pod_selector = format!("spec.nodeName={}", shared.config.node_name);
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(run_watch(
                 Arc::clone(&shared),
                 Api::<Pod>::all(client.clone()),
@@ -340,29 +368,35 @@ impl KubeIdentity {
             tokio::spawn(run_watch(
                 Arc::clone(&shared),
                 Api::<Service>::all(client.clone()),
-                watcher::Config::default(),
+                watcher::Config::default().page_size(LIST_PAGE),
                 Watched::Services,
                 project_service,
                 Commit::Each(change_service),
             )),
             tokio::spawn(run_watch(
                 Arc::clone(&shared),
-                Api::<Node>::all(client.clone()),
-                watcher::Config::default(),
-                Watched::Nodes,
-                project_node,
-                Commit::Each(change_node),
-            )),
-            tokio::spawn(run_watch(
-                Arc::clone(&shared),
                 Api::<ServiceCIDR>::all(client.clone()),
-                watcher::Config::default(),
+                watcher::Config::default().page_size(LIST_PAGE),
                 Watched::ServiceCidrs,
                 project_service_cidr,
                 Commit::Each(change_service_cidr),
             )),
-            tokio::spawn(run_owner_fetcher(Arc::clone(&shared), client, owner_rx)),
         ];
+        if watch.watch_nodes {
+            tasks.push(tokio::spawn(run_watch(
+                Arc::clone(&shared),
+                Api::<NodeNetworks>::all(client.clone()),
+                watcher::Config::default().page_size(LIST_PAGE),
+                Watched::Nodes,
+                project_node,
+                Commit::Each(change_node),
+            )));
+        }
+        tasks.push(tokio::spawn(run_owner_fetcher(
+            Arc::clone(&shared),
+            client,
+            owner_rx,
+        )));
         Ok(KubeIdentity {
             shared,
             _tasks: Arc::new(Tasks(tasks)),
@@ -436,6 +470,28 @@ impl KubeIdentity {
         )
     }
 
+    /// How many entries the shared indexes hold, and room for how many: a mass delete must
+    /// give the room back (a memory bound the tests check).
+    pub fn index_sizes(&self) -> IndexSizes {
+        let services = self.services();
+        let nodes = self
+            .shared
+            .node_networks
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let pods = self.shared.pods.read().unwrap_or_else(|p| p.into_inner());
+        IndexSizes {
+            service_addresses: (services.by_ip.len(), services.by_ip.capacity()),
+            service_names: (services.names.len(), services.names.capacity()),
+            external_names: (
+                services.external_names.len(),
+                services.external_names.capacity(),
+            ),
+            node_networks: (nodes.len(), nodes.capacity()),
+            pods: (pods.by_uid.len(), pods.by_uid.capacity()),
+        }
+    }
+
     pub fn service_exists(&self, namespace: &str, name: &str) -> bool {
         let services = self.services();
         services
@@ -482,7 +538,7 @@ impl KubeIdentity {
             .watches
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let active = || watches.values().filter(|w| !w.unsupported);
+        let active = || watches.values().filter(|w| !w.not_watched);
         let failures: Vec<&WatchFailure> = active().filter_map(|w| w.failing.as_ref()).collect();
         if let Some(latest) = failures.iter().max_by_key(|f| f.last_at) {
             let since = failures
@@ -556,7 +612,7 @@ impl Shared {
     fn mark_unsupported(&self, watched: Watched) {
         let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
         let health = watches.entry(watched).or_default();
-        health.unsupported = true;
+        health.not_watched = true;
         health.failing = None;
     }
 
@@ -961,21 +1017,72 @@ fn change_service(shared: &Shared, _: &str, old: Option<&ServiceMeta>, new: Opti
     }
 }
 
-fn project_node(node: &Node) -> Option<(String, Vec<IpNet>)> {
+/// A Node as far as the agent reads it: its pod CIDRs and InternalIPs. Every Node status
+/// update (conditions, the images list of tens of entries, capacity) arrives whole; decoding
+/// into this type skips what is not read instead of building it, so a heartbeat costs a
+/// parse, not the allocation of a full `Node`.
+#[derive(Clone, Debug, Deserialize)]
+struct NodeNetworks {
+    metadata: ObjectMeta,
+    #[serde(default)]
+    spec: NodeNetworkSpec,
+    #[serde(default)]
+    status: NodeNetworkStatus,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NodeNetworkSpec {
+    #[serde(rename = "podCIDR")]
+    pod_cidr: Option<String>,
+    #[serde(rename = "podCIDRs")]
+    pod_cidrs: Option<Vec<String>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+struct NodeNetworkStatus {
+    #[serde(default)]
+    addresses: Vec<NodeAddress>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+struct NodeAddress {
+    #[serde(rename = "type")]
+    kind: String,
+    address: String,
+}
+
+/// The API's Node resource, read as [`NodeNetworks`].
+impl k8s_openapi::Resource for NodeNetworks {
+    const API_VERSION: &'static str = Node::API_VERSION;
+    const GROUP: &'static str = Node::GROUP;
+    const KIND: &'static str = Node::KIND;
+    const VERSION: &'static str = Node::VERSION;
+    const URL_PATH_SEGMENT: &'static str = Node::URL_PATH_SEGMENT;
+    type Scope = <Node as k8s_openapi::Resource>::Scope;
+}
+
+impl k8s_openapi::Metadata for NodeNetworks {
+    type Ty = ObjectMeta;
+
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+fn project_node(node: &NodeNetworks) -> Option<(String, Vec<IpNet>)> {
     let uid = node.metadata.uid.clone()?;
-    let spec = node.spec.as_ref();
-    let cidrs = plural_or_single(
-        spec.and_then(|s| s.pod_cidrs.as_ref()),
-        spec.and_then(|s| s.pod_cidr.as_deref()),
-    );
+    let cidrs = plural_or_single(node.spec.pod_cidrs.as_ref(), node.spec.pod_cidr.as_deref());
     let mut nets: Vec<IpNet> = cidrs.into_iter().filter_map(|c| c.parse().ok()).collect();
     nets.extend(
         node.status
-            .as_ref()
-            .and_then(|s| s.addresses.as_ref())
-            .into_iter()
-            .flatten()
-            .filter(|a| a.type_ == "InternalIP")
+            .addresses
+            .iter()
+            .filter(|a| a.kind == "InternalIP")
             .filter_map(|a| a.address.parse::<IpAddr>().ok())
             .map(IpNet::from),
     );
@@ -1183,6 +1290,22 @@ mod tests {
                 name: Arc::from("web-7d4b9c8f6d")
             })
         );
+    }
+
+    #[test]
+    fn a_node_is_read_for_its_pod_cidrs_and_internal_ips_only() {
+        let node = crate::kube_standin::objects::node("n1", "198.18.7.0/24", "198.18.0.7");
+        let read: NodeNetworks = serde_json::from_value(node).unwrap();
+        let (uid, nets) = project_node(&read).unwrap();
+        assert_eq!(uid, "node-n1");
+        let expected: Vec<IpNet> = vec![
+            "198.18.7.0/24".parse().unwrap(),
+            "198.18.0.7/32".parse().unwrap(),
+        ];
+        assert_eq!(nets, expected);
+        // A Node without spec or status (a fresh registration) has no networks yet.
+        let bare: NodeNetworks = serde_json::from_str(r#"{"metadata": {"uid": "u"}}"#).unwrap();
+        assert_eq!(project_node(&bare).unwrap().1, Vec::<IpNet>::new());
     }
 
     #[test]

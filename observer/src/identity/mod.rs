@@ -58,6 +58,8 @@ pub struct IdentityConfig {
     pub cgroup_root: Option<PathBuf>,
     pub cgroup: CgroupCacheConfig,
     pub resolv: ResolvCacheConfig,
+    /// The cluster networks are configured (`--cluster-cidr`): Nodes need not be watched.
+    pub cluster_networks_given: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,8 +165,11 @@ impl Identity {
             .node_name
             .clone()
             .ok_or(IdentityError::NodeNameRequired)?;
-        let kube = KubeIdentity::start(kube_config, KubeWatchConfig::new(node_name))
-            .map_err(IdentityError::KubeClient)?;
+        let watch = KubeWatchConfig {
+            watch_nodes: !config.cluster_networks_given,
+            ..KubeWatchConfig::new(node_name)
+        };
+        let kube = KubeIdentity::start(kube_config, watch).map_err(IdentityError::KubeClient)?;
         Ok(Identity::with_kube(cgroups, resolv, Some(kube)))
     }
 

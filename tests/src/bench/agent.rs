@@ -20,20 +20,48 @@ pub struct AgentProcess {
 }
 
 impl AgentProcess {
-    /// Starts `observer run`; `extra` are more of its flags (e.g. `--ring-size-kib`).
+    /// Starts `observer run` without Kubernetes; `extra` are more of its flags (e.g.
+    /// `--ring-size-kib`).
     pub fn start(bin: &Path, extra: &[String], log: &Path) -> anyhow::Result<Self> {
+        Self::spawn(bin, &["--kube".into(), "off".into()], extra, None, log)
+    }
+
+    /// Starts `observer run --kube auto` as the agent of `node`, with the API server of
+    /// `kubeconfig`; `extra` are more of its flags.
+    pub fn start_with_kube(
+        bin: &Path,
+        kubeconfig: &Path,
+        node: &str,
+        extra: &[String],
+        log: &Path,
+    ) -> anyhow::Result<Self> {
+        let kube = [
+            "--kube".into(),
+            "auto".into(),
+            "--node-name".into(),
+            node.into(),
+        ];
+        Self::spawn(bin, &kube, extra, Some(kubeconfig), log)
+    }
+
+    fn spawn(
+        bin: &Path,
+        kube: &[String],
+        extra: &[String],
+        kubeconfig: Option<&Path>,
+        log: &Path,
+    ) -> anyhow::Result<Self> {
         let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_local_port()).parse()?;
         let log_file = File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new(bin)
-            .args([
-                "run",
-                "--kube",
-                "off",
-                "--output",
-                "json",
-                "--log-level",
-                "warn",
-            ])
+        let mut command = Command::new(bin);
+        match kubeconfig {
+            Some(path) => command.env("KUBECONFIG", path),
+            None => command.env_remove("KUBECONFIG"),
+        };
+        let child = command
+            .arg("run")
+            .args(kube)
+            .args(["--output", "json", "--log-level", "warn"])
             .arg("--metrics-addr")
             .arg(metrics.to_string())
             .args(extra)
@@ -112,8 +140,13 @@ impl AgentProcess {
     }
 
     pub fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        self.metric_with(name, &[])
+    }
+
+    /// The sum of metric `name`'s series that carry `labels`.
+    pub fn metric_with(&self, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
         let (_, body) = http_get(self.metrics, "/metrics")?;
-        Ok(metric_sum(&body, name, &[]))
+        Ok(metric_sum(&body, name, labels))
     }
 
     /// SIGTERM, then a bounded wait.

@@ -6,6 +6,7 @@
 //!                    [--core-bin <correlate bench binary>] [--quick]
 //!                    [--agent-arg <flag of observer run>]...
 //! observer-bench instructions --core-bin <correlate bench binary> --out <dir>
+//! observer-bench kube --agent <observer binary> --out <dir> [--quick]
 //! observer-bench connect-loop --to <addr> --secs <s>       (run inside a testbed pod)
 //! observer-bench load --dns-rate <n/s> --connect-rate <n/s> --secs <s>   (idem)
 //! ```
@@ -19,6 +20,8 @@ mod agent;
 mod instructions;
 #[path = "../bench/kernel.rs"]
 mod kernel;
+#[path = "../bench/kube.rs"]
+mod kube;
 #[path = "../bench/load.rs"]
 mod load;
 #[path = "../bench/report.rs"]
@@ -47,8 +50,9 @@ fn main() -> ExitCode {
         Some("load") => load_cmd(&Args::parse(&args[1..])),
         Some("kernel") => kernel_cmd(&Args::parse(&args[1..])),
         Some("instructions") => instructions_cmd(&Args::parse(&args[1..])),
+        Some("kube") => kube_cmd(&Args::parse(&args[1..])),
         _ => Err(anyhow::anyhow!(
-            "usage: observer-bench run --agent BIN --out DIR [--core-log FILE] [--core-bin BIN] [--quick] | instructions --core-bin BIN --out DIR | kernel [--quick] | connect-loop --to ADDR --secs S | load --dns-rate N --connect-rate N --secs S"
+            "usage: observer-bench run --agent BIN --out DIR [--core-log FILE] [--core-bin BIN] [--quick] | instructions --core-bin BIN --out DIR | kube --agent BIN --out DIR [--quick] | kernel [--quick] | connect-loop --to ADDR --secs S | load --dns-rate N --connect-rate N --secs S"
         )),
     };
     match result {
@@ -131,6 +135,50 @@ fn instructions_cmd(args: &Args) -> anyhow::Result<()> {
         started,
         json!({}),
     )
+}
+
+/// The large-cluster phase alone (the agent against the stand-in API server): rows, report
+/// and history as a full run writes them.
+fn kube_cmd(args: &Args) -> anyhow::Result<()> {
+    observer_tests::require_root()?;
+    let agent_bin = PathBuf::from(args.required("--agent")?);
+    let out = PathBuf::from(args.required("--out")?);
+    std::fs::create_dir_all(&out)?;
+    let quick = args.switch("--quick");
+    let started = Instant::now();
+    let load_at_start = util::load_average();
+    let mut rows = Vec::new();
+    let mut details = serde_json::Map::new();
+    kube_rows(&agent_bin, &out, quick, &mut rows, &mut details)?;
+    let title = format!(
+        "observer: Kubernetes data at scale\n{} cores, load average {} at start, {} run, {}",
+        util::cores(),
+        load_at_start,
+        if quick { "quick" } else { "full" },
+        utc_now()
+    );
+    write_report(
+        &out,
+        "kube",
+        &title,
+        &rows,
+        details,
+        started,
+        json!({"quick": quick, "cores": util::cores(), "load_average_at_start": load_at_start}),
+    )
+}
+
+fn kube_rows(
+    agent_bin: &Path,
+    out: &Path,
+    quick: bool,
+    rows: &mut Vec<Row>,
+    details: &mut serde_json::Map<String, Value>,
+) -> anyhow::Result<()> {
+    let cost = kube::measure(agent_bin, out, quick)?;
+    rows.extend(kube::rows(&cost));
+    details.insert("kube".into(), serde_json::to_value(&cost)?);
+    Ok(())
 }
 
 fn connect_loop_cmd(args: &Args) -> anyhow::Result<()> {
@@ -415,6 +463,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
     drop(acceptor);
     drop(pod);
     drop(tb);
+
+    kube_rows(&agent_bin, &out, plan.quick, &mut rows, &mut details)?;
 
     match args.value("--core-log") {
         Some(path) => core_rows(Path::new(path), &mut rows, &mut details)?,
