@@ -249,14 +249,7 @@ fn each_pod_gets_its_own_resolution() {
             "one-shot clients, their own search list: {r}"
         );
         assert_eq!(destination(r), (IpAddr::V4(EXTERNAL_DB), 5432), "{r}");
-        assert_fields(
-            r,
-            json!({
-                "query_name": "db", "server_address": "db.another-lab.com",
-                "search_domain": "another-lab.com", "resolution": "search-escape",
-                "wasted_queries": 3, "flagged": true
-            }),
-        );
+        assert_db_escaped(r);
         assert_chain(r, &walk("db", "c", 4));
     }
 
@@ -862,14 +855,7 @@ fn a_stalled_identity_read_holds_back_only_its_own_pod() {
         assert_eq!(r["pod"]["uid"], stalled.cgroup().pod_uid.as_str(), "{r}");
         // Without the Kubernetes API the namespace comes from the pod's own search list.
         assert_eq!(r["pod"]["namespace"], "slow", "{r}");
-        assert_fields(
-            r,
-            json!({
-                "query_name": "db", "server_address": "db.another-lab.com",
-                "search_domain": "another-lab.com", "resolution": "search-escape",
-                "wasted_queries": 3, "flagged": true
-            }),
-        );
+        assert_db_escaped(r);
         assert_chain(r, &walk("db", "slow", 4));
     }
     for r in agent.records_of_cgroup(busy_cgroup) {
@@ -891,4 +877,17 @@ fn a_stalled_identity_read_holds_back_only_its_own_pod() {
         );
     }
     agent.stop();
+}
+
+/// The story's record: `db` walked the search list and was answered by
+/// `db.another-lab.com`, outside the cluster, after three NXDOMAIN.
+fn assert_db_escaped(r: &Value) {
+    assert_fields(
+        r,
+        json!({
+            "query_name": "db", "server_address": "db.another-lab.com",
+            "search_domain": "another-lab.com", "resolution": "search-escape",
+            "wasted_queries": 3, "flagged": true
+        }),
+    );
 }

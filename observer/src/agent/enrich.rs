@@ -117,16 +117,10 @@ mod tests {
     fn pod_with_resolv(text: &str) -> WorkloadIdentity {
         WorkloadIdentity {
             scope: ScopeKey::Pod(Arc::from("0b5e77e5-0002-4bfd-8e9f-00000001d7e6")),
-            cgroup_id: 7055,
-            cgroup_path: None,
-            pod_cgroup: None,
-            cgroup_error: None,
-            pod: None,
-            container_name: None,
-            workload: None,
             resolver: Some(Arc::new(
                 parse_resolv_conf(text.as_bytes()).expect("valid resolv.conf"),
             )),
+            ..WorkloadIdentity::unknown(7055)
         }
     }
 
