@@ -378,13 +378,7 @@ impl Agent {
         self.ready = ready;
         self.horizon = self.horizon.max(horizon);
         for (cgroup_id, events) in self.parking.expire(self.horizon) {
-            tracing::debug!(
-                cgroup_id,
-                events = events.len(),
-                "identity still unknown: events handled without it"
-            );
-            self.identities.give_up(cgroup_id);
-            events.into_iter().for_each(|event| self.handle(event));
+            self.handle_without_identity(cgroup_id, events, "waited too long");
         }
     }
 
@@ -394,8 +388,7 @@ impl Agent {
         self.reorder.drain(&mut ready);
         self.handle_all(&mut ready);
         for (cgroup_id, events) in self.parking.drain() {
-            self.identities.give_up(cgroup_id);
-            events.into_iter().for_each(|event| self.handle(event));
+            self.handle_without_identity(cgroup_id, events, "the agent stops");
         }
     }
 
@@ -414,14 +407,21 @@ impl Agent {
             return;
         }
         if let Some(given_up) = self.parking.park(cgroup_id, event.timestamp(), event) {
-            tracing::debug!(
-                cgroup_id,
-                events = given_up.len(),
-                "too many events waiting for identity: handled without it"
-            );
-            self.identities.give_up(cgroup_id);
-            given_up.into_iter().for_each(|event| self.handle(event));
+            self.handle_without_identity(cgroup_id, given_up, "too many events waiting");
         }
+    }
+
+    /// A cgroup's parked events, in order, handed on with whatever identity is known of it
+    /// (an unknown node cgroup if none): the wait for its identity is given up.
+    fn handle_without_identity(&mut self, cgroup_id: u64, events: Vec<Event>, why: &str) {
+        tracing::debug!(
+            cgroup_id,
+            events = events.len(),
+            why,
+            "identity still unknown: events handled without it"
+        );
+        self.identities.give_up(cgroup_id);
+        events.into_iter().for_each(|event| self.handle(event));
     }
 
     fn identity_update(&mut self, update: Update) {
