@@ -27,8 +27,7 @@ pub fn bench(quick: bool) -> Result<()> {
     setup::apt_install("benchmarks", BENCH_PACKAGES)?;
 
     let root = crate::workspace_root();
-    let out = root.join("target").join("bench");
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let out = bench_dir(&root)?;
 
     // Release builds of what is measured: the agent and the driver.
     let agent = build_agent(&root, &out)?;
@@ -47,22 +46,11 @@ pub fn bench(quick: bool) -> Result<()> {
         .stdout(log))?;
 
     let core_bin = build_core_replay(&root)?;
-    let mut driver = Command::new(release.join("observer-bench"));
-    driver
-        .current_dir(&root)
-        .arg("run")
-        .arg("--agent")
-        .arg(&agent)
+    run(driver(&release, &root, "run", &agent, &out, quick)
         .arg("--core-log")
         .arg(&core_log)
         .arg("--core-bin")
-        .arg(&core_bin)
-        .arg("--out")
-        .arg(&out);
-    if quick {
-        driver.arg("--quick");
-    }
-    run(&mut driver)
+        .arg(&core_bin))
 }
 
 /// `cargo xtask bench --kube`: the large-cluster phase alone (the agent against the
@@ -73,22 +61,41 @@ pub fn kube(quick: bool) -> Result<()> {
     }
     setup::all()?;
     let root = crate::workspace_root();
-    let out = root.join("target").join("bench");
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let out = bench_dir(&root)?;
     let agent = build_agent(&root, &out)?;
     let release = build_driver(&root)?;
+    run(&mut driver(&release, &root, "kube", &agent, &out, quick))
+}
+
+/// Where every phase writes its report, created if need be.
+fn bench_dir(root: &Path) -> Result<PathBuf> {
+    let out = root.join("target").join("bench");
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    Ok(out)
+}
+
+/// The bench driver (`observer-bench` in `release`) running `phase` against `agent`,
+/// reporting into `out`.
+fn driver(
+    release: &Path,
+    root: &Path,
+    phase: &str,
+    agent: &Path,
+    out: &Path,
+    quick: bool,
+) -> Command {
     let mut driver = Command::new(release.join("observer-bench"));
     driver
-        .current_dir(&root)
-        .arg("kube")
+        .current_dir(root)
+        .arg(phase)
         .arg("--agent")
-        .arg(&agent)
+        .arg(agent)
         .arg("--out")
-        .arg(&out);
+        .arg(out);
     if quick {
         driver.arg("--quick");
     }
-    run(&mut driver)
+    driver
 }
 
 /// Builds the agent in release and returns a private copy of it in `out`: the build
@@ -112,8 +119,7 @@ fn build_agent(root: &Path, out: &Path) -> Result<PathBuf> {
 pub fn instructions() -> Result<()> {
     setup::apt_install("instruction counts", setup::PROFILE_PACKAGES)?;
     let root = crate::workspace_root();
-    let out = root.join("target").join("bench");
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let out = bench_dir(&root)?;
     let release = build_driver(&root)?;
     let core_bin = build_core_replay(&root)?;
     run(Command::new(release.join("observer-bench"))
