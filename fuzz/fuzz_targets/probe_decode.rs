@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use observer::probes::{Event, decode_connect, decode_dns};
+use observer::probes::{ConnectRecord, decode_connect, decode_dns};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(packet) = decode_dns(data) {
@@ -11,9 +11,11 @@ fuzz_target!(|data: &[u8]| {
         let _ = observer::dns::parse(&packet.payload);
     }
     match decode_connect(data) {
-        Ok(Event::ConnectOpen(c)) => assert!(c.comm.len() <= 16 * 3),
-        Ok(Event::ConnectOutcome(o)) => assert!(o.connect.comm.len() <= 16 * 3),
-        Ok(Event::Dns(_)) => panic!("a connect record decoded as DNS"),
+        Ok(ConnectRecord::Open(c)) => assert!(c.comm.len() <= 16 * 3),
+        Ok(ConnectRecord::Ended { open, outcome }) => {
+            assert!(open.comm.len() <= 16 * 3);
+            assert_eq!(open.sock_id, outcome.connect.sock_id);
+        }
         Err(_) => {}
     }
 });

@@ -29,6 +29,9 @@ pub mod names {
     pub const DNS_SKIP_SERVER_SIDE: &str = "DNS_SKIP_SERVER_SIDE";
     /// Per-CPU count of the UDP DNS messages skipped as the server's side.
     pub const DNS_SERVER_SIDE: &str = "DNS_SERVER_SIDE";
+    /// Connects from connect(2) to their outcome, [`crate::ConnectSlot`]s the agent maps
+    /// read-only to see the opens still waiting.
+    pub const CONNECT_TRACK: &str = "CONNECT_TRACK";
 
     /// Programs, by function name in the kernel crate.
     pub const PROG_PACKET_INGRESS: &str = "packet_ingress";
@@ -169,16 +172,22 @@ wire_enum! {
 /// `ConnectEvent::flags`: `requested_*` holds the address passed to connect(2).
 pub const CONNECT_FLAG_REQUESTED: u8 = 1 << 0;
 
-/// A TCP active open (kind [`ConnectKind::Open`]) or its outcome (kind [`ConnectKind::Outcome`]).
+/// A TCP active open and, once it has one, its outcome.
 ///
-/// Open and outcome share `sock_id`; the kernel fills the outcome's cgroup, pid and
-/// comm from the open so that each event stands on its own.
+/// A connect answered or given up on crosses the ring once, as an outcome record that
+/// carries its open (`timestamp_ns`, the tuple, who connected): one ring record per
+/// connect, where a record costs more than anything else the programs do. A connect still
+/// waiting is in its [`ConnectSlot`] (kind [`ConnectKind::Open`]), where the agent reads
+/// it. A ring record of kind [`ConnectKind::Open`] is an open whose slot was taken over
+/// before its outcome: the open is all that will be known of it.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct ConnectEvent {
-    /// `bpf_ktime_get_boot_ns()`.
+    /// `bpf_ktime_get_boot_ns()` when the SYN left: the open's time.
     pub timestamp_ns: u64,
-    /// Opaque socket identity joining open and outcome. Never shown to users.
+    /// `bpf_ktime_get_boot_ns()` when the outcome was seen (kind Outcome only).
+    pub ended_ns: u64,
+    /// Opaque socket identity (the socket cookie). Never shown to users.
     pub sock_id: u64,
     pub cgroup_id: u64,
     /// `bpf_get_current_pid_tgid()` at the open: tgid in the high half.
@@ -196,6 +205,28 @@ pub struct ConnectEvent {
     pub outcome: u8,
     pub flags: u8,
     pub _pad: [u8; 6],
+}
+
+/// Slots of the `CONNECT_TRACK` array (a power of two), far above the connects awaiting
+/// their outcome at once on a node.
+pub const CONNECT_TRACK_SLOTS: u32 = 16384;
+
+/// `ConnectSlot::phase`: the slot holds nothing (or a connect whose outcome was reported).
+pub const SLOT_FREE: u8 = 0;
+/// connect(2) was called; the SYN may never leave (a failed route lookup, a bad address).
+pub const SLOT_REQUESTED: u8 = 1;
+/// The SYN left: the open is complete in `event`, its outcome awaited.
+pub const SLOT_OPEN: u8 = 2;
+
+/// One slot of `CONNECT_TRACK`, chosen by socket cookie. The kernel writes `event` and
+/// then `phase`; the agent reads `phase` and `event.sock_id`, copies the event, and reads
+/// both again, keeping the copy only if neither moved.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ConnectSlot {
+    pub event: ConnectEvent,
+    pub phase: u8,
+    pub _pad: [u8; 7],
 }
 
 /// Indexes into the per-CPU `LOSS_COUNTERS` array: what a program could not deliver.
@@ -286,18 +317,22 @@ mod tests {
     #[test]
     fn connect_event_layout() {
         assert_eq!(offset_of!(ConnectEvent, timestamp_ns), 0);
-        assert_eq!(offset_of!(ConnectEvent, sock_id), 8);
-        assert_eq!(offset_of!(ConnectEvent, cgroup_id), 16);
-        assert_eq!(offset_of!(ConnectEvent, pid_tgid), 24);
-        assert_eq!(offset_of!(ConnectEvent, src_addr), 32);
-        assert_eq!(offset_of!(ConnectEvent, dst_addr), 48);
-        assert_eq!(offset_of!(ConnectEvent, requested_addr), 64);
-        assert_eq!(offset_of!(ConnectEvent, comm), 80);
-        assert_eq!(offset_of!(ConnectEvent, src_port), 96);
-        assert_eq!(offset_of!(ConnectEvent, requested_port), 100);
-        assert_eq!(offset_of!(ConnectEvent, family), 102);
-        assert_eq!(offset_of!(ConnectEvent, flags), 105);
-        assert_eq!(size_of::<ConnectEvent>(), 112);
+        assert_eq!(offset_of!(ConnectEvent, ended_ns), 8);
+        assert_eq!(offset_of!(ConnectEvent, sock_id), 16);
+        assert_eq!(offset_of!(ConnectEvent, cgroup_id), 24);
+        assert_eq!(offset_of!(ConnectEvent, pid_tgid), 32);
+        assert_eq!(offset_of!(ConnectEvent, src_addr), 40);
+        assert_eq!(offset_of!(ConnectEvent, dst_addr), 56);
+        assert_eq!(offset_of!(ConnectEvent, requested_addr), 72);
+        assert_eq!(offset_of!(ConnectEvent, comm), 88);
+        assert_eq!(offset_of!(ConnectEvent, src_port), 104);
+        assert_eq!(offset_of!(ConnectEvent, requested_port), 108);
+        assert_eq!(offset_of!(ConnectEvent, family), 110);
+        assert_eq!(offset_of!(ConnectEvent, flags), 113);
+        assert_eq!(size_of::<ConnectEvent>(), 120);
+        // One slot per cache line.
+        assert_eq!(size_of::<ConnectSlot>(), 128);
+        assert_eq!(offset_of!(ConnectSlot, phase), 120);
         assert_eq!(align_of::<ConnectEvent>(), 8);
     }
 

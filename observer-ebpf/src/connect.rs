@@ -4,12 +4,17 @@
 //!   they note who connects (cgroup, process) and the address the application asked for,
 //!   straight from the call's own arguments.
 //! - The packet programs (`packet`) see the handshake: the SYN leaving a socket in SYN_SENT
-//!   reports the open (its tuple is final by then), and the SYN-ACK or reset that answers
-//!   it reports the outcome. Those programs run for every packet anyway; a segment that is
-//!   not a handshake segment costs them a compare of its flags, read with its ports.
+//!   completes the open in its slot (its tuple is final by then), and the SYN-ACK or reset
+//!   that answers it reports open and outcome in one ring record. Those programs run for
+//!   every packet anyway; a segment that is not a handshake segment costs them a compare of
+//!   its flags, read with its ports.
 //! - `connect_release` (cgroup sock_release) runs when a socket is closed: a TCP socket
 //!   closed before any answer came (the application gave up, the kernel gave up on its SYNs,
 //!   an ICMP error) reports the outcome `timeout`.
+//!
+//! A connect still waiting for its answer is seen by the agent in its slot: the agent maps
+//! `CONNECT_TRACK` read-only and reads the open slots on its poll. So a connect that hangs
+//! is seen while it hangs, and one that ends quickly costs one ring record, not two.
 //!
 //! The outcome may be seen in softirq context: everything about the caller comes from what
 //! connect4/6 noted. A program run costs about 60 ns here before it does anything, and
@@ -17,11 +22,11 @@
 //! of its own per connect(2) and one per socket closed, where per-socket `sock_ops`
 //! callbacks ran ten times for a loopback connect, and syscall and state-change tracepoints
 //! ran for every connect(2) of every protocol and every state change of every TCP socket.
-use core::ptr::{addr_of_mut, read_volatile};
+use core::ptr::{addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{__sk_buff, bpf_sock, bpf_sock_addr},
+    bindings::{__sk_buff, BPF_F_MMAPABLE, bpf_sock, bpf_sock_addr},
     helpers::{
         bpf_get_current_pid_tgid,
         generated::{
@@ -35,8 +40,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use observer_common::{
-    CONNECT_FLAG_REQUESTED, ConnectEvent, ConnectKind, ConnectOutcome, Direction, Family,
-    LossCounter, Protocol,
+    CONNECT_FLAG_REQUESTED, CONNECT_TRACK_SLOTS, ConnectEvent, ConnectKind, ConnectOutcome,
+    ConnectSlot, Direction, Family, LossCounter, Protocol, SLOT_FREE, SLOT_OPEN, SLOT_REQUESTED,
 };
 
 use crate::{
@@ -51,15 +56,14 @@ static CONNECT_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 19, 0);
 
 /// Connects from connect(2) to their outcome, in a slot chosen by socket cookie. An array,
 /// not a hash: a slot costs an index, where every hash-map insert and delete paid hundreds
-/// of nanoseconds on each connect. Each slot names its socket (`open.sock_id`, the socket
+/// of nanoseconds on each connect. Each slot names its socket (`event.sock_id`, the socket
 /// cookie, never reused while the node runs). An open whose slot holds another live open
-/// takes it over: the displaced connect loses its outcome, and that is counted as
-/// `connect_track_full`.
+/// takes it over: the displaced open is reported on the ring as it stands, its outcome
+/// will be missing, and that is counted as `connect_track_full`. Mappable: the agent reads
+/// the opens still waiting straight from it.
 #[map]
-static CONNECT_TRACK: Array<Tracked> = Array::with_max_entries(CONNECT_TRACK_SLOTS, 0);
-
-/// A power of two, far above the connects awaiting their outcome at once on a node.
-const CONNECT_TRACK_SLOTS: u32 = 16384;
+static CONNECT_TRACK: Array<ConnectSlot> =
+    Array::with_max_entries(CONNECT_TRACK_SLOTS, BPF_F_MMAPABLE);
 
 /// An open older than this waits for nothing any more (the kernel gives up on a SYN after
 /// about two minutes): taking over its slot loses nothing.
@@ -77,21 +81,6 @@ fn track_slot(cookie: u64) -> u32 {
     // Cookies are consecutive: mix, keep the top bits.
     (cookie.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - CONNECT_TRACK_SLOTS.trailing_zeros()))
         as u32
-}
-
-/// What a slot holds.
-const PHASE_FREE: u8 = 0;
-/// connect(2) was called; the SYN may never leave (a failed route lookup, a bad address).
-const PHASE_REQUESTED: u8 = 1;
-/// The open was reported; its outcome is awaited.
-const PHASE_OPEN: u8 = 2;
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Tracked {
-    open: ConnectEvent,
-    phase: u8,
-    _pad: [u8; 7],
 }
 
 /// sock_addr verdict: let the connect proceed. Observation never refuses a connect.
@@ -136,18 +125,24 @@ fn requested(ctx: &SockAddrContext, family: Family) {
     let Some(slot) = CONNECT_TRACK.get_ptr_mut(track_slot(cookie)) else {
         return;
     };
-    let (phase, held) = unsafe { ((*slot).phase, (*slot).open.sock_id) };
-    if phase == PHASE_OPEN && held != cookie && !stale(unsafe { (*slot).open.timestamp_ns }) {
-        count(LossCounter::ConnectTrackFull);
-        warn!(
-            ctx,
-            "connect tracking slot taken over: an outcome will be missing"
-        );
+    let (phase, held) = unsafe { ((*slot).phase, (*slot).event.sock_id) };
+    if phase == SLOT_OPEN {
+        // Never on the ring yet: report the open as it stands before its slot is reused.
+        unsafe { (*slot).phase = SLOT_FREE };
+        report(unsafe { addr_of_mut!((*slot).event) });
+        if held != cookie && !stale(unsafe { (*slot).event.timestamp_ns }) {
+            count(LossCounter::ConnectTrackFull);
+            warn!(
+                ctx,
+                "connect tracking slot taken over: an outcome will be missing"
+            );
+        }
     }
     unsafe {
-        let open = addr_of_mut!((*slot).open);
-        // Set when the open is reported; a clock read here would be thrown away.
+        let open = addr_of_mut!((*slot).event);
+        // Set when the SYN leaves; a clock read here would be thrown away.
         (*open).timestamp_ns = 0;
+        (*open).ended_ns = 0;
         (*open).sock_id = cookie;
         (*open).cgroup_id = bpf_get_current_cgroup_id();
         (*open).pid_tgid = bpf_get_current_pid_tgid();
@@ -169,14 +164,14 @@ fn requested(ctx: &SockAddrContext, family: Family) {
         (*open).kind = ConnectKind::Open as u8;
         (*open).outcome = ConnectOutcome::None as u8;
         (*open).flags = CONNECT_FLAG_REQUESTED;
-        (*slot).phase = PHASE_REQUESTED;
+        (*slot).phase = SLOT_REQUESTED;
     }
 }
 
 /// What a handshake segment says of the open it belongs to.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Step {
-    /// The SYN leaves: the open is reported.
+    /// The SYN leaves: the open is complete.
     Syn,
     /// The answer arrives: the outcome is reported.
     Answer(ConnectOutcome),
@@ -207,7 +202,7 @@ pub fn handshake(skb: *mut __sk_buff, direction: Direction, flags: u8) {
     }
     // Only an active open waiting for its answer: a SYN-ACK or reset reaching a socket in
     // any other state answers nothing followed here. A retransmitted SYN passes this test
-    // and finds its open already reported (`opened`).
+    // and finds its open already complete (`opened`).
     if unsafe { read_volatile(&(*sk).state) } != TCP_SYN_SENT {
         return;
     }
@@ -221,15 +216,16 @@ pub fn handshake(skb: *mut __sk_buff, direction: Direction, flags: u8) {
     }
 }
 
-/// The SYN left: connect(2) chose the source, the tuple is final.
+/// The SYN left: connect(2) chose the source, the tuple is final. The open stays in its
+/// slot, where the agent sees it until its outcome reports both.
 #[inline(always)]
-fn opened(slot: *mut Tracked, cookie: u64, sk: *mut bpf_sock) {
+fn opened(slot: *mut ConnectSlot, cookie: u64, sk: *mut bpf_sock) {
     // Only opens that came through connect(2) (or a fast-open send) are followed, and only
     // their first SYN: one made by the kernel itself belongs to no application.
-    if unsafe { (*slot).open.sock_id != cookie || (*slot).phase != PHASE_REQUESTED } {
+    if unsafe { (*slot).event.sock_id != cookie || (*slot).phase != SLOT_REQUESTED } {
         return;
     }
-    let open = unsafe { addr_of_mut!((*slot).open) };
+    let open = unsafe { addr_of_mut!((*slot).event) };
     let requested_family = unsafe { (*open).family };
     if !fill_tuple(sk, open) {
         return;
@@ -239,22 +235,23 @@ fn opened(slot: *mut Tracked, cookie: u64, sk: *mut bpf_sock) {
             (*open).flags &= !CONNECT_FLAG_REQUESTED;
         }
         (*open).timestamp_ns = bpf_ktime_get_boot_ns();
-        (*slot).phase = PHASE_OPEN;
+        // Last: the agent reads a slot only once it says open.
+        write_volatile(addr_of_mut!((*slot).phase), SLOT_OPEN);
     }
-    report(open);
 }
 
 /// The open was answered, or given up on: its outcome ends its tracking. The slot's record
-/// becomes the outcome in place, and is reported from there.
+/// becomes the outcome in place, open included, and is reported from there.
 #[inline(always)]
-fn answered(slot: *mut Tracked, cookie: u64, outcome: ConnectOutcome) {
-    if unsafe { (*slot).open.sock_id != cookie || (*slot).phase != PHASE_OPEN } {
+fn answered(slot: *mut ConnectSlot, cookie: u64, outcome: ConnectOutcome) {
+    if unsafe { (*slot).event.sock_id != cookie || (*slot).phase != SLOT_OPEN } {
         return;
     }
-    let event = unsafe { addr_of_mut!((*slot).open) };
+    let event = unsafe { addr_of_mut!((*slot).event) };
     unsafe {
-        (*slot).phase = PHASE_FREE;
-        (*event).timestamp_ns = bpf_ktime_get_boot_ns();
+        // First: an agent reading the slot meanwhile sees it change and drops its copy.
+        write_volatile(addr_of_mut!((*slot).phase), SLOT_FREE);
+        (*event).ended_ns = bpf_ktime_get_boot_ns();
         (*event).kind = ConnectKind::Outcome as u8;
         (*event).outcome = outcome as u8;
     }
@@ -328,15 +325,15 @@ pub fn connect_release(ctx: SockContext) -> i32 {
     let Some(slot) = CONNECT_TRACK.get_ptr_mut(track_slot(cookie)) else {
         return SOCK_OK;
     };
-    if unsafe { (*slot).open.sock_id } != cookie {
+    if unsafe { (*slot).event.sock_id } != cookie {
         return SOCK_OK;
     }
     match unsafe { (*slot).phase } {
         // Closed with no answer seen: the SYN went unanswered, an ICMP error ended it, or
         // the application stopped waiting.
-        PHASE_OPEN => answered(slot, cookie, ConnectOutcome::Timeout),
+        SLOT_OPEN => answered(slot, cookie, ConnectOutcome::Timeout),
         // connect(2) failed before any SYN left (no route, a bad address): nothing to report.
-        PHASE_REQUESTED => unsafe { (*slot).phase = PHASE_FREE },
+        SLOT_REQUESTED => unsafe { (*slot).phase = SLOT_FREE },
         _ => {}
     }
     SOCK_OK

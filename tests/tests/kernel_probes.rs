@@ -12,7 +12,7 @@ use std::{
 };
 
 use observer::probes::{
-    ConnectResult, Direction, DnsPacket, Event, ProbeOptions, Probes, Protocol,
+    Connect, ConnectResult, Direction, DnsPacket, Event, ProbeOptions, Probes, Protocol,
 };
 use observer_common::LossCounter;
 use observer_tests::{
@@ -447,6 +447,60 @@ fn refused_and_unanswered_connects_end_refused_and_timeout() {
     for (pid, target, expected) in made {
         assert_connect(&events, pid, cgroup, target, expected, None);
     }
+}
+
+/// A connect crosses the ring once, when it ends; until then the agent reads it from its
+/// tracking slot. So a connect that hangs is seen while it hangs, and once it ends it still
+/// has exactly one open.
+#[test]
+fn a_connect_that_hangs_is_seen_while_it_hangs() {
+    let tb = testbed();
+    let ext = tb.add_external_host("marker").expect("external host");
+    let (pod, cgroup) = kernel_test_pod(&tb, "hang");
+    let capture = Capture::start(ProbeOptions::default(), [cgroup]);
+    let target = SocketAddr::new(IpAddr::V4(plan::UNANSWERED_EXTERNAL_V4), 82);
+    let is_target = |c: &Connect| same_endpoint(c.destination, target);
+    let open = std::thread::scope(|scope| {
+        // Far longer than the test takes: the wait ends when the process is killed below.
+        let client = scope.spawn(|| {
+            pod.connect_tcp(
+                &target.ip().to_string(),
+                target.port(),
+                Family::V4,
+                Duration::from_secs(120),
+            )
+        });
+        capture.wait_for(
+            "the open of the connect still waiting",
+            EVENT_WAIT,
+            |events| opens(events).any(is_target),
+        );
+        let events = capture.events();
+        let open = opens(&events)
+            .find(|c| is_target(c))
+            .cloned()
+            .expect("open");
+        assert!(!client.is_finished(), "the application still waits");
+        assert!(
+            outcomes(&events).all(|o| o.connect.sock_id != open.sock_id),
+            "no outcome while it waits: {events:#?}"
+        );
+        // Closing the socket ends the wait unanswered.
+        // SAFETY: kill(2) on the pid of the pod's own client process.
+        assert_eq!(unsafe { libc::kill(open.pid as i32, libc::SIGKILL) }, 0);
+        let _ = client.join();
+        open
+    });
+    connect_marker(&capture, &pod, &ext);
+    let events = capture.events();
+    assert_connect(
+        &events,
+        open.pid,
+        cgroup,
+        target,
+        ConnectResult::Timeout,
+        None,
+    );
 }
 
 #[test]

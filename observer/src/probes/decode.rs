@@ -240,9 +240,27 @@ fn connect_addr(family: u8, raw: &[u8; 16], port: u16) -> Result<SocketAddr, Dec
     ))
 }
 
+/// What one connect ring record, or one open slot of `CONNECT_TRACK`, says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConnectRecord {
+    /// An open without its outcome: still waiting (read from its slot), or given up on by
+    /// its slot (a ring record; no outcome follows).
+    Open(Connect),
+    /// A connect that ended: its open, stamped when the SYN left, and its outcome, stamped
+    /// when it was seen.
+    Ended {
+        open: Connect,
+        outcome: ConnectOutcome,
+    },
+}
+
 /// Decodes one `CONNECT_EVENTS` ring record.
-pub fn decode_connect(bytes: &[u8]) -> Result<Event, DecodeError> {
-    let raw: ConnectEvent = read_record(CONNECT_RECORD, bytes)?;
+pub fn decode_connect(bytes: &[u8]) -> Result<ConnectRecord, DecodeError> {
+    decode_connect_event(&read_record(CONNECT_RECORD, bytes)?)
+}
+
+/// Decodes a connect record already copied out of the kernel's memory.
+pub fn decode_connect_event(raw: &ConnectEvent) -> Result<ConnectRecord, DecodeError> {
     let requested = if raw.flags & CONNECT_FLAG_REQUESTED != 0 {
         Some(connect_addr(
             raw.family,
@@ -252,7 +270,7 @@ pub fn decode_connect(bytes: &[u8]) -> Result<Event, DecodeError> {
     } else {
         None
     };
-    let connect = Connect {
+    let open = Connect {
         timestamp: raw.timestamp_ns,
         sock_id: raw.sock_id,
         cgroup_id: raw.cgroup_id,
@@ -264,7 +282,7 @@ pub fn decode_connect(bytes: &[u8]) -> Result<Event, DecodeError> {
         requested,
     };
     match ConnectKind::try_from(raw.kind).map_err(DecodeError::UnknownKind)? {
-        ConnectKind::Open => Ok(Event::ConnectOpen(connect)),
+        ConnectKind::Open => Ok(ConnectRecord::Open(open)),
         ConnectKind::Outcome => {
             use observer_common::ConnectOutcome as Wire;
             let result = match Wire::try_from(raw.outcome) {
@@ -273,7 +291,14 @@ pub fn decode_connect(bytes: &[u8]) -> Result<Event, DecodeError> {
                 Ok(Wire::Timeout) => ConnectResult::Timeout,
                 Ok(Wire::None) | Err(_) => return Err(DecodeError::UnknownOutcome(raw.outcome)),
             };
-            Ok(Event::ConnectOutcome(ConnectOutcome { connect, result }))
+            let connect = Connect {
+                timestamp: raw.ended_ns,
+                ..open.clone()
+            };
+            Ok(ConnectRecord::Ended {
+                open,
+                outcome: ConnectOutcome { connect, result },
+            })
         }
     }
 }
@@ -290,14 +315,6 @@ impl Ring {
         match self {
             Ring::Dns => observer_common::names::DNS_EVENTS,
             Ring::Connect => observer_common::names::CONNECT_EVENTS,
-        }
-    }
-
-    /// Decodes a record of this ring.
-    pub fn decode(self, bytes: &[u8]) -> Result<Event, DecodeError> {
-        match self {
-            Ring::Dns => decode_dns(bytes).map(Event::Dns),
-            Ring::Connect => decode_connect(bytes),
         }
     }
 }
@@ -356,6 +373,7 @@ mod tests {
         comm[..4].copy_from_slice(b"curl");
         ConnectEvent {
             timestamp_ns: 5,
+            ended_ns: 9,
             sock_id: 0xffff_8880_0000_1000,
             cgroup_id: 11,
             pid_tgid: (300u64 << 32) | 301,
@@ -470,9 +488,10 @@ mod tests {
             Wire::None as u8,
         )))
         .unwrap();
-        let Event::ConnectOpen(open) = event else {
+        let ConnectRecord::Open(open) = event else {
             panic!("expected an open, got {event:?}");
         };
+        assert_eq!(open.timestamp, 5);
         assert_eq!((open.pid, open.tid), (300, 301));
         assert_eq!(open.comm, "curl");
         assert_eq!(open.destination, "203.0.113.10:5432".parse().unwrap());
@@ -489,11 +508,15 @@ mod tests {
         ] {
             let event =
                 decode_connect(&as_bytes(&connect_event(ConnectKind::Outcome as u8, raw))).unwrap();
-            let Event::ConnectOutcome(outcome) = event else {
-                panic!("expected an outcome, got {event:?}");
+            let ConnectRecord::Ended { open, outcome } = event else {
+                panic!("expected an ended connect, got {event:?}");
             };
             assert_eq!(outcome.result, result);
             assert_eq!(outcome.connect.cgroup_id, 11);
+            // One record, two times: the SYN's and the outcome's.
+            assert_eq!((open.timestamp, outcome.connect.timestamp), (5, 9));
+            assert_eq!(open.sock_id, outcome.connect.sock_id);
+            assert_eq!(open.destination, outcome.connect.destination);
         }
     }
 
@@ -503,7 +526,7 @@ mod tests {
         raw.family = Family::Ipv6 as u8;
         raw.dst_addr = "::ffff:203.0.113.10".parse::<Ipv6Addr>().unwrap().octets();
         raw.flags = 0;
-        let Ok(Event::ConnectOpen(open)) = decode_connect(&as_bytes(&raw)) else {
+        let Ok(ConnectRecord::Open(open)) = decode_connect(&as_bytes(&raw)) else {
             panic!("expected an open");
         };
         assert_eq!(open.destination, "203.0.113.10:5432".parse().unwrap());
@@ -553,18 +576,17 @@ mod tests {
     }
 
     #[test]
-    fn ring_dispatches_to_its_decoder() {
+    fn a_record_of_one_ring_is_refused_by_the_other() {
         let dns = dns_record(&dns_event());
-        assert!(matches!(Ring::Dns.decode(&dns), Ok(Event::Dns(_))));
+        assert!(matches!(
+            decode_connect(&dns),
+            Err(DecodeError::WrongSize { .. })
+        ));
         // A record must end where its captured bytes end: not shorter, not padded.
         let padded = as_bytes(&dns_event());
         assert!(matches!(
-            Ring::Dns.decode(&padded),
+            decode_dns(&padded),
             Err(DecodeError::WrongSize { expected: 84, .. })
-        ));
-        assert!(matches!(
-            Ring::Connect.decode(&dns),
-            Err(DecodeError::WrongSize { .. })
         ));
     }
 }

@@ -17,6 +17,7 @@ mod decode;
 mod display;
 mod features;
 mod system;
+mod waiting;
 
 use std::{
     fs::File,
@@ -46,11 +47,12 @@ use tokio::{
 
 pub use clock::{BootClock, boot_now_ns};
 pub use decode::{
-    Connect, ConnectOutcome, ConnectResult, DecodeError, Direction, DnsPacket, Event, Protocol,
-    Ring, decode_connect, decode_dns,
+    Connect, ConnectOutcome, ConnectRecord, ConnectResult, DecodeError, Direction, DnsPacket,
+    Event, Protocol, Ring, decode_connect, decode_dns,
 };
 pub use display::{describe, format_utc};
 pub use features::{KernelFeature, KernelFeatures, min_kernel_for};
+use waiting::{TrackSlots, WaitingOpens};
 
 /// The kernel programs, built by build.rs for bpfel-unknown-none.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
@@ -200,6 +202,12 @@ pub enum ProbeError {
         map: &'static str,
         #[source]
         source: MapError,
+    },
+    #[error("mapping map {map} into memory")]
+    MapMemory {
+        map: &'static str,
+        #[source]
+        source: io::Error,
     },
     #[error("registering the {ring} ring with the tokio reactor (is a runtime running?)")]
     Register {
@@ -495,10 +503,11 @@ impl Probes {
     pub fn events(&mut self) -> Result<mpsc::Receiver<Event>, ProbeError> {
         let dns = self.take_ring(Ring::Dns)?;
         let connect = self.take_ring(Ring::Connect)?;
+        let slots = self.track_slots()?;
         let (tx, rx) = mpsc::channel(self.channel_capacity);
         self.readers.push(tokio::spawn(read_ring(
             dns,
-            Ring::Dns,
+            RingDecoder::Dns,
             self.poll_interval,
             tx.clone(),
             self.decode_errors.clone(),
@@ -506,7 +515,10 @@ impl Probes {
         )));
         self.readers.push(tokio::spawn(read_ring(
             connect,
-            Ring::Connect,
+            RingDecoder::Connect {
+                slots,
+                waiting: WaitingOpens::default(),
+            },
             self.poll_interval,
             tx,
             self.decode_errors.clone(),
@@ -516,6 +528,16 @@ impl Probes {
             self.start_kernel_log();
         }
         Ok(rx)
+    }
+
+    /// The connect tracking slots, mapped for the connect ring's reader.
+    fn track_slots(&self) -> Result<TrackSlots, ProbeError> {
+        let name = names::CONNECT_TRACK;
+        let missing = ProbeError::Missing { kind: "map", name };
+        let Some(aya::maps::Map::Array(data)) = self.ebpf.map(name) else {
+            return Err(missing);
+        };
+        TrackSlots::map(data).map_err(|source| ProbeError::MapMemory { map: name, source })
     }
 
     fn take_ring(&mut self, ring: Ring) -> Result<AsyncFd<RingBuf<MapData>>, ProbeError> {
@@ -696,6 +718,48 @@ fn configure_dns_ports(ebpf: &mut Ebpf, ports: &[u16]) -> Result<(), ProbeError>
     Ok(())
 }
 
+/// Turns one ring's records into events.
+enum RingDecoder {
+    Dns,
+    /// The connect ring, with the slots where connects wait for their outcome.
+    Connect {
+        slots: TrackSlots,
+        waiting: WaitingOpens,
+    },
+}
+
+impl RingDecoder {
+    fn ring(&self) -> Ring {
+        match self {
+            RingDecoder::Dns => Ring::Dns,
+            RingDecoder::Connect { .. } => Ring::Connect,
+        }
+    }
+
+    /// Before each drain: the opens waiting in their slots. Read before the ring, so that
+    /// an open not found waiting had ended before the drain began: its record is drained.
+    fn before_drain(&mut self, batch: &mut Vec<Event>) {
+        if let RingDecoder::Connect { slots, waiting } = self {
+            let mut opens = Vec::new();
+            slots.for_each_open(|raw| {
+                // A slot the kernel was rewriting as it was read: the next scan finds it.
+                if let Ok(record) = decode::decode_connect_event(raw) {
+                    opens.push(record);
+                }
+            });
+            waiting.scanned(opens, batch);
+        }
+    }
+
+    fn decode(&mut self, bytes: &[u8], batch: &mut Vec<Event>) -> Result<(), DecodeError> {
+        match self {
+            RingDecoder::Dns => batch.push(Event::Dns(decode_dns(bytes)?)),
+            RingDecoder::Connect { waiting, .. } => waiting.record(decode_connect(bytes)?, batch),
+        }
+        Ok(())
+    }
+}
+
 /// Drains the ring on every wakeup and every `poll` interval: the kernel programs wake the
 /// reader only once a backlog builds (waking per event costs more than the event), so the
 /// interval bounds the latency of a lone event. Decoding happens before any await so ring
@@ -703,27 +767,35 @@ fn configure_dns_ports(ebpf: &mut Ebpf, ports: &[u16]) -> Result<(), ProbeError>
 /// ring, where the kernel counts what no longer fits.
 async fn read_ring(
     mut fd: AsyncFd<RingBuf<MapData>>,
-    ring: Ring,
+    mut decoder: RingDecoder,
     poll: Duration,
     tx: mpsc::Sender<Event>,
     decode_errors: Arc<AtomicU64>,
     progress: RingProgress,
 ) {
+    let ring = decoder.ring();
     let mut batch = Vec::new();
     loop {
         let woken = tokio::time::timeout(poll, fd.readable_mut()).await;
-        // Read before draining: whatever was stamped earlier is in the ring by now.
+        // Read before draining: whatever was stamped earlier is in the ring by now, or
+        // waiting in its slot.
         let drained_from = boot_now_ns().ok();
+        decoder.before_drain(&mut batch);
         match woken {
             Ok(Ok(mut guard)) => {
-                drain(guard.get_inner_mut(), ring, &mut batch, &decode_errors);
+                drain(
+                    guard.get_inner_mut(),
+                    &mut decoder,
+                    &mut batch,
+                    &decode_errors,
+                );
                 guard.clear_ready();
             }
             Ok(Err(error)) => {
                 tracing::error!(ring = ring.name(), %error, "ring reader stopped");
                 return;
             }
-            Err(_elapsed) => drain(fd.get_mut(), ring, &mut batch, &decode_errors),
+            Err(_elapsed) => drain(fd.get_mut(), &mut decoder, &mut batch, &decode_errors),
         }
         for event in batch.drain(..) {
             if tx.send(event).await.is_err() {
@@ -739,18 +811,15 @@ async fn read_ring(
 
 fn drain(
     ring_buf: &mut RingBuf<MapData>,
-    ring: Ring,
+    decoder: &mut RingDecoder,
     batch: &mut Vec<Event>,
     decode_errors: &AtomicU64,
 ) {
     while let Some(item) = ring_buf.next() {
-        match ring.decode(&item) {
-            Ok(event) => batch.push(event),
-            Err(error) => {
-                if decode_errors.fetch_add(1, Ordering::Relaxed) == 0 {
-                    tracing::warn!(ring = ring.name(), %error, "undecodable ring record");
-                }
-            }
+        if let Err(error) = decoder.decode(&item, batch)
+            && decode_errors.fetch_add(1, Ordering::Relaxed) == 0
+        {
+            tracing::warn!(ring = decoder.ring().name(), %error, "undecodable ring record");
         }
     }
 }
