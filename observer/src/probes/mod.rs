@@ -518,6 +518,7 @@ impl Probes {
             RingDecoder::Connect {
                 slots,
                 waiting: WaitingOpens::default(),
+                scanned_at: None,
             },
             self.poll_interval,
             tx,
@@ -725,8 +726,16 @@ enum RingDecoder {
     Connect {
         slots: TrackSlots,
         waiting: WaitingOpens,
+        /// When the slots were last read.
+        scanned_at: Option<crate::record::BootNs>,
     },
 }
+
+/// How often the connect tracking slots are read. Reading them is a pass over 2 MiB, too
+/// dear for every poll of an idle agent; a hanging connect is seen within this, and the
+/// connect ring's progress mark waits for it, so events leave the reorder stage up to this
+/// much later than with the ring alone.
+const SLOT_SCAN_INTERVAL_NS: u64 = 100_000_000;
 
 impl RingDecoder {
     fn ring(&self) -> Ring {
@@ -736,10 +745,27 @@ impl RingDecoder {
         }
     }
 
-    /// Before each drain: the opens waiting in their slots. Read before the ring, so that
-    /// an open not found waiting had ended before the drain began: its record is drained.
-    fn before_drain(&mut self, batch: &mut Vec<Event>) {
-        if let RingDecoder::Connect { slots, waiting } = self {
+    /// Before a drain that began at `now`: the opens waiting in their slots, when it is
+    /// time to read them. Returns the time before which this drain will have delivered
+    /// every event of its ring. For the connect ring that is the last reading of the slots:
+    /// an open stamped before it was waiting then (and was delivered), or had ended, and its
+    /// record is in the ring, drained after the slots were read.
+    fn before_drain(
+        &mut self,
+        now: crate::record::BootNs,
+        batch: &mut Vec<Event>,
+    ) -> crate::record::BootNs {
+        let RingDecoder::Connect {
+            slots,
+            waiting,
+            scanned_at,
+        } = self
+        else {
+            return now;
+        };
+        let due = scanned_at.is_none_or(|at| now.saturating_sub(at) >= SLOT_SCAN_INTERVAL_NS);
+        if due {
+            *scanned_at = Some(now);
             let mut opens = Vec::new();
             slots.for_each_open(|raw| {
                 // A slot the kernel was rewriting as it was read: the next scan finds it.
@@ -749,6 +775,7 @@ impl RingDecoder {
             });
             waiting.scanned(opens, batch);
         }
+        scanned_at.unwrap_or(now)
     }
 
     fn decode(&mut self, bytes: &[u8], batch: &mut Vec<Event>) -> Result<(), DecodeError> {
@@ -779,8 +806,9 @@ async fn read_ring(
         let woken = tokio::time::timeout(poll, fd.readable_mut()).await;
         // Read before draining: whatever was stamped earlier is in the ring by now, or
         // waiting in its slot.
-        let drained_from = boot_now_ns().ok();
-        decoder.before_drain(&mut batch);
+        let complete_before = boot_now_ns()
+            .ok()
+            .map(|now| decoder.before_drain(now, &mut batch));
         match woken {
             Ok(Ok(mut guard)) => {
                 drain(
@@ -803,7 +831,7 @@ async fn read_ring(
             }
         }
         // Only once this drain's events are on the channel.
-        if let Some(at) = drained_from {
+        if let Some(at) = complete_before {
             progress.advance(ring, at);
         }
     }
