@@ -169,12 +169,20 @@ fn start_connect(to: &SockAddr) -> io::Result<Socket> {
 }
 
 /// `n` short-lived clients at once: starts every connect, waits until every handshake has
-/// its answer (at most `CONNECT_TIMEOUT`), then closes them all. Returns (connected, failed).
+/// its answer, then closes them all (when the sockets drop). Returns (connected, failed).
 fn connect_batch(to: &SockAddr, n: u64) -> (u64, u64) {
-    let mut failed = 0u64;
+    let mut not_started = 0u64;
     let sockets: Vec<Socket> = (0..n)
-        .filter_map(|_| start_connect(to).inspect_err(|_| failed += 1).ok())
+        .filter_map(|_| start_connect(to).inspect_err(|_| not_started += 1).ok())
         .collect();
+    let (connected, failed) = await_handshakes(&sockets);
+    (connected, not_started + failed)
+}
+
+/// Waits until every started connect in `sockets` has its answer, `CONNECT_TIMEOUT` at
+/// most. Returns (connected, failed); one left without an answer has failed.
+fn await_handshakes(sockets: &[Socket]) -> (u64, u64) {
+    let mut failed = 0u64;
     let mut polls: Vec<libc::pollfd> = sockets
         .iter()
         .map(|s| libc::pollfd {
@@ -197,7 +205,7 @@ fn connect_batch(to: &SockAddr, n: u64) -> (u64, u64) {
         if ready < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
             break;
         }
-        for (p, socket) in polls.iter_mut().zip(&sockets) {
+        for (p, socket) in polls.iter_mut().zip(sockets) {
             if p.fd < 0 || p.revents == 0 {
                 continue;
             }
@@ -212,7 +220,6 @@ fn connect_batch(to: &SockAddr, n: u64) -> (u64, u64) {
         }
     }
     failed += pending as u64;
-    drop(sockets);
     (connected, failed)
 }
 
@@ -344,4 +351,58 @@ pub fn udp_exchanges(
         done += 1;
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Waits until `socket` has an error or is hung up (poll(2) always reports those): the
+    /// hang guard is generous, the wait ends on the event.
+    fn wait_for_error(socket: &Socket) -> libc::c_short {
+        let mut p = libc::pollfd {
+            fd: socket.as_raw_fd(),
+            events: 0,
+            revents: 0,
+        };
+        // SAFETY: one live pollfd.
+        let ready = unsafe { libc::poll(&mut p, 1, 30_000) };
+        assert_eq!(ready, 1, "no error or hang-up on the socket within 30 s");
+        p.revents
+    }
+
+    #[test]
+    fn every_connect_of_a_batch_is_counted_and_accepted() {
+        let acceptor = Acceptor::serve(burst_listener().unwrap()).unwrap();
+        let to = SockAddr::from(acceptor.addr());
+        assert_eq!(connect_batch(&to, 100), (100, 0));
+        assert_eq!(connect_batch(&to, 28), (28, 0));
+        let guard = Instant::now();
+        while acceptor.accepted() < 128 {
+            assert!(
+                guard.elapsed() < Duration::from_secs(30),
+                "the listener accepted {} of 128 connects",
+                acceptor.accepted()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(acceptor.accepted(), 128);
+    }
+
+    #[test]
+    fn a_connect_the_server_resets_after_its_handshake_was_made() {
+        let listener = burst_listener().unwrap();
+        let to = SockAddr::from(listener.local_addr().unwrap());
+        let client = start_connect(&to).unwrap();
+        // The accepted side inherits SO_LINGER 0: its close is a reset.
+        drop(listener.accept().unwrap());
+        assert_ne!(wait_for_error(&client) & libc::POLLERR, 0);
+        assert_eq!(await_handshakes(&[client]), (1, 0));
+    }
+
+    #[test]
+    fn a_refused_connect_fails() {
+        let closed = SockAddr::from(burst_listener().unwrap().local_addr().unwrap());
+        assert_eq!(connect_batch(&closed, 3), (0, 3));
+    }
 }
