@@ -136,6 +136,8 @@ impl Acceptor {
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicU64::new(0));
         let (s, a) = (Arc::clone(&stop), Arc::clone(&accepted));
+        // Non-blocking, so that each wake-up takes every connection queued since the last.
+        listener.set_nonblocking(true)?;
         let thread = std::thread::spawn(move || {
             let fd = listener.as_raw_fd();
             while !s.load(Ordering::Relaxed) {
@@ -148,7 +150,7 @@ impl Acceptor {
                 if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
                     continue;
                 }
-                if let Ok((stream, _)) = listener.accept() {
+                while let Ok((stream, _)) = listener.accept() {
                     a.fetch_add(1, Ordering::Relaxed);
                     drop(stream);
                 }
