@@ -52,7 +52,7 @@ use crate::{
 
 /// Resized by the agent at load time.
 #[map]
-static CONNECT_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 19, 0);
+static CONNECT_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 21, 0);
 
 /// Connects from connect(2) to their outcome, in a slot chosen by socket cookie. An array,
 /// not a hash: a slot costs an index, where every hash-map insert and delete paid hundreds

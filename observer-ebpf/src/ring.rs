@@ -24,7 +24,7 @@ const RECORD_HEADER: u64 = 8;
 #[unsafe(no_mangle)]
 static DNS_RING_WAKE_BYTES: u64 = (1 << 21) / 8;
 #[unsafe(no_mangle)]
-static CONNECT_RING_WAKE_BYTES: u64 = (1 << 19) / 8;
+static CONNECT_RING_WAKE_BYTES: u64 = (1 << 21) / 8;
 
 /// Bytes this CPU submitted to each ring (indexed by `Ring`) since it last woke the reader.
 #[map]

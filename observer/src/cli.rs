@@ -39,7 +39,7 @@ pub struct EventsArgs {
     #[arg(long = "cgroup-id", value_name = "ID")]
     pub cgroup_ids: Vec<u64>,
     /// Size of each kernel ring (DNS and connect) in KiB: a power of two, at least a page
-    /// [default: DNS 4096, connect 512].
+    /// [default: DNS 4096, connect 2048].
     #[arg(long = "ring-size-kib", value_name = "KIB")]
     pub ring_size_kib: Option<u32>,
 }

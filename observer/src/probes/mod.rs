@@ -120,7 +120,7 @@ impl Default for ProbeOptions {
         Self {
             dns_ports: vec![53],
             dns_ring_bytes: 4 << 20,
-            connect_ring_bytes: 512 << 10,
+            connect_ring_bytes: 2 << 20,
             channel_capacity: 4096,
             poll_interval: Duration::from_millis(20),
             kernel_log: KernelLogLevel::default(),
