@@ -606,32 +606,32 @@ impl Correlator {
             .and_then(|c| c.answered_by())
             .is_some_and(|server| self.cluster_networks.dns_server_outside(server));
         let deadline = open.at + self.config.connect_timeout_ns;
-        let record = ConnectionRecord {
-            scope: open.scope,
-            cgroup_id: open.cgroup_id,
-            pid: open.pid,
-            comm: open.comm,
-            destination: open.destination,
-            source: open.source,
-            opened_at: open.at,
-            outcome: crate::record::Outcome::Timeout,
-            outcome_at: open.at,
-            resolution,
-            chain: chain_record,
-            egress,
-            flagged,
-            drift,
-            dns_from_outside,
-        };
         if self.connects.len() >= limits.max_open_connects_total
             && !self.connects.contains_key(&open.sock_id)
         {
             self.evict_oldest_connect();
         }
+        // Built in place: a record is large, and each move of it is a copy.
         let previous = self.connects.insert(
             open.sock_id,
             OpenConnect {
-                record,
+                record: ConnectionRecord {
+                    scope: open.scope,
+                    cgroup_id: open.cgroup_id,
+                    pid: open.pid,
+                    comm: open.comm,
+                    destination: open.destination,
+                    source: open.source,
+                    opened_at: open.at,
+                    outcome: crate::record::Outcome::Timeout,
+                    outcome_at: open.at,
+                    resolution,
+                    chain: chain_record,
+                    egress,
+                    flagged,
+                    drift,
+                    dns_from_outside,
+                },
                 deadline,
                 scope: scope_ref,
             },
