@@ -12,6 +12,7 @@ pub fn dns_server_outside(server: IpAddr, cluster_networks: &[IpNet]) -> bool {
 }
 
 /// The node's own addresses and a node-local cache's.
+#[inline]
 fn node_local(server: IpAddr) -> bool {
     match server {
         IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local(),
@@ -47,6 +48,7 @@ impl ClusterNetworks {
     }
 
     /// `ip` lies in one of the networks.
+    #[inline]
     pub fn contains(&self, ip: IpAddr) -> bool {
         match ip {
             IpAddr::V4(v4) => in_ranges(&self.v4, u32::from(v4)),
@@ -55,6 +57,7 @@ impl ClusterNetworks {
     }
 
     /// As [`dns_server_outside`].
+    #[inline]
     pub fn dns_server_outside(&self, server: IpAddr) -> bool {
         !node_local(server) && !self.contains(server)
     }
