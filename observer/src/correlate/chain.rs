@@ -56,6 +56,10 @@ pub(super) struct Chain {
     pub base: Arc<str>,
     /// Tried as-is first with fewer dots than ndots: only an absolute name does that.
     pub asked_absolute: bool,
+    /// A name with dots walked the search list because it had fewer than ndots dots (the
+    /// record's `ndots_walk`): settled when the chain starts, as its base and first step
+    /// never change.
+    pub ndots_walk: bool,
     pub steps: Vec<Step>,
     /// Every query in arrival order, already in the form a record carries: a connect's
     /// record shares the list, and the chain copies it only if it changes while shared.
@@ -190,11 +194,7 @@ impl Chain {
             search_domain,
             cname_chain,
             wasted_queries: answer_step.unwrap_or(self.steps.len()) as u32,
-            ndots_walk: self.base.contains('.')
-                && matches!(
-                    self.steps.first().map(|s| &s.kind),
-                    Some(StepKind::Search(_))
-                ),
+            ndots_walk: self.ndots_walk,
             queries,
         });
         self.materialized = Some(chain.clone());
@@ -329,20 +329,24 @@ pub(super) fn start_chain(
     let ndots = usize::from(resolver.ndots);
     let first = resolver.search.first().and_then(|s0| {
         let base = name.strip_suffix(&**s0)?.strip_suffix('.')?;
-        (!base.is_empty() && dots(base) < ndots).then(|| (Arc::from(base), s0.clone()))
+        let base_dots = dots(base);
+        (!base.is_empty() && base_dots < ndots)
+            .then(|| (Arc::from(base), s0.clone(), base_dots > 0))
     });
-    let (base, kind, asked_absolute) = match first {
-        Some((base, s0)) => (base, StepKind::Search(s0), false),
+    let (base, kind, asked_absolute, ndots_walk) = match first {
+        Some((base, s0, dotted)) => (base, StepKind::Search(s0), false, dotted),
         // With no search list, as-is first says nothing about how the name was written.
         None => (
             name.clone(),
             StepKind::AsIs,
             !resolver.search.is_empty() && dots(name) < ndots,
+            false,
         ),
     };
     Chain {
         base,
         asked_absolute,
+        ndots_walk,
         steps: vec![Step {
             kind,
             name: name.clone(),

@@ -25,6 +25,7 @@ pub use types::*;
 
 use crate::{
     dns::{self, DnsMessage, DnsParseErrorKind},
+    networks::ClusterNetworks,
     record::{BootNs, ConnectionRecord, Resolution},
     scope::ScopeKey,
 };
@@ -55,6 +56,8 @@ fn is_open(connects: &FastMap<u64, OpenConnect>, sock_id: &u64, deadline: BootNs
 /// The correlation core. See the module docs.
 pub struct Correlator {
     config: CorrelatorConfig,
+    /// `config.cluster_networks` as one lookup.
+    cluster_networks: ClusterNetworks,
     scopes: ScopeTable,
     /// (next deadline, scope id): which scopes `tick` must visit.
     wakeups: BTreeSet<(BootNs, u32)>,
@@ -73,6 +76,7 @@ pub struct Correlator {
 impl Correlator {
     pub fn new(config: CorrelatorConfig) -> Self {
         Self {
+            cluster_networks: ClusterNetworks::new(&config.cluster_networks),
             config,
             scopes: ScopeTable::default(),
             wakeups: BTreeSet::new(),
@@ -93,6 +97,7 @@ impl Correlator {
     /// Kubernetes reported new pod, service or node networks: later connects are judged
     /// against them (records already emitted keep their verdict).
     pub fn set_cluster_networks(&mut self, networks: Vec<ipnet::IpNet>) {
+        self.cluster_networks = ClusterNetworks::new(&networks);
         self.config.cluster_networks = networks;
     }
 
@@ -590,12 +595,7 @@ impl Correlator {
             }
         }
         // Loopback never leaves the node, whatever the cluster networks are.
-        let egress = !ip.is_loopback()
-            && !self
-                .config
-                .cluster_networks
-                .iter()
-                .any(|net| net.contains(&ip));
+        let egress = !ip.is_loopback() && !self.cluster_networks.contains(ip);
         let flagged = egress
             && matches!(
                 resolution,
@@ -604,36 +604,34 @@ impl Correlator {
         let dns_from_outside = chain_record
             .as_ref()
             .and_then(|c| c.answered_by())
-            .is_some_and(|server| {
-                crate::networks::dns_server_outside(server, &self.config.cluster_networks)
-            });
+            .is_some_and(|server| self.cluster_networks.dns_server_outside(server));
         let deadline = open.at + self.config.connect_timeout_ns;
-        let record = ConnectionRecord {
-            scope: open.scope,
-            cgroup_id: open.cgroup_id,
-            pid: open.pid,
-            comm: open.comm,
-            destination: open.destination,
-            source: open.source,
-            opened_at: open.at,
-            outcome: crate::record::Outcome::Timeout,
-            outcome_at: open.at,
-            resolution,
-            chain: chain_record,
-            egress,
-            flagged,
-            drift,
-            dns_from_outside,
-        };
         if self.connects.len() >= limits.max_open_connects_total
             && !self.connects.contains_key(&open.sock_id)
         {
             self.evict_oldest_connect();
         }
+        // Built in place: a record is large, and each move of it is a copy.
         let previous = self.connects.insert(
             open.sock_id,
             OpenConnect {
-                record,
+                record: ConnectionRecord {
+                    scope: open.scope,
+                    cgroup_id: open.cgroup_id,
+                    pid: open.pid,
+                    comm: open.comm,
+                    destination: open.destination,
+                    source: open.source,
+                    opened_at: open.at,
+                    outcome: crate::record::Outcome::Timeout,
+                    outcome_at: open.at,
+                    resolution,
+                    chain: chain_record,
+                    egress,
+                    flagged,
+                    drift,
+                    dns_from_outside,
+                },
                 deadline,
                 scope: scope_ref,
             },
