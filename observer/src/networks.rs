@@ -4,13 +4,6 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-/// A DNS server outside the cluster networks, other than the node's own (loopback) and a
-/// node-local cache (link-local, e.g. 169.254.20.10): a pod that asks it bypasses cluster
-/// DNS and its policies.
-pub fn dns_server_outside(server: IpAddr, cluster_networks: &[IpNet]) -> bool {
-    !node_local(server) && !cluster_networks.iter().any(|net| net.contains(&server))
-}
-
 /// The node's own addresses and a node-local cache's.
 #[inline]
 fn node_local(server: IpAddr) -> bool {
@@ -56,7 +49,9 @@ impl ClusterNetworks {
         }
     }
 
-    /// As [`dns_server_outside`].
+    /// A DNS server outside the cluster networks, other than the node's own (loopback) and
+    /// a node-local cache (link-local, e.g. 169.254.20.10): a pod that asks it bypasses
+    /// cluster DNS and its policies.
     #[inline]
     pub fn dns_server_outside(&self, server: IpAddr) -> bool {
         !node_local(server) && !self.contains(server)
@@ -104,7 +99,6 @@ mod tests {
             ("2001:db8:e::53", true),
         ] {
             let server = server.parse().unwrap();
-            assert_eq!(dns_server_outside(server, &cluster), outside, "{server}");
             assert_eq!(lookup.dns_server_outside(server), outside, "{server}");
         }
     }

@@ -33,7 +33,6 @@ use crate::{
         WallClock, color_on, serve_http,
     },
     identity::{EnrichmentStatus, Identity, IdentityConfig, WorkloadIdentity},
-    networks,
     probes::{BootClock, DnsPacket, Event, ProbeOptions, Probes, Protocol},
     record::{BootNs, ConnectionRecord},
     scope::ScopeKey,
@@ -570,10 +569,10 @@ impl Agent {
             self.metrics
                 .observe_dns_response(&identity, "", &message.rcode.mnemonic());
             if matches!(who.scope, ScopeKey::Pod(_))
-                && networks::dns_server_outside(
-                    packet.source.ip(),
-                    &self.core.config().cluster_networks,
-                )
+                && self
+                    .core
+                    .cluster_networks()
+                    .dns_server_outside(packet.source.ip())
             {
                 self.metrics.observe_external_dns_response(&identity);
             }

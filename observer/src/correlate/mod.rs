@@ -101,6 +101,11 @@ impl Correlator {
         self.config.cluster_networks = networks;
     }
 
+    /// The cluster networks the core judges addresses against, as one lookup.
+    pub fn cluster_networks(&self) -> &ClusterNetworks {
+        &self.cluster_networks
+    }
+
     pub fn counters(&self) -> &CoreCounters {
         &self.counters
     }
