@@ -9,32 +9,39 @@ use std::{cmp::Ordering, collections::BinaryHeap};
 use crate::record::BootNs;
 
 /// Holds items until a horizon passes them, then releases them oldest first.
+///
+/// The heap orders small keys; the items (events of a hundred and more bytes) stay put in
+/// slots, so that sifting the heap moves 24 bytes a level instead of a whole event: moving
+/// events through the heap was a tenth of the agent's CPU under a DNS flood.
 pub struct Reorder<T> {
-    heap: BinaryHeap<Entry<T>>,
+    heap: BinaryHeap<Key>,
+    slots: Vec<Option<T>>,
+    /// Slots emptied by a release, reused first.
+    free: Vec<u32>,
     capacity: usize,
     next_seq: u64,
     /// Items released early because the buffer was full.
     pub forced: u64,
 }
 
-struct Entry<T> {
+struct Key {
     at: BootNs,
     seq: u64,
-    item: T,
+    slot: u32,
 }
 
-impl<T> PartialEq for Entry<T> {
+impl PartialEq for Key {
     fn eq(&self, other: &Self) -> bool {
         (self.at, self.seq) == (other.at, other.seq)
     }
 }
-impl<T> Eq for Entry<T> {}
-impl<T> PartialOrd for Entry<T> {
+impl Eq for Key {}
+impl PartialOrd for Key {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }
-impl<T> Ord for Entry<T> {
+impl Ord for Key {
     // Reversed: BinaryHeap is a max-heap and the oldest must come out first.
     fn cmp(&self, other: &Self) -> Ordering {
         (other.at, other.seq).cmp(&(self.at, self.seq))
@@ -45,6 +52,8 @@ impl<T> Reorder<T> {
     pub fn new(capacity: usize) -> Self {
         Self {
             heap: BinaryHeap::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
             capacity: capacity.max(1),
             next_seq: 0,
             forced: 0,
@@ -53,33 +62,52 @@ impl<T> Reorder<T> {
 
     /// Adds an item; when the buffer is full the oldest item is released at once.
     pub fn push(&mut self, at: BootNs, item: T, out: &mut Vec<T>) {
-        self.heap.push(Entry {
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = Some(item);
+                slot
+            }
+            None => {
+                // At most `capacity + 1` items are ever held: the index fits.
+                let slot = self.slots.len() as u32;
+                self.slots.push(Some(item));
+                slot
+            }
+        };
+        self.heap.push(Key {
             at,
             seq: self.next_seq,
-            item,
+            slot,
         });
         self.next_seq += 1;
         while self.heap.len() > self.capacity {
-            if let Some(entry) = self.heap.pop() {
+            if let Some(item) = self.pop() {
                 self.forced += 1;
-                out.push(entry.item);
+                out.push(item);
             }
         }
     }
 
+    /// The oldest item, its slot freed.
+    fn pop(&mut self) -> Option<T> {
+        let key = self.heap.pop()?;
+        self.free.push(key.slot);
+        self.slots[key.slot as usize].take()
+    }
+
     /// Releases every item stamped at or before `horizon`, oldest first.
     pub fn release(&mut self, horizon: BootNs, out: &mut Vec<T>) {
-        while self.heap.peek().is_some_and(|e| e.at <= horizon) {
-            if let Some(entry) = self.heap.pop() {
-                out.push(entry.item);
+        while self.heap.peek().is_some_and(|k| k.at <= horizon) {
+            if let Some(item) = self.pop() {
+                out.push(item);
             }
         }
     }
 
     /// Releases everything, oldest first (shutdown).
     pub fn drain(&mut self, out: &mut Vec<T>) {
-        while let Some(entry) = self.heap.pop() {
-            out.push(entry.item);
+        while let Some(item) = self.pop() {
+            out.push(item);
         }
     }
 
@@ -135,5 +163,23 @@ mod tests {
         assert_eq!(r.len(), 3);
         r.drain(&mut out);
         assert_eq!(out, vec![1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn slots_are_reused_once_released() {
+        let mut r = Reorder::new(1024);
+        let mut out = Vec::new();
+        for round in 0..100u64 {
+            for i in 0..10 {
+                r.push(round * 10 + i, round * 10 + i, &mut out);
+            }
+            r.release(round * 10 + 9, &mut out);
+        }
+        assert_eq!(out, (0..1000).collect::<Vec<_>>());
+        assert!(
+            r.slots.len() <= 10,
+            "{} slots for 10 held at once",
+            r.slots.len()
+        );
     }
 }

@@ -655,13 +655,15 @@ impl Caps {
             };
         }
         let key = (namespace.clone(), workload.to_owned());
-        let workload =
-            if self.workloads.contains(&key) || self.workloads.len() < self.limits.workloads {
-                self.workloads.insert(key);
-                workload.to_owned()
-            } else {
-                OVERFLOW.to_owned()
-            };
+        // Known nearly always: hashed once then, not again by an insert.
+        let workload = if self.workloads.contains(&key) {
+            workload.to_owned()
+        } else if self.workloads.len() < self.limits.workloads {
+            self.workloads.insert(key);
+            workload.to_owned()
+        } else {
+            OVERFLOW.to_owned()
+        };
         SourceLabels {
             namespace,
             workload,
