@@ -13,7 +13,7 @@
 //!   an ICMP error) reports the outcome `timeout`.
 //!
 //! A connect still waiting for its answer is seen by the agent in its slot: the agent maps
-//! `CONNECT_TRACK` read-only and reads the open slots on its poll. So a connect that hangs
+//! `CONNECT_TRACK` read-only and reads the open slots every 100 ms. So a connect that hangs
 //! is seen while it hangs, and one that ends quickly costs one ring record, not two.
 //!
 //! The outcome may be seen in softirq context: everything about the caller comes from what
@@ -128,7 +128,8 @@ fn requested(ctx: &SockAddrContext, family: Family) {
     let (phase, held) = unsafe { ((*slot).phase, (*slot).event.sock_id) };
     if phase == SLOT_OPEN {
         // Never on the ring yet: report the open as it stands before its slot is reused.
-        unsafe { (*slot).phase = SLOT_FREE };
+        // Freed first, as in `answered`: an agent reading the slot meanwhile drops its copy.
+        unsafe { write_volatile(addr_of_mut!((*slot).phase), SLOT_FREE) };
         report(unsafe { addr_of_mut!((*slot).event) });
         if held != cookie && !stale(unsafe { (*slot).event.timestamp_ns }) {
             count(LossCounter::ConnectTrackFull);

@@ -769,8 +769,8 @@ impl RingDecoder {
             let mut opens = Vec::new();
             slots.for_each_open(|raw| {
                 // A slot the kernel was rewriting as it was read: the next scan finds it.
-                if let Ok(record) = decode::decode_connect_event(raw) {
-                    opens.push(record);
+                if let Ok(ConnectRecord::Open(open)) = decode::decode_connect_event(raw) {
+                    opens.push(open);
                 }
             });
             waiting.scanned(opens, batch);

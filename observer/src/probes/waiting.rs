@@ -17,7 +17,7 @@ use std::{
 use aya::maps::MapData;
 use observer_common::{CONNECT_TRACK_SLOTS, ConnectEvent, ConnectKind, ConnectSlot, SLOT_OPEN};
 
-use super::decode::{ConnectRecord, Event};
+use super::decode::{Connect, ConnectRecord, Event};
 
 /// `CONNECT_TRACK`, mapped read-only.
 pub struct TrackSlots {
@@ -124,23 +124,16 @@ impl Drop for TrackSlots {
 #[derive(Debug, Default)]
 pub struct WaitingOpens {
     /// Opens given from their slot whose outcome has not come, with the number of the last
-    /// scan that found them.
-    given: HashMap<u64, u64>,
+    /// scan that found them. Asked once per connect that ends: hashed the fast way.
+    given: HashMap<u64, u64, foldhash::fast::RandomState>,
     scans: u64,
 }
 
 impl WaitingOpens {
     /// The open slots of one scan: gives the opens not given yet.
-    pub fn scanned(
-        &mut self,
-        opens: impl IntoIterator<Item = ConnectRecord>,
-        out: &mut Vec<Event>,
-    ) {
+    pub fn scanned(&mut self, opens: impl IntoIterator<Item = Connect>, out: &mut Vec<Event>) {
         self.scans += 1;
-        for record in opens {
-            let ConnectRecord::Open(open) = record else {
-                continue;
-            };
+        for open in opens {
             if self.given.insert(open.sock_id, self.scans).is_none() {
                 out.push(Event::ConnectOpen(open));
             }
@@ -181,7 +174,7 @@ impl WaitingOpens {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::probes::decode::{Connect, ConnectOutcome, ConnectResult};
+    use crate::probes::decode::{ConnectOutcome, ConnectResult};
 
     fn open(sock_id: u64) -> Connect {
         Connect {
@@ -245,8 +238,8 @@ mod tests {
         let mut waiting = WaitingOpens::default();
         let mut out = Vec::new();
         // Seen waiting by two scans, then it ends.
-        waiting.scanned([ConnectRecord::Open(open(1))], &mut out);
-        waiting.scanned([ConnectRecord::Open(open(1))], &mut out);
+        waiting.scanned([open(1)], &mut out);
+        waiting.scanned([open(1)], &mut out);
         assert_eq!(open_ids(&out), [1]);
         waiting.record(ended(1), &mut out);
         assert_eq!(open_ids(&out), [1], "no second open: {out:?}");
@@ -258,7 +251,7 @@ mod tests {
     fn a_slot_freed_just_before_its_record_lands_gives_no_second_open() {
         let mut waiting = WaitingOpens::default();
         let mut out = Vec::new();
-        waiting.scanned([ConnectRecord::Open(open(1))], &mut out);
+        waiting.scanned([open(1)], &mut out);
         // The next scan finds the slot free; the ended record is drained after it.
         waiting.scanned([], &mut out);
         waiting.record(ended(1), &mut out);
@@ -270,7 +263,7 @@ mod tests {
     fn opens_whose_end_never_comes_are_forgotten() {
         let mut waiting = WaitingOpens::default();
         let mut out = Vec::new();
-        waiting.scanned((0..100).map(|id| ConnectRecord::Open(open(id))), &mut out);
+        waiting.scanned((0..100).map(open), &mut out);
         assert_eq!(waiting.waiting(), 100);
         // The slot given up on reports its open on the ring: already given, not again.
         waiting.record(ConnectRecord::Open(open(5)), &mut out);
