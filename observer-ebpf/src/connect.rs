@@ -77,12 +77,12 @@ fn stale(since: u64) -> bool {
 }
 
 /// A connect's slot: its cookie's low bits, shifted by a hash of the cookie's batch. The
-/// kernel hands out cookies in batches of 4096 (one batch per CPU at a time, from 5.12;
-/// one counter before), so the connects of one CPU take neighbouring slots: the next slot
-/// is usually in a cache line and a page the CPU touched a moment ago. A slot hashed from
-/// the whole cookie landed at random in the 2 MiB array, a cache miss and often a TLB miss
-/// on every connect (`connect4` ~450 against ~280 ns here). The batch's shift keeps the
-/// batches of different CPUs from falling on the same slots in step.
+/// kernel hands out cookies in per-CPU batches of 4096 (`gen_cookie_next`), so the connects
+/// of one CPU take neighbouring slots, usually in a cache line and a page the CPU touched a
+/// moment ago. A slot hashed from the whole cookie landed at random in the 2 MiB array: a
+/// cache miss and often a TLB miss on every connect (`connect4` ~440 against ~300 ns here).
+/// The batch's shift keeps the batches of different CPUs from falling on the same slots in
+/// step.
 #[inline(always)]
 fn track_slot(cookie: u64) -> u32 {
     let batch_shift =
