@@ -10,6 +10,7 @@ pub mod identities;
 pub mod memory;
 pub mod parking;
 pub mod reorder;
+pub mod responses;
 pub mod scopes;
 
 use std::{
@@ -42,6 +43,7 @@ use enrich::NodeFacts;
 use identities::{Identities, Update};
 use parking::{Parking, ParkingLimits};
 use reorder::Reorder;
+use responses::ResponseTally;
 use scopes::ScopeCgroups;
 
 /// How often counters are published, unanswered queries collected, caches refreshed.
@@ -146,6 +148,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         reorder: Reorder::new(REORDER_CAPACITY),
         horizon: 0,
         ready: Vec::new(),
+        responses: ResponseTally::default(),
     };
     // Loading parsed the kernel's BTF and the programs' ELF: megabytes freed since.
     memory::release_freed();
@@ -285,6 +288,8 @@ struct Agent {
     ready: Vec<Event>,
     /// Kernel time up to which every event has been handed to the core: the core's clock.
     horizon: BootNs,
+    /// Pod-side DNS responses not yet added to the metrics (at each tick).
+    responses: ResponseTally,
 }
 
 impl Agent {
@@ -389,6 +394,7 @@ impl Agent {
         for (cgroup_id, events) in self.parking.drain() {
             self.handle_without_identity(cgroup_id, events, "the agent stops");
         }
+        self.publish_dns_responses();
     }
 
     fn handle_all(&mut self, ready: &mut Vec<Event>) {
@@ -547,7 +553,7 @@ impl Agent {
 
     fn dns_message(
         &mut self,
-        who: &WorkloadIdentity,
+        who: &Arc<WorkloadIdentity>,
         packet: &DnsPacket,
         direction: correlate::Direction,
         bytes: &[u8],
@@ -565,16 +571,14 @@ impl Agent {
             }
         };
         if message.is_response && direction == correlate::Direction::Ingress {
-            let identity = enrich::export_identity(who, &self.node);
-            self.metrics
-                .observe_dns_response(&identity, "", &message.rcode.mnemonic());
-            if matches!(who.scope, ScopeKey::Pod(_))
+            // Only a pod is expected to ask the cluster's DNS; a node process may not.
+            let outside = matches!(who.scope, ScopeKey::Pod(_))
                 && self
                     .core
                     .cluster_networks()
-                    .dns_server_outside(packet.source.ip())
-            {
-                self.metrics.observe_external_dns_response(&identity);
+                    .dns_server_outside(packet.source.ip());
+            if let Some(earlier) = self.responses.count(who, message.rcode, outside) {
+                self.publish_responses(&earlier);
             }
         }
         self.core.observe_dns(correlate::DnsObservation {
@@ -607,6 +611,7 @@ impl Agent {
     }
 
     fn tick(&mut self, now: BootNs, probes: &Probes) {
+        self.publish_dns_responses();
         for unanswered in self.core.tick(now) {
             let identity = self.scope_identity(&unanswered.scope);
             self.metrics.observe_unanswered_query(&identity, "");
@@ -677,6 +682,26 @@ impl Agent {
                 EnrichmentState::Degraded
             }
         });
+    }
+
+    /// Adds the DNS responses tallied since the last tick to the metrics: a scrape sees
+    /// counts at most one tick old.
+    fn publish_dns_responses(&mut self) {
+        let mut responses = std::mem::take(&mut self.responses);
+        for pending in responses.drain() {
+            self.publish_responses(&pending);
+        }
+        self.responses = responses;
+    }
+
+    fn publish_responses(&self, pending: &responses::Pending) {
+        let identity = enrich::export_identity(&pending.who, &self.node);
+        self.metrics
+            .observe_dns_responses(&identity, "", &pending.rcode.mnemonic(), pending.count);
+        if pending.outside {
+            self.metrics
+                .observe_external_dns_responses(&identity, pending.count);
+        }
     }
 
     /// Export identity of a whole scope (no single container): for per-scope metrics.
