@@ -14,7 +14,7 @@ pub mod responses;
 pub mod scopes;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -45,6 +45,11 @@ use parking::{Parking, ParkingLimits};
 use reorder::Reorder;
 use responses::ResponseTally;
 use scopes::ScopeCgroups;
+
+/// Maps and sets the loop looks up for every event (by cgroup id, by scope): seeded at
+/// random, several times cheaper per lookup than the standard library's SipHash.
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+pub type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 
 /// How often counters are published, unanswered queries collected, caches refreshed.
 const TICK: Duration = Duration::from_secs(1);
@@ -137,7 +142,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             node: settings.node_name.clone(),
             cluster_domain: settings.cluster_domain.clone(),
         },
-        configured: HashSet::new(),
+        configured: FastSet::default(),
         scope_cgroups: ScopeCgroups::default(),
         metrics: metrics.clone(),
         readiness: readiness.clone(),
@@ -272,7 +277,7 @@ struct Agent {
     parking: Parking<Event>,
     node: NodeFacts,
     /// Scopes whose resolver config and drift key were handed to the core.
-    configured: HashSet<ScopeKey>,
+    configured: FastSet<ScopeKey>,
     /// cgroups seen per scope: a scope whose cgroups are all gone (the pod was deleted, the
     /// node process exited) is forgotten by the core and identity.
     scope_cgroups: ScopeCgroups,

@@ -3,11 +3,10 @@
 //! metrics' labels (the workload's label set, label strings hashed and compared) for each
 //! one was a sixth of the agent's instructions: here a response costs one lookup of a few
 //! integers, and the labels are built once per cgroup, code and server kind at each tick.
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
 
+use super::FastMap;
 use crate::{dns::Rcode, identity::WorkloadIdentity};
-
-type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Responses seen since the last publication, under the identity they were seen with.
 #[derive(Default)]
