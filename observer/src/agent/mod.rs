@@ -60,6 +60,10 @@ const REFRESH: Duration = Duration::from_secs(30);
 /// How often events whose kernel time both ring readers have passed are released, in
 /// order, to the core: about the rings' poll interval.
 const RELEASE: Duration = Duration::from_millis(20);
+/// Events taken from the ring readers' channel at one turn of the loop: under a flood one
+/// turn per event polled every other branch (timers, signals) for every event. Bounded so
+/// that a turn ends soon and the timers and signals still get their turn.
+const EVENT_BATCH: usize = 256;
 /// Events held for reordering at most; past it the oldest go through unordered.
 const REORDER_CAPACITY: usize = 65_536;
 /// How long, and how many, events of a new cgroup wait for its identity: generous, as a
@@ -318,12 +322,17 @@ impl Agent {
         let mut interrupt =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
                 .context("installing the SIGINT handler")?;
+        let mut batch = Vec::with_capacity(EVENT_BATCH);
         loop {
             tokio::select! {
-                event = events.recv() => match event {
-                    Some(event) => self.hold(event),
-                    None => anyhow::bail!("the kernel ring readers stopped"),
-                },
+                received = events.recv_many(&mut batch, EVENT_BATCH) => {
+                    if received == 0 {
+                        anyhow::bail!("the kernel ring readers stopped");
+                    }
+                    for event in batch.drain(..) {
+                        self.hold(event);
+                    }
+                }
                 update = identity_updates.recv() => match update {
                     Some(update) => self.identity_update(update),
                     None => anyhow::bail!("the identity worker stopped"),
