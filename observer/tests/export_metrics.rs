@@ -197,12 +197,12 @@ async fn metrics_scraped_over_http() {
     Arc::make_mut(&mut chain.queries)[0].sent_at += 1;
     metrics.observe_connection(&drifted);
     let identity = seed_identity();
-    for _ in 0..6 {
-        metrics.observe_dns_response(&identity, "web", "NXDOMAIN");
-    }
-    metrics.observe_dns_response(&identity, "web", "NOERROR");
+    // Tallies of two ticks add up.
+    metrics.observe_dns_responses(&identity, "web", "NXDOMAIN", 4);
+    metrics.observe_dns_responses(&identity, "web", "NXDOMAIN", 2);
+    metrics.observe_dns_responses(&identity, "web", "NOERROR", 1);
     metrics.observe_unanswered_query(&healthy_in_cluster().identity, "api");
-    metrics.observe_external_dns_response(&healthy_in_cluster().identity);
+    metrics.observe_external_dns_responses(&healthy_in_cluster().identity, 1);
     metrics.observe_dns_parse_error("truncated");
     metrics.set_kernel_events_lost("dns_capture", "ringbuf_full", 5);
     metrics.set_kernel_events_lost("dns_capture", "ringbuf_full", 17);

@@ -188,9 +188,9 @@ fn exercised_metrics() -> Metrics {
     drift.record.resolution = Resolution::External;
     drift.record.flagged = false;
     metrics.observe_connection(&drift);
-    metrics.observe_dns_response(&seed.identity, "web", "NXDOMAIN");
+    metrics.observe_dns_responses(&seed.identity, "web", "NXDOMAIN", 1);
     metrics.observe_unanswered_query(&seed.identity, "web");
-    metrics.observe_external_dns_response(&seed.identity);
+    metrics.observe_external_dns_responses(&seed.identity, 1);
     metrics.observe_dns_parse_error("truncated");
     metrics.set_kernel_events_lost("dns", "dns_ring_full", 1);
     metrics.set_dns_server_side_messages(1);

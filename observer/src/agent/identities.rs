@@ -8,7 +8,7 @@
 //! delays only the cgroups still waiting for their first answer (see `parking`), never the
 //! correlation of the others.
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashSet, VecDeque},
     path::PathBuf,
     sync::{
         Arc,
@@ -20,6 +20,7 @@ use std::{
 use anyhow::Context as _;
 use tokio::sync::mpsc;
 
+use super::FastMap;
 use crate::{
     identity::{Identity, WorkloadIdentity},
     scope::ScopeKey,
@@ -65,7 +66,7 @@ pub enum Update {
 pub struct Identities {
     identity: Identity,
     requests: SyncSender<Request>,
-    known: HashMap<u64, Known>,
+    known: FastMap<u64, Known>,
     /// Requests the worker's full queue refused.
     pub requests_dropped: u64,
 }
@@ -106,7 +107,7 @@ impl Identities {
             Identities {
                 identity,
                 requests,
-                known: HashMap::new(),
+                known: FastMap::default(),
                 requests_dropped: 0,
             },
             updates_rx,
@@ -124,7 +125,8 @@ impl Identities {
     pub fn ask(&mut self, cgroup_id: u64, pid: Option<u32>) {
         let generation = self.identity.kube_generation();
         let now = Instant::now();
-        if !self.known.contains_key(&cgroup_id) && self.known.len() >= KNOWN_MAX {
+        // The length first: a second lookup only when the snapshot is full.
+        if self.known.len() >= KNOWN_MAX && !self.known.contains_key(&cgroup_id) {
             self.known.retain(|_, k| k.identity.is_none());
         }
         let known = self.known.entry(cgroup_id).or_insert_with(|| Known {

@@ -10,10 +10,11 @@ pub mod identities;
 pub mod memory;
 pub mod parking;
 pub mod reorder;
+pub mod responses;
 pub mod scopes;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -42,7 +43,13 @@ use enrich::NodeFacts;
 use identities::{Identities, Update};
 use parking::{Parking, ParkingLimits};
 use reorder::Reorder;
+use responses::ResponseTally;
 use scopes::ScopeCgroups;
+
+/// Maps and sets the loop looks up for every event (by cgroup id, by scope): seeded at
+/// random, several times cheaper per lookup than the standard library's SipHash.
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+pub type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 
 /// How often counters are published, unanswered queries collected, caches refreshed.
 const TICK: Duration = Duration::from_secs(1);
@@ -53,6 +60,10 @@ const REFRESH: Duration = Duration::from_secs(30);
 /// How often events whose kernel time both ring readers have passed are released, in
 /// order, to the core: about the rings' poll interval.
 const RELEASE: Duration = Duration::from_millis(20);
+/// Events taken from the ring readers' channel at one turn of the loop: under a flood one
+/// turn per event polled every other branch (timers, signals) for every event. Bounded so
+/// that a turn ends soon and the timers and signals still get their turn.
+const EVENT_BATCH: usize = 256;
 /// Events held for reordering at most; past it the oldest go through unordered.
 const REORDER_CAPACITY: usize = 65_536;
 /// How long, and how many, events of a new cgroup wait for its identity: generous, as a
@@ -135,7 +146,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             node: settings.node_name.clone(),
             cluster_domain: settings.cluster_domain.clone(),
         },
-        configured: HashSet::new(),
+        configured: FastSet::default(),
         scope_cgroups: ScopeCgroups::default(),
         metrics: metrics.clone(),
         readiness: readiness.clone(),
@@ -146,6 +157,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         reorder: Reorder::new(REORDER_CAPACITY),
         horizon: 0,
         ready: Vec::new(),
+        responses: ResponseTally::default(),
     };
     // Loading parsed the kernel's BTF and the programs' ELF: megabytes freed since.
     memory::release_freed();
@@ -269,7 +281,7 @@ struct Agent {
     parking: Parking<Event>,
     node: NodeFacts,
     /// Scopes whose resolver config and drift key were handed to the core.
-    configured: HashSet<ScopeKey>,
+    configured: FastSet<ScopeKey>,
     /// cgroups seen per scope: a scope whose cgroups are all gone (the pod was deleted, the
     /// node process exited) is forgotten by the core and identity.
     scope_cgroups: ScopeCgroups,
@@ -285,6 +297,8 @@ struct Agent {
     ready: Vec<Event>,
     /// Kernel time up to which every event has been handed to the core: the core's clock.
     horizon: BootNs,
+    /// Pod-side DNS responses not yet added to the metrics (at each tick).
+    responses: ResponseTally,
 }
 
 impl Agent {
@@ -308,12 +322,17 @@ impl Agent {
         let mut interrupt =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
                 .context("installing the SIGINT handler")?;
+        let mut batch = Vec::with_capacity(EVENT_BATCH);
         loop {
             tokio::select! {
-                event = events.recv() => match event {
-                    Some(event) => self.hold(event),
-                    None => anyhow::bail!("the kernel ring readers stopped"),
-                },
+                received = events.recv_many(&mut batch, EVENT_BATCH) => {
+                    if received == 0 {
+                        anyhow::bail!("the kernel ring readers stopped");
+                    }
+                    for event in batch.drain(..) {
+                        self.hold(event);
+                    }
+                }
                 update = identity_updates.recv() => match update {
                     Some(update) => self.identity_update(update),
                     None => anyhow::bail!("the identity worker stopped"),
@@ -389,6 +408,7 @@ impl Agent {
         for (cgroup_id, events) in self.parking.drain() {
             self.handle_without_identity(cgroup_id, events, "the agent stops");
         }
+        self.publish_dns_responses();
     }
 
     fn handle_all(&mut self, ready: &mut Vec<Event>) {
@@ -547,7 +567,7 @@ impl Agent {
 
     fn dns_message(
         &mut self,
-        who: &WorkloadIdentity,
+        who: &Arc<WorkloadIdentity>,
         packet: &DnsPacket,
         direction: correlate::Direction,
         bytes: &[u8],
@@ -565,16 +585,14 @@ impl Agent {
             }
         };
         if message.is_response && direction == correlate::Direction::Ingress {
-            let identity = enrich::export_identity(who, &self.node);
-            self.metrics
-                .observe_dns_response(&identity, "", &message.rcode.mnemonic());
-            if matches!(who.scope, ScopeKey::Pod(_))
+            // Only a pod is expected to ask the cluster's DNS; a node process may not.
+            let outside = matches!(who.scope, ScopeKey::Pod(_))
                 && self
                     .core
                     .cluster_networks()
-                    .dns_server_outside(packet.source.ip())
-            {
-                self.metrics.observe_external_dns_response(&identity);
+                    .dns_server_outside(packet.source.ip());
+            if let Some(earlier) = self.responses.count(who, message.rcode, outside) {
+                self.publish_responses(&earlier);
             }
         }
         self.core.observe_dns(correlate::DnsObservation {
@@ -607,6 +625,7 @@ impl Agent {
     }
 
     fn tick(&mut self, now: BootNs, probes: &Probes) {
+        self.publish_dns_responses();
         for unanswered in self.core.tick(now) {
             let identity = self.scope_identity(&unanswered.scope);
             self.metrics.observe_unanswered_query(&identity, "");
@@ -677,6 +696,26 @@ impl Agent {
                 EnrichmentState::Degraded
             }
         });
+    }
+
+    /// Adds the DNS responses tallied since the last tick to the metrics: a scrape sees
+    /// counts at most one tick old.
+    fn publish_dns_responses(&mut self) {
+        let mut responses = std::mem::take(&mut self.responses);
+        for pending in responses.drain() {
+            self.publish_responses(&pending);
+        }
+        self.responses = responses;
+    }
+
+    fn publish_responses(&self, pending: &responses::Pending) {
+        let identity = enrich::export_identity(&pending.who, &self.node);
+        self.metrics
+            .observe_dns_responses(&identity, "", &pending.rcode.mnemonic(), pending.count);
+        if pending.outside {
+            self.metrics
+                .observe_external_dns_responses(&identity, pending.count);
+        }
     }
 
     /// Export identity of a whole scope (no single container): for per-scope metrics.

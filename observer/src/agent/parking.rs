@@ -5,8 +5,9 @@
 //! other cgroup's events go on to the core. Waiting is bounded by age (kernel time, against
 //! the loop's horizon) and by count, per cgroup and in all: past a bound the cgroup's events
 //! are given up on, handed to the core with the identity known so far, and counted.
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
+use super::FastMap;
 use crate::record::BootNs;
 
 /// Why a cgroup's events stopped waiting for its identity without it.
@@ -28,7 +29,7 @@ pub struct ParkingLimits {
 
 /// Per-cgroup queues of events waiting for an identity, oldest first.
 pub struct Parking<T> {
-    queues: HashMap<u64, VecDeque<(BootNs, T)>>,
+    queues: FastMap<u64, VecDeque<(BootNs, T)>>,
     total: usize,
     limits: ParkingLimits,
     /// Events that waited and were handed on with their identity.
@@ -42,7 +43,7 @@ pub struct Parking<T> {
 impl<T> Parking<T> {
     pub fn new(limits: ParkingLimits) -> Self {
         Parking {
-            queues: HashMap::new(),
+            queues: FastMap::default(),
             total: 0,
             limits,
             resolved: 0,

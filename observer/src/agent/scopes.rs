@@ -1,12 +1,11 @@
 //! Which cgroups each scope has been seen in, so that a scope whose cgroups are all gone
 //! (its pod deleted, its node process exited) can be forgotten everywhere.
-use std::collections::{HashMap, HashSet};
-
+use super::{FastMap, FastSet};
 use crate::scope::ScopeKey;
 
 #[derive(Default)]
 pub struct ScopeCgroups {
-    seen: HashMap<ScopeKey, HashSet<u64>>,
+    seen: FastMap<ScopeKey, FastSet<u64>>,
 }
 
 impl ScopeCgroups {
@@ -14,7 +13,8 @@ impl ScopeCgroups {
         if let Some(ids) = self.seen.get_mut(scope) {
             ids.insert(cgroup_id);
         } else {
-            self.seen.insert(scope.clone(), HashSet::from([cgroup_id]));
+            self.seen
+                .insert(scope.clone(), FastSet::from_iter([cgroup_id]));
         }
     }
 

@@ -472,8 +472,15 @@ impl Metrics {
         }
     }
 
-    /// Counts one DNS response seen for `identity` (`comm` names node processes).
-    pub fn observe_dns_response(&self, identity: &ExportIdentity, comm: &str, rcode: &str) {
+    /// Counts `responses` DNS responses seen for `identity` (`comm` names node processes).
+    /// The agent tallies responses per cgroup and code and adds them here at each tick.
+    pub fn observe_dns_responses(
+        &self,
+        identity: &ExportIdentity,
+        comm: &str,
+        rcode: &str,
+        responses: u64,
+    ) {
         let mut caps = self.caps();
         let source = caps.source(identity, comm);
         let rcode = caps.small(SmallSet::Rcode, rcode);
@@ -483,13 +490,14 @@ impl Metrics {
                 workload: source.workload,
                 rcode,
             })
-            .inc();
+            .inc_by(responses);
     }
 
-    /// Counts one DNS response a pod received from a server outside the cluster networks.
-    pub fn observe_external_dns_response(&self, identity: &ExportIdentity) {
+    /// Counts `responses` DNS responses a pod received from a server outside the cluster
+    /// networks (tallied by the agent, like the responses by code).
+    pub fn observe_external_dns_responses(&self, identity: &ExportIdentity, responses: u64) {
         let source = self.caps().source(identity, "");
-        self.external_dns.get_or_create(&source).inc();
+        self.external_dns.get_or_create(&source).inc_by(responses);
     }
 
     /// Counts one query the DNS side gave up waiting for.

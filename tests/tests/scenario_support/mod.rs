@@ -111,6 +111,23 @@ impl Observed {
     pub fn metrics(&self) -> String {
         self.agent.metrics()
     }
+
+    /// The first scrape for which `counted` holds: some series (DNS responses) are added
+    /// to /metrics at the agent's next tick, not with the record they led to.
+    pub fn metrics_when(&self, counted: impl Fn(&str) -> bool) -> String {
+        let deadline = std::time::Instant::now() + RECORD_WAIT;
+        loop {
+            let metrics = self.metrics();
+            if counted(&metrics) {
+                return metrics;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "/metrics never counted what the test waits for:\n{metrics}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 /// `search_chain` as `(name, type, rcode)` triples.
