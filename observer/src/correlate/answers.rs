@@ -31,8 +31,18 @@ impl AnswerRef {
 
 /// An address as an index key: IPv4 as its v4-mapped IPv6 form, 16 plain bytes. With
 /// alignment 1 (`IpAddr` has a tag), an index entry takes 28 bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug)]
 pub(super) struct AddrKey(pub(super) [u8; 16]);
+
+/// Compared as one number too: a byte array's equality is a call to `memcmp`, and every
+/// connect and indexed answer compares a key.
+impl PartialEq for AddrKey {
+    fn eq(&self, other: &Self) -> bool {
+        u128::from_ne_bytes(self.0) == u128::from_ne_bytes(other.0)
+    }
+}
+
+impl Eq for AddrKey {}
 
 /// The 16 bytes as one number: the hasher folds it in one step, where a byte array
 /// would be hashed as a slice (its length, then its bytes).

@@ -230,7 +230,7 @@ impl Correlator {
             self.connect_order.len()
         );
 
-        let drift: usize = self.in_cluster_seen.values().map(|names| names.len()).sum();
+        let drift: usize = self.in_cluster_seen.iter().map(|names| names.len()).sum();
         ensure!(
             drift == self.in_cluster_entries,
             "drift entries counted {} but {drift} held",

@@ -63,10 +63,13 @@ pub struct Correlator {
     wakeups: BTreeSet<(BootNs, u32)>,
     connects: FastMap<u64, OpenConnect>,
     connect_order: DeadlineQueue<u64>,
-    /// drift key -> query name -> when it last resolved in-cluster. Nested so that a
-    /// connect looks its names up by reference, without building a key.
-    in_cluster_seen: FastMap<Arc<str>, FastMap<Arc<str>, BootNs>>,
-    /// Entries of all `in_cluster_seen` inner maps.
+    /// drift key -> its names in `in_cluster_seen`. Scopes keep the handle they found
+    /// ([`Scope::drift_names`]), so a connect does not hash the (long) key again.
+    drift_tables: FastMap<Arc<str>, u32>,
+    /// Per drift key: query name -> when it last resolved in-cluster. Looked up by
+    /// reference, without building a key; never shrinks, so a handle stays valid.
+    in_cluster_seen: Vec<FastMap<Arc<str>, BootNs>>,
+    /// Entries of all `in_cluster_seen` maps.
     in_cluster_entries: usize,
     answers_total: usize,
     pending_total: usize,
@@ -82,7 +85,8 @@ impl Correlator {
             wakeups: BTreeSet::new(),
             connects: FastMap::default(),
             connect_order: DeadlineQueue::new(),
-            in_cluster_seen: FastMap::default(),
+            drift_tables: FastMap::default(),
+            in_cluster_seen: Vec::new(),
             in_cluster_entries: 0,
             answers_total: 0,
             pending_total: 0,
@@ -169,6 +173,7 @@ impl Correlator {
     fn set_drift_key_step(&mut self, scope: &ScopeKey, key: &str) -> Result<(), ScopeLimitReached> {
         let (_, state) = self.scope_mut(scope, 0)?;
         state.drift_key = Arc::from(key);
+        state.drift_names = None;
         state.pinned = true;
         Ok(())
     }
@@ -488,13 +493,17 @@ impl Correlator {
                         chain.base.clone()
                     };
                     let room = self.in_cluster_entries < self.config.limits.max_drift_entries;
-                    let names = match self.in_cluster_seen.get_mut(&*scope.drift_key) {
-                        Some(names) => Some(names),
-                        None if room => Some(
-                            self.in_cluster_seen
-                                .entry(scope.drift_key.clone())
-                                .or_default(),
-                        ),
+                    let handle =
+                        drift_names(&self.drift_tables, &scope.drift_key, &mut scope.drift_names);
+                    let names = match handle {
+                        Some(id) => Some(&mut self.in_cluster_seen[id as usize]),
+                        None if room => {
+                            let id = self.in_cluster_seen.len() as u32;
+                            self.drift_tables.insert(scope.drift_key.clone(), id);
+                            self.in_cluster_seen.push(FastMap::default());
+                            scope.drift_names = Some(id);
+                            Some(&mut self.in_cluster_seen[id as usize])
+                        }
                         None => None,
                     };
                     match names.map(|names| names.entry(name)) {
@@ -585,11 +594,15 @@ impl Correlator {
                         let answered_at = a.answered_at;
                         let materialized = chain.materialize();
                         if resolution != Resolution::InCluster {
-                            drift = self
-                                .in_cluster_seen
-                                .get(&*scope.drift_key)
-                                .and_then(|names| names.get(&*materialized.query_name))
-                                .is_some_and(|seen| *seen <= answered_at);
+                            drift = drift_names(
+                                &self.drift_tables,
+                                &scope.drift_key,
+                                &mut scope.drift_names,
+                            )
+                            .and_then(|id| {
+                                self.in_cluster_seen[id as usize].get(&*materialized.query_name)
+                            })
+                            .is_some_and(|seen| *seen <= answered_at);
                         }
                         chain_record = Some(materialized);
                         self.counters.connects_joined += 1;
@@ -715,6 +728,19 @@ impl Correlator {
             at,
         )
     }
+}
+
+/// A scope's handle into `in_cluster_seen` ([`Scope::drift_names`]), found by its drift
+/// key once and then kept.
+fn drift_names(
+    tables: &FastMap<Arc<str>, u32>,
+    drift_key: &str,
+    handle: &mut Option<u32>,
+) -> Option<u32> {
+    if handle.is_none() {
+        *handle = tables.get(drift_key).copied();
+    }
+    *handle
 }
 
 /// Lower case, no trailing dot.

@@ -36,6 +36,8 @@ pub(super) struct Scope {
     pub(super) serial: u64,
     pub(super) resolver: Resolver,
     pub(super) drift_key: Arc<str>,
+    /// `drift_key`'s names in `Correlator::in_cluster_seen`, once known.
+    pub(super) drift_names: Option<u32>,
     /// Set by identity (resolver or drift key): kept while idle, until `remove_scope`.
     pub(super) pinned: bool,
     pub(super) pending: FastMap<PendingKey, Pending>,
@@ -145,6 +147,7 @@ pub(super) fn scope_entry<'a>(
                     inferred: true,
                 },
                 drift_key: Arc::from(key.to_string()),
+                drift_names: None,
                 pinned: false,
                 pending: FastMap::default(),
                 pending_order: DeadlineQueue::new(),
