@@ -220,12 +220,10 @@ impl<K: Copy + PartialEq> DeadlineQueue<K> {
         self.pop_due(BootNs::MAX, is_live).map(|(_, key)| key)
     }
 
-    /// Drops the dead entries at the front now rather than when they come due.
-    pub(super) fn drop_dead_front(&mut self, is_live: impl Fn(&K, BootNs) -> bool) {
-        while let Some((deadline, key)) = self.entries.front() {
-            if is_live(key, *deadline) {
-                break;
-            }
+    /// Drops the front entry now if it is `(deadline, key)`, an entry just removed from its
+    /// map: no lookup in the map needed.
+    pub(super) fn drop_front_if(&mut self, deadline: BootNs, key: K) {
+        if self.entries.front() == Some(&(deadline, key)) {
             self.entries.pop_front();
         }
     }

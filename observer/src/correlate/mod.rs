@@ -414,7 +414,8 @@ impl Correlator {
             self.counters.responses_unmatched += 1;
             return;
         };
-        let Some(pending) = scope.pending.get(&key) else {
+        // Taken out at once (one hash of the key), put back in the rare case of a mismatch.
+        let Some(pending) = scope.pending.remove(&key) else {
             self.counters.responses_unmatched += 1;
             return;
         };
@@ -422,16 +423,14 @@ impl Correlator {
             && (*q.name != *pending.name || q.qtype.0 != pending.qtype)
         {
             // Same id and tuple but another question: not the answer to this query.
+            scope.pending.insert(key, pending);
             self.counters.responses_mismatched += 1;
             return;
         }
-        let pending = scope.pending.remove(&key).expect("looked up above");
         self.pending_total -= 1;
-        // Responses come mostly in send order: drop the answered entries at the front now
-        // rather than keeping them until their timeout.
-        scope
-            .pending_order
-            .drop_dead_front(|k, d| is_pending(&scope.pending, k, d));
+        // Responses come mostly in send order: the answered entry at the front goes now
+        // rather than at its timeout (others wait for theirs, or for the queue's compaction).
+        scope.pending_order.drop_front_if(pending.deadline, key);
         scope.last_activity = at;
         if message.answers_capped {
             self.counters.responses_answers_capped += 1;
@@ -519,14 +518,10 @@ impl Correlator {
         }
         let grace = self.config.answer_grace_ns;
         let mut latest = chain.free_at;
-        for (_, ttl) in lookup.addresses(&pending.name, msg) {
-            let expires_at = at + u64::from(ttl) * 1_000_000_000;
-            latest = latest.max(expires_at + grace);
-        }
-        chain.free_at = latest;
         let (slot, generation) = (pending.slot, pending.generation);
         for (ip, ttl) in lookup.addresses(&pending.name, msg) {
             let expires_at = at + u64::from(ttl) * 1_000_000_000;
+            latest = latest.max(expires_at + grace);
             index_answer(
                 scope,
                 &mut self.answers_total,
@@ -539,6 +534,10 @@ impl Correlator {
                     expires_s: seconds_up(expires_at),
                 },
             );
+        }
+        // Indexing never evicts the chain it indexes for.
+        if let Some(chain) = scope.slots[slot as usize].chain.as_mut() {
+            chain.free_at = latest;
         }
         schedule(
             &mut self.wakeups,

@@ -950,3 +950,24 @@ fn the_invariants_catch_a_total_that_drifted_from_what_it_counts() {
     let broken = c.check_invariants().unwrap_err().to_string();
     assert!(broken.contains("answers total"), "{broken}");
 }
+
+/// Resolvers may randomise the case of a query's name (0x20) and servers echo it byte for
+/// byte: a response is matched to its query whether its question repeats the query's bytes
+/// or only its name in another case, and the name is recorded lower case either way.
+#[test]
+fn a_question_in_randomised_case_matches_echoed_or_not() {
+    for echoed in ["aPi.ExAmple.COM", "api.example.com"] {
+        let mut c = Correlator::new(config());
+        let mut client = Client::new("pod-case", "198.18.1.9");
+        configured(&mut c, &client, 1);
+        let id = client.send(&mut c, "aPi.ExAmple.COM", A);
+        client.deliver(
+            &mut c,
+            &response(id, echoed, A, 0, &[addr(echoed, 300, "203.0.113.7")], None),
+        );
+        assert_eq!(c.counters().responses_mismatched, 0, "{echoed}");
+        let r = client.connect(&mut c, 1, "203.0.113.7:443", Outcome::Established);
+        let chain = r.chain.expect("the connect joined the answer");
+        assert_eq!(&*chain.server_address, "api.example.com", "{echoed}");
+    }
+}
