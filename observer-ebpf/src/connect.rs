@@ -76,22 +76,24 @@ fn stale(since: u64) -> bool {
     unsafe { bpf_ktime_get_boot_ns() }.saturating_sub(since) >= TRACK_STALE_NS
 }
 
-/// A connect's slot: its cookie's low bits, shifted by a hash of the cookie's batch. The
-/// kernel hands out cookies in per-CPU batches of 4096 (`gen_cookie_next`), so the connects
-/// of one CPU take neighbouring slots, usually in a cache line and a page the CPU touched a
-/// moment ago. A slot hashed from the whole cookie landed at random in the 2 MiB array: a
-/// cache miss and often a TLB miss on every connect (`connect4` ~440 against ~300 ns here).
-/// The batch's shift keeps the batches of different CPUs from falling on the same slots in
-/// step.
+/// A connect's slot: a page of slots chosen by hashing the cookie's high bits, the slot in
+/// the page by its low bits. The kernel hands out cookies in per-CPU batches
+/// (`gen_cookie_next`), so the next connects of one CPU take the next slots of the page it
+/// touched a moment ago. A slot hashed from the whole cookie landed at random in the 2 MiB
+/// array: a cache miss and often a TLB miss on every connect (`connect4` ~440 against
+/// ~300 ns here). Pages, not whole batches, are hashed: the ranges of two CPUs' batches
+/// would overlap half the time and stay in step for thousands of connects, and an open
+/// waiting in one would lose its slot to the other (`connect_track_full`); two CPUs rarely
+/// share a page at once.
 #[inline(always)]
 fn track_slot(cookie: u64) -> u32 {
-    let batch_shift =
-        ((cookie >> COOKIE_BATCH_BITS).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32;
-    (cookie as u32).wrapping_add(batch_shift) & (CONNECT_TRACK_SLOTS - 1)
+    let page = ((cookie >> SLOTS_PER_PAGE_BITS).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32;
+    ((page << SLOTS_PER_PAGE_BITS) | (cookie as u32 & ((1 << SLOTS_PER_PAGE_BITS) - 1)))
+        & (CONNECT_TRACK_SLOTS - 1)
 }
 
-/// log2 of the kernel's socket cookie batch (`COOKIE_LOCAL_BATCH`).
-const COOKIE_BATCH_BITS: u32 = 12;
+/// log2 of the slots in a 4 KiB page (`ConnectSlot` is 128 bytes).
+const SLOTS_PER_PAGE_BITS: u32 = 5;
 
 /// sock_addr verdict: let the connect proceed. Observation never refuses a connect.
 const ALLOW: i32 = 1;
