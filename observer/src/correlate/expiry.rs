@@ -220,10 +220,21 @@ impl<K: Copy + PartialEq> DeadlineQueue<K> {
         self.pop_due(BootNs::MAX, is_live).map(|(_, key)| key)
     }
 
-    /// Drops the front entry now if it is `(deadline, key)`, an entry just removed from its
-    /// map: no lookup in the map needed.
-    pub(super) fn drop_front_if(&mut self, deadline: BootNs, key: K) {
-        if self.entries.front() == Some(&(deadline, key)) {
+    /// Drops the entries at the front that are dead now rather than when they come due:
+    /// first `(deadline, key)`, an entry just removed from its map, with no lookup, then
+    /// any that an earlier removal left behind it (answered out of order).
+    pub(super) fn drop_dead_front(
+        &mut self,
+        removed: (BootNs, K),
+        is_live: impl Fn(&K, BootNs) -> bool,
+    ) {
+        if self.entries.front() == Some(&removed) {
+            self.entries.pop_front();
+        }
+        while let Some((deadline, key)) = self.entries.front() {
+            if is_live(key, *deadline) {
+                break;
+            }
             self.entries.pop_front();
         }
     }

@@ -428,9 +428,13 @@ impl Correlator {
             return;
         }
         self.pending_total -= 1;
-        // Responses come mostly in send order: the answered entry at the front goes now
-        // rather than at its timeout (others wait for theirs, or for the queue's compaction).
-        scope.pending_order.drop_front_if(pending.deadline, key);
+        // Responses come mostly in send order: drop the answered entries at the front now
+        // rather than keeping them until their timeout.
+        scope
+            .pending_order
+            .drop_dead_front((pending.deadline, key), |k, d| {
+                is_pending(&scope.pending, k, d)
+            });
         scope.last_activity = at;
         if message.answers_capped {
             self.counters.responses_answers_capped += 1;
