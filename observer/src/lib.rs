@@ -12,6 +12,7 @@ pub mod correlate;
 pub mod dns;
 pub mod error;
 pub mod export;
+pub mod fast_hash;
 pub mod identity;
 /// A stand-in Kubernetes API server for the tests and benchmarks (see its module doc).
 #[cfg(any(test, feature = "test-support"))]

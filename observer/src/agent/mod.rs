@@ -14,7 +14,7 @@ pub mod responses;
 pub mod scopes;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -33,6 +33,7 @@ use crate::{
         Readiness, Redactor, SpanExporter, SpanSink, TextWriter, UnjoinedReason, UnmatchedReason,
         WallClock, color_on, serve_http,
     },
+    fast_hash::{FastMap, FastSet},
     identity::{EnrichmentStatus, Identity, IdentityConfig, WorkloadIdentity},
     probes::{BootClock, DnsPacket, Event, ProbeOptions, Probes, Protocol},
     record::{BootNs, ConnectionRecord},
@@ -45,11 +46,6 @@ use parking::{Parking, ParkingLimits};
 use reorder::Reorder;
 use responses::ResponseTally;
 use scopes::ScopeCgroups;
-
-/// Maps and sets the loop looks up for every event (by cgroup id, by scope): seeded at
-/// random, several times cheaper per lookup than the standard library's SipHash.
-pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-pub type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 
 /// How often counters are published, unanswered queries collected, caches refreshed.
 const TICK: Duration = Duration::from_secs(1);

@@ -15,7 +15,7 @@ mod types;
 mod tests;
 
 use std::{
-    collections::{BTreeSet, HashMap, hash_map::Entry},
+    collections::{BTreeSet, hash_map::Entry},
     net::SocketAddr,
     sync::Arc,
 };
@@ -25,6 +25,7 @@ pub use types::*;
 
 use crate::{
     dns::{self, DnsMessage, DnsParseErrorKind},
+    fast_hash::FastMap,
     networks::ClusterNetworks,
     record::{BootNs, ConnectionRecord, Resolution},
     scope::ScopeKey,
@@ -34,10 +35,6 @@ use chain::{ChainAnswer, StepKind};
 use expiry::{DeadlineQueue, schedule};
 use pending::{Pending, PendingKey, is_pending, pop_oldest_pending};
 use scope::{Resolver, Scope, ScopeTable, evict_oldest_chain, insert_chain, scope_entry};
-
-/// Keys come from pods (names, addresses, ids they chose), so the hasher is seeded at
-/// random per map: fast, without letting a pod pick colliding keys.
-type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 struct OpenConnect {
     record: ConnectionRecord,

@@ -7,7 +7,6 @@
 //! hangs and in time order with the DNS that named its destination. [`WaitingOpens`]
 //! delivers each open exactly once, whether from its slot or from its ended record.
 use std::{
-    collections::HashMap,
     io,
     os::fd::{AsFd, AsRawFd},
     ptr::{NonNull, read_volatile},
@@ -18,6 +17,7 @@ use aya::maps::MapData;
 use observer_common::{CONNECT_TRACK_SLOTS, ConnectEvent, ConnectKind, ConnectSlot, SLOT_OPEN};
 
 use super::decode::{Connect, ConnectRecord, Event};
+use crate::fast_hash::FastMap;
 
 /// `CONNECT_TRACK`, mapped read-only.
 pub struct TrackSlots {
@@ -125,7 +125,7 @@ impl Drop for TrackSlots {
 pub struct WaitingOpens {
     /// Opens given from their slot whose outcome has not come, with the number of the last
     /// scan that found them. Asked once per connect that ends: hashed the fast way.
-    given: HashMap<u64, u64, foldhash::fast::RandomState>,
+    given: FastMap<u64, u64>,
     scans: u64,
 }
 
