@@ -331,6 +331,24 @@ impl Agent {
         body
     }
 
+    /// Scrapes /metrics until `done` holds, for at most `within`; returns that scrape. Some
+    /// series are added at the agent's next tick, not with the record they count.
+    pub fn metrics_when(&self, within: Duration, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let text = self.metrics();
+            if done(&text) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the metrics did not reach the expected state within {within:?}:\n{text}\nthe agent's log:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The agent's log so far (standard error).
     pub fn stderr(&self) -> String {
         self.stderr.lock().expect("stderr lock").clone()

@@ -201,7 +201,9 @@ fn seed_story_search_escape_is_flagged() {
     assert!(wasted(&after) >= wasted(&before) + 3.0, "{after}");
     // DNS responses are tallied and added at the agent's next tick.
     let nx = |m: &str| metric_sum(m, "observer_dns_responses_total", &[("rcode", "NXDOMAIN")]);
-    observed.metrics_when(|m| nx(m) >= nx(&before) + 6.0);
+    observed
+        .agent
+        .metrics_when(RECORD_WAIT, |m| nx(m) >= nx(&before) + 6.0);
 }
 
 /// Scenario 2: The same pod and name, with the Service present: the first search domain answers

@@ -20,8 +20,7 @@ use observer_tests::{
     story::{DB_NAME, EXTERNAL_DB, Outside, service_db, testbed},
 };
 use scenario_pods_support::{
-    chain_names, client, client_report, spawn_client, start_agent, text, wait_for_metrics,
-    wait_for_records,
+    chain_names, client, client_report, spawn_client, start_agent, text, wait_for_records,
 };
 use serde_json::{Value, json};
 
@@ -400,7 +399,7 @@ fn unanswered_queries_refused_and_timed_out_connects() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    wait_for_metrics(&agent, RECORD_WAIT, |m| {
+    agent.metrics_when(RECORD_WAIT, |m| {
         metric_sum(m, "observer_dns_unanswered_queries_total", &[]) >= unanswered_before + 2.0
     });
     assert!(
@@ -854,7 +853,7 @@ fn a_stalled_identity_read_holds_back_only_its_own_pod() {
         assert_eq!(r["pod"]["namespace"], "busy", "{r}");
         assert_chain(&r, &walk("db", "busy", 4));
     }
-    let metrics = wait_for_metrics(&agent, RECORD_WAIT, |m| {
+    let metrics = agent.metrics_when(RECORD_WAIT, |m| {
         m.contains("kind=\"identity_wait_expired\"")
     });
     for kind in [

@@ -114,19 +114,3 @@ pub fn wait_for_records(
         std::thread::sleep(Duration::from_millis(50));
     }
 }
-
-/// Polls the agent's /metrics until `done` holds (bounded); returns the last scrape.
-pub fn wait_for_metrics(agent: &Agent, within: Duration, done: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + within;
-    loop {
-        let text = agent.metrics();
-        if done(&text) {
-            return text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the metrics did not reach the expected state within {within:?}:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}

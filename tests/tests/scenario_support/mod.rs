@@ -39,20 +39,9 @@ impl Observed {
                 .env("KUBECONFIG", api.kubeconfig().display().to_string())
                 .env("NODE_NAME", "node-a")
         });
-        let deadline = std::time::Instant::now() + RECORD_WAIT;
-        while metric_sum(
-            &observed.metrics(),
-            "observer_enrichment_status",
-            &[("state", "kube")],
-        ) != 1.0
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the agent never synced with the stand-in API:\n{}",
-                observed.agent.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        observed.agent.metrics_when(RECORD_WAIT, |m| {
+            metric_sum(m, "observer_enrichment_status", &[("state", "kube")]) == 1.0
+        });
         observed
     }
 
@@ -110,23 +99,6 @@ impl Observed {
 
     pub fn metrics(&self) -> String {
         self.agent.metrics()
-    }
-
-    /// The first scrape for which `counted` holds: some series (DNS responses) are added
-    /// to /metrics at the agent's next tick, not with the record they led to.
-    pub fn metrics_when(&self, counted: impl Fn(&str) -> bool) -> String {
-        let deadline = std::time::Instant::now() + RECORD_WAIT;
-        loop {
-            let metrics = self.metrics();
-            if counted(&metrics) {
-                return metrics;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "/metrics never counted what the test waits for:\n{metrics}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
     }
 }
 
