@@ -333,6 +333,39 @@ fn resolv_conf_is_found_from_the_cgroup_before_any_pid_is_reported() {
 }
 
 #[test]
+fn resolv_conf_is_found_through_the_pod_when_the_named_process_has_exited() {
+    // A one-shot client's connect can reach the agent before its lookup does, and it has
+    // exited by then: the first read names a dead pid, and the pod's main process must still
+    // give the pod's resolv.conf at once (a later event may be too late for the record).
+    let suffix = run_suffix();
+    let mut tree = CgroupTree::new();
+    let uid = pod_uid(&suffix, 9);
+    let container = format!(
+        "/observer-test-{suffix}/kubepods.slice/kubepods-pod{}.slice/cri-containerd-{}.scope",
+        uid.replace('-', "_"),
+        container_id(&suffix, 9)
+    );
+    let id = tree.create(&container);
+    let main = tree.spawn_in(&container);
+    let mut client = Command::new("true").spawn().expect("spawn true");
+    let exited = client.id();
+    client.wait().expect("the client exits");
+    assert!(!Path::new(&format!("/proc/{exited}")).exists());
+    let identity = Identity::host_only(
+        CgroupCache::new(&tree.mount, CgroupCacheConfig::default()),
+        ResolvCache::new(ResolvCacheConfig::default()),
+    );
+    let expected = observer::identity::parse_resolv_conf(
+        &std::fs::read(format!("/proc/{main}/root/etc/resolv.conf")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        identity.resolve(id, Some(exited)).resolver.as_deref(),
+        Some(&expected)
+    );
+}
+
+#[test]
 fn resolv_conf_is_found_through_another_container_of_the_pod() {
     // A one-shot client may exit before its lookup is read: the pod's main process in
     // another container shows the same resolv.conf. CRI-O's conmon monitor, though, runs in

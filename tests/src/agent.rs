@@ -523,6 +523,14 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// Every series of metric `name` in a scrape, one per line: what a failed count shows.
+pub fn series_of(text: &str, name: &str) -> String {
+    text.lines()
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Each field of `expected` has that value in `record` (`null`: absent or null), so a test
 /// states what a JSON line says about its connection in one place.
 pub fn assert_fields(record: &Value, expected: Value) {

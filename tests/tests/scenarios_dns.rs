@@ -8,7 +8,10 @@ mod scenario_support;
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use observer_tests::{DnsConfig, Family, PodSpec, QueryOutcome, agent::metric_sum};
+use observer_tests::{
+    DnsConfig, Family, PodSpec, QueryOutcome,
+    agent::{metric_sum, series_of},
+};
 use scenario_support::*;
 use serde_json::{Value, json};
 
@@ -413,6 +416,13 @@ fn externalname_service_cname_is_declared_egress() {
     );
     assert_eq!(record["egress"], true);
     assert_not_flagged(&record, None);
+    // The pod is not in the API: its namespace is read from its resolv.conf search list, and
+    // the metric below is counted under it.
+    assert_eq!(
+        record["pod"]["namespace"],
+        namespace.as_str(),
+        "the namespace of a pod the API does not know: {record:#}"
+    );
 
     let root = &observed.trace_of(&pod)[0];
     assert_eq!(
@@ -435,7 +445,8 @@ fn externalname_service_cname_is_declared_egress() {
             &[ours, ("resolution", "declared-egress")]
         ),
         1.0,
-        "counted under its own resolution"
+        "counted under its own resolution: {}",
+        series_of(&metrics, "observer_connections_total")
     );
     assert_eq!(
         metric_sum(&metrics, "observer_flagged_connections_total", &[ours]),

@@ -370,6 +370,54 @@ struct ScopeResolv {
     discovered_at: Option<Instant>,
 }
 
+impl ScopeResolv {
+    /// Members are looked for only while nothing was read and no member is known, and at most
+    /// once per interval.
+    fn discovery_due(&self, now: Instant) -> bool {
+        self.conf.is_none()
+            && self.pids.is_empty()
+            && self
+                .discovered_at
+                .is_none_or(|at| now.duration_since(at) >= DISCOVERY_INTERVAL)
+    }
+
+    /// Adds the members `discover` names (none if it was used already); whether any is new.
+    fn discover(
+        &mut self,
+        now: Instant,
+        discover: Option<impl FnOnce() -> Vec<u32>>,
+        max: usize,
+    ) -> bool {
+        self.discovered_at = Some(now);
+        let Some(discover) = discover else {
+            return false;
+        };
+        let mut new_pid = false;
+        for pid in discover().into_iter().take(max) {
+            new_pid |= self.remember(pid, false);
+        }
+        new_pid
+    }
+
+    /// Records a member pid, `first` as the most recent; whether it was not known (a process
+    /// not seen before may read what the earlier ones could not).
+    fn remember(&mut self, pid: u32, first: bool) -> bool {
+        if self.pids.contains(&pid) {
+            if first {
+                self.pids.retain(|p| *p != pid);
+                self.pids.insert(0, pid);
+            }
+            return false;
+        }
+        if first {
+            self.pids.insert(0, pid);
+        } else {
+            self.pids.push(pid);
+        }
+        true
+    }
+}
+
 /// How often a scope with no known member pid is searched for one.
 const DISCOVERY_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -397,9 +445,9 @@ impl ResolvCache {
         self.get_or_discover(scope, pid, Vec::new)
     }
 
-    /// As [`ResolvCache::get`]; when no pid is given and the scope has neither a
-    /// configuration nor a known pid, `discover` may name some (members of its pod), best
-    /// first.
+    /// As [`ResolvCache::get`]; when the scope has neither a configuration nor a live known
+    /// pid (none was given, or the one given has already exited), `discover` may name some
+    /// (members of its pod), best first.
     pub fn get_or_discover(
         &self,
         scope: &ScopeKey,
@@ -418,40 +466,12 @@ impl ResolvCache {
             last_error: None,
             discovered_at: None,
         });
-        // A pod's first DNS queries come before any event that names a process (DNS is
-        // captured without one), and a one-shot client may be gone by the time its events
-        // are read: find members so its first lookup is read with its own search list. At
-        // most once per interval for a scope that has none.
-        let due = pid.is_none()
-            && entry.conf.is_none()
-            && entry.pids.is_empty()
-            && entry
-                .discovered_at
-                .is_none_or(|at| now.duration_since(at) >= DISCOVERY_INTERVAL);
+        let mut discover = Some(discover);
         let mut new_pid = false;
-        let mut remember = |pid: u32, first: bool| {
-            if entry.pids.contains(&pid) {
-                if first {
-                    entry.pids.retain(|p| *p != pid);
-                    entry.pids.insert(0, pid);
-                }
-                return;
-            }
-            // A process not seen before may read what the earlier ones could not.
-            new_pid = true;
-            if first {
-                entry.pids.insert(0, pid);
-            } else {
-                entry.pids.push(pid);
-            }
-        };
         if let Some(pid) = pid {
-            remember(pid, true);
-        } else if due {
-            entry.discovered_at = Some(now);
-            for pid in discover().into_iter().take(self.config.pids_per_scope) {
-                remember(pid, false);
-            }
+            new_pid = entry.remember(pid, true);
+        } else if entry.discovery_due(now) {
+            new_pid = entry.discover(now, discover.take(), self.config.pids_per_scope);
         }
         entry.pids.truncate(self.config.pids_per_scope);
         let fresh = entry
@@ -463,6 +483,26 @@ impl ResolvCache {
         }
         // Count the attempt even when every pid fails, so a dead scope is not re-read per event.
         entry.read_at = Some(now);
+        let mut found = self.read_members(entry, scope);
+        // A pod's first event may name a one-shot client (one lookup, one connect) that has
+        // exited by the time it is read, while its DNS events, which name no process, wait
+        // behind it: read through the pod's other members rather than wait a recheck.
+        if found.is_none() && entry.discovery_due(now) {
+            entry.discover(now, discover.take(), self.config.pids_per_scope);
+            found = self.read_members(entry, scope);
+        }
+        if let Some(conf) = found {
+            if entry.conf.as_deref() != Some(&conf) {
+                entry.conf = Some(Arc::new(conf));
+            }
+            entry.last_error = None;
+        }
+        entry.conf.clone()
+    }
+
+    /// Reads the scope's resolv.conf through its first live member; forgets the members that
+    /// are gone or now belong elsewhere.
+    fn read_members(&self, entry: &mut ScopeResolv, scope: &ScopeKey) -> Option<ResolvConf> {
         let mut live = Vec::with_capacity(entry.pids.len());
         let mut found = None;
         for pid in entry.pids.iter().copied() {
@@ -501,13 +541,7 @@ impl ResolvCache {
             }
         }
         entry.pids = live;
-        if let Some(conf) = found {
-            if entry.conf.as_deref() != Some(&conf) {
-                entry.conf = Some(Arc::new(conf));
-            }
-            entry.last_error = None;
-        }
-        entry.conf.clone()
+        found
     }
 
     /// The last read error of a scope, for diagnostics.
@@ -761,6 +795,34 @@ nameserver 198.18.0.53 # trailing words are ignored
         // Every pid gone: the last good configuration stays.
         std::fs::remove_dir_all(proc_root.join("200")).unwrap();
         assert_eq!(rereading.get(&scope, None).unwrap().ndots, 2);
+        std::fs::remove_dir_all(&proc_root).unwrap();
+    }
+
+    #[test]
+    fn a_first_event_naming_an_exited_process_reads_through_the_pods_other_members() {
+        let proc_root = fake_proc("exited");
+        // pid 100, a one-shot client, has exited; pid 200 is the pod's main process.
+        write_pid_resolv(&proc_root, 200, KUBELET);
+        let cache = ResolvCache::new(ResolvCacheConfig {
+            proc_root: proc_root.clone(),
+            refresh_interval: Duration::from_secs(3600),
+            ..ResolvCacheConfig::default()
+        });
+        let pod = ScopeKey::Pod(Arc::from(POD_UID));
+        let conf = cache.get_or_discover(&pod, Some(100), || vec![200]);
+        assert_eq!(conf.map(|c| c.ndots), Some(5), "read through pid 200");
+        // A live process named by the event is read itself: the members are not listed.
+        let other = ScopeKey::Pod(Arc::from("7c7c7c7c-0000-4000-8000-000000000002"));
+        write_pid_files(
+            &proc_root,
+            300,
+            "0::/kubepods/besteffort/pod7c7c7c7c-0000-4000-8000-000000000002/abc\n",
+            KUBELET,
+        );
+        let conf = cache.get_or_discover(&other, Some(300), || {
+            panic!("members listed although the event's process was read")
+        });
+        assert_eq!(conf.map(|c| c.ndots), Some(5));
         std::fs::remove_dir_all(&proc_root).unwrap();
     }
 
