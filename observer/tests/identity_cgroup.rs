@@ -113,6 +113,16 @@ fn container_id(suffix: &str, n: u8) -> String {
 
 /// The kernel's own cgroup id of a directory: the 8-byte file handle `name_to_handle_at`
 /// returns for cgroupfs, independent of the inode number the cache reads.
+/// The cgroup of container `n` of pod `n`, as the kubelet's systemd driver names it for
+/// containerd.
+fn systemd_containerd_container(suffix: &str, n: u8) -> String {
+    format!(
+        "/observer-test-{suffix}/kubepods.slice/kubepods-pod{}.slice/cri-containerd-{}.scope",
+        pod_uid(suffix, n).replace('-', "_"),
+        container_id(suffix, n)
+    )
+}
+
 fn kernel_cgroup_id(path: &Path) -> u64 {
     #[repr(C)]
     struct Handle {
@@ -275,12 +285,7 @@ fn refresh_on_miss_is_rate_limited_and_removed_cgroups_are_forgotten() {
 fn resolv_conf_is_read_through_a_process_in_the_pod() {
     let suffix = run_suffix();
     let mut tree = CgroupTree::new();
-    let uid = pod_uid(&suffix, 4);
-    let container = format!(
-        "/observer-test-{suffix}/kubepods.slice/kubepods-pod{}.slice/cri-containerd-{}.scope",
-        uid.replace('-', "_"),
-        container_id(&suffix, 4)
-    );
+    let container = systemd_containerd_container(&suffix, 4);
     let id = tree.create(&container);
     let pid = tree.spawn_in(&container);
     let on_proc = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
@@ -291,7 +296,10 @@ fn resolv_conf_is_read_through_a_process_in_the_pod() {
         ResolvCache::new(ResolvCacheConfig::default()),
     );
     let resolved = identity.resolve(id, Some(pid));
-    assert_eq!(resolved.scope, ScopeKey::Pod(Arc::from(uid.as_str())));
+    assert_eq!(
+        resolved.scope,
+        ScopeKey::Pod(Arc::from(pod_uid(&suffix, 4).as_str()))
+    );
     let expected = observer::identity::parse_resolv_conf(
         &std::fs::read(format!("/proc/{pid}/root/etc/resolv.conf")).unwrap(),
     )
@@ -310,12 +318,7 @@ fn resolv_conf_is_found_from_the_cgroup_before_any_pid_is_reported() {
     // resolv.conf, through a process listed in the container cgroup.
     let suffix = run_suffix();
     let mut tree = CgroupTree::new();
-    let uid = pod_uid(&suffix, 5);
-    let container = format!(
-        "/observer-test-{suffix}/kubepods.slice/kubepods-pod{}.slice/cri-containerd-{}.scope",
-        uid.replace('-', "_"),
-        container_id(&suffix, 5)
-    );
+    let container = systemd_containerd_container(&suffix, 5);
     let id = tree.create(&container);
     let pid = tree.spawn_in(&container);
     let identity = Identity::host_only(
@@ -339,12 +342,7 @@ fn resolv_conf_is_found_through_the_pod_when_the_named_process_has_exited() {
     // give the pod's resolv.conf at once (a later event may be too late for the record).
     let suffix = run_suffix();
     let mut tree = CgroupTree::new();
-    let uid = pod_uid(&suffix, 9);
-    let container = format!(
-        "/observer-test-{suffix}/kubepods.slice/kubepods-pod{}.slice/cri-containerd-{}.scope",
-        uid.replace('-', "_"),
-        container_id(&suffix, 9)
-    );
+    let container = systemd_containerd_container(&suffix, 9);
     let id = tree.create(&container);
     let main = tree.spawn_in(&container);
     let mut client = Command::new("true").spawn().expect("spawn true");
