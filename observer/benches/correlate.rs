@@ -8,7 +8,7 @@
 use std::{
     hint::black_box,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -69,8 +69,17 @@ struct Scenario {
     connects: Vec<(ScopeKey, SocketAddr)>,
 }
 
+/// Pod `i`'s scope key. One `Arc` per pod, shared by its configuration and its events: the
+/// agent configures a scope with the key its identity gives the pod's events, so a lookup
+/// there meets the same pointer, and the replay measures that.
 fn scope_of(i: usize) -> ScopeKey {
-    ScopeKey::Pod(Arc::from(format!("0000-pod-{i:06}")))
+    static KEYS: OnceLock<Vec<ScopeKey>> = OnceLock::new();
+    let keys = KEYS.get_or_init(|| {
+        (0..stream_scopes().max(SCOPES))
+            .map(|i| ScopeKey::Pod(Arc::from(format!("0000-pod-{i:06}"))))
+            .collect()
+    });
+    keys[i].clone()
 }
 
 fn resolver(i: usize) -> ResolverConfig {
