@@ -971,3 +971,40 @@ fn a_question_in_randomised_case_matches_echoed_or_not() {
         assert_eq!(&*chain.server_address, "api.example.com", "{echoed}");
     }
 }
+
+/// A response is matched to its pending query before it is parsed: one that the core does
+/// not follow (malformed, or another opcode) leaves the query pending, and the real
+/// response still answers it.
+#[test]
+fn a_response_not_followed_leaves_its_query_pending() {
+    let mut c = Correlator::new(config());
+    let mut client = Client::new("pod-a", "198.18.1.5");
+    let name = "db.another-lab.com";
+    let id = client.send(&mut c, name, A);
+    let good = response(id, name, A, 0, &[addr(name, 60, "203.0.113.10")], None);
+    let mut cut = good.clone();
+    cut.truncate(good.len() - 2);
+    let at = client.tick();
+    assert!(
+        c.observe_dns_wire(
+            &client.scope,
+            at,
+            Direction::Ingress,
+            client.server,
+            client.addr,
+            &cut
+        )
+        .is_err()
+    );
+    let mut status = good.clone();
+    status[2] |= 0x10; // opcode 2, STATUS
+    client.deliver(&mut c, &status);
+    assert_eq!(c.pending_queries(), 1);
+    assert_eq!(c.counters().responses, 0);
+
+    client.deliver(&mut c, &good);
+    assert_eq!(c.pending_queries(), 0);
+    assert_eq!(c.counters().responses_unmatched, 0);
+    let r = client.connect(&mut c, 1, "203.0.113.10:443", Outcome::Established);
+    assert_eq!(&*r.chain.expect("joined").server_address, name);
+}
