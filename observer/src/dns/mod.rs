@@ -285,6 +285,9 @@ pub fn parse_answering(
     parse_message(bytes, asked).map(|(message, _)| message)
 }
 
+/// Out of line: the instruction counts (`cargo xtask bench --instructions`) name it as the
+/// parser's share.
+#[inline(never)]
 fn parse_message(
     bytes: &[u8],
     asked: Option<(&QuestionWire, &Arc<str>)>,
