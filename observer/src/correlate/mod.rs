@@ -36,6 +36,22 @@ use expiry::{DeadlineQueue, schedule};
 use pending::{Pending, PendingKey, PendingLookup, is_pending, pop_oldest_pending};
 use scope::{Resolver, Scope, ScopeTable, evict_oldest_chain, insert_chain, scope_entry};
 
+/// What the agent counts of a message the core observed, beside the core's own work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MessageSeen {
+    pub is_response: bool,
+    pub rcode: dns::Rcode,
+}
+
+impl MessageSeen {
+    fn of(message: &DnsMessage) -> MessageSeen {
+        MessageSeen {
+            is_response: message.is_response,
+            rcode: message.rcode,
+        }
+    }
+}
+
 struct OpenConnect {
     record: ConnectionRecord,
     deadline: BootNs,
@@ -196,7 +212,7 @@ impl Correlator {
     }
 
     /// Parses wire bytes and observes the message; a parse failure is counted by kind
-    /// and returned.
+    /// and returned. The agent's path for every captured message, UDP or reassembled TCP.
     pub fn observe_dns_wire(
         &mut self,
         scope: &ScopeKey,
@@ -205,14 +221,15 @@ impl Correlator {
         src: SocketAddr,
         dst: SocketAddr,
         bytes: &[u8],
-    ) -> Result<(), dns::DnsParseError> {
+    ) -> Result<MessageSeen, dns::DnsParseError> {
         if direction == Direction::Ingress && dns::is_response(bytes) == Some(true) {
             return self.observe_response_wire(scope, at, src, dst, bytes);
         }
         match dns::parse_query(bytes) {
             Ok((message, question_wire)) => {
+                let seen = MessageSeen::of(&message);
                 self.observe_message(scope, at, direction, src, dst, message, question_wire);
-                Ok(())
+                Ok(seen)
             }
             Err(e) => {
                 self.count_parse_error(e.kind);
@@ -231,7 +248,7 @@ impl Correlator {
         src: SocketAddr,
         dst: SocketAddr,
         bytes: &[u8],
-    ) -> Result<(), dns::DnsParseError> {
+    ) -> Result<MessageSeen, dns::DnsParseError> {
         // `is_response` found a whole header.
         let key = PendingKey {
             id: u16::from_be_bytes([bytes[0], bytes[1]]),
@@ -259,6 +276,7 @@ impl Correlator {
         };
         match dns::parse_answering(bytes, asked) {
             Ok(message) => {
+                let seen = MessageSeen::of(&message);
                 self.counters.dns_messages += 1;
                 if dns::is_standard_query(&message) {
                     self.on_response(at, message, lookup);
@@ -266,7 +284,7 @@ impl Correlator {
                     self.put_back_pending(lookup);
                 }
                 self.after_step();
-                Ok(())
+                Ok(seen)
             }
             Err(e) => {
                 self.put_back_pending(lookup);
