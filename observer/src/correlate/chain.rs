@@ -7,7 +7,7 @@ use std::{borrow::Cow, net::IpAddr, sync::Arc};
 
 use super::scope::{Resolver, Scope};
 use crate::{
-    dns::{AnswerData, DnsMessage, QType, Rcode},
+    dns::{AnswerData, DnsMessage, QType, QuestionWire, Rcode},
     record::{Answer, BootNs, DnsQueryRecord, Resolution, ResolutionChain},
 };
 
@@ -40,6 +40,10 @@ pub(super) struct Step {
     /// The name queried: the first query's question name. Every query of the step holds
     /// this same `Arc`, which is how a query is told to belong to it.
     pub name: Arc<str>,
+    /// The first query's question as its wire spelled it, when plain: a response repeating
+    /// it takes `name` as its question's text without reading it. One per step, not per
+    /// query: A and AAAA repeat the same bytes.
+    pub question_wire: Option<QuestionWire>,
 }
 
 #[derive(Clone, Debug)]
@@ -296,6 +300,7 @@ pub(super) fn find_continuation(
         chain.steps.push(Step {
             kind,
             name: name.clone(),
+            question_wire: None,
         });
         return Some((slot, generation, (chain.steps.len() - 1) as u16));
     }
@@ -350,6 +355,7 @@ pub(super) fn start_chain(
         steps: vec![Step {
             kind,
             name: name.clone(),
+            question_wire: None,
         }],
         queries: Arc::new(Vec::with_capacity(2)),
         queries_in_order: true,

@@ -67,3 +67,18 @@ pub(super) fn is_pending(
 ) -> bool {
     pending.get(key).is_some_and(|p| p.deadline == deadline)
 }
+
+/// What a response's scope and pending query are, found once per response: before the
+/// parse when the response comes as wire bytes, so that the parse can use the query's
+/// question.
+pub(super) enum PendingLookup {
+    /// No query waits under this key (or its scope is not tracked).
+    NotPending,
+    /// The query, taken out of its scope's map: answered, or put back
+    /// ([`super::Correlator::put_back_pending`]).
+    Taken {
+        scope_id: u32,
+        key: PendingKey,
+        pending: Pending,
+    },
+}

@@ -971,3 +971,79 @@ fn a_question_in_randomised_case_matches_echoed_or_not() {
         assert_eq!(&*chain.server_address, "api.example.com", "{echoed}");
     }
 }
+
+/// A response is matched to its pending query before it is parsed: one that the core does
+/// not follow (malformed, or another opcode) leaves the query pending, and the real
+/// response still answers it.
+#[test]
+fn a_response_not_followed_leaves_its_query_pending() {
+    let mut c = Correlator::new(config());
+    let mut client = Client::new("pod-a", "198.18.1.5");
+    let name = "db.another-lab.com";
+    let id = client.send(&mut c, name, A);
+    let good = response(id, name, A, 0, &[addr(name, 60, "203.0.113.10")], None);
+    let mut cut = good.clone();
+    cut.truncate(good.len() - 2);
+    let at = client.tick();
+    assert!(
+        c.observe_dns_wire(
+            &client.scope,
+            at,
+            Direction::Ingress,
+            client.server,
+            client.addr,
+            &cut
+        )
+        .is_err()
+    );
+    let mut status = good.clone();
+    status[2] |= 0x10; // opcode 2, STATUS
+    client.deliver(&mut c, &status);
+    assert_eq!(c.pending_queries(), 1);
+    assert_eq!(c.counters().responses, 0);
+
+    client.deliver(&mut c, &good);
+    assert_eq!(c.pending_queries(), 0);
+    assert_eq!(c.counters().responses_unmatched, 0);
+    let r = client.connect(&mut c, 1, "203.0.113.10:443", Outcome::Established);
+    assert_eq!(&*r.chain.expect("joined").server_address, name);
+}
+
+/// A step keeps the wire bytes of its first query's question: a later query of the step
+/// spelled in another case (0x20) gets a response repeating its own bytes, which is read
+/// as usual and still answers it.
+#[test]
+fn a_step_s_second_query_in_another_case_is_answered() {
+    let mut c = Correlator::new(config());
+    let mut client = Client::new("pod-case", "198.18.1.9");
+    configured(&mut c, &client, 1);
+    let a = client.send(&mut c, "api.example.com", A);
+    let aaaa = client.send(&mut c, "API.Example.com", AAAA);
+    client.deliver(
+        &mut c,
+        &response(
+            a,
+            "api.example.com",
+            A,
+            0,
+            &[addr("api.example.com", 300, "203.0.113.7")],
+            None,
+        ),
+    );
+    client.deliver(
+        &mut c,
+        &response(
+            aaaa,
+            "API.Example.com",
+            AAAA,
+            0,
+            &[addr("API.Example.com", 300, "2001:db8::7")],
+            None,
+        ),
+    );
+    assert_eq!(c.counters().responses_mismatched, 0);
+    assert_eq!(c.pending_queries(), 0);
+    let r = client.connect(&mut c, 1, "[2001:db8::7]:443", Outcome::Established);
+    let chain = r.chain.expect("the connect joined the AAAA answer");
+    assert_eq!(&*chain.server_address, "api.example.com");
+}

@@ -559,3 +559,95 @@ fn every_label_byte_reads_as_hickory_decodes_it() {
         assert_eq!(*msg.question.unwrap().name, *want, "byte {b:#04x}");
     }
 }
+
+/// A response's question taken from its query's wire bytes ([`super::parse_answering`]) reads
+/// exactly as [`parse`] reads it, whether the bytes repeat (the text is shared, not read
+/// again) or differ (case, name, compression, truncation: read as usual).
+#[test]
+fn a_response_repeating_its_query_s_question_parses_as_without_it() {
+    use super::{parse_answering, parse_query};
+    use std::sync::Arc;
+
+    let asked = "db.another-lab.com";
+    let q = query(7, asked, 1);
+    let (from_query, wire) = parse_query(&q).unwrap();
+    assert_eq!(from_query, parse(&q).unwrap());
+    let wire = wire.expect("a plain, uncompressed question is kept");
+    assert_eq!(wire.as_bytes(), &q[12..q.len() - 4]);
+    let text: Arc<str> = from_query.question.unwrap().name;
+
+    let answer = |name: &str| {
+        response(
+            7,
+            name,
+            1,
+            0,
+            &[WireAnswer::Addr {
+                owner: name.into(),
+                ttl: 60,
+                ip: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10)),
+            }],
+            None,
+        )
+    };
+    let echoed = answer(asked);
+    let m = parse_answering(&echoed, Some((&wire, &text))).unwrap();
+    assert_eq!(m, parse(&echoed).unwrap());
+    let question = m.question.as_ref().unwrap();
+    assert!(
+        Arc::ptr_eq(&question.name, &text),
+        "the query's text is shared"
+    );
+    assert!(
+        Arc::ptr_eq(&m.answers[0].owner, &text),
+        "and pointers to it"
+    );
+
+    let mut cut = echoed.clone();
+    cut.truncate(12 + wire.as_bytes().len() + 1);
+    let mut compressed = header("8180", 1, 0, 0);
+    compressed.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
+    for other in [
+        answer("DB.another-LAB.com"),
+        answer("db.another-lab.co"),
+        answer("db.another-lab.com.x"),
+        cut,
+        compressed,
+    ] {
+        assert_eq!(
+            parse_answering(&other, Some((&wire, &text))),
+            parse(&other),
+            "{other:02x?}"
+        );
+    }
+}
+
+/// Only a question of plain labels, uncompressed and short enough, is kept as wire bytes:
+/// escaped labels, pointers and long names are read anew in their response.
+#[test]
+fn a_question_is_kept_as_wire_bytes_only_when_plain_and_short() {
+    use super::{QUESTION_WIRE_MAX, parse_query};
+    let question = |name: &[u8]| {
+        let mut q = header("0100", 1, 0, 0);
+        q.extend_from_slice(name);
+        q.extend_from_slice(&hex("0001 0001"));
+        q
+    };
+    let kept = |q: &[u8]| parse_query(q).unwrap().1.is_some();
+    assert!(kept(&question(&labels(&[b"api", b"svc"]))));
+    assert!(kept(&question(&labels(&[]))), "the root");
+    assert!(!kept(&question(&labels(&[b"a.b", b"svc"]))), "escaped");
+    // A pointer to the header's first byte, 0 with this id: the root, compressed.
+    let mut compressed = hex("0000 0100 0001 0000 0000 0000 c000 0001 0001");
+    assert_eq!(
+        parse(&compressed).unwrap().question.unwrap().name.as_ref(),
+        ""
+    );
+    assert!(parse_query(&compressed).unwrap().1.is_none(), "a pointer");
+    compressed[13] = 12;
+    assert!(parse_query(&compressed).is_err(), "a pointer to itself");
+    let longest = labels(&[&[b'a'; 62]]);
+    assert_eq!(longest.len(), QUESTION_WIRE_MAX);
+    assert!(kept(&question(&longest)));
+    assert!(!kept(&question(&labels(&[&[b'a'; 63]]))), "one byte more");
+}
