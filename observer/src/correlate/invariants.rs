@@ -4,9 +4,10 @@
 //! says what they must agree with. The unit tests check it after every call (see
 //! [`Correlator::after_step`]), the stateful fuzz target after every step of arbitrary
 //! sequences. Nothing on the agent's hot path calls it: it walks the whole state.
-use std::collections::HashSet;
+use std::{collections::HashSet, sync::Arc};
 
 use super::Correlator;
+use crate::scope::ScopeKey;
 
 /// The first rule found broken, in words.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +47,27 @@ impl Correlator {
             table.len(),
             limits.max_scopes
         );
+        ensure!(
+            table.by_uid_address.len() <= 2 * table.len() + super::scope::SPARE_UID_HANDLES,
+            "{} UID handles for {} scopes",
+            table.by_uid_address.len(),
+            table.len()
+        );
+        for (address, handle) in &table.by_uid_address {
+            ensure!(
+                Arc::as_ptr(&handle.uid).cast::<u8>() as usize == *address,
+                "a UID handle filed under another address than its text's"
+            );
+            let live = table.slots.get(handle.id as usize).and_then(Option::as_ref);
+            if let Some(scope) = live.filter(|s| s.serial == handle.serial) {
+                ensure!(
+                    scope.key == ScopeKey::Pod(handle.uid.clone()),
+                    "UID handle {} names scope {}",
+                    handle.uid,
+                    scope.key
+                );
+            }
+        }
         let mut answers = 0;
         let mut pending = 0;
         let mut open_connects_by_scope = std::collections::HashMap::new();

@@ -63,18 +63,65 @@ pub(super) struct Scope {
 #[derive(Default)]
 pub(super) struct ScopeTable {
     pub(super) ids: FastMap<ScopeKey, u32>,
+    /// A pod's scope by the address of the UID text its events carry: identity hands every
+    /// event of a pod the same `Arc`, so a number is hashed rather than the UID (and, when
+    /// the table's key is another copy of the text, compared byte by byte) on every event.
+    pub(super) by_uid_address: FastMap<usize, UidHandle>,
     pub(super) slots: Vec<Option<Scope>>,
     pub(super) free: Vec<u32>,
     pub(super) next_serial: u64,
 }
+
+/// A scope found by a UID `Arc`'s address. Holding the `Arc` keeps the address from being
+/// reused for other text while the handle exists; the serial tells whether the scope it
+/// named still lives.
+pub(super) struct UidHandle {
+    pub(super) uid: Arc<str>,
+    pub(super) id: u32,
+    pub(super) serial: u64,
+}
+
+/// Handles kept past the live scopes' count before they are all dropped (those of removed
+/// scopes are only found stale when looked up).
+pub(super) const SPARE_UID_HANDLES: usize = 1024;
 
 impl ScopeTable {
     pub(super) fn len(&self) -> usize {
         self.ids.len()
     }
 
-    pub(super) fn id(&self, key: &ScopeKey) -> Option<u32> {
-        self.ids.get(key).copied()
+    /// The scope's id; a pod's is found by its UID text's address once seen.
+    pub(super) fn id(&mut self, key: &ScopeKey) -> Option<u32> {
+        let ScopeKey::Pod(uid) = key else {
+            return self.ids.get(key).copied();
+        };
+        let address = Arc::as_ptr(uid).cast::<u8>() as usize;
+        if let Some(handle) = self.by_uid_address.get(&address)
+            && self.serial(handle.id) == Some(handle.serial)
+        {
+            return Some(handle.id);
+        }
+        let id = self.ids.get(key).copied()?;
+        let serial = self.serial(id).expect("ids name live scopes");
+        if self.by_uid_address.len() >= self.ids.len() * 2 + SPARE_UID_HANDLES {
+            self.by_uid_address.clear();
+        }
+        self.by_uid_address.insert(
+            address,
+            UidHandle {
+                uid: uid.clone(),
+                id,
+                serial,
+            },
+        );
+        Some(id)
+    }
+
+    fn serial(&self, id: u32) -> Option<u64> {
+        self.slots
+            .get(id as usize)
+            .and_then(Option::as_ref)
+            .map(|s| s.serial)
     }
 
     pub(super) fn get(&self, id: u32) -> Option<&Scope> {
@@ -112,6 +159,9 @@ impl ScopeTable {
         let scope = self.slots.get_mut(id as usize)?.take()?;
         self.ids.remove(&scope.key);
         self.free.push(id);
+        if self.by_uid_address.len() > self.ids.len() * 2 + SPARE_UID_HANDLES {
+            self.by_uid_address.clear();
+        }
         Some(scope)
     }
 }

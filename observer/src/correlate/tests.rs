@@ -1047,3 +1047,30 @@ fn a_step_s_second_query_in_another_case_is_answered() {
     let chain = r.chain.expect("the connect joined the AAAA answer");
     assert_eq!(&*chain.server_address, "api.example.com");
 }
+
+#[test]
+fn a_pod_is_found_by_any_copy_of_its_uid_and_a_stale_handle_finds_no_other_pod() {
+    let mut c = Correlator::new(config());
+    let pod = |uid: &str| ScopeKey::Pod(Arc::from(uid));
+    let (a, a_copy, b) = (pod("uid-a"), pod("uid-a"), pod("uid-b"));
+    c.set_drift_key(&a, "workload-a").unwrap();
+    // Another `Arc` of the same text: the same scope, and it is found again by its own address.
+    let id = c.scopes.id(&a_copy);
+    assert_eq!(id, c.scopes.id(&a));
+    assert_eq!(c.scopes.id(&a_copy), id);
+    assert_eq!(c.scope_count(), 1);
+
+    // The pod goes and another takes its table slot: `a`'s handle names the slot, but not
+    // the scope now in it.
+    c.remove_scope(&a);
+    c.set_drift_key(&b, "workload-b").unwrap();
+    assert_eq!(c.scopes.id(&b), id, "the freed slot is reused");
+    assert_eq!(c.scopes.id(&a), None);
+    assert_eq!(c.scopes.id(&a_copy), None);
+    c.set_drift_key(&a, "workload-a").unwrap();
+    assert_eq!(c.scope_count(), 2);
+    assert_ne!(c.scopes.id(&a), id);
+    let b_id = id.unwrap();
+    assert_eq!(&*c.scopes.get_mut(b_id).unwrap().drift_key, "workload-b");
+    c.check_invariants().unwrap();
+}
