@@ -7,7 +7,7 @@ use std::{borrow::Cow, net::IpAddr, sync::Arc};
 
 use super::scope::{Resolver, Scope};
 use crate::{
-    dns::{AnswerData, DnsMessage, QType, QuestionWire, Rcode},
+    dns::{AnswerData, DnsMessage, QType, Rcode},
     record::{Answer, BootNs, DnsQueryRecord, Resolution, ResolutionChain},
 };
 
@@ -40,10 +40,6 @@ pub(super) struct Step {
     /// The name queried: the first query's question name. Every query of the step holds
     /// this same `Arc`, which is how a query is told to belong to it.
     pub name: Arc<str>,
-    /// The first query's question as its wire spelled it, when plain: a response repeating
-    /// it takes `name` as its question's text without reading it. One per step, not per
-    /// query: A and AAAA repeat the same bytes.
-    pub question_wire: Option<QuestionWire>,
 }
 
 #[derive(Clone, Debug)]
@@ -300,7 +296,6 @@ pub(super) fn find_continuation(
         chain.steps.push(Step {
             kind,
             name: name.clone(),
-            question_wire: None,
         });
         return Some((slot, generation, (chain.steps.len() - 1) as u16));
     }
@@ -355,7 +350,6 @@ pub(super) fn start_chain(
         steps: vec![Step {
             kind,
             name: name.clone(),
-            question_wire: None,
         }],
         queries: Arc::new(Vec::with_capacity(2)),
         queries_in_order: true,

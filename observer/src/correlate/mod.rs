@@ -256,23 +256,11 @@ impl Correlator {
             server: src,
         };
         let lookup = self.take_pending(scope, &key);
-        // The wire bytes sit with the query's chain step (reached by its slot, no hashing).
         let asked = match &lookup {
-            PendingLookup::Taken {
-                scope_id, pending, ..
-            } => self
-                .scopes
-                .get(*scope_id)
-                .and_then(|scope| scope.slots.get(pending.slot as usize))
-                .filter(|s| s.generation == pending.generation)
-                .and_then(|s| s.chain.as_ref())
-                .and_then(|chain| {
-                    chain.steps[usize::from(pending.step)]
-                        .question_wire
-                        .as_ref()
-                })
-                .map(|wire| (wire, &pending.name)),
-            PendingLookup::NotPending => None,
+            PendingLookup::Taken { pending, .. } => {
+                pending.question_wire.as_ref().map(|w| (w, &pending.name))
+            }
+            _ => None,
         };
         match dns::parse_answering(bytes, asked) {
             Ok(message) => {
@@ -465,10 +453,6 @@ impl Correlator {
         chain.last_query_at = at;
         chain.free_at = chain.free_at.max(at + chain_window);
         let query = chain.push_query(step as usize, qtype, dst.ip(), at);
-        let kept = &mut chain.steps[step as usize].question_wire;
-        if kept.is_none() {
-            *kept = question_wire;
-        }
         // The step's own name: the message's copy is freed with it. The step was found or
         // made by this name, so it is the question's text too, as `question_wire` needs.
         debug_assert_eq!(**chain.step_name(step as usize), *name);
@@ -497,6 +481,7 @@ impl Correlator {
                     step,
                     query,
                     name,
+                    question_wire,
                     qtype,
                     sent_at: at,
                     deadline,

@@ -7,7 +7,7 @@ use std::{
 };
 
 use super::{FastMap, scope::Scope};
-use crate::record::BootNs;
+use crate::{dns::QuestionWire, record::BootNs};
 
 /// A query waiting for its response, keyed by what the response will carry reversed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,6 +47,9 @@ pub(super) struct Pending {
     pub(super) step: u16,
     pub(super) query: u16,
     pub(super) name: Arc<str>,
+    /// The query's question as its wire spelled it, when plain: a response repeating it
+    /// takes `name` as its question's text without reading it.
+    pub(super) question_wire: Option<QuestionWire>,
     pub(super) qtype: u16,
     pub(super) sent_at: BootNs,
     pub(super) deadline: BootNs,

@@ -124,10 +124,6 @@ impl ScopeTable {
             .map(|s| s.serial)
     }
 
-    pub(super) fn get(&self, id: u32) -> Option<&Scope> {
-        self.slots.get(id as usize).and_then(Option::as_ref)
-    }
-
     pub(super) fn get_mut(&mut self, id: u32) -> Option<&mut Scope> {
         self.slots.get_mut(id as usize).and_then(Option::as_mut)
     }
