@@ -572,32 +572,33 @@ impl Agent {
             self.core.count_server_side();
             return;
         }
-        let seen = match self.core.observe_dns_wire(
-            &who.scope,
-            packet.timestamp,
-            direction,
-            packet.source,
-            packet.destination,
-            bytes,
-        ) {
-            Ok(seen) => seen,
-            // Counted by the core too, by kind.
+        let message = match dns::parse(bytes) {
+            Ok(message) => message,
             Err(e) => {
+                self.core.count_parse_error(e.kind);
                 self.metrics.observe_dns_parse_error(e.kind.as_str());
                 return;
             }
         };
-        if seen.is_response && direction == correlate::Direction::Ingress {
+        if message.is_response && direction == correlate::Direction::Ingress {
             // Only a pod is expected to ask the cluster's DNS; a node process may not.
             let outside = matches!(who.scope, ScopeKey::Pod(_))
                 && self
                     .core
                     .cluster_networks()
                     .dns_server_outside(packet.source.ip());
-            if let Some(earlier) = self.responses.count(who, seen.rcode, outside) {
+            if let Some(earlier) = self.responses.count(who, message.rcode, outside) {
                 self.publish_responses(&earlier);
             }
         }
+        self.core.observe_dns(correlate::DnsObservation {
+            scope: who.scope.clone(),
+            at: packet.timestamp,
+            direction,
+            src: packet.source,
+            dst: packet.destination,
+            message,
+        });
     }
 
     fn emit(&mut self, mut record: ConnectionRecord) {

@@ -33,24 +33,8 @@ use crate::{
 use answers::{AddrKey, AnswerRef, index_answer, seconds_up};
 use chain::{ChainAnswer, StepKind};
 use expiry::{DeadlineQueue, schedule};
-use pending::{Pending, PendingKey, PendingLookup, is_pending, pop_oldest_pending};
+use pending::{Pending, PendingKey, is_pending, pop_oldest_pending};
 use scope::{Resolver, Scope, ScopeTable, evict_oldest_chain, insert_chain, scope_entry};
-
-/// What the agent counts of a message the core observed, beside the core's own work.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MessageSeen {
-    pub is_response: bool,
-    pub rcode: dns::Rcode,
-}
-
-impl MessageSeen {
-    fn of(message: &DnsMessage) -> MessageSeen {
-        MessageSeen {
-            is_response: message.is_response,
-            rcode: message.rcode,
-        }
-    }
-}
 
 struct OpenConnect {
     record: ConnectionRecord,
@@ -212,7 +196,7 @@ impl Correlator {
     }
 
     /// Parses wire bytes and observes the message; a parse failure is counted by kind
-    /// and returned. The agent's path for every captured message, UDP or reassembled TCP.
+    /// and returned.
     pub fn observe_dns_wire(
         &mut self,
         scope: &ScopeKey,
@@ -221,97 +205,16 @@ impl Correlator {
         src: SocketAddr,
         dst: SocketAddr,
         bytes: &[u8],
-    ) -> Result<MessageSeen, dns::DnsParseError> {
-        if direction == Direction::Ingress && dns::is_response(bytes) == Some(true) {
-            return self.observe_response_wire(scope, at, src, dst, bytes);
-        }
-        match dns::parse_query(bytes) {
-            Ok((message, question_wire)) => {
-                let seen = MessageSeen::of(&message);
-                self.observe_message(scope, at, direction, src, dst, message, question_wire);
-                Ok(seen)
-            }
-            Err(e) => {
-                self.count_parse_error(e.kind);
-                Err(e)
-            }
-        }
-    }
-
-    /// A response received: its pending query is found once, before the parse, so that a
-    /// question repeating the query's wire bytes is not read again, and then answered with
-    /// no second lookup (or put back if the response is not one the core follows).
-    fn observe_response_wire(
-        &mut self,
-        scope: &ScopeKey,
-        at: BootNs,
-        src: SocketAddr,
-        dst: SocketAddr,
-        bytes: &[u8],
-    ) -> Result<MessageSeen, dns::DnsParseError> {
-        // `is_response` found a whole header.
-        let key = PendingKey {
-            id: u16::from_be_bytes([bytes[0], bytes[1]]),
-            client: dst,
-            server: src,
-        };
-        let lookup = self.take_pending(scope, &key);
-        let asked = match &lookup {
-            PendingLookup::Taken { pending, .. } => {
-                pending.question_wire.as_ref().map(|w| (w, &pending.name))
-            }
-            _ => None,
-        };
-        match dns::parse_answering(bytes, asked) {
+    ) -> Result<(), dns::DnsParseError> {
+        match dns::parse(bytes) {
             Ok(message) => {
-                let seen = MessageSeen::of(&message);
-                self.counters.dns_messages += 1;
-                if dns::is_standard_query(&message) {
-                    self.on_response(at, message, lookup);
-                } else {
-                    self.put_back_pending(lookup);
-                }
-                self.after_step();
-                Ok(seen)
+                self.observe_message(scope, at, direction, src, dst, message);
+                Ok(())
             }
             Err(e) => {
-                self.put_back_pending(lookup);
                 self.count_parse_error(e.kind);
                 Err(e)
             }
-        }
-    }
-
-    /// Takes the query waiting under `key` out of its scope's map (one hash of the key).
-    fn take_pending(&mut self, scope_key: &ScopeKey, key: &PendingKey) -> PendingLookup {
-        let Some(scope_id) = self.scopes.id(scope_key) else {
-            return PendingLookup::NotPending;
-        };
-        match self
-            .scopes
-            .get_mut(scope_id)
-            .and_then(|scope| scope.pending.remove(key))
-        {
-            Some(pending) => PendingLookup::Taken {
-                scope_id,
-                key: *key,
-                pending,
-            },
-            None => PendingLookup::NotPending,
-        }
-    }
-
-    /// A pending query taken out for a response that did not answer it goes back as it was
-    /// (its expiry entry never left).
-    fn put_back_pending(&mut self, lookup: PendingLookup) {
-        if let PendingLookup::Taken {
-            scope_id,
-            key,
-            pending,
-        } = lookup
-            && let Some(scope) = self.scopes.get_mut(scope_id)
-        {
-            scope.pending.insert(key, pending);
         }
     }
 
@@ -342,13 +245,10 @@ impl Correlator {
             obs.src,
             obs.dst,
             obs.message,
-            None,
         );
     }
 
-    /// [`Self::observe_dns`] without building an observation (no scope key clone);
-    /// `question_wire` is the message's question as [`dns::parse_query`] kept it.
-    #[allow(clippy::too_many_arguments)]
+    /// [`Self::observe_dns`] without building an observation (no scope key clone).
     fn observe_message(
         &mut self,
         scope: &ScopeKey,
@@ -357,23 +257,12 @@ impl Correlator {
         src: SocketAddr,
         dst: SocketAddr,
         message: DnsMessage,
-        question_wire: Option<dns::QuestionWire>,
     ) {
         self.counters.dns_messages += 1;
         if dns::is_standard_query(&message) {
             match (direction, message.is_response) {
-                (Direction::Egress, false) => {
-                    self.on_query(scope, at, src, dst, message, question_wire)
-                }
-                (Direction::Ingress, true) => {
-                    let key = PendingKey {
-                        id: message.id,
-                        client: dst,
-                        server: src,
-                    };
-                    let lookup = self.take_pending(scope, &key);
-                    self.on_response(at, message, lookup);
-                }
+                (Direction::Egress, false) => self.on_query(scope, at, src, dst, message),
+                (Direction::Ingress, true) => self.on_response(scope, at, src, dst, message),
                 // The server's own socket: the client's side of the same exchange is what counts.
                 _ => self.counters.dns_server_side_ignored += 1,
             }
@@ -388,7 +277,6 @@ impl Correlator {
         src: SocketAddr,
         dst: SocketAddr,
         message: DnsMessage,
-        question_wire: Option<dns::QuestionWire>,
     ) {
         let Some(question) = message.question else {
             return;
@@ -453,9 +341,7 @@ impl Correlator {
         chain.last_query_at = at;
         chain.free_at = chain.free_at.max(at + chain_window);
         let query = chain.push_query(step as usize, qtype, dst.ip(), at);
-        // The step's own name: the message's copy is freed with it. The step was found or
-        // made by this name, so it is the question's text too, as `question_wire` needs.
-        debug_assert_eq!(**chain.step_name(step as usize), *name);
+        // The step's own name: the message's copy is freed with it.
         let name = chain.step_name(step as usize).clone();
 
         // Room for the new pending query: the scope's oldest goes first, then the total.
@@ -481,7 +367,6 @@ impl Correlator {
                     step,
                     query,
                     name,
-                    question_wire,
                     qtype,
                     sent_at: at,
                     deadline,
@@ -504,23 +389,33 @@ impl Correlator {
         );
     }
 
-    /// A response, with its pending query already taken out ([`Self::take_pending`]: one
-    /// hash of the key); put back in the rare case of a mismatch.
-    fn on_response(&mut self, at: BootNs, message: DnsMessage, lookup: PendingLookup) {
+    fn on_response(
+        &mut self,
+        scope_key: &ScopeKey,
+        at: BootNs,
+        src: SocketAddr,
+        dst: SocketAddr,
+        message: DnsMessage,
+    ) {
         self.counters.responses += 1;
-        let PendingLookup::Taken {
-            scope_id,
-            key,
-            pending,
-        } = lookup
+        let key = PendingKey {
+            id: message.id,
+            client: dst,
+            server: src,
+        };
+        let Some((scope_id, scope)) = self
+            .scopes
+            .id(scope_key)
+            .and_then(|id| Some((id, self.scopes.get_mut(id)?)))
         else {
             self.counters.responses_unmatched += 1;
             return;
         };
-        let scope = self
-            .scopes
-            .get_mut(scope_id)
-            .expect("taken from this scope in this step");
+        // Taken out at once (one hash of the key), put back in the rare case of a mismatch.
+        let Some(pending) = scope.pending.remove(&key) else {
+            self.counters.responses_unmatched += 1;
+            return;
+        };
         if let Some(q) = &message.question
             && (*q.name != *pending.name || q.qtype.0 != pending.qtype)
         {

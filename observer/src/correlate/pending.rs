@@ -7,7 +7,7 @@ use std::{
 };
 
 use super::{FastMap, scope::Scope};
-use crate::{dns::QuestionWire, record::BootNs};
+use crate::record::BootNs;
 
 /// A query waiting for its response, keyed by what the response will carry reversed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,9 +47,6 @@ pub(super) struct Pending {
     pub(super) step: u16,
     pub(super) query: u16,
     pub(super) name: Arc<str>,
-    /// The query's question as its wire spelled it, when plain: a response repeating it
-    /// takes `name` as its question's text without reading it.
-    pub(super) question_wire: Option<QuestionWire>,
     pub(super) qtype: u16,
     pub(super) sent_at: BootNs,
     pub(super) deadline: BootNs,
@@ -69,19 +66,4 @@ pub(super) fn is_pending(
     deadline: BootNs,
 ) -> bool {
     pending.get(key).is_some_and(|p| p.deadline == deadline)
-}
-
-/// What a response's scope and pending query are, found once per response: before the
-/// parse when the response comes as wire bytes, so that the parse can use the query's
-/// question.
-pub(super) enum PendingLookup {
-    /// No query waits under this key (or its scope is not tracked).
-    NotPending,
-    /// The query, taken out of its scope's map: answered, or put back
-    /// ([`super::Correlator::put_back_pending`]).
-    Taken {
-        scope_id: u32,
-        key: PendingKey,
-        pending: Pending,
-    },
 }

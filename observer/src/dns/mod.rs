@@ -237,61 +237,6 @@ pub fn is_response(bytes: &[u8]) -> Option<bool> {
 
 /// Parses one DNS message (UDP payload, or one TCP message without its length prefix).
 pub fn parse(bytes: &[u8]) -> Result<DnsMessage, DnsParseError> {
-    parse_message(bytes, None).map(|(message, _)| message)
-}
-
-/// Longest question name kept as wire bytes (a Kubernetes search-list name fits).
-pub const QUESTION_WIRE_MAX: usize = 64;
-
-/// The first question's name as a query spelled it on the wire: plain labels, no
-/// compression, at most [`QUESTION_WIRE_MAX`] bytes. A response repeats its query's question
-/// byte for byte, so the text read once for the query can serve the response
-/// ([`parse_answering`]) without reading the name again.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct QuestionWire {
-    len: u8,
-    bytes: [u8; QUESTION_WIRE_MAX],
-}
-
-impl QuestionWire {
-    fn new(wire: &[u8]) -> Option<Self> {
-        let mut bytes = [0; QUESTION_WIRE_MAX];
-        bytes.get_mut(..wire.len())?.copy_from_slice(wire);
-        Some(Self {
-            len: wire.len() as u8,
-            bytes,
-        })
-    }
-
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..usize::from(self.len)]
-    }
-}
-
-/// [`parse`], and the first question's name as wire bytes when it is plain and uncompressed
-/// (what a response to this query will repeat).
-pub fn parse_query(bytes: &[u8]) -> Result<(DnsMessage, Option<QuestionWire>), DnsParseError> {
-    parse_message(bytes, None)
-}
-
-/// [`parse`] for a response to a query already read: `asked` is that query's
-/// [`QuestionWire`] and the text [`parse_query`] gave its question. When the response's
-/// first question repeats the wire bytes exactly, its text is `asked`'s (the same bytes
-/// read the same way), shared rather than read again. The result is the same as [`parse`]'s.
-pub fn parse_answering(
-    bytes: &[u8],
-    asked: Option<(&QuestionWire, &Arc<str>)>,
-) -> Result<DnsMessage, DnsParseError> {
-    parse_message(bytes, asked).map(|(message, _)| message)
-}
-
-/// Out of line: the instruction counts (`cargo xtask bench --instructions`) name it as the
-/// parser's share.
-#[inline(never)]
-fn parse_message(
-    bytes: &[u8],
-    asked: Option<(&QuestionWire, &Arc<str>)>,
-) -> Result<(DnsMessage, Option<QuestionWire>), DnsParseError> {
     let len = bytes.len();
     if len == 0 {
         return Err(DnsParseError::new(
@@ -344,23 +289,9 @@ fn parse_message(
 
     let mut names = NamesRead::default();
     let mut question = None;
-    let mut question_wire = None;
     for _ in 0..counts.queries {
         if question.is_none() {
-            let name = match asked {
-                Some((wire, text)) if bytes[HEADER_LEN..].starts_with(wire.as_bytes()) => {
-                    cursor.pos += wire.as_bytes().len();
-                    names.remember(HEADER_LEN, text);
-                    text.clone()
-                }
-                _ => {
-                    let name = names.read(&mut cursor)?;
-                    if names.last_literal {
-                        question_wire = QuestionWire::new(&bytes[HEADER_LEN..cursor.pos]);
-                    }
-                    name
-                }
-            };
+            let name = names.read(&mut cursor)?;
             let qtype = cursor.u16()?;
             let _qclass = cursor.u16()?;
             question = Some(Question {
@@ -382,7 +313,7 @@ fn parse_message(
         }
     }
 
-    let message = DnsMessage {
+    Ok(DnsMessage {
         id: header.id,
         is_response: header.is_response,
         opcode: header.opcode,
@@ -391,8 +322,7 @@ fn parse_message(
         question,
         answers,
         answers_capped: wanted > MAX_ANSWERS,
-    };
-    Ok((message, question_wire))
+    })
 }
 
 /// The fixed 12-byte header, as far as observer reads it.
@@ -486,9 +416,6 @@ struct NamesRead {
     next: usize,
     /// Where plain names are assembled: one per message, reused by each name.
     text: NameBuf,
-    /// The last name read was plain labels with no pointer: its text follows from its
-    /// bytes alone.
-    last_literal: bool,
 }
 
 impl NamesRead {
@@ -505,27 +432,16 @@ impl NamesRead {
             });
             if let Some(name) = found {
                 cursor.pos += 2;
-                self.last_literal = false;
                 return Ok(name);
             }
         }
         let text: Arc<str> = match plain_name_text(bytes, start, &mut self.text) {
-            Some((end, literal)) => {
+            Some(end) => {
                 cursor.pos = end;
-                self.last_literal = literal;
                 Arc::from(self.text.as_str())
             }
-            None => {
-                self.last_literal = false;
-                Arc::from(name_text(&cursor.hickory_name()?))
-            }
+            None => Arc::from(name_text(&cursor.hickory_name()?)),
         };
-        self.remember(start, &text);
-        Ok(text)
-    }
-
-    /// `text` is the name at offset `start`, for pointers to it.
-    fn remember(&mut self, start: usize, text: &Arc<str>) {
         // Offsets past 0x3fff cannot be pointed at.
         if let Ok(at) = u16::try_from(start)
             && at <= 0x3fff
@@ -533,15 +449,15 @@ impl NamesRead {
             self.known[self.next] = (at, Some(text.clone()));
             self.next = (self.next + 1) % self.known.len();
         }
+        Ok(text)
     }
 }
 
 /// A name's text, read straight from the wire when it is the common case: plain labels
 /// (see [`name_text`]), pointers only backwards, few of them, at most 255 bytes. Leaves the
-/// text in `text` and returns where the name ends in the message, and whether it followed
-/// no pointer; `None` for anything else, which then
+/// text in `text` and returns where the name ends in the message; `None` for anything else, which then
 /// goes through hickory (its errors and escaping stay the reference).
-fn plain_name_text(bytes: &[u8], start: usize, text: &mut NameBuf) -> Option<(usize, bool)> {
+fn plain_name_text(bytes: &[u8], start: usize, text: &mut NameBuf) -> Option<usize> {
     const MAX_POINTERS: usize = 16;
     text.len = 0;
     let mut pos = start;
@@ -575,10 +491,7 @@ fn plain_name_text(bytes: &[u8], start: usize, text: &mut NameBuf) -> Option<(us
             _ => return None,
         }
     }
-    Some(match end {
-        Some(end) => (end, false),
-        None => (pos + 1, true),
-    })
+    Some(end.unwrap_or(pos + 1))
 }
 
 /// Each byte lower case if it may appear unescaped in a plain label, else 0.

@@ -17,16 +17,15 @@ use serde::Serialize;
 /// The replay's phases, as the benchmark names its never-inlined functions.
 const DNS_PHASE: &str = "correlate::steady_replay";
 const CONNECT_PHASE: &str = "correlate::steady_connects_first";
-/// Inside the DNS phase only (connects parse nothing): the parser's share. The body that
-/// `dns::parse`, `dns::parse_query` and `dns::parse_answering` all run.
-const PARSE_FN: &str = "observer::dns::parse_message";
+/// Inside the DNS phase only (connects parse nothing): the parser's share.
+const PARSE_FN: &str = "observer::dns::parse";
 /// How many of the phases' costliest functions (own instructions) the report names.
 const TOP_FUNCTIONS: usize = 8;
 
 #[derive(Debug, Serialize)]
 pub struct Instructions {
     pub per_dns_message: f64,
-    /// Of which `dns::parse_message` (the parser).
+    /// Of which `dns::parse`.
     pub parse_per_dns_message: f64,
     pub per_first_connect: f64,
     pub messages: u64,

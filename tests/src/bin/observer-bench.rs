@@ -756,7 +756,7 @@ fn instruction_rows(
             1_000.0,
         )
         .note(format!(
-            "callgrind, one round of the core replay's warm phase (`steady_replay`): {} messages (queries and responses) of {} pods; of which dns::parse_message {:.0}. costliest functions by own instructions, as a share of both phases' instructions: {top}. Profile: {}",
+            "callgrind, one round of the core replay's warm phase (`steady_replay`): {} messages (queries and responses) of {} pods; of which dns::parse {:.0}. costliest functions by own instructions, as a share of both phases' instructions: {top}. Profile: {}",
             n.messages, n.scopes, n.parse_per_dns_message, n.profile
         )),
     );
