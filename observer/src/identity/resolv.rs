@@ -372,7 +372,9 @@ struct ScopeResolv {
 
 impl ScopeResolv {
     /// Members are looked for only while nothing was read and no member is known, and at most
-    /// once per interval.
+    /// once per interval. A pod's first DNS messages name no process (DNS is captured without
+    /// one), and a one-shot client may be gone by the time its events are read: its members
+    /// let its first lookup be read with its own search list.
     fn discovery_due(&self, now: Instant) -> bool {
         self.conf.is_none()
             && self.pids.is_empty()
