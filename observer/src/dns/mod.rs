@@ -414,8 +414,6 @@ impl<'a> Cursor<'a> {
 struct NamesRead {
     known: [(u16, Option<Arc<str>>); 4],
     next: usize,
-    /// Where plain names are assembled: one per message, reused by each name.
-    text: NameBuf,
 }
 
 impl NamesRead {
@@ -435,10 +433,10 @@ impl NamesRead {
                 return Ok(name);
             }
         }
-        let text: Arc<str> = match plain_name_text(bytes, start, &mut self.text) {
-            Some(end) => {
+        let text: Arc<str> = match plain_name_text(bytes, start) {
+            Some((text, end)) => {
                 cursor.pos = end;
-                Arc::from(self.text.as_str())
+                text
             }
             None => Arc::from(name_text(&cursor.hickory_name()?)),
         };
@@ -453,13 +451,64 @@ impl NamesRead {
     }
 }
 
+/// The longest wire name, its final zero byte included.
+const MAX_WIRE_NAME: usize = 255;
+
 /// A name's text, read straight from the wire when it is the common case: plain labels
-/// (see [`name_text`]), pointers only backwards, few of them, at most 255 bytes. Leaves the
-/// text in `text` and returns where the name ends in the message; `None` for anything else, which then
-/// goes through hickory (its errors and escaping stay the reference).
-fn plain_name_text(bytes: &[u8], start: usize, text: &mut NameBuf) -> Option<usize> {
+/// (see [`lower_plain`]), at most 255 bytes, pointers only backwards and few of them.
+/// Returns the text and where the name ends in the message; `None` for anything else,
+/// which then goes through hickory (its errors and escaping stay the reference).
+fn plain_name_text(bytes: &[u8], start: usize) -> Option<(Arc<str>, usize)> {
+    // The labels' lengths first: a name without pointers (every question, most names)
+    // is then the wire's bytes in one piece, each length byte after the first a dot.
+    let mut pos = start;
+    let mut labels = 0;
+    loop {
+        let len = *bytes.get(pos)?;
+        match len & 0xc0 {
+            0x00 if len == 0 => break,
+            0x00 => {}
+            0xc0 => return compressed_name_text(bytes, start),
+            _ => return None,
+        }
+        if *bytes.get(pos + 1)? == b'-' {
+            return None;
+        }
+        pos += 1 + usize::from(len);
+        labels += 1;
+        if pos + 1 - start > MAX_WIRE_NAME {
+            return None;
+        }
+    }
+    if labels == 0 {
+        return Some((Arc::from(""), pos + 1));
+    }
+    let mut text: Arc<[u8]> = Arc::from(&bytes[start + 1..pos]);
+    let out = Arc::get_mut(&mut text)?;
+    let mut separator = usize::from(bytes[start]);
+    while separator < out.len() {
+        let len = out[separator];
+        out[separator] = b'.';
+        separator += 1 + usize::from(len);
+    }
+    if !lower_plain(out, labels - 1) {
+        return None;
+    }
+    // SAFETY: `lower_plain` accepted only ASCII. `Arc<[u8]>` and `Arc<str>` have the
+    // same layout; validating the text again would cost a tenth of a message's parse.
+    Some((
+        unsafe { Arc::from_raw(Arc::into_raw(text) as *const str) },
+        pos + 1,
+    ))
+}
+
+/// [`plain_name_text`] for a name that ends in a compression pointer: its labels are
+/// gathered from the places the pointers lead to.
+fn compressed_name_text(bytes: &[u8], start: usize) -> Option<(Arc<str>, usize)> {
     const MAX_POINTERS: usize = 16;
-    text.len = 0;
+    let mut text = [0u8; MAX_WIRE_NAME];
+    let mut len = 0;
+    let mut labels = 0;
     let mut pos = start;
     let mut end = None;
     let mut wire_len = 1;
@@ -471,12 +520,16 @@ fn plain_name_text(bytes: &[u8], start: usize, text: &mut NameBuf) -> Option<usi
             0x00 => {
                 let label = bytes.get(pos + 1..pos + 1 + usize::from(b))?;
                 wire_len += 1 + label.len();
-                if wire_len > 255 {
+                if wire_len > MAX_WIRE_NAME || label.first() == Some(&b'-') {
                     return None;
                 }
-                if label.first() == Some(&b'-') || !text.push_label(label) {
-                    return None;
+                if labels > 0 {
+                    text[len] = b'.';
+                    len += 1;
                 }
+                text[len..len + label.len()].copy_from_slice(label);
+                len += label.len();
+                labels += 1;
                 pos += 1 + label.len();
             }
             0xc0 => {
@@ -491,65 +544,129 @@ fn plain_name_text(bytes: &[u8], start: usize, text: &mut NameBuf) -> Option<usi
             _ => return None,
         }
     }
-    Some(end.unwrap_or(pos + 1))
+    let text = &mut text[..len];
+    if !lower_plain(text, labels.max(1) - 1) {
+        return None;
+    }
+    // SAFETY: `lower_plain` accepted only ASCII.
+    let text = unsafe { std::str::from_utf8_unchecked(text) };
+    Some((Arc::from(text), end.unwrap_or(pos + 1)))
 }
 
-/// Each byte lower case if it may appear unescaped in a plain label, else 0.
+/// Lower-cases a name's text in place. True when every byte may appear unescaped in a
+/// name's text (letters, digits, `_`, `-`, a leading `-` being the caller's check) or is
+/// one of exactly `dots` label separators: a `.` inside a label needs hickory's escaping.
+/// Eight bytes at a time (each byte's verdict in its high bit): this was most of a
+/// message's parse when read byte by byte.
+fn lower_plain(text: &mut [u8], dots: usize) -> bool {
+    if text.len() < 8 {
+        let mut plain = true;
+        let mut seen = 0;
+        for c in text.iter_mut() {
+            seen += usize::from(*c == b'.');
+            let lower = PLAIN_LOWER[usize::from(*c)];
+            plain &= lower != 0;
+            *c = lower;
+        }
+        return plain && seen == dots;
+    }
+    let mut seen = 0;
+    let mut plain = true;
+    let last = text.len() - 8;
+    let mut at = 0;
+    loop {
+        // Never `None` (`at <= last`); hickory reads the name if it were.
+        let Some(chunk) = text[at..].first_chunk_mut::<8>() else {
+            return false;
+        };
+        let word = u64::from_le_bytes(*chunk);
+        let verdict = WordVerdict::of(word);
+        plain &= verdict.plain;
+        *chunk = verdict.lower.to_le_bytes();
+        if at == last {
+            // The last word overlaps the one before it when the text is not a multiple of
+            // eight bytes: the overlap's dots were counted there. Lower case and the verdict
+            // do not change when a byte is read twice.
+            let overlap = (8 - text.len() % 8) % 8;
+            seen += WordVerdict::count(verdict.dots_or_slashes & (!0u64 << (8 * overlap)));
+            break;
+        }
+        seen += WordVerdict::count(verdict.dots_or_slashes);
+        at = (at + 8).min(last);
+    }
+    plain && seen == dots
+}
+/// Eight bytes of a name's text judged at once (see [`lower_plain`]).
+struct WordVerdict {
+    /// The bytes, ASCII capitals made lower case.
+    lower: u64,
+    /// Every byte may appear unescaped in a name's text.
+    plain: bool,
+    /// The high bit of each byte that is a `.` or a `/`: the caller knows how many dots
+    /// its text holds, and one more of either is a byte that needs escaping.
+    dots_or_slashes: u64,
+}
+
+impl WordVerdict {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+
+    fn of(word: u64) -> Self {
+        // Past this point every byte is below 0x80, so adding at most 0x7f to a byte
+        // cannot carry into the next one.
+        if word & Self::HIGH != 0 {
+            return Self {
+                lower: word,
+                plain: false,
+                dots_or_slashes: 0,
+            };
+        }
+        let folded = word | Self::splat(0x20);
+        let letter = Self::within(folded, b'a', b'z');
+        // `-`, `.`, `/` and the digits; a `/` is told from a dot by its count.
+        let dash_to_digits = Self::within(word, b'-', b'9');
+        let underscore = Self::within(word, b'_', b'_');
+        let allowed = letter | dash_to_digits | underscore;
+        Self {
+            lower: word | (letter >> 2),
+            plain: allowed == Self::HIGH,
+            dots_or_slashes: Self::within(word, b'.', b'/'),
+        }
+    }
+
+    /// How many bytes have their high bit set in `verdicts` (a verdict of [`Self::within`]):
+    /// one multiply where `count_ones` is a dozen instructions without a popcount
+    /// instruction in the target's baseline.
+    fn count(verdicts: u64) -> usize {
+        ((verdicts >> 7).wrapping_mul(Self::ONES) >> 56) as usize
+    }
+
+    fn splat(byte: u8) -> u64 {
+        Self::ONES * u64::from(byte)
+    }
+
+    /// The high bit of each byte in `lo..=hi` (bytes below 0x80, `lo` above 0).
+    fn within(word: u64, lo: u8, hi: u8) -> u64 {
+        let at_least_lo = word + Self::splat(0x80 - lo);
+        let above_hi = word + Self::splat(0x7f - hi);
+        at_least_lo & !above_hi & Self::HIGH
+    }
+}
+
+/// Each byte lower case if it may appear unescaped in a name's text, else 0 (short texts;
+/// [`WordVerdict`] judges longer ones eight bytes at a time).
 const PLAIN_LOWER: [u8; 256] = {
     let mut table = [0u8; 256];
     let mut c = 0;
     while c < 256 {
         let b = c as u8;
-        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.' {
             table[c] = b.to_ascii_lowercase();
         }
         c += 1;
     }
     table
 };
-
-/// Name text on the stack: a wire name of at most 255 bytes has a shorter text form.
-struct NameBuf {
-    bytes: [u8; 256],
-    len: usize,
-}
-
-impl Default for NameBuf {
-    fn default() -> Self {
-        Self {
-            bytes: [0; 256],
-            len: 0,
-        }
-    }
-}
-
-impl NameBuf {
-    /// Appends the label lower case; false if a byte is not plain (letters, digits, `_`,
-    /// `-`; a leading `-` is the caller's check). The caller keeps the total under 255.
-    fn push_label(&mut self, label: &[u8]) -> bool {
-        if self.len > 0 {
-            self.bytes[self.len] = b'.';
-            self.len += 1;
-        }
-        let out = &mut self.bytes[self.len..self.len + label.len()];
-        let mut plain = true;
-        for (o, c) in out.iter_mut().zip(label) {
-            let lower = PLAIN_LOWER[usize::from(*c)];
-            plain &= lower != 0;
-            *o = lower;
-        }
-        self.len += label.len();
-        plain
-    }
-
-    fn as_str(&self) -> &str {
-        let text = &self.bytes[..self.len];
-        debug_assert!(text.is_ascii());
-        // SAFETY: only ASCII is ever written before `len`: `PLAIN_LOWER`'s values and `.`.
-        // Validating it again cost a tenth of a message's parse.
-        unsafe { std::str::from_utf8_unchecked(text) }
-    }
-}
 
 /// Reads one record; `None` for types correlation does not use (skipped by length).
 fn read_answer(

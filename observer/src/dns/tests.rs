@@ -559,3 +559,99 @@ fn every_label_byte_reads_as_hickory_decodes_it() {
         assert_eq!(*msg.question.unwrap().name, *want, "byte {b:#04x}");
     }
 }
+
+/// Names long enough to be judged eight bytes at a time, their last word overlapping the
+/// one before it or not, plain or ending in a compression pointer: every byte value at
+/// every place reads as hickory decodes it, dots between labels counted apart from a dot
+/// inside one.
+#[test]
+fn every_byte_at_every_place_of_long_names_reads_as_hickory_decodes_it() {
+    use hickory_proto::{
+        rr::Name,
+        serialize::binary::{BinDecodable, BinDecoder},
+    };
+    let hickory_text = |message: &[u8], at: usize| {
+        let mut decoder = BinDecoder::new(message);
+        decoder.read_slice(at).unwrap();
+        super::escaped_name_text(&Name::read(&mut decoder).unwrap())
+    };
+    // A response whose question is `name` and whose one CNAME's target is `name`'s labels
+    // followed by a pointer to the question.
+    let message = |name: &[Vec<u8>]| {
+        let mut m = hex("abcd 8180 0001 0001 0000 0000");
+        let mut wire = Vec::new();
+        for label in name {
+            wire.push(label.len() as u8);
+            wire.extend_from_slice(label);
+        }
+        m.extend_from_slice(&wire);
+        m.extend_from_slice(&[0, 0, 5, 0, 1]);
+        let target_at = m.len() + 12;
+        m.extend_from_slice(&[0xc0, 12, 0, 5, 0, 1, 0, 0, 0, 30]);
+        m.extend_from_slice(&((wire.len() + 2) as u16).to_be_bytes());
+        m.extend_from_slice(&wire);
+        m.extend_from_slice(&[0xc0, 12]);
+        (m, target_at)
+    };
+    let shapes: &[&[usize]] = &[
+        &[7],
+        &[8],
+        &[9],
+        &[3, 4],
+        &[4, 4],
+        &[15],
+        &[16],
+        &[5, 9, 3],
+        &[20, 1],
+    ];
+    let mut checked = 0;
+    for shape in shapes {
+        let places: Vec<(usize, usize)> = shape
+            .iter()
+            .enumerate()
+            .flat_map(|(label, &n)| (0..n).map(move |at| (label, at)))
+            .collect();
+        for &(label, at) in &places {
+            for b in 0..=255u8 {
+                let mut name: Vec<Vec<u8>> = shape
+                    .iter()
+                    .map(|&n| (0..n).map(|i| b"aZ9_x-"[i % 6]).collect())
+                    .collect();
+                name[label][at] = b;
+                let (wire, target_at) = message(&name);
+                let msg = parse(&wire).unwrap();
+                let question = msg.question.unwrap().name;
+                assert_eq!(*question, *hickory_text(&wire, 12), "{name:?}");
+                let AnswerData::Cname(target) = &msg.answers[0].data else {
+                    panic!("a CNAME: {:?}", msg.answers);
+                };
+                assert_eq!(**target, *hickory_text(&wire, target_at), "{name:?}");
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 20_000, "{checked} names");
+}
+
+/// Plain texts of every length up to 40 are read directly (not left to hickory), dots
+/// counted once where the last word overlaps the one before it.
+#[test]
+fn plain_texts_of_every_length_are_lowered_in_place() {
+    for len in 1..=40 {
+        let text: Vec<u8> = (0..len).map(|i| b"Ab9_.X-z"[i % 8]).collect();
+        let dots = text.iter().filter(|&&c| c == b'.').count();
+        let mut lowered = text.clone();
+        assert!(super::lower_plain(&mut lowered, dots), "length {len}");
+        assert_eq!(lowered, text.to_ascii_lowercase(), "length {len}");
+        if dots > 0 {
+            assert!(
+                !super::lower_plain(&mut text.clone(), dots - 1),
+                "length {len}"
+            );
+            assert!(
+                !super::lower_plain(&mut text.clone(), dots + 1),
+                "length {len}"
+            );
+        }
+    }
+}
