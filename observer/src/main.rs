@@ -105,10 +105,12 @@ fn run_events(args: EventsArgs) -> anyhow::Result<()> {
             tokio::select! {
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
-                event = events.recv() => {
-                    let Some(event) = event else { break };
-                    if filter.is_empty() || filter.contains(&event.cgroup_id()) {
-                        println!("{}", probes::describe(&event, &clock));
+                batch = events.recv() => {
+                    let Some(batch) = batch else { break };
+                    for event in batch {
+                        if filter.is_empty() || filter.contains(&event.cgroup_id()) {
+                            println!("{}", probes::describe(&event, &clock));
+                        }
                     }
                 }
             }

@@ -881,14 +881,14 @@ fn dropping_the_probes_detaches_everything() {
         "a bpf_link per attached program: {loaded:?}"
     );
 
-    let seen = |events: &mut tokio::sync::mpsc::Receiver<Event>, report: &ProbeReport| {
+    let seen = |events: &mut tokio::sync::mpsc::Receiver<Vec<Event>>, report: &ProbeReport| {
         runtime.block_on(async {
             tokio::time::timeout(EVENT_WAIT, async {
-                while let Some(e) = events.recv().await {
-                    if let Event::Dns(p) = &e
-                        && p.cgroup_id == cgroup
-                        && same_endpoint(p.source, report.local)
-                    {
+                while let Some(batch) = events.recv().await {
+                    if batch.iter().any(|e| {
+                        matches!(e, Event::Dns(p)
+                            if p.cgroup_id == cgroup && same_endpoint(p.source, report.local))
+                    }) {
                         return true;
                     }
                 }

@@ -56,10 +56,6 @@ const REFRESH: Duration = Duration::from_secs(30);
 /// How often events whose kernel time both ring readers have passed are released, in
 /// order, to the core: about the rings' poll interval.
 const RELEASE: Duration = Duration::from_millis(20);
-/// Events taken from the ring readers' channel at one turn of the loop: under a flood one
-/// turn per event polled every other branch (timers, signals) for every event. Bounded so
-/// that a turn ends soon and the timers and signals still get their turn.
-const EVENT_BATCH: usize = 256;
 /// Events held for reordering at most; past it the oldest go through unordered.
 const REORDER_CAPACITY: usize = 65_536;
 /// How long, and how many, events of a new cgroup wait for its identity: generous, as a
@@ -300,7 +296,7 @@ struct Agent {
 impl Agent {
     async fn event_loop(
         &mut self,
-        mut events: mpsc::Receiver<Event>,
+        mut events: mpsc::Receiver<Vec<Event>>,
         mut identity_updates: mpsc::Receiver<Update>,
         probes: &Probes,
     ) -> anyhow::Result<()> {
@@ -318,14 +314,16 @@ impl Agent {
         let mut interrupt =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
                 .context("installing the SIGINT handler")?;
-        let mut batch = Vec::with_capacity(EVENT_BATCH);
         loop {
+            // The readers send events in batches (`probes::EVENT_BATCH`): one turn of the
+            // loop per batch, so that the timers and signals still get their turn under a
+            // flood without being polled for every event.
             tokio::select! {
-                received = events.recv_many(&mut batch, EVENT_BATCH) => {
-                    if received == 0 {
+                batch = events.recv() => {
+                    let Some(batch) = batch else {
                         anyhow::bail!("the kernel ring readers stopped");
-                    }
-                    for event in batch.drain(..) {
+                    };
+                    for event in batch {
                         self.hold(event);
                     }
                 }
@@ -337,8 +335,10 @@ impl Agent {
                     // The horizon first, then the channel: every event older than the horizon
                     // was sent before it was published, so it is in hand after the drain.
                     let horizon = progress.horizon();
-                    while let Ok(event) = events.try_recv() {
-                        self.hold(event);
+                    while let Ok(batch) = events.try_recv() {
+                        for event in batch {
+                            self.hold(event);
+                        }
                     }
                     self.release(horizon);
                     self.output.flush();

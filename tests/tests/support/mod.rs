@@ -102,13 +102,15 @@ impl Capture {
         let (watched, ours) = (self.watched.clone(), self.ours.clone());
         let (total, total_dns) = (self.total.clone(), self.total_dns.clone());
         self.runtime.spawn(async move {
-            while let Some(event) = rx.recv().await {
-                total.fetch_add(1, Ordering::Relaxed);
-                if matches!(event, Event::Dns(_)) {
-                    total_dns.fetch_add(1, Ordering::Relaxed);
-                }
-                if lock(&watched).contains(&event.cgroup_id()) {
-                    lock(&ours).push(event);
+            while let Some(batch) = rx.recv().await {
+                for event in batch {
+                    total.fetch_add(1, Ordering::Relaxed);
+                    if matches!(event, Event::Dns(_)) {
+                        total_dns.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if lock(&watched).contains(&event.cgroup_id()) {
+                        lock(&ours).push(event);
+                    }
                 }
             }
         });
