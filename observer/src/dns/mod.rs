@@ -596,6 +596,7 @@ fn lower_plain(text: &mut [u8], dots: usize) -> bool {
     }
     plain && seen == dots
 }
+
 /// Eight bytes of a name's text judged at once (see [`lower_plain`]).
 struct WordVerdict {
     /// The bytes, ASCII capitals made lower case.

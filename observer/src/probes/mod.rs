@@ -96,9 +96,9 @@ pub struct ProbeOptions {
     pub dns_ring_bytes: u32,
     /// Size of the connect ring in bytes (same rules); records are 120 bytes.
     pub connect_ring_bytes: u32,
-    /// Decoded events buffered between the ring readers and the consumer (in batches of
-    /// up to [`EVENT_BATCH`]). When full, the readers wait, the rings fill, and the kernel
-    /// counts what it drops.
+    /// Decoded events buffered between the ring readers and the consumer, rounded up to
+    /// whole batches of [`EVENT_BATCH`]. When full, the readers wait, the rings fill, and
+    /// the kernel counts what it drops.
     pub channel_capacity: usize,
     /// Longest a lone event waits in its ring before the reader picks it up (the kernel
     /// wakes the reader early once a backlog may have built).
@@ -844,7 +844,6 @@ async fn read_ring(
                 return;
             }
         }
-        drop(drained);
         // Only once this drain's events are on the channel.
         if let Some(at) = complete_before {
             progress.advance(ring, at);
