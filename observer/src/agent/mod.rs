@@ -35,7 +35,7 @@ use crate::{
     },
     fast_hash::{FastMap, FastSet},
     identity::{EnrichmentStatus, Identity, IdentityConfig, WorkloadIdentity},
-    probes::{BootClock, DnsPacket, Event, ProbeOptions, Probes, Protocol},
+    probes::{BootClock, DnsPacket, Event, ProbeOptions, Probes, Protocol, Ring},
     record::{BootNs, ConnectionRecord},
     scope::ScopeKey,
 };
@@ -284,7 +284,7 @@ struct Agent {
     settings: Settings,
     /// Reused buffer for messages reassembled from TCP.
     messages: Vec<Vec<u8>>,
-    reorder: Reorder<Event>,
+    reorder: Reorder<Event, { Ring::COUNT }>,
     /// Reused buffer for events leaving the reorder stage.
     ready: Vec<Event>,
     /// Kernel time up to which every event has been handed to the core: the core's clock.
@@ -380,7 +380,8 @@ impl Agent {
         };
         self.identities.ask(event.cgroup_id(), pid);
         let mut ready = std::mem::take(&mut self.ready);
-        self.reorder.push(event.timestamp(), event, &mut ready);
+        self.reorder
+            .push(event.ring().index(), event.timestamp(), event, &mut ready);
         self.handle_all(&mut ready);
         self.ready = ready;
     }

@@ -111,6 +111,15 @@ impl Event {
         }
     }
 
+    /// The ring the event came from (opens read from their slots count as the connect
+    /// ring's).
+    pub fn ring(&self) -> Ring {
+        match self {
+            Event::Dns(_) => Ring::Dns,
+            Event::ConnectOpen(_) | Event::ConnectOutcome(_) => Ring::Connect,
+        }
+    }
+
     pub fn timestamp(&self) -> BootNs {
         match self {
             Event::Dns(p) => p.timestamp,
@@ -311,6 +320,16 @@ pub enum Ring {
 }
 
 impl Ring {
+    pub const COUNT: usize = 2;
+
+    /// A dense index, for per-ring state kept in arrays.
+    pub const fn index(self) -> usize {
+        match self {
+            Ring::Dns => 0,
+            Ring::Connect => 1,
+        }
+    }
+
     pub const fn name(self) -> &'static str {
         match self {
             Ring::Dns => observer_common::names::DNS_EVENTS,

@@ -294,7 +294,7 @@ pub struct Probes {
 /// put them in time order.
 #[derive(Clone, Debug, Default)]
 pub struct RingProgress {
-    marks: Arc<[AtomicU64; 2]>,
+    marks: Arc<[AtomicU64; Ring::COUNT]>,
 }
 
 impl RingProgress {
@@ -302,22 +302,15 @@ impl RingProgress {
     /// just after (a program runs for microseconds, without preemption).
     const COMMIT_SLACK_NS: u64 = 5_000_000;
 
-    fn slot(ring: Ring) -> usize {
-        match ring {
-            Ring::Dns => 0,
-            Ring::Connect => 1,
-        }
-    }
-
     fn advance(&self, ring: Ring, drained_from: crate::record::BootNs) {
-        self.marks[Self::slot(ring)].fetch_max(drained_from, Ordering::Release);
+        self.marks[ring.index()].fetch_max(drained_from, Ordering::Release);
     }
 
     /// The kernel time before which both rings have been fully delivered (0 until both
     /// readers have drained once).
     pub fn horizon(&self) -> crate::record::BootNs {
-        let dns = self.marks[0].load(Ordering::Acquire);
-        let connect = self.marks[1].load(Ordering::Acquire);
+        let dns = self.marks[Ring::Dns.index()].load(Ordering::Acquire);
+        let connect = self.marks[Ring::Connect.index()].load(Ordering::Acquire);
         dns.min(connect).saturating_sub(Self::COMMIT_SLACK_NS)
     }
 }
